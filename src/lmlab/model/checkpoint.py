@@ -1,0 +1,180 @@
+"""Load and save checkpoints: Hugging Face directories (safetensors, sharded or not) and GGUF files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmlab.errors import LmlabError
+from lmlab.model.config import ModelConfig
+from lmlab.model.hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmlab.model.transformer import Transformer
+from lmlab.tokenizer.tokenizer import Tokenizer, load_tokenizer
+from lmlab.utils.atomic import atomic_path, write_json
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HOW_TO_CONVERT = (
+    "pickled checkpoints can run arbitrary code when loaded, so lmlab refuses them; in an environment you trust, "
+    "convert once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT) "
+    "(it writes model.safetensors)"
+)
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise LmlabError("refusing a pickled checkpoint", file=str(path), hint=_HOW_TO_CONVERT)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LmlabError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
+
+
+def _tensor_getter(directory: Path) -> Callable[[str], torch.Tensor | None]:
+    """A function name -> tensor (or None) over model.safetensors or the shards its index lists."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LmlabError("missing or invalid field", file=str(index), field="weight_map")
+        files = {name: directory / shard for name, shard in weight_map.items()}
+    elif single.exists():
+        with safe_open(str(single), framework="pt") as f:
+            files = dict.fromkeys(f.keys(), single)
+    else:
+        for p in directory.iterdir():
+            if p.suffix in PICKLED:
+                _refuse_pickle(p)
+        raise LmlabError("no model.safetensors or model.safetensors.index.json", file=str(directory))
+    handles: dict[Path, object] = {}
+
+    def get(name: str) -> torch.Tensor | None:
+        file = files.get(name)
+        if file is None:
+            return None
+        if file not in handles:
+            if not file.exists():
+                raise LmlabError(f"shard listed for {name!r} is missing", file=str(file))
+            handles[file] = safe_open(str(file), framework="pt")
+        return handles[file].get_tensor(name)
+
+    return get
+
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, source: str | None) -> Transformer:
+    """A Transformer holding exactly `state_dict` (our names), built without a wasted random init."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {name: p.shape for name, p in model.named_parameters()}  # tied weights appear once
+    for name, shape in expected.items():
+        if name not in state_dict:
+            raise LmlabError(f"tensor {name!r} (shape {tuple(shape)}) is missing", file=source)
+        if state_dict[name].shape != shape:
+            got = tuple(state_dict[name].shape)
+            raise LmlabError(f"tensor {name!r} has shape {got} but the model expects {tuple(shape)}", file=source)
+    sd = {name: state_dict[name].to(dtype) for name in expected}
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    model.init_buffers()
+    return model.eval()
+
+
+def load_pretrained(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer | None]:
+    """(model, tokenizer) from a Hugging Face directory or a .gguf file; tokenizer is None if none is stored."""
+    path = Path(path)
+    if not path.exists():
+        raise LmlabError("no such file or directory", file=str(path))
+    if path.suffix in PICKLED:
+        _refuse_pickle(path)
+    if path.suffix == ".gguf":
+        from lmlab.model.gguf import load_gguf
+
+        cfg, sd, tokenizer = load_gguf(path, dtype)
+        return build_model(cfg, sd, dtype, str(path)).to(device), tokenizer
+    if not path.is_dir():
+        raise LmlabError("expected a Hugging Face model directory or a .gguf file", file=str(path))
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise LmlabError("no config.json in this directory", file=str(path))
+    d = _read_json(config_file)
+    get = _tensor_getter(path)
+    if d.get("model_type") == "lmlab":
+        cfg = ModelConfig.from_dict(d.get("lmlab", {}), source=str(config_file))
+        with torch.device("meta"):
+            names = [n for n, _ in Transformer(cfg).named_parameters()]
+        sd = {n: t for n in names if (t := get(n)) is not None}
+    else:
+        cfg = config_from_hf(d, str(config_file))
+        with torch.device("meta"):
+            expected = {n: p.shape for n, p in Transformer(cfg).named_parameters()}
+        sd = state_dict_from_hf(cfg, expected, get, str(path))
+    model = build_model(cfg, sd, dtype, str(path)).to(device)
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
+    return model, tokenizer
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_pretrained(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    directory: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write a Hugging Face directory (config.json, safetensors, tokenizer); transformers loads it when
+    the architecture is one of its families, lmlab always."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    params = {n: p.detach().cpu() for n, p in model.named_parameters()}  # tied weights once
+    dtype = next(iter(params.values())).dtype
+    hf_config = config_to_hf(cfg)
+    if hf_config is not None:
+        tensors = state_dict_to_hf(cfg, params)
+        config = {**hf_config, "dtype": _dtype_name(dtype)}
+    else:
+        tensors = {n: t.contiguous() for n, t in params.items()}
+        config = {"model_type": "lmlab", "dtype": _dtype_name(dtype), "lmlab": {**cfg.to_dict(), "extra": {}}}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            with atomic_path(directory / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        (directory / "model.safetensors").unlink(missing_ok=True)
+    write_json(directory / "config.json", config)
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    if gen:
+        write_json(directory / "generation_config.json", gen)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory

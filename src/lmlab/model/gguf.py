@@ -1,0 +1,182 @@
+"""GGUF files (llama.cpp, Ollama): dequantize to a Transformer, rebuild the tokenizer from metadata."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.model.config import ModelConfig
+from lmlab.tokenizer.tokenizer import Tokenizer
+
+SUPPORTED_ARCHS = ("llama",)
+_NAMES = {
+    "attn_q": "attn.q",
+    "attn_k": "attn.k",
+    "attn_v": "attn.v",
+    "attn_output": "attn.o",
+    "ffn_gate": "mlp.gate",
+    "ffn_up": "mlp.up",
+    "ffn_down": "mlp.down",
+    "attn_norm": "norm1",
+    "ffn_norm": "norm2",
+}
+_TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+# llama.cpp's pre-tokenizer names -> the split regex its merges were learned with (None: GPT-2's)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT}
+
+
+def _reader(path: str | os.PathLike) -> Any:
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:
+        raise LmlabError(f"not a readable GGUF file: {e}", file=str(path)) from None
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader: Any, source: str | None = None) -> ModelConfig:
+    """ModelConfig from GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise LmlabError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}",
+            file=source,
+            field="general.architecture",
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise LmlabError("required metadata is missing", file=source, field=f"{arch}.{key}")
+        return value
+
+    n_head = get("attention.head_count")
+    d_model = get("embedding_length")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    scaling = None
+    if _field(reader, f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        vocab_size=int(vocab),
+        n_layer=get("block_count"),
+        n_head=n_head,
+        n_kv_head=get("attention.head_count_kv", n_head),
+        d_model=d_model,
+        d_ff=get("feed_forward_length"),
+        head_dim=get("rope.dimension_count", d_model // n_head),
+        max_seq_len=get("context_length", 2048),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        family="llama",
+    )
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order (interleaved RoPE pairs) back to Hugging Face's half-split order."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_state_dict(reader: Any, cfg: ModelConfig, dtype: torch.dtype, source: str | None = None) -> dict[str, torch.Tensor]:
+    """Dequantized tensors under our names, Q/K rows put back in Hugging Face order."""
+    from gguf.quants import dequantize
+
+    out = {}
+    for t in reader.tensors:
+        if t.name in _TOP:
+            ours = _TOP[t.name]
+        else:
+            parts = t.name.split(".")  # blk.N.attn_q.weight
+            if parts[0] != "blk" or parts[2] not in _NAMES:
+                continue  # e.g. rope_freqs: recomputed from metadata
+            ours = f"layers.{parts[1]}.{_NAMES[parts[2]]}.{parts[3]}"
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise LmlabError(f"tensor {t.name}: quantization {t.tensor_type.name} is not supported", file=source) from None
+        w = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+        if ours.endswith("attn.q.weight"):
+            w = _unpermute(w, cfg.n_head)
+        elif ours.endswith("attn.k.weight"):
+            w = _unpermute(w, cfg.n_kv_head)
+        out[ours] = w.to(dtype)
+    return out
+
+
+def read_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
+    """The byte-level BPE tokenizer, special tokens and chat template stored in a GGUF file's metadata."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+
+    reader = path_or_reader if hasattr(path_or_reader, "fields") else _reader(path_or_reader)
+    source = str(getattr(reader, "path", path_or_reader))
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise LmlabError(f"GGUF tokenizer {kind!r} is not supported; supported: gpt2 (byte-level BPE)", file=source)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, dropout=None))
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre == "smollm":  # digits one by one, then GPT-2's split
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    elif pre in _SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    backend.add_special_tokens(control)
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+
+    def tok(key: str) -> str | None:
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    config = {"bos_token": tok("bos_token_id"), "eos_token": tok("eos_token_id")}
+    config.update(unk_token=tok("unknown_token_id"), pad_token=tok("padding_token_id"))
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    config["add_bos_token"] = add_bos
+    if add_bos and config["bos_token"] is not None:
+        bos = config["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+        )
+    config = {k: v for k, v in config.items() if v is not None}
+    return Tokenizer(backend, config, _field(reader, "tokenizer.chat_template"))
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict, Tokenizer]:
+    """(config, state dict under our names, tokenizer) of a GGUF file."""
+    path = Path(path)
+    reader = _reader(path)
+    cfg = gguf_config(reader, str(path))
+    return cfg, gguf_state_dict(reader, cfg, dtype, str(path)), read_gguf_tokenizer(reader)

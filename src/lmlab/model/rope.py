@@ -1,0 +1,96 @@
+"""Rotary position embeddings (RoPE) and their context-extension scalings.
+
+RoPE rotates each (x_i, x_{i+d/2}) pair of a query/key by an angle pos * inv_freq_i, so the
+dot product q.k depends only on the distance between positions. Scalings stretch the angles so
+a model trained on L tokens reads longer inputs:
+- linear (position interpolation): angles / factor;
+- ntk (NTK-aware): a larger base, which stretches low frequencies and keeps high ones;
+- dynamic (dynamic NTK): the ntk base chosen from the current length, only past max_seq_len;
+- llama3: low frequencies / factor, high ones unchanged, a smooth ramp between.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmlab.model.config import ModelConfig
+
+
+def _inv_freq(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) for `cfg`; `seq_len` matters only for dynamic scaling."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    sc = cfg.rope_scaling or {}
+    kind, factor = sc.get("type"), float(sc.get("factor", 1.0))
+    if kind == "linear":
+        return _inv_freq(base, dim) / factor
+    if kind == "ntk":
+        return _inv_freq(base * factor ** (dim / (dim - 2)), dim)
+    if kind == "dynamic":
+        original = cfg.max_seq_len
+        seq_len = max(seq_len or original, original)
+        return _inv_freq(base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2)), dim)
+    if kind == "llama3":
+        inv_freq = _inv_freq(base, dim)
+        original = sc.get("original_max_position_embeddings", 8192)
+        low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, smoothed, scaled)
+    return _inv_freq(base, dim)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Computes (cos, sin) for given positions; caches a table unless scaling is dynamic."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dynamic = (cfg.rope_scaling or {}).get("type") == "dynamic"
+        self.reset()
+
+    def reset(self, device: torch.device | str | None = None) -> None:
+        """Recompute the inverse frequencies and drop the cached table."""
+        self.register_buffer("inv_freq", rope_inv_freq(self.cfg).to(device), persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape (B, 1, T, head_dim) for position_ids (B, T)."""
+        if self.dynamic:
+            # the base follows the longest position in this call, as in Hugging Face's dynamic NTK
+            inv_freq = rope_inv_freq(self.cfg, int(position_ids.max()) + 1).to(position_ids.device)
+            cos, sin = self._cos_sin(position_ids.float(), inv_freq)
+        else:
+            need = int(position_ids.max()) + 1 if position_ids.numel() else 1
+            table = self._table
+            if table is None or table[0].shape[0] < need or table[0].device != position_ids.device:
+                length = max(need, min(self.cfg.max_seq_len, 8192))
+                pos = torch.arange(length, device=position_ids.device, dtype=torch.float32)
+                table = self._table = self._cos_sin(pos, self.inv_freq.to(position_ids.device))
+            cos, sin = table[0][position_ids], table[1][position_ids]
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def _cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = pos.unsqueeze(-1) * inv_freq  # (..., head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., head_dim)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys (B, H, T, head_dim) by their positions' angles."""
+    return x * cos + rotate_half(x) * sin

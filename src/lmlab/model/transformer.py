@@ -1,0 +1,200 @@
+"""The Transformer: one decoder/encoder whose architecture is entirely in its ModelConfig.
+
+GPT-2, LLaMA, Mistral, Qwen2 and BERT differ only in switches: how positions enter (learned,
+sinusoidal, RoPE, ALiBi), which norm and where (pre/post), which MLP, attention biases and masks,
+and which head sits on top.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.model.alibi import alibi_bias, alibi_slopes
+from lmlab.model.attention import Attention, KVCache
+from lmlab.model.config import ModelConfig
+from lmlab.model.mask import build_mask
+from lmlab.model.mlp import ACTIVATIONS, MLP
+from lmlab.model.norm import make_norm
+from lmlab.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """Attention then MLP, each with a residual; the norm goes before (pre-norm) or after (post-norm)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x: torch.Tensor, **attn_args) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.norm1(x), **attn_args))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, **attn_args)))
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: dense, activation, norm, then a (tied) projection to the vocabulary."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = ACTIVATIONS[cfg.act]
+        self.norm = make_norm(cfg)
+        self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(h))))
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos position table of "Attention Is All You Need" (n_pos, dim)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+class Transformer(nn.Module):
+    """A decoder (causal) or encoder (bidirectional) Transformer with an optional LM/MLM head and pooler."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, d) if cfg.pos == "learned" else None
+        self.type_embed = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.embd_dropout)
+        self.rope = RotaryEmbedding(cfg) if cfg.pos == "rope" else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False) if cfg.head == "lm" else None
+        self.mlm_head = MLMHead(cfg) if cfg.head == "mlm" else None
+        self.pooler = nn.Linear(d, d) if cfg.pooler else None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer)
+            if name.endswith(("attn.o.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        self.tie_weights()
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the derived, unsaved tables: after building on the meta device, for instance."""
+        cfg = self.cfg
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("sin_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model).to(device), persistent=False)
+        if cfg.pos == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head).to(device), persistent=False)
+        if self.rope is not None:
+            self.rope.reset(device)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output projection when the config says so."""
+        if self.cfg.tie_embeddings:
+            head = self.lm_head if self.lm_head is not None else getattr(self.mlm_head, "decoder", None)
+            if head is not None:
+                head.weight = self.embed.weight
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        past_len: int = 0,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, d_model).
+
+        attention_mask (B, past_len + T): 1 for real tokens, 0 for padding (left or right).
+        position_ids default to the count of real tokens before each one, so left padding is harmless.
+        prefix_len (B,): for prefix-LM models, how many leading tokens see each other both ways.
+        kv_cache/past_len: keys and values of the first past_len tokens are already in the cache.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        S = past_len + T
+        device = input_ids.device
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: lets SDPA use its causal fast path
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+            else:
+                position_ids = torch.arange(past_len, S, device=device).expand(B, T)
+
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        elif cfg.pos == "sinusoidal":
+            x = x + self.sin_table[position_ids].to(x.dtype)
+        if self.type_embed is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.type_embed(token_type_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+
+        window_matters = cfg.sliding_window is not None and S > cfg.sliding_window
+        simple_causal = cfg.causal and T == S and prefix_len is None and not window_matters and cfg.pos != "alibi"
+        is_causal = simple_causal and attention_mask is None and T > 1
+        mask = None
+        if not is_causal and not (T == 1 and attention_mask is None and not window_matters and cfg.pos != "alibi"):
+            mask = build_mask(cfg, T, S, attention_mask, prefix_len, device)
+        if cfg.pos == "alibi":
+            bias = alibi_bias(self.alibi_slopes, torch.arange(past_len, S, device=device), torch.arange(S, device=device))
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+            mask = mask.to(x.dtype)
+        q_scale = None
+        if cfg.logn_attn:
+            # Qwen: past the training length, sharpen attention by log_L(n) so entropy stays put
+            n = (position_ids + 1).float()
+            q_scale = (torch.log(n) / math.log(cfg.max_seq_len)).clamp(min=1.0)[:, None, :, None].to(x.dtype)
+        rope = self.rope(position_ids, x.dtype) if self.rope is not None else None
+        for block in self.layers:
+            x = block(x, rope=rope, mask=mask, is_causal=is_causal, q_scale=q_scale, kv_cache=kv_cache)
+        return self.norm(x) if self.norm is not None else x
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits (B, T, vocab) from the LM or MLM head; hidden states when the model has no head."""
+        h = self.hidden_states(input_ids, **kwargs)
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        if self.mlm_head is not None:
+            return self.mlm_head(h)
+        return h
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output: tanh(dense(h[:, 0]))."""
+        if self.pooler is None:
+            raise ValueError("this model has no pooler")
+        return torch.tanh(self.pooler(h[:, 0]))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Cross-entropy of next-token (causal) or masked-token (encoder) predictions; -100 is ignored."""
+        logits = self(input_ids, **kwargs)
+        if self.cfg.causal:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
