@@ -17,6 +17,7 @@ from lmlab.model.hf import config_from_hf, config_to_hf, state_dict_from_hf, sta
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from lmlab.utils.atomic import atomic_path, write_json
+from lmlab.utils.packaged import PACKAGED, packaged_path
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HOW_TO_CONVERT = (
@@ -69,7 +70,9 @@ def _tensor_getter(directory: Path) -> Callable[[str], torch.Tensor | None]:
     return get
 
 
-def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, source: str | None) -> Transformer:
+def build_model(
+    cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, source: str | None
+) -> Transformer:
     """A Transformer holding exactly `state_dict` (our names), built without a wasted random init."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -87,11 +90,39 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     return model.eval()
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """A path as given, or the installed location of a packaged checkpoint name (smollm2-135m-instruct)."""
+    if str(path) in PACKAGED and not Path(path).exists():
+        return packaged_path(str(path))
+    return Path(path)
+
+
+def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a preset name, a packaged checkpoint, a Hugging Face directory or a .gguf file,
+    without reading any weights."""
+    from lmlab.model.config import PRESETS
+
+    if str(name_or_path) in PRESETS:
+        return ModelConfig.from_preset(str(name_or_path))
+    path = resolve(name_or_path)
+    if path.suffix == ".gguf":
+        from lmlab.model.gguf import _reader, gguf_config
+
+        return gguf_config(_reader(path), str(path))
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise LmlabError("not a preset, a .gguf file or a directory with config.json", file=str(path))
+    d = _read_json(config_file)
+    if d.get("model_type") == "lmlab":
+        return ModelConfig.from_dict(d.get("lmlab", {}), source=str(config_file))
+    return config_from_hf(d, str(config_file))
+
+
 def load_pretrained(
     path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a Hugging Face directory or a .gguf file; tokenizer is None if none is stored."""
-    path = Path(path)
+    path = resolve(path)
     if not path.exists():
         raise LmlabError("no such file or directory", file=str(path))
     if path.suffix in PICKLED:
@@ -169,7 +200,9 @@ def save_pretrained(
                 save_file(shard, str(tmp), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
         (directory / "model.safetensors").unlink(missing_ok=True)
     write_json(directory / "config.json", config)
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}

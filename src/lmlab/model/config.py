@@ -104,7 +104,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
-                raise LmlabError(f"unknown model config field (known: {', '.join(sorted(known))})", file=source, field=key)
+                raise LmlabError(
+                    f"unknown model config field (known: {', '.join(sorted(known))})", file=source, field=key
+                )
         return cls(**d)
 
     @classmethod
@@ -142,7 +144,7 @@ _BERT = dict(
     norm_eps=1e-12,
     type_vocab_size=2,
     head="mlm",
-    pooler=True,
+    pooler=False,
     tie_embeddings=True,
     max_seq_len=512,
     pad_token_id=0,
@@ -153,36 +155,98 @@ PRESETS: dict[str, dict[str, Any]] = {
     # tiny random models for tests and experiments
     "llama-tiny": dict(_LLAMA, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=176),
     "qwen2-tiny": dict(
-        _LLAMA, family="qwen2", qkv_bias=True, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=176,
-        norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True,
+        _LLAMA,
+        family="qwen2",
+        qkv_bias=True,
+        vocab_size=512,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        d_ff=176,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_embeddings=True,
     ),
     "mistral-tiny": dict(
-        _LLAMA, family="mistral", vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=176, sliding_window=8
+        _LLAMA,
+        family="mistral",
+        vocab_size=512,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        d_ff=176,
+        sliding_window=8,
     ),
     "gpt2-tiny": dict(_GPT2, vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=256),
     "bert-tiny": dict(_BERT, vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=256),
     # seed innovations on a tiny LLaMA trunk
     "baichuan-tiny": dict(_LLAMA, family=None, pos="alibi", vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=176),
-    "chatglm-tiny": dict(_LLAMA, family=None, prefix_lm=True, vocab_size=512, n_layer=2, n_head=4, n_kv_head=1, d_model=64),
+    "chatglm-tiny": dict(
+        _LLAMA, family=None, prefix_lm=True, vocab_size=512, n_layer=2, n_head=4, n_kv_head=1, d_model=64
+    ),
     "qwen-logn-tiny": dict(
-        _LLAMA, family=None, qkv_bias=True, logn_attn=True, max_seq_len=32, vocab_size=512, n_layer=2, n_head=4, d_model=64
+        _LLAMA,
+        family=None,
+        qkv_bias=True,
+        logn_attn=True,
+        max_seq_len=32,
+        vocab_size=512,
+        n_layer=2,
+        n_head=4,
+        d_model=64,
     ),
     # real sizes
-    "llama-10m": dict(_LLAMA, vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=288, d_ff=768, max_seq_len=512),
+    "llama-10m": dict(
+        _LLAMA, vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=288, d_ff=768, max_seq_len=512
+    ),
     "llama-17m": dict(_LLAMA, vocab_size=8192, n_layer=6, n_head=6, d_model=384, d_ff=1024, max_seq_len=1024),
-    "llama-30m": dict(_LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=512, d_ff=1408, max_seq_len=1024),
+    "llama-30m": dict(
+        _LLAMA, vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, d_model=512, d_ff=1408, max_seq_len=1024
+    ),
     "smollm2-135m": dict(
-        _LLAMA, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_seq_len=8192,
-        rope_theta=1e5, tie_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        _LLAMA,
+        vocab_size=49152,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        d_model=576,
+        d_ff=1536,
+        max_seq_len=8192,
+        rope_theta=1e5,
+        tie_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     ),
     "qwen2-0.5b": dict(
-        _LLAMA, family="qwen2", qkv_bias=True, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896,
-        d_ff=4864, max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True,
+        _LLAMA,
+        family="qwen2",
+        qkv_bias=True,
+        vocab_size=151936,
+        n_layer=24,
+        n_head=14,
+        n_kv_head=2,
+        d_model=896,
+        d_ff=4864,
+        max_seq_len=32768,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        tie_embeddings=True,
     ),
     "llama2-7b": dict(_LLAMA, vocab_size=32000, n_layer=32, n_head=32, d_model=4096, d_ff=11008, max_seq_len=4096),
     "mistral-7b": dict(
-        _LLAMA, family="mistral", vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8, d_model=4096, d_ff=14336,
-        max_seq_len=32768, sliding_window=4096,
+        _LLAMA,
+        family="mistral",
+        vocab_size=32000,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        d_model=4096,
+        d_ff=14336,
+        max_seq_len=32768,
+        sliding_window=4096,
     ),
     "gpt2-small": dict(_GPT2, vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
     "bert-mini": dict(_BERT, vocab_size=30522, n_layer=4, n_head=4, d_model=256, d_ff=1024),

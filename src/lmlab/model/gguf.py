@@ -98,7 +98,9 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_state_dict(reader: Any, cfg: ModelConfig, dtype: torch.dtype, source: str | None = None) -> dict[str, torch.Tensor]:
+def gguf_state_dict(
+    reader: Any, cfg: ModelConfig, dtype: torch.dtype, source: str | None = None
+) -> dict[str, torch.Tensor]:
     """Dequantized tensors under our names, Q/K rows put back in Hugging Face order."""
     from gguf.quants import dequantize
 
@@ -114,7 +116,9 @@ def gguf_state_dict(reader: Any, cfg: ModelConfig, dtype: torch.dtype, source: s
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise LmlabError(f"tensor {t.name}: quantization {t.tensor_type.name} is not supported", file=source) from None
+            raise LmlabError(
+                f"tensor {t.name}: quantization {t.tensor_type.name} is not supported", file=source
+            ) from None
         w = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
         if ours.endswith("attn.q.weight"):
             w = _unpermute(w, cfg.n_head)

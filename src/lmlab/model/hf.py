@@ -24,7 +24,9 @@ _ROPE_TYPES = {"default": None, "linear": "linear", "dynamic": "dynamic", "llama
 
 def _act(name: str, source: str | None, field: str) -> str:
     if name not in _HF_ACT:
-        raise LmlabError(f"activation {name!r} is not supported (supported: {', '.join(_HF_ACT)})", file=source, field=field)
+        raise LmlabError(
+            f"activation {name!r} is not supported (supported: {', '.join(_HF_ACT)})", file=source, field=field
+        )
     return _HF_ACT[name]
 
 
@@ -35,7 +37,9 @@ def _rope_from_hf(d: dict[str, Any], source: str | None) -> tuple[float, dict[st
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in _ROPE_TYPES:
         raise LmlabError(
-            f"RoPE scaling {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})", file=source, field="rope_type"
+            f"RoPE scaling {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})",
+            file=source,
+            field="rope_type",
         )
     if _ROPE_TYPES[kind] is None:
         return theta, None
@@ -60,7 +64,9 @@ def config_from_hf(d: dict[str, Any], source: str | None = None) -> ModelConfig:
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise LmlabError(
-            f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}", file=source, field="model_type"
+            f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            file=source,
+            field="model_type",
         )
     try:
         return _FROM_HF[mt](d, source)
@@ -106,7 +112,11 @@ def _llama_like(d: dict[str, Any], source: str | None) -> ModelConfig:
 
 
 def _gpt2(d: dict[str, Any], source: str | None) -> ModelConfig:
-    if not d.get("scale_attn_weights", True) or d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
+    if (
+        not d.get("scale_attn_weights", True)
+        or d.get("scale_attn_by_inverse_layer_idx")
+        or d.get("reorder_and_upcast_attn")
+    ):
         raise LmlabError("GPT-2 attention-scaling variants are not supported", file=source, field="scale_attn_weights")
     return ModelConfig(
         vocab_size=d["vocab_size"],
@@ -137,7 +147,9 @@ def _gpt2(d: dict[str, Any], source: str | None) -> ModelConfig:
 
 def _bert(d: dict[str, Any], source: str | None) -> ModelConfig:
     if d.get("position_embedding_type", "absolute") != "absolute":
-        raise LmlabError("only absolute position embeddings are supported", file=source, field="position_embedding_type")
+        raise LmlabError(
+            "only absolute position embeddings are supported", file=source, field="position_embedding_type"
+        )
     archs = d.get("architectures") or []
     mlm = any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs)
     hidden_dropout = float(d.get("hidden_dropout_prob", 0.0))
@@ -161,7 +173,7 @@ def _bert(d: dict[str, Any], source: str | None) -> ModelConfig:
         mlp_bias=True,
         type_vocab_size=d.get("type_vocab_size", 2),
         head="mlm" if mlm else "none",
-        pooler=True,
+        pooler=not mlm,  # as in transformers: BertForMaskedLM has no pooler, BertModel has one
         tie_embeddings=bool(d.get("tie_word_embeddings", True)),
         embd_dropout=hidden_dropout,
         resid_dropout=hidden_dropout,
@@ -287,14 +299,23 @@ _BERT_NAMES = [
     (r"pos_embed\.weight", "bert.embeddings.position_embeddings.weight"),
     (r"type_embed\.weight", "bert.embeddings.token_type_embeddings.weight"),
     (r"embed_norm\.(weight|bias)", r"bert.embeddings.LayerNorm.\1"),
-    *[(rf"layers\.(\d+)\.{re.escape(k)}\.(weight|bias)", rf"bert.encoder.layer.\1.{v}.\2") for k, v in _BERT_LAYER.items()],
+    *[
+        (rf"layers\.(\d+)\.{re.escape(k)}\.(weight|bias)", rf"bert.encoder.layer.\1.{v}.\2")
+        for k, v in _BERT_LAYER.items()
+    ],
     (r"pooler\.(weight|bias)", r"bert.pooler.dense.\1"),
     (r"mlm_head\.dense\.(weight|bias)", r"cls.predictions.transform.dense.\1"),
     (r"mlm_head\.norm\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
     (r"mlm_head\.decoder\.weight", "cls.predictions.decoder.weight"),
     (r"mlm_head\.decoder\.bias", "cls.predictions.bias"),
 ]
-_NAMES = {"llama": _LLAMA_NAMES, "mistral": _LLAMA_NAMES, "qwen2": _LLAMA_NAMES, "gpt2": _GPT2_NAMES, "bert": _BERT_NAMES}
+_NAMES = {
+    "llama": _LLAMA_NAMES,
+    "mistral": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,
+    "gpt2": _GPT2_NAMES,
+    "bert": _BERT_NAMES,
+}
 # prefixes that a base-model checkpoint (GPT2Model, BertModel) leaves out
 _OPTIONAL_PREFIX = {"gpt2": "transformer.", "bert": "bert."}
 
@@ -344,7 +365,8 @@ def state_dict_from_hf(
             t = t.chunk(3, dim=0)[_split_part(ours)]
         if t.shape != shape:
             raise LmlabError(
-                f"tensor {theirs!r} has shape {tuple(t.shape)} but the model expects {tuple(shape)} (for {ours})", file=source
+                f"tensor {theirs!r} has shape {tuple(t.shape)} but the model expects {tuple(shape)} (for {ours})",
+                file=source,
             )
         out[ours] = t.contiguous()
     return out

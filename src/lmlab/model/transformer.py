@@ -96,7 +96,9 @@ class Transformer(nn.Module):
         """(Re)compute the derived, unsaved tables: after building on the meta device, for instance."""
         cfg = self.cfg
         if cfg.pos == "sinusoidal":
-            self.register_buffer("sin_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model).to(device), persistent=False)
+            self.register_buffer(
+                "sin_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model).to(device), persistent=False
+            )
         if cfg.pos == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head).to(device), persistent=False)
         if self.rope is not None:
@@ -157,14 +159,16 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         x = self.drop(x)
 
-        window_matters = cfg.sliding_window is not None and S > cfg.sliding_window
+        window_matters = cfg.sliding_window is not None and cfg.sliding_window < S
         simple_causal = cfg.causal and T == S and prefix_len is None and not window_matters and cfg.pos != "alibi"
         is_causal = simple_causal and attention_mask is None and T > 1
         mask = None
         if not is_causal and not (T == 1 and attention_mask is None and not window_matters and cfg.pos != "alibi"):
             mask = build_mask(cfg, T, S, attention_mask, prefix_len, device)
         if cfg.pos == "alibi":
-            bias = alibi_bias(self.alibi_slopes, torch.arange(past_len, S, device=device), torch.arange(S, device=device))
+            bias = alibi_bias(
+                self.alibi_slopes, torch.arange(past_len, S, device=device), torch.arange(S, device=device)
+            )
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             mask = mask.to(x.dtype)
         q_scale = None

@@ -23,8 +23,13 @@ def _content(tok: Any) -> str | None:
 class Tokenizer:
     """Encode/decode text and render chats, as transformers' fast tokenizer does for the same files."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any] | None = None, chat_template: str | None = None) -> None:
+    def __init__(
+        self, backend: Backend, config: dict[str, Any] | None = None, chat_template: str | None = None
+    ) -> None:
         self.backend = backend
+        # padding and truncation are per-call choices (as in transformers), not stored state
+        backend.no_padding()
+        backend.no_truncation()
         self.config = dict(config or {})
         self.special = {name: _content(self.config.get(name)) for name in SPECIAL_NAMES}
         template = chat_template or self.config.get("chat_template")
@@ -85,7 +90,9 @@ class Tokenizer:
         """Render a conversation with the checkpoint's template (text, or ids with tokenize=True)."""
         template = chat_template or self.chat_template
         if template is None:
-            raise LmlabError("this tokenizer has no chat template", hint="pass chat_template=... or use a chat checkpoint")
+            raise LmlabError(
+                "this tokenizer has no chat template", hint="pass chat_template=... or use a chat checkpoint"
+            )
         text = render_chat(
             template, messages, add_generation_prompt=add_generation_prompt, special_tokens=self.special, **kwargs
         )
