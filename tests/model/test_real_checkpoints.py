@@ -113,3 +113,22 @@ def test_minilm_embeddings_match_transformers(minilm_dir):
     # and the embeddings mean something: the paraphrase pair is closer than the unrelated one
     sim = got @ got.T
     assert sim[0, 1] > sim[0, 3]
+
+
+def test_token_bytes_rebuild_the_utf8_text(smollm2):
+    _, tok, _, _ = smollm2
+    text = "中国的首都是北京。𠀀 rare CJK, emoji 🧪 and ASCII"
+    assert b"".join(tok.token_bytes(i) for i in tok.encode(text)) == text.encode("utf-8")
+
+
+def test_top_next_tokens_match_transformers_softmax(smollm2):
+    from lmlab.generate.explain import top_next_tokens
+
+    ours, tok, theirs, their_tok = smollm2
+    prompt = tok.apply_chat_template(PROMPTS[0], add_generation_prompt=True)
+    top = top_next_tokens(ours, tok, prompt, k=5)
+    with torch.no_grad():
+        probs = theirs(torch.tensor([their_tok(prompt).input_ids])).logits[0, -1].softmax(-1)
+    want_p, want_i = probs.topk(5)
+    assert [p for _, p in top] == pytest.approx(want_p.tolist(), abs=1e-4)
+    assert [t for t, _ in top] == [repr(their_tok.decode([i])) for i in want_i.tolist()]

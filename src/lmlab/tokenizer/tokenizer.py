@@ -8,11 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as Backend
+from tokenizers import decoders
 
 from lmlab.errors import LmlabError
 from lmlab.tokenizer.chat_template import render_chat
 from lmlab.utils.atomic import atomic_path, write_json, write_text
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: each printable stand-in character -> the byte it encodes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = dict(zip(printable, printable)), 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_DECODER = _byte_decoder()
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
 
 
@@ -77,6 +90,14 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         """The vocabulary entry of one id."""
         return self.backend.id_to_token(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The raw bytes one token stands for: a byte-level token may hold part of a UTF-8 character."""
+        token = self.backend.id_to_token(i)
+        if isinstance(self.backend.decoder, decoders.ByteLevel) and token is not None:
+            if all(c in _BYTE_DECODER for c in token):
+                return bytes(_BYTE_DECODER[c] for c in token)
+        return self.decode([i]).encode("utf-8")
 
     def apply_chat_template(
         self,
