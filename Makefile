@@ -35,7 +35,7 @@ demo: setup
 	$(PY) -m lmlab.demo
 
 bench: setup
-	$(PY) benchmarks/forward.py
+	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

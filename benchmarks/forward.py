@@ -46,8 +46,10 @@ def main() -> None:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
-    print(f"{args.preset}: {count_params(cfg)['total'] / 1e6:.1f}M parameters, batch {args.batch} x {args.seq}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.preset}: {count_params(cfg)['total'] / 1e6:.1f}M parameters, batch {args.batch} x {args.seq}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'dtype':<10}{'lmlab tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'max |diff|':>12}")
     for dtype in (torch.float32, torch.bfloat16):
         ours.to(dtype)

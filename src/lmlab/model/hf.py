@@ -358,11 +358,9 @@ def state_dict_from_hf(
             raise LmlabError(f"tensor {theirs!r} is missing (needed for {ours}, shape {tuple(shape)})", file=source)
         if _is_conv1d(family, theirs):
             t = t.t()
-            part = _split_part(ours)
-            if part is not None and family == "gpt2":
-                t = t.chunk(3, dim=0)[part]
-        elif family == "gpt2" and _split_part(ours) is not None:  # the fused bias
-            t = t.chunk(3, dim=0)[_split_part(ours)]
+        part = _split_part(ours) if family == "gpt2" else None
+        if part is not None:  # GPT-2's fused c_attn holds q, k and v one after another
+            t = t.chunk(3, dim=0)[part]
         if t.shape != shape:
             raise LmlabError(
                 f"tensor {theirs!r} has shape {tuple(t.shape)} but the model expects {tuple(shape)} (for {ours})",

@@ -160,10 +160,11 @@ class Transformer(nn.Module):
         x = self.drop(x)
 
         window_matters = cfg.sliding_window is not None and cfg.sliding_window < S
-        simple_causal = cfg.causal and T == S and prefix_len is None and not window_matters and cfg.pos != "alibi"
-        is_causal = simple_causal and attention_mask is None and T > 1
+        plain = attention_mask is None and prefix_len is None and not window_matters and cfg.pos != "alibi"
+        # SDPA's causal fast path needs no mask tensor; a single decode step with no padding sees every key
+        is_causal = cfg.causal and plain and T == S and T > 1
         mask = None
-        if not is_causal and not (T == 1 and attention_mask is None and not window_matters and cfg.pos != "alibi"):
+        if not is_causal and not (plain and T == 1):
             mask = build_mask(cfg, T, S, attention_mask, prefix_len, device)
         if cfg.pos == "alibi":
             bias = alibi_bias(

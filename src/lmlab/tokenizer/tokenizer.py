@@ -14,6 +14,7 @@ from lmlab.errors import LmlabError
 from lmlab.tokenizer.chat_template import render_chat
 from lmlab.utils.atomic import atomic_path, write_json, write_text
 
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet inverted: each printable stand-in character -> the byte it encodes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -94,9 +95,9 @@ class Tokenizer:
     def token_bytes(self, i: int) -> bytes:
         """The raw bytes one token stands for: a byte-level token may hold part of a UTF-8 character."""
         token = self.backend.id_to_token(i)
-        if isinstance(self.backend.decoder, decoders.ByteLevel) and token is not None:
-            if all(c in _BYTE_DECODER for c in token):
-                return bytes(_BYTE_DECODER[c] for c in token)
+        byte_level = isinstance(self.backend.decoder, decoders.ByteLevel)
+        if byte_level and token is not None and all(c in _BYTE_DECODER for c in token):
+            return bytes(_BYTE_DECODER[c] for c in token)
         return self.decode([i]).encode("utf-8")
 
     def apply_chat_template(
