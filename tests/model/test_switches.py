@@ -109,14 +109,16 @@ def test_tied_embeddings_share_storage():
 class ConcatCache:
     """The simplest KV cache: append each step's keys and values."""
 
-    def __init__(self):
-        self.kv = {}
+    def __init__(self, n_layer):
+        self.kv, self.length, self.n_layer = {}, 0, n_layer
 
     def update(self, layer, k, v):
         if layer in self.kv:
             k = torch.cat([self.kv[layer][0], k], dim=2)
             v = torch.cat([self.kv[layer][1], v], dim=2)
         self.kv[layer] = (k, v)
+        if layer == self.n_layer - 1:
+            self.length = k.shape[2]
         return k, v
 
 
@@ -133,12 +135,10 @@ def test_cached_decode_equals_full_recompute(preset):
     prefix = torch.tensor([6, 6]) if m.cfg.prefix_lm else None
     with torch.no_grad():
         full = m(ids, attention_mask=mask, prefix_len=prefix)
-        cache = ConcatCache()
+        cache = ConcatCache(m.cfg.n_layer)
         steps = [m(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache, prefix_len=prefix)]
         for t in range(6, 14):
-            steps.append(
-                m(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], kv_cache=cache, past_len=t, prefix_len=prefix)
-            )
+            steps.append(m(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], kv_cache=cache, prefix_len=prefix))
     cached = torch.cat(steps, dim=1)
     real = mask.bool()
     assert (cached - full).abs()[real].max().item() <= 1e-4

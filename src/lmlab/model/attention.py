@@ -13,7 +13,14 @@ from lmlab.model.rope import apply_rope
 
 
 class KVCache(Protocol):
-    """What attention needs of a KV cache: append this step's keys/values, return all of them."""
+    """What the model needs of a KV cache: how many tokens it holds, and appending a step's keys/values.
+
+    `length` counts the tokens cached before the current forward call; `update` stores this call's
+    keys/values for one layer and returns all of them (B, H_kv, length + T, hd). The cache advances
+    `length` itself once the last layer has been updated.
+    """
+
+    length: int
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 

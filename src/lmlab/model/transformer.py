@@ -125,17 +125,17 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        past_len: int = 0,
     ) -> torch.Tensor:
         """Final hidden states (B, T, d_model).
 
         attention_mask (B, past_len + T): 1 for real tokens, 0 for padding (left or right).
         position_ids default to the count of real tokens before each one, so left padding is harmless.
         prefix_len (B,): for prefix-LM models, how many leading tokens see each other both ways.
-        kv_cache/past_len: keys and values of the first past_len tokens are already in the cache.
+        kv_cache: holds the keys and values of the first kv_cache.length tokens; this call appends its own.
         """
         cfg = self.cfg
         B, T = input_ids.shape
+        past_len = kv_cache.length if kv_cache is not None else 0
         S = past_len + T
         device = input_ids.device
         if attention_mask is not None and bool(attention_mask.all()):
@@ -182,9 +182,14 @@ class Transformer(nn.Module):
             x = block(x, rope=rope, mask=mask, is_causal=is_causal, q_scale=q_scale, kv_cache=kv_cache)
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Logits (B, T, vocab) from the LM or MLM head; hidden states when the model has no head."""
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs) -> torch.Tensor:
+        """Logits (B, T, vocab) from the LM or MLM head; hidden states when the model has no head.
+
+        logits_to_keep > 0 computes the head for the last positions only (generation needs one).
+        """
         h = self.hidden_states(input_ids, **kwargs)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         if self.lm_head is not None:
             return self.lm_head(h)
         if self.mlm_head is not None:

@@ -1,0 +1,268 @@
+"""The decode loop: prefill the prompt in one pass, then one token per step with a preallocated KV cache.
+
+The step is kept lean on purpose: for small models the per-step Python and dispatch overhead,
+not arithmetic, bounds the speed, so nothing happens in it that could happen once outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.generate.config import GenerationConfig
+from lmlab.generate.kv_cache import KVCache
+from lmlab.generate.sampling import apply_processors, build_processors
+from lmlab.generate.stream import IncrementalDecoder, StopStrings
+from lmlab.model.transformer import Transformer
+from lmlab.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class Generation:
+    """One generated sequence."""
+
+    text: str
+    token_ids: list[int]  # generated tokens, the stop token included if one ended it
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+
+
+def stop_token_ids(model: Transformer, tokenizer: Tokenizer | None, config: GenerationConfig) -> list[int]:
+    """The ids that end a sequence: the config's, else the model's and tokenizer's EOS."""
+    if config.stop_token_ids is not None:
+        return list(config.stop_token_ids)
+    ids = model.cfg.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def pad_token_id(model: Transformer, tokenizer: Tokenizer | None, eos: list[int]) -> int:
+    """The id written after a sequence ends: the pad token, else the first EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id if tokenizer else None, model.cfg.pad_token_id):
+        if candidate is not None:
+            return candidate
+    return eos[0] if eos else 0
+
+
+def left_pad(
+    rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts padded on the left, as decoders want: (input_ids, attention_mask)."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise LmlabError("every prompt needs at least one token", field="prompt")
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class DecodeState:
+    """The running batch: token buffer (prompt + generated), mask, which rows have finished."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+        B, T = input_ids.shape
+        self.prompt_len, self.length = T, T
+        self.ids = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=input_ids.device)
+        self.ids[:, :T] = input_ids
+        self.mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=input_ids.device)
+        self.mask[:, :T] = attention_mask
+        self.padded = not bool(attention_mask.all())  # without padding the model needs no mask at all
+        self.finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        self.logprobs = torch.zeros((B, max_new_tokens), device=input_ids.device)
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """(B, n) tokens generated so far."""
+        return self.ids[:, self.prompt_len : self.length]
+
+
+@torch.inference_mode()
+def decode_steps(
+    model: Transformer,
+    state: DecodeState,
+    config: GenerationConfig,
+    eos: list[int],
+    pad_id: int,
+) -> Iterator[torch.Tensor]:
+    """Greedy or sampled decoding; yields each step's tokens (B,). Rows the caller marks in
+    `state.finished` (a stop string, a cancelled request) stop like rows that produced EOS."""
+    B = state.ids.shape[0]
+    max_len = state.ids.shape[1]
+    cache = KVCache.for_model(model, B, max_len)
+    procs = build_processors(config, state.prompt_len, config.sampling, state.mask[:, : state.prompt_len])
+    generator = None
+    if config.sampling and config.seed is not None:
+        generator = torch.Generator(device=state.ids.device).manual_seed(config.seed)
+    eos_t = torch.tensor(eos, device=state.ids.device)
+    mask = state.mask[:, : state.length] if state.padded else None
+    logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+    for step in range(max_len - state.prompt_len):
+        scores = apply_processors(procs, state.ids[:, : state.length], logits.float())
+        if config.sampling:
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        nxt = torch.where(state.finished, pad_id, nxt)
+        if config.logprobs:
+            state.logprobs[:, step] = logits.float().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+        state.ids[:, state.length] = nxt
+        state.length += 1
+        if eos:
+            state.finished |= torch.isin(nxt, eos_t)
+        yield nxt
+        if bool(state.finished.all()) or state.length == max_len:
+            return
+        mask = state.mask[:, : state.length] if state.padded else None
+        logits = model(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+
+
+def generate_ids(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    eos: list[int] | None = None,
+    pad_id: int | None = None,
+) -> torch.Tensor:
+    """Token-level generation, shaped like transformers' `generate`: (B * n, prompt + new) with
+    `pad_id` after each sequence's end. Beam search when config.num_beams > 1."""
+    config = config or GenerationConfig()
+    eos = stop_token_ids(model, None, config) if eos is None else eos
+    pad_id = pad_token_id(model, None, eos) if pad_id is None else pad_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if config.num_beams > 1:
+        from lmlab.generate.beam import beam_search
+
+        return beam_search(model, input_ids, attention_mask, config, eos, pad_id)
+    n = config.num_return_sequences
+    if n > 1:
+        input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+    state = DecodeState(input_ids, attention_mask, config.max_new_tokens)
+    for _ in decode_steps(model, state, config, eos, pad_id):
+        pass
+    return state.ids[:, : state.length]
+
+
+def _as_token_rows(tokenizer: Tokenizer | None, prompts) -> list[list[int]]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    rows = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise LmlabError("text prompts need a tokenizer", field="prompts")
+            rows.append(tokenizer.encode(p))
+        else:
+            rows.append(list(p))
+    return rows
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    prompts: str | list[str] | list[int] | list[list[int]],
+    config: GenerationConfig | None = None,
+    **overrides,
+) -> list[Generation]:
+    """Generate for one prompt or a batch (text or token ids); returns num_return_sequences results per
+    prompt, in prompt order. Keyword arguments override fields of `config`."""
+    config = (config or GenerationConfig()).replace(**overrides) if overrides else (config or GenerationConfig())
+    rows = _as_token_rows(tokenizer, prompts)
+    limit = model.cfg.max_seq_len if model.cfg.pos == "learned" else None
+    if limit is not None and max(map(len, rows)) + config.max_new_tokens > limit:
+        raise LmlabError(f"prompt + max_new_tokens exceeds the model's {limit} positions", field="max_new_tokens")
+    eos = stop_token_ids(model, tokenizer, config)
+    pad_id = pad_token_id(model, tokenizer, eos)
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad(rows, pad_id, device)
+    n = config.num_return_sequences
+    prompt_lens = [len(r) for r in rows for _ in range(n)]
+    stops = StopStrings(config.stop)
+    if config.num_beams > 1:
+        out = generate_ids(model, input_ids, mask, config, eos, pad_id)
+        new = out[:, input_ids.shape[1] :].tolist()
+        return [_finish(tokenizer, seq, eos, plen, stops) for plen, seq in zip(prompt_lens, new)]
+    if n > 1:
+        input_ids, mask = input_ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    state = DecodeState(input_ids, mask, config.max_new_tokens)
+    # with stop strings, follow each row's text so a row can stop as soon as one appears
+    decoders = [IncrementalDecoder(tokenizer) for _ in prompt_lens] if stops.stops and tokenizer else []
+    for nxt in decode_steps(model, state, config, eos, pad_id):
+        for row, decoder in enumerate(decoders):
+            if not bool(state.finished[row]):
+                before = len(decoder.text)
+                decoder.push(int(nxt[row]))
+                if stops.find(decoder.text, before) is not None:
+                    state.finished[row] = True
+    results = []
+    for row, (plen, seq) in enumerate(zip(prompt_lens, state.generated.tolist())):
+        g = _finish(tokenizer, seq, eos, plen, stops)
+        if config.logprobs:
+            g.logprobs = state.logprobs[row, : len(g.token_ids)].tolist()
+        results.append(g)
+    return results
+
+
+def _finish(tokenizer: Tokenizer | None, seq: list[int], eos: list[int], plen: int, stops: StopStrings) -> Generation:
+    """Trim a row at its stop token, decode it, and cut the text before the first stop string."""
+    end = next((i + 1 for i, t in enumerate(seq) if t in eos), None)
+    ids = seq[:end] if end is not None else seq
+    text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+    reason = "stop" if end is not None else "length"
+    at = stops.find(text, 0)
+    if at is not None:
+        text, reason = text[:at], "stop"
+    return Generation(text=text, token_ids=ids, finish_reason=reason, prompt_tokens=plen)
+
+
+@torch.inference_mode()
+def stream(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str | list[int],
+    config: GenerationConfig | None = None,
+    **overrides,
+) -> Iterator[str]:
+    """Generate for one prompt, yielding text pieces as soon as they are complete characters; stop
+    strings are never shown (text that could begin one is held back until it cannot)."""
+    config = (config or GenerationConfig()).replace(**overrides) if overrides else (config or GenerationConfig())
+    if config.num_beams > 1 or config.num_return_sequences > 1:
+        raise LmlabError("streaming takes one sequence: num_beams and num_return_sequences must be 1")
+    eos = stop_token_ids(model, tokenizer, config)
+    pad_id = pad_token_id(model, tokenizer, eos)
+    input_ids, mask = left_pad(_as_token_rows(tokenizer, prompt), pad_id, next(model.parameters()).device)
+    state = DecodeState(input_ids, mask, config.max_new_tokens)
+    decoder, stops, shown = IncrementalDecoder(tokenizer), StopStrings(config.stop), 0
+    for nxt in decode_steps(model, state, config, eos, pad_id):
+        tok = int(nxt[0])
+        if tok in eos:
+            break
+        before = len(decoder.text)
+        if not decoder.push(tok):
+            continue
+        at = stops.find(decoder.text, before)
+        if at is not None:
+            state.finished[0] = True
+            if at > shown:
+                yield decoder.text[shown:at]
+            return
+        safe = stops.safe_end(decoder.text)
+        if safe > shown:
+            yield decoder.text[shown:safe]
+            shown = safe
+    decoder.flush()
+    at = stops.find(decoder.text, shown)
+    end = at if at is not None else len(decoder.text)
+    if end > shown:
+        yield decoder.text[shown:end]

@@ -1,0 +1,50 @@
+"""A preallocated KV cache: keys and values of past tokens, so each decode step costs one token's forward."""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab.model.transformer import Transformer
+
+
+class KVCache:
+    """Fixed-size key/value buffers (n_layer, B, H_kv, max_len, head_dim), filled left to right.
+
+    Nothing is reallocated while decoding; `length` can also be set back (speculative decoding
+    rolls back rejected draft tokens that way), and `reorder` follows beams in beam search.
+    """
+
+    def __init__(
+        self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device
+    ) -> None:
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_layer, self.max_len, self.length = n_layer, max_len, 0
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch: int, max_len: int) -> KVCache:
+        """A cache shaped for `model`, holding up to `max_len` tokens per row."""
+        cfg = model.cfg
+        p = next(model.parameters())
+        return cls(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, p.dtype, p.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values (B, H_kv, T, hd) for `layer`; return all cached ones."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        if layer == self.n_layer - 1:
+            self.length = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows follow `index` (beam search: each surviving beam takes its parent's past)."""
+        self.k[:, :, :, : self.length] = self.k[:, index, :, : self.length]
+        self.v[:, :, :, : self.length] = self.v[:, index, :, : self.length]
+
+    def nbytes(self) -> int:
+        """Memory held by the buffers."""
+        return self.k.numel() * self.k.element_size() * 2
