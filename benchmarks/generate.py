@@ -1,0 +1,84 @@
+"""Decode speed: lmlab vs transformers `generate` on SmolLM2-135M-Instruct (same weights, greedy).
+
+Batch 1 and 8, 128 new tokens each (EOS disabled so both do all the steps), runs interleaved and
+the median compared; beside them the weight-streaming bound: at batch 1 every step must read all
+weights once, so tokens/s <= memory bandwidth / weight bytes (bandwidth measured here, now).
+
+    .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+
+import lmlab
+from lmlab.generate import GenerationConfig, generate_ids
+from lmlab.generate.decode import left_pad
+from lmlab.utils.packaged import packaged_path
+
+
+def bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of a few full passes over a large tensor."""
+    x = torch.ones(size_mb * 1024 * 1024 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    args = ap.parse_args()
+
+    path = packaged_path("smollm2-135m-instruct")
+    ours, tok = lmlab.load_pretrained(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    theirs.eval().generation_config.eos_token_id = None
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    bw = bandwidth_gbs()
+    bound = bw * 1e9 / weight_bytes
+    print(
+        f"SmolLM2-135M fp32, {weight_bytes / 1e6:.0f} MB of weights; memory read bandwidth {bw:.1f} GB/s "
+        f"-> weight-streaming bound {bound:.0f} tokens/s at batch 1; {torch.get_num_threads()} threads"
+    )
+    print(f"{'batch':>5}{'lmlab tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'% of bound':>12}{'same ids':>10}")
+    prompts = ["Write a short story about a robot.", "中国的四大发明是什么？", "List five colors.", "What is 2+2?"] * 2
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
+    for batch in args.batches:
+        rows = [
+            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            for p in prompts[:batch]
+        ]
+        ids, mask = left_pad(rows, tok.pad_token_id)
+        kwargs = dict(
+            attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        ours_t, theirs_t = [], []
+        with torch.inference_mode():
+            a = generate_ids(ours, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)  # warm-up, and the ids
+            b = theirs.generate(ids, **kwargs)
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                generate_ids(ours, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)
+                ours_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                theirs.generate(ids, **kwargs)
+                theirs_t.append(time.perf_counter() - t)
+        x = batch * args.new_tokens / statistics.median(ours_t)
+        y = batch * args.new_tokens / statistics.median(theirs_t)
+        same = a.tolist() == b.tolist()
+        print(f"{batch:>5}{x:>14.1f}{y:>20.1f}{x / y:>7.2f}x{x / batch / bound:>11.0%}{'yes' if same else 'NO':>10}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""A streaming multi-turn chat over the checkpoint's chat template, and the REPL around it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+from lmlab.errors import LmlabError
+from lmlab.generate.config import GenerationConfig
+from lmlab.generate.decode import stream
+from lmlab.model.transformer import Transformer
+from lmlab.tokenizer.tokenizer import Tokenizer
+
+HELP = "commands: /reset  /system TEXT  /set NAME VALUE (e.g. /set temperature 0.7)  /show  /quit"
+
+
+class ChatSession:
+    """The conversation so far, and how to continue it."""
+
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, config: GenerationConfig, system: str | None = None
+    ) -> None:
+        if tokenizer.chat_template is None:
+            raise LmlabError("this checkpoint has no chat template", hint="use `lmlab generate` for plain text")
+        self.model, self.tokenizer, self.config, self.system = model, tokenizer, config, system
+        self.messages: list[dict[str, str]] = []
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = []
+
+    def set(self, name: str, value: str) -> None:
+        """Change one generation setting, parsed to the field's type and validated."""
+        fields = {f.name: f for f in dataclasses.fields(GenerationConfig)}
+        if name not in fields or name in ("stop", "stop_token_ids", "logprobs"):
+            raise LmlabError(f"unknown setting {name!r}", hint="e.g. temperature, top_p, top_k, max_new_tokens, seed")
+        current = getattr(self.config, name)
+        try:
+            parsed = int(value) if isinstance(current, int) and not isinstance(current, bool) else float(value)
+        except ValueError:
+            raise LmlabError(f"{value!r} is not a number", field=name) from None
+        if name == "seed":
+            parsed = int(value)
+        self.config = self.config.replace(**{name: parsed})
+
+    def prompt(self) -> str:
+        """The templated text for the next assistant turn."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return self.tokenizer.apply_chat_template(system + self.messages, add_generation_prompt=True)
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add a user turn and stream the assistant's answer; the answer joins the history when done."""
+        self.messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in stream(self.model, self.tokenizer, self.prompt(), self.config):
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
+    """Read lines until /quit or end of input; stream each answer as it is generated."""
+
+    def out(s: str) -> None:
+        if write is not None:
+            write(s)
+        else:
+            print(s, end="", flush=True)
+
+    out(HELP + "\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out("\n")
+            return
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                session.reset()
+                out("(conversation cleared)\n")
+            elif line.startswith("/system"):
+                session.system = line[len("/system") :].strip() or None
+                session.reset()
+                out(f"(system prompt: {session.system!r}; conversation cleared)\n")
+            elif line.startswith("/set"):
+                parts = line.split()
+                if len(parts) != 3:
+                    raise LmlabError("usage: /set NAME VALUE")
+                session.set(parts[1], parts[2])
+                out(f"({parts[1]} = {getattr(session.config, parts[1])})\n")
+            elif line == "/show":
+                out(f"{session.config}\n")
+            elif line.startswith("/"):
+                out(HELP + "\n")
+            else:
+                out("assistant> ")
+                for piece in session.reply(line):
+                    out(piece)
+                out("\n")
+        except LmlabError as e:
+            out(f"error: {e}\n")

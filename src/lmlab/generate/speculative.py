@@ -1,0 +1,145 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward.
+
+Each proposed token x is accepted with probability min(1, p(x) / q(x)) (p: target, q: draft);
+at the first rejection a token is drawn from the residual max(0, p - q), renormalized; if all k
+pass, one more comes free from p. The output follows the target's distribution exactly
+(Leviathan et al. 2023; Chen et al. 2023), and with greedy decoding it is the target's greedy
+output token for token; only the speed depends on how often the draft agrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmlab.generate.config import GenerationConfig
+from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
+from lmlab.generate.kv_cache import KVCache
+from lmlab.generate.sampling import apply_processors, build_processors
+from lmlab.generate.stream import StopStrings
+from lmlab.model.transformer import Transformer
+from lmlab.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class SpeculativeStats:
+    """How well the draft guessed."""
+
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    generated: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of drafted tokens the target accepted."""
+        return self.accepted / max(self.proposed, 1)
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens produced per target forward (1.0 means no gain)."""
+        return self.generated / max(self.rounds, 1)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The distribution to sample from after a rejection: max(0, p - q), renormalized."""
+    r = (p - q).clamp(min=0)
+    total = r.sum()
+    return r / total if total > 0 else p
+
+
+def acceptance_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> float:
+    """min(1, p(x) / q(x)) for the drafted token x."""
+    return float(torch.clamp(p[token] / q[token], max=1.0)) if q[token] > 0 else 1.0
+
+
+def truncated_draft(model: Transformer, n_layers: int) -> Transformer:
+    """A draft that is the target's first n layers (with its embeddings, final norm and head), sharing weights."""
+    cfg = dataclasses.replace(model.cfg, n_layer=n_layers)
+    with torch.device("meta"):
+        draft = Transformer(cfg)
+    for name, child in model.named_children():
+        setattr(draft, name, nn.ModuleList(list(child)[:n_layers]) if name == "layers" else child)
+    draft.init_buffers(next(model.parameters()).device)
+    return draft.eval()
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: Transformer,
+    draft: Transformer,
+    tokenizer: Tokenizer | None,
+    prompt: str | list[int],
+    config: GenerationConfig | None = None,
+    num_draft_tokens: int = 4,
+) -> tuple[Generation, SpeculativeStats]:
+    """Generate for one prompt with a draft model; returns the generation and acceptance statistics."""
+    config = config or GenerationConfig()
+    prompt_ids = _as_token_rows(tokenizer, prompt)[0]
+    eos = stop_token_ids(target, tokenizer, config)
+    device = next(target.parameters()).device
+    max_len = len(prompt_ids) + config.max_new_tokens + num_draft_tokens + 1
+    t_cache, d_cache = KVCache.for_model(target, 1, max_len), KVCache.for_model(draft, 1, max_len)
+    generator = None
+    if config.sampling and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    seq = list(prompt_ids)
+    stats = SpeculativeStats()
+
+    def dist(logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+        """The processed next-token distribution (one-hot at the argmax when greedy)."""
+        ids = torch.tensor([prefix], device=device)
+        procs = build_processors(config, len(prompt_ids), config.sampling)
+        scores = apply_processors(procs, ids, logits.float()[None])[0]
+        if not config.sampling:
+            return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
+        return scores.softmax(-1)
+
+    def pick(probs: torch.Tensor) -> int:
+        if not config.sampling:
+            return int(probs.argmax())
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def feed(model: Transformer, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=device)
+        return model(ids, kv_cache=cache)[0]  # (len(tokens), V)
+
+    while len(seq) - len(prompt_ids) < config.max_new_tokens:
+        k = min(num_draft_tokens, config.max_new_tokens - (len(seq) - len(prompt_ids)))
+        # the draft proposes k tokens, one forward each (its cache catches up on accepted tokens first)
+        drafted, q = [], []
+        logits = feed(draft, d_cache, seq[d_cache.length :])[-1]
+        for i in range(k):
+            q.append(dist(logits, seq + drafted))
+            drafted.append(pick(q[-1]))
+            if i < k - 1:
+                logits = feed(draft, d_cache, drafted[-1:])[-1]
+        # the target scores all of them in one forward
+        t_logits = feed(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
+        accepted: list[int] = []
+        for i, token in enumerate(drafted):
+            p = dist(t_logits[i], seq + accepted)
+            u = float(torch.rand((), generator=generator, device=device)) if config.sampling else 0.0
+            if u >= acceptance_probability(p, q[i], token):
+                accepted.append(pick(residual(p, q[i])))  # rejected: the target's correction ends the round
+                break
+            accepted.append(token)
+            stats.accepted += 1
+        else:  # every draft accepted: the target's next token comes free
+            accepted.append(pick(dist(t_logits[k], seq + accepted)))
+        stats.rounds += 1
+        stats.proposed += k
+        stop_at = next((i + 1 for i, t in enumerate(accepted) if t in eos), None)
+        seq += accepted[:stop_at]
+        # roll both caches back to what is now certain (everything but the newest token)
+        t_cache.length = min(t_cache.length, len(seq) - 1)
+        d_cache.length = min(d_cache.length, len(seq) - 1)
+        if stop_at is not None:
+            break
+    generated = seq[len(prompt_ids) : len(prompt_ids) + config.max_new_tokens]
+    stats.generated = len(generated)
+    result = _finish(tokenizer, generated, eos, len(prompt_ids), StopStrings(config.stop))
+    return result, stats

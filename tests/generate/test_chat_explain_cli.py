@@ -1,0 +1,80 @@
+"""The chat REPL, --explain and the generate command, on SmolLM2 and a tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.generate import GenerationConfig
+from lmlab.generate.chat import ChatSession, repl
+from lmlab.generate.explain import explain, plot_explanation
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return lmlab.load_pretrained("smollm2-135m-instruct")
+
+
+def test_repl_commands_and_history(smol):
+    model, tok = smol
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=8), system="Answer briefly.")
+    lines = iter(["Hi!", "/set temperature 0.5", "/set top_p 7", "/system Be a pirate.", "Hello", "/reset", "/quit"])
+    shown = []
+    repl(session, read=lambda _: next(lines), write=shown.append)
+    text = "".join(shown)
+    assert "(temperature = 0.5)" in text
+    assert "error: top_p: 7.0 must be in (0, 1]" in text
+    assert "(system prompt: 'Be a pirate.'" in text
+    assert session.messages == [] and session.system == "Be a pirate."
+    assert session.config.temperature == 0.5
+
+
+def test_chat_turns_enter_the_template(smol):
+    model, tok = smol
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=6))
+    answer = "".join(session.reply("What is 2+2?"))
+    assert session.messages[-1] == {"role": "assistant", "content": answer}
+    prompt = session.prompt()
+    assert prompt.count("<|im_start|>user") == 1 and answer in prompt
+
+
+def test_explain_stages_reshape_as_defined(smol, tmp_path):
+    model, tok = smol
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a joke."}], add_generation_prompt=True)
+    cfg = GenerationConfig(temperature=0.5, top_k=3, top_p=0.9, seed=0)
+    steps = explain(model, tok, prompt, cfg, steps=2, k=6)
+    for s in steps:
+        raw, temp, k3, p9 = (s.stages[n] for n in s.stages)
+        assert raw == sorted(raw, reverse=True)
+        assert temp[0] > raw[0]  # T < 1 sharpens
+        assert all(p == 0 for p in k3[3:]) and sum(k3[:3]) == pytest.approx(1.0, abs=1e-4)
+        assert p9[0] >= k3[0]
+    png = plot_explanation(steps, tmp_path / "explain.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "lmlab.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_command_streams_the_same_text_as_the_library(smol, tmp_path):
+    model, tok = smol
+    want = lmlab.generate(model, tok, "The capital of France is", max_new_tokens=12)[0].text
+    r = _cli(
+        "generate", "--model", "smollm2-135m-instruct", "--prompt", "The capital of France is", "--max-new-tokens", "12"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    bad = _cli("generate", "--model", "smollm2-135m-instruct", "--prompt", "x", "--temperature", "-1")
+    assert bad.returncode == 1 and "temperature" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_callable_package():
+    torch.manual_seed(0)
+    model = lmlab.Transformer(lmlab.ModelConfig.from_preset("llama-tiny", eos_token_id=None)).eval()
+    out = lmlab.generate(model, None, [1, 2, 3], max_new_tokens=5)
+    assert len(out) == 1 and len(out[0].token_ids) == 5 and out[0].finish_reason == "length"

@@ -1,0 +1,77 @@
+"""Speculative decoding keeps the target's output: exactly for greedy, in distribution for sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.generate import GenerationConfig, generate
+from lmlab.generate.speculative import (
+    acceptance_probability,
+    residual,
+    speculative_generate,
+    truncated_draft,
+)
+from lmlab.model.config import ModelConfig
+
+
+def _tiny(seed: int, **kw) -> lmlab.Transformer:
+    torch.manual_seed(seed)
+    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None, **kw)).eval()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_output_equals_the_targets(k):
+    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=20)
+    want = generate(target, None, prompt, cfg)[0].token_ids
+    got, stats = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=k)
+    assert got.token_ids == want
+    assert stats.proposed > 0 and 0 <= stats.acceptance_rate <= 1
+
+
+def test_a_perfect_draft_is_always_accepted():
+    target = _tiny(0)
+    prompt = torch.randint(0, 512, (5,)).tolist()
+    got, stats = speculative_generate(target, target, None, prompt, GenerationConfig(max_new_tokens=16), 4)
+    assert stats.acceptance_rate == 1.0
+    assert (
+        stats.tokens_per_round == pytest.approx(16 / stats.rounds) and stats.rounds == 4
+    )  # 4 drafts + 1 bonus... capped
+    assert got.token_ids == generate(target, None, prompt, max_new_tokens=16)[0].token_ids
+
+
+def test_truncated_draft_shares_weights_and_speaks_the_same_vocabulary():
+    target = _tiny(0, n_layer=4)
+    draft = truncated_draft(target, 2)
+    assert draft.embed.weight is target.embed.weight and len(draft.layers) == 2
+    prompt = torch.randint(0, 512, (6,)).tolist()
+    got, _ = speculative_generate(target, draft, None, prompt, GenerationConfig(max_new_tokens=12), 3)
+    assert got.token_ids == generate(target, None, prompt, max_new_tokens=12)[0].token_ids
+
+
+def test_rejection_sampling_preserves_the_target_distribution_exactly():
+    torch.manual_seed(0)
+    for _ in range(20):
+        p = torch.rand(10).pow(3).softmax(-1) if _ % 2 else torch.rand(10).softmax(-1)
+        q = torch.rand(10) ** 4
+        q = q / q.sum()
+        # P(out = y) = sum_x q(x) [a(x) 1{y = x} + (1 - a(x)) r(y)]
+        r = residual(p, q)
+        out = torch.zeros(10, dtype=torch.float64)
+        for x in range(10):
+            a = acceptance_probability(p, q, x)
+            out[x] += q[x] * a
+            out += q[x] * (1 - a) * r.double()
+        torch.testing.assert_close(out, p.double(), atol=1e-6, rtol=0)
+
+
+def test_seeded_speculative_sampling_is_reproducible():
+    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    prompt = torch.randint(0, 512, (5,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=3)
+    a, _ = speculative_generate(target, draft, None, prompt, cfg)
+    b, _ = speculative_generate(target, draft, None, prompt, cfg)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12
