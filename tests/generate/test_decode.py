@@ -133,3 +133,11 @@ def test_bad_settings_name_the_field():
         GenerationConfig(top_p=1.5)
     with pytest.raises(lmlab.LmlabError, match="temperature"):
         GenerationConfig(temperature=-1)
+
+
+def test_a_character_cut_by_the_token_limit_is_dropped_not_shown_half():
+    tok = _byte_tokenizer()
+    ids = tok.encode("好的北京")
+    dec = IncrementalDecoder(tok)
+    shown = "".join(dec.push(i) for i in ids[:-1]) + dec.flush()  # the last character lost its last byte
+    assert shown == "好的北"

@@ -220,6 +220,8 @@ def _finish(tokenizer: Tokenizer | None, seq: list[int], eos: list[int], plen: i
     ids = seq[:end] if end is not None else seq
     text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
     reason = "stop" if end is not None else "length"
+    if reason == "length":
+        text = text.rstrip("\ufffd")  # a character cut in half by the token limit
     at = stops.find(text, 0)
     if at is not None:
         text, reason = text[:at], "stop"

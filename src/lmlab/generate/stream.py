@@ -36,9 +36,9 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """Whatever is left at the end (an unfinished character stays as U+FFFD)."""
+        """Whatever is left at the end; a character cut off by the token limit is dropped, not shown as U+FFFD."""
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        piece = self._decode(self.ids[self.prefix_offset :])[len(prefix) :]
+        piece = self._decode(self.ids[self.prefix_offset :])[len(prefix) :].rstrip("\ufffd")
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += piece
         return piece
