@@ -167,10 +167,23 @@ def save_pretrained(
 ) -> Path:
     """Write a Hugging Face directory (config.json, safetensors, tokenizer); transformers loads it when
     the architecture is one of its families, lmlab always."""
+    params = {n: p.detach().cpu() for n, p in model.named_parameters()}  # tied weights once
+    return save_state(model.cfg, params, tokenizer, directory, max_shard_bytes=max_shard_bytes)
+
+
+def save_state(
+    cfg: ModelConfig,
+    params: dict[str, torch.Tensor],
+    tokenizer: Tokenizer | None,
+    directory: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """save_pretrained for a bare state dict under our names (e.g. gathered from sharded training)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
-    params = {n: p.detach().cpu() for n, p in model.named_parameters()}  # tied weights once
+    if cfg.tie_embeddings:  # the head shares the embedding: store it once
+        params = {n: t for n, t in params.items() if n not in ("lm_head.weight", "mlm_head.decoder.weight")}
     dtype = next(iter(params.values())).dtype
     hf_config = config_to_hf(cfg)
     if hf_config is not None:

@@ -1,0 +1,172 @@
+"""Training settings and YAML recipes with dotted command-line overrides (train.lr=3e-4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmlab.errors import LmlabError
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the Trainer does, in one place."""
+
+    out_dir: str = "out/train"
+    max_steps: int = 1000
+    micro_batch_size: int = 8  # per process, per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    block_size: int = 256
+    seed: int = 0
+    # optimizer
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9  # SGD
+    decay_norms_biases_embeddings: bool = False
+    l1: float = 0.0  # explicit penalties added to the loss
+    l2: float = 0.0
+    grad_clip: float = 1.0  # 0: off
+    label_smoothing: float = 0.0
+    # schedule
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps spent decaying
+    plateau_patience: int = 0  # > 0: halve the lr when validation loss stalls this many evals
+    plateau_factor: float = 0.5
+    # evaluation, early stopping, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 20
+    early_stopping_patience: int = 0  # 0: off
+    early_stopping_min_delta: float = 0.0
+    checkpoint_every: int = 0  # 0: at each eval
+    keep_last: int = 2
+    nan_patience: int = 5  # stop after this many non-finite losses in a row
+    # execution
+    dtype: str = "float32"  # float32 or bfloat16 (autocast)
+    compile: bool = False
+    strategy: str = "ddp"  # under torchrun: ddp or fsdp
+    log_every: int = 10
+    tensorboard: bool = False
+    objective: str = "causal_lm"  # causal_lm or masked_lm
+    mlm_probability: float = 0.15
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        checks = [
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+            ("dtype", self.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            ("strategy", self.strategy in ("ddp", "fsdp"), "ddp or fsdp"),
+            ("objective", self.objective in ("causal_lm", "masked_lm"), "causal_lm or masked_lm"),
+            ("max_steps", self.max_steps > 0, "> 0"),
+            ("micro_batch_size", self.micro_batch_size > 0, "> 0"),
+            ("grad_accum", self.grad_accum > 0, "> 0"),
+            ("lr", self.lr > 0, "> 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise LmlabError(f"{getattr(self, name)!r} must be {want}", field=f"train.{name}")
+
+
+@dataclass
+class Recipe:
+    """A whole run: model, data and training settings, as in recipes/*.yaml."""
+
+    model: dict[str, Any] = field(default_factory=dict)  # preset + ModelConfig overrides, or init_from
+    data: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as saved beside every checkpoint."""
+        train = dataclasses.asdict(self.train)
+        train["betas"] = list(train["betas"])
+        return {"model": self.model, "data": self.data, "train": train}
+
+
+def coerce(cls: type, values: dict[str, Any], section: str, source: str | None = None) -> dict[str, Any]:
+    """Convert YAML strings to the numeric type of each dataclass field's default (YAML 1.1 reads 3e-4 as text)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    out = dict(values)
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            try:
+                out[key] = (
+                    float(value) if isinstance(default, float) or "." in value or "e" in value.lower() else int(value)
+                )
+            except ValueError:
+                raise LmlabError(f"{value!r} is not a number", file=source, field=f"{section}.{key}") from None
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: 3e-4 -> float, true -> bool, [1, 2] -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys (`train.lr=3e-4`) in a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise LmlabError(f"override {item!r} is not KEY=VALUE", hint="e.g. --set train.lr=3e-4")
+        key, value = item.split("=", 1)
+        node = d
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LmlabError(f"{part!r} is not a section", field=key)
+        node[parts[-1]] = _parse_value(value)
+    return d
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or start empty), apply overrides, validate every field."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise LmlabError("no such recipe", file=str(path))
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise LmlabError(
+                f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path), line=line and line + 1
+            ) from None
+    raw = apply_overrides(raw, overrides or [])
+    unknown = set(raw) - {"model", "data", "train"}
+    if unknown:
+        raise LmlabError("unknown section (sections: model, data, train)", file=str(path), field=sorted(unknown)[0])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = raw.get("train") or {}
+    for key in train:
+        if key not in known:
+            raise LmlabError(
+                f"unknown setting; known: {', '.join(sorted(known))}", file=str(path), field=f"train.{key}"
+            )
+    try:
+        cfg = TrainConfig(**coerce(TrainConfig, train, "train", str(path) if path else None))
+    except LmlabError as e:
+        e.file = e.file or (str(path) if path else None)
+        raise
+    return Recipe(
+        model=raw.get("model") or {}, data=raw.get("data") or {}, train=cfg, source=str(path) if path else None
+    )

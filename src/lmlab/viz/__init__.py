@@ -1,0 +1,1 @@
+"""Plots (PNG): called by the layer that has the data."""

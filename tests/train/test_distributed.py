@@ -1,0 +1,63 @@
+"""DDP (and FSDP2) under torchrun with gloo on CPU follow the single-process loss trajectory."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, pathlib, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from lmlab.train import Trainer
+    from tests.train.helpers import RandomTokens, config, tiny_model
+
+    torch.set_num_threads(1)
+    world = {world}
+    cfg = config(pathlib.Path({out!r}), max_steps=5, micro_batch_size=8 // world, eval_every=1000,
+                 strategy={strategy!r}, checkpoint_every=5)
+    trainer = Trainer(tiny_model(), RandomTokens(8), cfg, progress=False, device="cpu")
+    trainer.fit()
+    if trainer.dist.main:
+        losses = [r["loss"] for r in trainer.records() if "loss" in r]
+        pathlib.Path({out!r}, "losses.json").write_text(json.dumps(losses))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, root, world: int, strategy: str) -> list[float]:
+    out = tmp_path / f"{strategy}-{world}"
+    script = tmp_path / f"run_{strategy}_{world}.py"
+    script.write_text(SCRIPT.format(root=str(root), out=str(out), world=world, strategy=strategy))
+    if world == 1:
+        cmd = [sys.executable, str(script)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "losses.json").read_text())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_one(tmp_path, request, strategy):
+    root = request.config.rootpath
+    one = _run(tmp_path, root, 1, "ddp")
+    two = _run(tmp_path, root, 2, strategy)
+    assert len(one) == len(two) == 5
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
+    assert one[-1] < one[0]  # and it learns
