@@ -1,0 +1,131 @@
+"""Training throughput: lmlab's Trainer step vs transformers' LlamaForCausalLM with the same loop.
+
+Same weights (a ~17M-parameter LLaMA: 6 layers, hidden 384, vocab 8192), batch 8 x 256, fused
+AdamW, gradient clipping; eager and torch.compile; steps interleaved so machine noise hits both;
+MFU against a GEMM peak measured in the same run; peak RSS of each in its own process.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+
+import lmlab
+from lmlab.model.info import count_params, flops_per_token
+from lmlab.train import TrainConfig, Trainer
+from lmlab.utils.flops import measure_matmul_flops
+
+BATCH, BLOCK = 8, 256
+
+
+class Fixed:
+    """The same batch every step: data loading is not what is measured."""
+
+    def __init__(self, vocab: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, vocab, (BATCH, BLOCK), generator=g)
+        self.y = torch.randint(0, vocab, (BATCH, BLOCK), generator=g)
+        self.block_size = BLOCK
+
+    def get_batch(self, step: int):
+        return self.x, self.y
+
+
+def build_ours(cfg: lmlab.ModelConfig, compile_: bool):
+    """lmlab's Trainer step on a fixed batch."""
+    torch.manual_seed(0)
+    data = Fixed(cfg.vocab_size)
+    tc = TrainConfig(max_steps=10**6, micro_batch_size=BATCH, block_size=BLOCK, compile=compile_, warmup_steps=0,
+                     schedule="constant", out_dir=tempfile.mkdtemp())  # fmt: skip
+    trainer = Trainer(lmlab.Transformer(cfg), data, tc, progress=False)
+    return lambda: trainer.train_step(data.get_batch(0)), trainer.raw
+
+
+def build_theirs(cfg: lmlab.ModelConfig, compile_: bool, weights: lmlab.Transformer | None = None):
+    """The same loop by hand around transformers' LlamaForCausalLM (same weights when given)."""
+    from lmlab.model.hf import config_to_hf
+
+    if weights is not None:
+        with tempfile.TemporaryDirectory() as d:
+            lmlab.save_pretrained(weights, None, d)
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    else:
+        theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg)))
+    data, tc = Fixed(cfg.vocab_size), TrainConfig()
+    theirs.train()
+    model = torch.compile(theirs) if compile_ else theirs
+    opt = torch.optim.AdamW(theirs.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True)
+
+    def step():
+        loss = model(input_ids=data.x, labels=data.x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def memory_only(which: str) -> None:
+    """Peak RSS growth of 3 steps, one implementation per process."""
+    cfg = lmlab.ModelConfig.from_preset("llama-17m")
+    step = build_ours(cfg, False)[0] if which == "ours" else build_theirs(cfg, False)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--memory-only", choices=["ours", "theirs"])
+    args = ap.parse_args()
+    if args.memory_only:
+        return memory_only(args.memory_only)
+
+    peak = measure_matmul_flops("cpu", torch.float32, n=2048, seconds=1.0)
+    cfg = lmlab.ModelConfig.from_preset("llama-17m")
+    flops_step = 3 * flops_per_token(cfg, BLOCK) * BATCH * BLOCK
+    print(f"llama-17m: {count_params(cfg)['total'] / 1e6:.1f}M parameters, batch {BATCH} x {BLOCK}, fused AdamW; "
+          f"GEMM peak {peak / 1e9:.0f} GFLOP/s fp32 ({torch.get_num_threads()} threads)")  # fmt: skip
+    print(f"{'mode':<10}{'lmlab tok/s':>13}{'hf tok/s':>11}{'ratio':>8}{'lmlab MFU':>11}{'hf MFU':>9}")
+    for compile_ in [False] if args.no_compile else [False, True]:
+        ours_step, weights = build_ours(cfg, compile_)
+        theirs_step = build_theirs(cfg, compile_, weights)
+        for _ in range(2):  # warm-up (and compilation)
+            ours_step()
+            theirs_step()
+        a, b = [], []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            ours_step()
+            a.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            theirs_step()
+            b.append(time.perf_counter() - t)
+        ta, tb = statistics.median(a), statistics.median(b)
+        mode = "compiled" if compile_ else "eager"
+        print(f"{mode:<10}{BATCH * BLOCK / ta:>13,.0f}{BATCH * BLOCK / tb:>11,.0f}{tb / ta:>7.2f}x"
+              f"{flops_step / ta / peak:>11.0%}{flops_step / tb / peak:>9.0%}")  # fmt: skip
+    rss = {}
+    for which in ("ours", "theirs"):
+        out = subprocess.run([sys.executable, __file__, "--memory-only", which], capture_output=True, text=True)
+        peak_kb, base_kb = map(int, out.stdout.split()[-2:])
+        rss[which] = (peak_kb - base_kb) / 1024
+    print(f"peak RSS growth over 3 eager steps: lmlab {rss['ours']:.0f} MB, transformers {rss['theirs']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
