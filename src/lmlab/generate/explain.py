@@ -101,14 +101,9 @@ def format_explanation(steps: list[StepExplanation]) -> str:
 
 def plot_explanation(steps: list[StepExplanation], path: str | os.PathLike) -> Path:
     """Grouped bars per step (candidates x stages), saved as a PNG."""
-    import matplotlib
+    from lmlab.viz.figure import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lmlab.utils.atomic import atomic_path
-
-    fig, axes = plt.subplots(len(steps), 1, figsize=(11, 3.2 * len(steps)), squeeze=False)
+    fig, axes = pyplot().subplots(len(steps), 1, figsize=(11, 3.2 * len(steps)), squeeze=False)
     for ax, s in zip(axes[:, 0], steps):
         names = list(s.stages)
         width = 0.8 / len(names)
@@ -122,8 +117,4 @@ def plot_explanation(steps: list[StepExplanation], path: str | os.PathLike) -> P
         ax.set_title(f"step {s.step + 1}: chose {s.chosen.encode('ascii', 'backslashreplace').decode()}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -5,16 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lmlab.utils.atomic import atomic_path
+from lmlab.viz.figure import pyplot, save_png
 
 
 def plot_training_curves(records: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Plot records from a metrics log (dicts with step and loss / val_loss / lr) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     lr = [(r["step"], r["lr"]) for r in records if "lr" in r]
@@ -33,8 +29,4 @@ def plot_training_curves(records: list[dict], path: str | os.PathLike, title: st
     ax2.set_ylabel("learning rate")
     ax2.set_title("schedule")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -1,0 +1,28 @@
+"""Matplotlib without a display, and figures saved atomically as PNG."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lmlab.utils.atomic import atomic_path
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no screen needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a figure as PNG (temp file + rename) and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return path
