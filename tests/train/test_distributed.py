@@ -20,10 +20,10 @@ SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
     world = {world}
-    cfg = config(pathlib.Path({out!r}), max_steps=5, micro_batch_size=8 // world, eval_every=1000,
+    cfg = config(pathlib.Path({out!r}), max_steps={steps}, micro_batch_size=8 // world, eval_every=1000,
                  strategy={strategy!r}, checkpoint_every=5)
     trainer = Trainer(tiny_model(), RandomTokens(8), cfg, progress=False, device="cpu")
-    trainer.fit()
+    trainer.fit(resume={resume})
     if trainer.dist.main:
         losses = [r["loss"] for r in trainer.records() if "loss" in r]
         pathlib.Path({out!r}, "losses.json").write_text(json.dumps(losses))
@@ -39,10 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, root, world: int, strategy: str) -> list[float]:
-    out = tmp_path / f"{strategy}-{world}"
-    script = tmp_path / f"run_{strategy}_{world}.py"
-    script.write_text(SCRIPT.format(root=str(root), out=str(out), world=world, strategy=strategy))
+def _run(
+    tmp_path, root, world: int, strategy: str, steps: int = 5, resume: bool = False, name: str = ""
+) -> list[float]:
+    out = tmp_path / (name or f"{strategy}-{world}")
+    script = tmp_path / f"run_{name or strategy}_{world}.py"
+    script.write_text(
+        SCRIPT.format(root=str(root), out=str(out), world=world, strategy=strategy, steps=steps, resume=repr(resume))
+    )
     if world == 1:
         cmd = [sys.executable, str(script)]
     else:
@@ -61,3 +65,13 @@ def test_two_processes_follow_one(tmp_path, request, strategy):
     assert len(one) == len(two) == 5
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
     assert one[-1] < one[0]  # and it learns
+
+
+def test_checkpoint_from_two_processes_resumes_on_one(tmp_path, request):
+    root = request.config.rootpath
+    straight = _run(tmp_path, root, 1, "ddp", steps=8, name="straight")
+    _run(tmp_path, root, 2, "ddp", steps=8, name="two")  # writes checkpoints at steps 5 and 8
+    step5 = str(tmp_path / "two" / "run" / "checkpoints" / "step-000005")
+    resumed = _run(tmp_path, root, 1, "ddp", steps=8, resume=step5, name="two")  # steps 6-8 on one process
+    assert len(resumed) == 11  # the log: 8 steps from two processes, then 6-8 again from one
+    assert max(abs(a - b) for a, b in zip(straight[5:], resumed[8:])) <= 1e-4, (straight, resumed)

@@ -69,5 +69,5 @@ def test_pretrain_cli_with_overrides_and_a_bad_one(tokens, tmp_path):
     r = subprocess.run(base + sets, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "samples after training" in r.stdout and "best validation loss" in r.stdout
-    bad = subprocess.run(base + ["--set", "train.lr=fast"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([*base, "--set", "train.lr=fast"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "train.lr" in bad.stderr and "Traceback" not in bad.stderr
