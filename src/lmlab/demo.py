@@ -9,6 +9,7 @@ Stage 3 (model): load SmolLM2-135M-Instruct from its GGUF file, describe it, and
 would say next for an English and a Chinese question.
 Stage 4 (generation): it answers both questions, streamed token by token, and --explain shows
 how temperature, top-k and top-p reshape its first choices (also written as a PNG).
+Stage 5 (serving): `lmlab serve` starts on SmolLM2, the official `openai` client asks it a question.
 """
 
 from __future__ import annotations
@@ -70,6 +71,22 @@ def pretrain_stage() -> None:
     )
 
 
+def serve_stage() -> None:
+    """Start the OpenAI-compatible server, send one request with the official client."""
+    import openai
+
+    from lmlab.serve.server import launched
+
+    _stage(f"lmlab serve --model {MODEL}: one request with the openai client")
+    with launched(MODEL) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Name three primary colors."}], max_tokens=48
+        )
+        print(f"server at {url}: {reply.choices[0].message.content!r} ({reply.usage.completion_tokens} tokens)")
+    print(f"to chat in a browser: lmlab serve --model {MODEL}, then open http://127.0.0.1:8000/")
+
+
 def main() -> int:
     """Run every demo stage; a user-facing problem prints one line and exits 1."""
     try:
@@ -105,6 +122,7 @@ def main() -> int:
         steps = explain(model, tokenizer, prompt, GenerationConfig(temperature=0.7, top_k=20, top_p=0.9, seed=0), k=6)
         print(format_explanation(steps))
         print(f"plot: {plot_explanation(steps, OUT / 'explain.png')}")
+        serve_stage()
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,110 @@
+"""Serving throughput: aggregate generated tokens/s at 1, 4 and 16 concurrent streaming clients, and time to first token.
+
+Starts `lmlab serve` on SmolLM2-135M-Instruct (loopback, a free port), then for each concurrency
+level runs that many clients, each sending `--rounds` chat requests one after another with
+`ignore_eos` so every answer is exactly `--max-tokens` long. Goal: 16 clients >= 5x the
+aggregate tokens/s of 1 client (continuous batching turns one forward per client into one
+forward per step for all of them).
+
+.venv/bin/python benchmarks/serve.py                        # SmolLM2, 64 tokens, 2 rounds
+.venv/bin/python benchmarks/serve.py --model PATH --max-tokens 32 --levels 1 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from lmlab.serve.server import launched
+
+TOPICS = "rivers mountains bread music clocks bridges gardens comets trains libraries bees glass paper wind salt maps"
+
+
+async def one_request(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> tuple[float, int, float]:
+    """(time to first token, tokens, total seconds) of one streamed chat request."""
+    topic = TOPICS.split()[i % 16]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Write a short paragraph about {topic} (request {i})."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+    return first if first is not None else float("nan"), tokens, time.perf_counter() - start
+
+
+async def level(url: str, model: str, clients: int, rounds: int, max_tokens: int) -> dict:
+    """Run `clients` concurrent clients for `rounds` requests each; aggregate tokens/s and TTFT."""
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+
+        async def worker(c: int) -> list[tuple[float, int, float]]:
+            return [await one_request(client, model, c * rounds + k, max_tokens) for k in range(rounds)]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(c) for c in range(clients))) for r in rs]
+        wall = time.perf_counter() - start
+    ttft = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p95": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    args = ap.parse_args()
+    name = Path(str(args.model).rstrip("/")).name
+    with launched(args.model, "--max-batch", str(max(args.levels))) as url:
+        asyncio.run(one_request(httpx.AsyncClient(base_url=url, timeout=600), name, 0, 4))  # warm up
+        rows = [asyncio.run(level(url, name, c, args.rounds, args.max_tokens)) for c in args.levels]
+    print(f"lmlab serve {args.model}: {args.max_tokens} tokens per request, {args.rounds} rounds per client")
+    print(
+        f"{'clients':>8} {'requests':>9} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'speedup':>8} {'TTFT p50':>9} {'TTFT p95':>9}"
+    )
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        print(
+            f"{r['clients']:>8} {r['requests']:>9} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
+            f"{r['tokens_per_s'] / base:>7.1f}x {r['ttft_p50']:>8.3f}s {r['ttft_p95']:>8.3f}s"
+        )
+    top = rows[-1]
+    verdict = "meets" if top["tokens_per_s"] >= 5 * base else "misses"
+    print(
+        f"{top['clients']} clients reach {top['tokens_per_s'] / base:.1f}x the throughput of 1: {verdict} the 5x goal"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

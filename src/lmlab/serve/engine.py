@@ -1,0 +1,510 @@
+"""Continuous batching: one scheduler thread owns the model and decodes every running request together.
+
+Each scheduler step:
+1. drops cancelled (client gone) and timed-out requests, freeing their rows at once;
+2. admits waiting requests, first come first served, while free rows remain: each prompt is
+   prefilled on its own (batch 1, exactly the computation `lmlab.generate` does), its first token
+   is chosen from that forward, and its keys/values are copied into a free row of the shared
+   `SlotKVCache` (see batch_cache.py for the layout);
+3. runs ONE forward over all live rows, one new token each;
+4. chooses each row's token with the row's own processors and random generator (per-request
+   temperature, top-p, top-k, penalties and seed), turns tokens into text deltas
+   (IncrementalDecoder + StopStrings, as `lmlab.generate.stream` does) and hands them to the
+   request's callback, which the HTTP layer points at an asyncio queue;
+5. frees the rows that finished (EOS, a stop string, max_tokens).
+
+The HTTP side never touches the model: it submits requests, cancels them, and queues jobs
+(embeddings) that run in this thread between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.generate.config import GenerationConfig
+from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
+from lmlab.generate.kv_cache import KVCache
+from lmlab.generate.sampling import apply_processors, build_processors
+from lmlab.generate.stream import IncrementalDecoder, StopStrings
+from lmlab.model.transformer import Transformer
+from lmlab.serve.batch_cache import SlotKVCache
+from lmlab.serve.metrics import Counter, Gauge, Histogram, Registry
+from lmlab.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger("lmlab.serve")
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+# --- events handed to a request's callback -------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model, with the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New text of choice `index` (possibly empty while a character or a stop string is pending)."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # set on the choice's last delta: "stop" or "length"
+
+
+@dataclass
+class Done:
+    """Every choice of the request has finished."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """The request ended without finishing (timeout, server error)."""
+
+    message: str
+    status: int
+    type: str
+    code: str | None = None
+
+
+Event = Delta | Done | Failed
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the HTTP layer answers 429."""
+
+
+@dataclass(eq=False)
+class Request:
+    """A generation request: prompt tokens, settings, and where its events go."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig  # max_new_tokens, sampling settings, stop strings, seed, num_return_sequences
+    on_event: Callable[[Event], Any]
+    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's plus the k most likely
+    ignore_eos: bool = False  # keep going past EOS (fixed-length benchmarks)
+    timeout: float | None = None  # seconds from submission, queueing included
+    # filled in by the engine
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    cancelled: bool = False
+    unfinished: int = 0
+
+    @property
+    def n(self) -> int:
+        """How many choices (rows) the request needs."""
+        return self.config.num_return_sequences
+
+    def expired(self, now: float) -> bool:
+        """Past its timeout."""
+        return self.timeout is not None and now - self.submitted > self.timeout
+
+
+class _Sequence:
+    """One choice of a request while it occupies a row: its tokens, sampler and text state."""
+
+    def __init__(self, req: Request, index: int, tokenizer: Tokenizer) -> None:
+        cfg = req.config
+        self.req, self.index = req, index
+        self.ids = list(req.prompt_ids)  # prompt + generated: what penalties look at
+        self.generated = 0
+        self.procs = build_processors(cfg, len(req.prompt_ids), cfg.sampling)
+        self.generator = None
+        if cfg.sampling:
+            seed = cfg.seed + index if cfg.seed is not None else random.randrange(2**63)
+            self.generator = torch.Generator().manual_seed(seed)
+        self.plain_greedy = not cfg.sampling and not self.procs
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = StopStrings(cfg.stop)
+        self.shown = 0  # characters of decoder.text already sent
+        self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
+        self.finished = False
+
+    @property
+    def last(self) -> int:
+        """The token the next decode step feeds."""
+        return self.ids[-1]
+
+
+class Engine:
+    """The scheduler: submit requests from any thread; one background thread decodes them in a shared batch."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_context: int | None = None,
+        cache_columns: int = 256,
+        registry: Registry | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise LmlabError("max_batch must be >= 1 and max_queue >= 0", field="max_batch")
+        if max_context is not None and max_context < 2:
+            raise LmlabError("max_context must be >= 2 tokens (a prompt and one answer token)", field="max_context")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.device = next(model.parameters()).device
+        self.eos = stop_token_ids(model, tokenizer, GenerationConfig())
+        self.pad_id = pad_token_id(model, tokenizer, self.eos)
+        self.cache_columns = cache_columns  # the shared cache's first (and after each idle spell, only) width
+        self.cache = self._new_cache() if model.cfg.causal else None
+        self._rows: list[_Sequence] = []  # row i of the cache holds self._rows[i]
+        self._active: set[Request] = set()
+        self._completed: list[Request] = []  # finished, Done not sent yet
+        self._waiting: deque[Request] = deque()
+        self._jobs: list[tuple[Callable[[], Any], Future]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._token_info: dict[int, tuple[str, list[int]]] = {}
+        self._thread = threading.Thread(target=self._loop, name="lmlab-scheduler", daemon=True)
+        self._init_metrics(registry or Registry())
+
+    def _init_metrics(self, r: Registry) -> None:
+        self.registry = r
+        self.m_generated = r.add(Counter("lmlab_generated_tokens_total", "Tokens generated"))
+        self.m_prompt = r.add(Counter("lmlab_prompt_tokens_total", "Prompt tokens prefilled"))
+        self.m_steps = r.add(Counter("lmlab_decode_steps_total", "Batched decode forwards"))
+        self.m_stopped = r.add(Counter("lmlab_requests_aborted_total", "Requests stopped early, by reason", ["reason"]))
+        self.m_rows = r.add(
+            Histogram("lmlab_batch_rows_per_step", "Rows decoded together per step", buckets=(1, 2, 4, 8, 16, 32, 64))
+        )
+        self.m_ttft = r.add(
+            Histogram("lmlab_time_to_first_token_seconds", "Submission to first token", buckets=TTFT_BUCKETS)
+        )
+        r.add(Gauge("lmlab_requests_running", "Requests holding rows of the batch", lambda: len(self._active)))
+        r.add(Gauge("lmlab_requests_waiting", "Requests queued for a row", lambda: len(self._waiting)))
+        r.add(Gauge("lmlab_batch_rows", "Rows (sequences) in the running batch", lambda: len(self._rows)))
+        r.add(Gauge("lmlab_kv_cache_used_tokens", "Real tokens held in the KV cache", self.kv_used_tokens))
+        r.add(
+            Gauge(
+                "lmlab_kv_cache_capacity_tokens",
+                "Token slots allocated (rows x columns)",
+                lambda: self.cache.capacity_tokens() if self.cache else 0,
+            )
+        )
+        r.add(
+            Gauge(
+                "lmlab_kv_cache_usage_ratio",
+                "Used over allocated KV-cache token slots",
+                lambda: self.cache.used_tokens() / self.cache.capacity_tokens() if self.cache else 0.0,
+            )
+        )
+        r.add(
+            Gauge(
+                "lmlab_kv_cache_bytes",
+                "Memory of the KV-cache buffers",
+                lambda: self.cache.nbytes() if self.cache else 0,
+            )
+        )
+
+    # --- public API (any thread) ----------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Start the scheduler thread."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still waiting or running get a Failed event."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request; raises QueueFull when `max_queue` requests are already waiting."""
+        if not self.model.cfg.causal:
+            raise LmlabError("this model is an encoder: it embeds text but cannot generate it", field="model")
+        if req.n > self.max_batch:
+            raise LmlabError(f"n must be <= {self.max_batch} (the server's --max-batch)", field="n")
+        req.submitted = time.monotonic()
+        req.unfinished = req.n
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (its client went away): it leaves the queue now, or its rows at the next step."""
+        with self._cv:
+            if req.cancelled or (req.unfinished == 0 and req not in self._waiting):
+                return
+            req.cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+            self.m_stopped.inc(reason="cancelled")
+            self._cv.notify()
+
+    def run(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` in the scheduler thread between steps (it owns the model); returns a Future."""
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._jobs.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    def embed(self, rows: list[list[int]], batch: int = 32) -> Future:
+        """Mean-pooled, L2-normalized final hidden states of each token row (a Future of lists)."""
+
+        def job() -> list[list[float]]:
+            out = []
+            for i in range(0, len(rows), batch):
+                ids, mask = left_pad(rows[i : i + batch], self.pad_id, self.device)
+                h = self.model.hidden_states(ids, attention_mask=mask).float()  # (B, T, d)
+                m = mask[..., None].to(h.dtype)
+                pooled = (h * m).sum(1) / m.sum(1)
+                out.extend(torch.nn.functional.normalize(pooled, dim=-1).tolist())
+            return out
+
+        return self.run(job)
+
+    @property
+    def running_requests(self) -> int:
+        """Requests holding rows."""
+        return len(self._active)
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests queued for a row."""
+        return len(self._waiting)
+
+    def kv_used_tokens(self) -> int:
+        """Real tokens in the shared cache."""
+        return self.cache.used_tokens() if self.cache else 0
+
+    # --- the scheduler thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._closed and not self._waiting and not self._rows and not self._jobs:
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    jobs, self._jobs = self._jobs, []
+                for fn, fut in jobs:
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:
+                        fut.set_exception(e)
+                try:
+                    self._reap()
+                    self._admit()
+                    if self._rows:
+                        self._decode_step()
+                except Exception as e:  # a bug must not take the server down: fail what was running
+                    log.exception("scheduler step failed")
+                    self._fail_running(f"internal error: {e}")
+        self._fail_running("the server is shutting down")
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+            jobs, self._jobs = self._jobs, []
+        for req in waiting:
+            self._emit(req, Failed("the server is shutting down", 503, "server_error"))
+        for _, fut in jobs:
+            fut.set_exception(RuntimeError("the engine is closed"))
+
+    def _emit(self, req: Request, event: Event) -> None:
+        try:
+            req.on_event(event)
+        except Exception:  # the receiving side is gone (its event loop closed): stop the work
+            req.cancelled = True
+
+    def _reap(self) -> None:
+        """Free the rows of cancelled and timed-out requests; fail timed-out waiting ones."""
+        now = time.monotonic()
+        expired = []
+        with self._cv:
+            for req in list(self._waiting):
+                if req.expired(now):
+                    self._waiting.remove(req)
+                    expired.append(req)
+        for req in self._active:
+            if not req.cancelled and req.expired(now):
+                expired.append(req)
+        for req in expired:
+            self.m_stopped.inc(reason="timeout")
+            self._emit(req, Failed(f"the request took longer than {req.timeout:g}s", 504, "timeout_error", "timeout"))
+            req.cancelled = True
+        for seq in self._rows:
+            if seq.req.cancelled:
+                seq.finished = True
+        self._free_finished()
+
+    def _admit(self) -> None:
+        while True:
+            with self._cv:
+                if not self._waiting or len(self._rows) + self._waiting[0].n > self.max_batch:
+                    return
+                req = self._waiting.popleft()
+            self._prefill(req)
+
+    def _prefill(self, req: Request) -> None:
+        """Prompt forward on its own, first token(s), then the prompt's K/V into free rows."""
+        P = len(req.prompt_ids)
+        tmp = KVCache.for_model(self.model, 1, P)
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        logits = self.model(ids, kv_cache=tmp, logits_to_keep=1)[:, -1].float()  # (1, V)
+        self.m_prompt.inc(P)
+        self._active.add(req)
+        logp = logits.log_softmax(-1) if req.top_logprobs is not None else None
+        for j in range(req.n):
+            seq = _Sequence(req, j, self.tokenizer)
+            row = self.cache.add_row(tmp.k[:, 0, :, :P], tmp.v[:, 0, :, :P])
+            assert row == len(self._rows)
+            self._rows.append(seq)
+            self._accept(seq, self._select(seq, logits), logp)
+        self._free_finished()
+
+    def _decode_step(self) -> None:
+        """One forward for every live row, then each row's next token."""
+        self.cache.ensure_room(1)
+        mask = self.cache.step_mask()
+        tokens = torch.tensor([[s.last] for s in self._rows], device=self.device)
+        logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1].float()
+        self.m_steps.inc()
+        self.m_rows.observe(len(self._rows))
+        greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in self._rows) else None
+        want_lp = any(s.req.top_logprobs is not None for s in self._rows)
+        logp = logits.log_softmax(-1) if want_lp else None
+        for i, seq in enumerate(self._rows):
+            tok = greedy[i] if seq.plain_greedy else self._select(seq, logits[i : i + 1])
+            self._accept(seq, tok, logp[i : i + 1] if logp is not None else None)
+        self._free_finished()
+
+    def _select(self, seq: _Sequence, logits: torch.Tensor) -> int:
+        """The row's processors, then a draw from its own generator (or argmax when greedy)."""
+        scores = logits
+        if seq.procs:
+            scores = apply_processors(seq.procs, torch.tensor([seq.ids], device=logits.device), logits)
+        if seq.generator is not None:
+            return int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=seq.generator))
+        return int(scores.argmax(-1))
+
+    def _token_text(self, tok: int) -> tuple[str, list[int]]:
+        info = self._token_info.get(tok)
+        if info is None:
+            raw = self.tokenizer.token_bytes(tok)
+            info = self._token_info[tok] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return info
+
+    def _logprob(self, seq: _Sequence, tok: int, logp: torch.Tensor) -> TokenLogprob:
+        text, raw = self._token_text(tok)
+        entry = TokenLogprob(text, float(logp[0, tok]), raw)
+        k = seq.req.top_logprobs
+        if k:
+            values, idx = logp[0].topk(k)
+            for t, v in zip(idx.tolist(), values.tolist()):
+                t_text, t_raw = self._token_text(t)
+                entry.top.append((t_text, v, t_raw))
+        return entry
+
+    def _accept(self, seq: _Sequence, tok: int, logp: torch.Tensor | None) -> None:
+        """Record a chosen token and send whatever text it completes."""
+        req = seq.req
+        if req.cancelled:
+            seq.finished = True
+            return
+        seq.ids.append(tok)
+        seq.generated += 1
+        req.completion_tokens += 1
+        self.m_generated.inc()
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+            self.m_ttft.observe(req.first_token_at - req.submitted)
+        if logp is not None:
+            seq.pending.append(self._logprob(seq, tok, logp))
+        if tok in self.eos and not req.ignore_eos:
+            return self._finish(seq, "stop")
+        before = len(seq.decoder.text)
+        seq.decoder.push(tok)
+        if seq.stops.stops and seq.stops.find(seq.decoder.text, before) is not None:
+            return self._finish(seq, "stop")
+        if seq.generated >= req.config.max_new_tokens:
+            return self._finish(seq, "length")
+        safe = seq.stops.safe_end(seq.decoder.text) if seq.stops.stops else len(seq.decoder.text)
+        if safe > seq.shown or seq.pending:
+            self._emit(req, Delta(seq.index, seq.decoder.text[seq.shown : safe], seq.pending))
+            seq.shown, seq.pending = max(seq.shown, safe), []
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        """Flush the text (cut before any stop string), send the last delta, and the request's end."""
+        dec = seq.decoder
+        dec.flush()
+        at = seq.stops.find(dec.text, seq.shown) if seq.stops.stops else None
+        if at is not None:
+            reason = "stop"
+        end = at if at is not None else len(dec.text)
+        self._emit(seq.req, Delta(seq.index, dec.text[seq.shown : end], seq.pending, reason))
+        seq.shown, seq.pending, seq.finished = end, [], True
+        seq.req.unfinished -= 1
+        if seq.req.unfinished == 0:
+            self._completed.append(seq.req)  # Done goes out once the rows are free, so counts never lag it
+
+    def _free_finished(self) -> None:
+        """Give back the rows of finished sequences; a request leaves when all its rows have."""
+        # descending order: remove_row moves the last row into the freed one, which must not be pending
+        for i in range(len(self._rows) - 1, -1, -1):
+            seq = self._rows[i]
+            if not seq.finished:
+                continue
+            self.cache.remove_row(i)
+            last = self._rows.pop()
+            if i < len(self._rows):
+                self._rows[i] = last
+            if seq.req.cancelled or seq.req.unfinished == 0:
+                self._active.discard(seq.req)
+        completed, self._completed = self._completed, []
+        for req in completed:
+            self._emit(req, Done(len(req.prompt_ids), req.completion_tokens))
+
+    def _fail_running(self, message: str) -> None:
+        for req in list(self._active):
+            if not req.cancelled:
+                self._emit(req, Failed(message, 500, "server_error"))
+            req.cancelled = True
+        for seq in self._rows:
+            seq.finished = True
+        try:
+            self._free_finished()
+        except Exception:  # the cache itself is broken: start a fresh one
+            self._rows = []
+            self.cache = self._new_cache()
+        self._active.clear()
+
+    def _new_cache(self) -> SlotKVCache:
+        return SlotKVCache.for_model(self.model, self.max_batch, self.context, self.cache_columns)

@@ -1,0 +1,97 @@
+"""`lmlab serve`: load a checkpoint, start the scheduler, and run the HTTP app under uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+
+def model_name(path: str) -> str:
+    """The id the server answers to: a packaged name as is, a path by its last component."""
+    return Path(str(path).rstrip("/\\")).name or str(path)
+
+
+def serve(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_context: int | None = None,
+    request_timeout: float | None = 600.0,
+    log_level: str = "info",
+) -> None:
+    """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY."""
+    import uvicorn
+
+    from lmlab.model.checkpoint import load_pretrained
+    from lmlab.serve.app import create_app
+    from lmlab.serve.engine import Engine
+
+    api_key = api_key or os.environ.get("LMLAB_API_KEY") or None
+    loaded, tokenizer = load_pretrained(model)
+    if tokenizer is None:
+        raise LmlabError("this checkpoint has no tokenizer; the server needs one", file=str(model))
+    engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context).start()
+    name = model_name(model)
+    app = create_app(engine, name, aliases=(str(model),), api_key=api_key, request_timeout=request_timeout)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"lmlab: serving {name!r} on http://{shown}:{port} (chat page: http://{shown}:{port}/)", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(model: str | os.PathLike, *flags: str, port: int | None = None, startup_s: float = 180.0) -> Iterator[str]:
+    """`lmlab serve` in a child process on a free loopback port: yields its base URL once /health answers, stops it
+    after. For tests, benchmarks and demos; `flags` are extra CLI flags such as "--api-key", "KEY"."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "lmlab.cli", "serve", "--model", str(model), "--port", str(port), *flags]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise LmlabError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(f"{url}/health", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise LmlabError(f"the server did not answer /health within {startup_s:g}s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()

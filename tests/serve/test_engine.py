@@ -1,0 +1,216 @@
+"""The scheduler without HTTP: batching changes nothing, whatever the arrival order and cache housekeeping."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.generate import GenerationConfig
+from lmlab.serve.batch_cache import SlotKVCache
+from lmlab.serve.engine import Delta, Done, Engine, Failed, Request
+
+
+class Collector:
+    """Gathers a request's events the way the HTTP layer would."""
+
+    def __init__(self) -> None:
+        self.texts: dict[int, str] = {}
+        self.reasons: dict[int, str] = {}
+        self.done = threading.Event()
+        self.failed: Failed | None = None
+        self.usage: Done | None = None
+        self.on_delta = None  # called with each Delta, in the scheduler thread
+
+    def __call__(self, ev) -> None:
+        if isinstance(ev, Delta):
+            self.texts[ev.index] = self.texts.get(ev.index, "") + ev.text
+            if ev.finish_reason:
+                self.reasons[ev.index] = ev.finish_reason
+            if self.on_delta:
+                self.on_delta(ev)
+        elif isinstance(ev, Done):
+            self.usage = ev
+            self.done.set()
+        else:
+            self.failed = ev
+            self.done.set()
+
+
+def _prompts(tok, n: int) -> list[list[int]]:
+    # different lengths, from a few tokens to several hundred, so rows start at different columns
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "judge",
+        "boxing",
+        "matches",
+    ]
+    out = []
+    for i in range(n):
+        k = [3, 40, 9, 250, 17, 1, 120, 5, 60, 33, 2, 300, 11, 75, 7, 150][i % 16]
+        text = " ".join(words[(i + j) % len(words)] for j in range(k))
+        out.append(tok.encode(text)[: max(1, k)])
+    return out
+
+
+def test_staggered_arrivals_match_generate(tiny):
+    """Requests join while others run (long prompts shift the cache, finished rows leave, the cache grows and
+    compacts); every greedy answer equals lmlab.generate on its own."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=6, max_queue=64, cache_columns=32).start()
+    try:
+        prompts = _prompts(tok, 16)
+        max_new = [40, 7, 90, 25, 130, 12, 60, 33, 5, 80, 48, 20, 100, 9, 66, 30]
+        cols = [Collector() for _ in prompts]
+        reqs = [
+            Request(p, GenerationConfig(max_new_tokens=m), c, ignore_eos=True)
+            for p, m, c in zip(prompts, max_new, cols)
+        ]
+        # request i+1 is submitted from inside the scheduler once request i has produced 3 pieces of text
+        for i in range(len(reqs) - 1):
+            seen = [0]
+
+            def chain(ev, i=i, seen=seen):
+                seen[0] += 1
+                if seen[0] == 3:
+                    engine.submit(reqs[i + 1])
+
+            cols[i].on_delta = chain
+        engine.submit(reqs[0])
+        for c in cols:
+            assert c.done.wait(120), "a request never finished"
+        cache = engine.cache
+        assert cache.shifts > 0 and cache.compactions > 0 and cache.grows > 0  # every housekeeping path ran
+        assert engine.running_requests == 0 and cache.rows == 0 and engine.kv_used_tokens() == 0
+        for p, m, c in zip(prompts, max_new, cols):
+            ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=m, stop_token_ids=[]))[0]
+            assert c.failed is None
+            assert c.texts[0] == ref.text
+            assert c.usage.completion_tokens == m and c.usage.prompt_tokens == len(p)
+    finally:
+        engine.close()
+
+
+def test_n_choices_seeds_stops_and_penalties(tiny):
+    """n rows share one prefill; choice j samples with seed + j; stop strings cut the text; penalties apply per row."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=8).start()
+    try:
+        prompt = tok.encode("Once upon a time")
+        col = Collector()
+        cfg = GenerationConfig(max_new_tokens=12, temperature=0.9, top_p=0.9, num_return_sequences=3, seed=5)
+        engine.submit(Request(prompt, cfg, col))
+        assert col.done.wait(60)
+        for j in range(3):
+            ref = lmlab.generate(model, tok, prompt, cfg.replace(num_return_sequences=1, seed=5 + j))[0]
+            assert col.texts[j] == ref.text
+        assert col.usage.completion_tokens == sum(
+            len(lmlab.generate(model, tok, prompt, cfg.replace(num_return_sequences=1, seed=5 + j))[0].token_ids)
+            for j in range(3)
+        )
+
+        full = lmlab.generate(model, tok, prompt, max_new_tokens=12)[0].text
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        col = Collector()
+        engine.submit(Request(prompt, GenerationConfig(max_new_tokens=12, stop=[stop]), col))
+        assert col.done.wait(60)
+        assert col.texts[0] == full[: full.index(stop)] and col.reasons[0] == "stop"
+
+        cfg = GenerationConfig(max_new_tokens=16, presence_penalty=1.5, frequency_penalty=1.0)
+        col = Collector()
+        engine.submit(Request(prompt, cfg, col))
+        assert col.done.wait(60)
+        assert col.texts[0] == lmlab.generate(model, tok, prompt, cfg)[0].text
+    finally:
+        engine.close()
+
+
+def test_timeout_and_cancel_free_rows(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2).start()
+    try:
+        col = Collector()
+        engine.submit(
+            Request(tok.encode("hello"), GenerationConfig(max_new_tokens=900), col, ignore_eos=True, timeout=0.05)
+        )
+        assert col.done.wait(60)
+        assert col.failed is not None and col.failed.status == 504
+
+        col = Collector()
+        started = threading.Event()
+        col.on_delta = lambda ev: started.set()
+        req = engine.submit(Request(tok.encode("hello"), GenerationConfig(max_new_tokens=900), col, ignore_eos=True))
+        assert started.wait(60)
+        engine.cancel(req)
+        # a cancelled request's rows are freed at the next step; the next request then runs alone
+        after = Collector()
+        engine.submit(Request(tok.encode("hi"), GenerationConfig(max_new_tokens=3), after))
+        assert after.done.wait(60)
+        assert not col.done.is_set() or col.failed is None
+        assert engine.running_requests == 0 and engine.cache.rows == 0
+    finally:
+        engine.close()
+
+
+def test_slot_cache_layout():
+    """Rows are right-aligned at the shared column; shifting, compacting and removing keep each row's K/V."""
+    cache = SlotKVCache(n_layer=1, max_rows=3, n_kv_head=1, head_dim=1, max_len=16, dtype=torch.float32, initial_len=4)
+
+    def kv(values):
+        t = torch.tensor(values, dtype=torch.float32).view(1, 1, -1, 1)
+        return t, -t
+
+    def row(i):
+        L, s = cache.length, cache.start[i]
+        assert cache.mask[i, :s].sum() == 0 and bool(cache.mask[i, s:L].all())
+        return cache.k[0, i, 0, s:L, 0].tolist()
+
+    cache.add_row(*kv([1, 2]))
+    assert cache.length == 2 and row(0) == [1, 2]
+    cache.add_row(*kv([5, 6, 7, 8, 9]))  # longer than the columns in use: row 0 shifts right (and the buffer grows)
+    assert cache.length == 5 and row(0) == [1, 2] and row(1) == [5, 6, 7, 8, 9] and cache.start[0] == 3
+    assert cache.grows == 1 and cache.shifts == 1
+    cache.add_row(*kv([3]))
+    assert row(2) == [3]
+    for step in range(2):  # a decode step writes one column for every row
+        cache.ensure_room(1)
+        cache.step_mask()
+        k = torch.full((3, 1, 1, 1), 10.0 + step)
+        cache.update(0, k, -k)
+    assert row(0) == [1, 2, 10, 11] and row(1) == [5, 6, 7, 8, 9, 10, 11] and row(2) == [3, 10, 11]
+    cache.remove_row(1)  # the long row leaves: the last row moves into its slot; a dead prefix remains
+    assert cache.rows == 2 and row(0) == [1, 2, 10, 11] and row(1) == [3, 10, 11]
+    cache.ensure_room(1)
+    cache.step_mask()
+    k = torch.full((2, 1, 1, 1), 12.0)
+    cache.update(0, k, -k)
+    assert cache.length == cache.capacity == 8 and cache.compactions == 0
+    cache.ensure_room(1)  # the buffer is full but every row has a dead prefix: compacted, not grown
+    assert cache.compactions == 1 and cache.grows == 1 and cache.length == 5
+    assert row(0) == [1, 2, 10, 11, 12] and row(1) == [3, 10, 11, 12]
+    assert cache.used_tokens() == 9
+    cache.remove_row(0)
+    cache.remove_row(0)
+    assert cache.rows == 0 and cache.length == 0 and cache.capacity == 4
+
+
+@pytest.mark.parametrize("bad", [{"num_return_sequences": 9}])
+def test_n_beyond_the_batch_is_refused(tiny, bad):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=8)
+    with pytest.raises(lmlab.LmlabError, match="n must be"):
+        engine.submit(Request([1, 2], GenerationConfig(**bad), lambda ev: None))
