@@ -40,7 +40,9 @@ def prepare_tokens(data: dict[str, Any], progress: bool = True) -> Path:
     tok_dir = Path(data.get("tokenizer", work / "tokenizer"))
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer_files([work / "clean"], int(data.get("vocab_size", 8192)), tok_dir, progress=progress)
-    tokenize_files(tok_dir, [work / "clean"], tokens, val_fraction=float(data.get("val_fraction", 0.02)), progress=progress)
+    tokenize_files(
+        tok_dir, [work / "clean"], tokens, val_fraction=float(data.get("val_fraction", 0.02)), progress=progress
+    )
     return tokens
 
 
