@@ -62,14 +62,22 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(self.cfg).to(device), persistent=False)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin of shape (B, 1, T, head_dim) for position_ids (B, T); see apply_rope."""
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, max_pos: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of shape (B, 1, T, head_dim) for position_ids (B, T); see apply_rope.
+
+        max_pos, when the caller knows it, bounds the positions without reading them back from the
+        device (a sync, and a graph break under torch.compile).
+        """
+        if max_pos is None:
+            max_pos = int(position_ids.max()) if position_ids.numel() else 0
         if self.dynamic:
             # the base follows the longest position in this call, as in Hugging Face's dynamic NTK
             inv_freq = rope_inv_freq(self.cfg, int(position_ids.max()) + 1).to(position_ids.device)
             cos, sin = self._cos_sin(position_ids.float(), inv_freq)
         else:
-            need = int(position_ids.max()) + 1 if position_ids.numel() else 1
+            need = max_pos + 1
             table = self._table
             if table is None or table[0].shape[0] < need or table[0].device != position_ids.device:
                 length = max(need, min(self.cfg.max_seq_len, 8192))

@@ -140,7 +140,9 @@ class Transformer(nn.Module):
         device = input_ids.device
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: lets SDPA use its causal fast path
+        max_pos = None  # known without a device sync when positions are derived here
         if position_ids is None:
+            max_pos = S - 1
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
             else:
@@ -177,7 +179,7 @@ class Transformer(nn.Module):
             # Qwen: past the training length, sharpen attention by log_L(n) so entropy stays put
             n = (position_ids + 1).float()
             q_scale = (torch.log(n) / math.log(cfg.max_seq_len)).clamp(min=1.0)[:, None, :, None].to(x.dtype)
-        rope = self.rope(position_ids, x.dtype) if self.rope is not None else None
+        rope = self.rope(position_ids, x.dtype, max_pos) if self.rope is not None else None
         for block in self.layers:
             x = block(x, rope=rope, mask=mask, is_causal=is_causal, q_scale=q_scale, kv_cache=kv_cache)
         return self.norm(x) if self.norm is not None else x
