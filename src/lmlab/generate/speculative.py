@@ -88,11 +88,11 @@ def speculative_generate(
         generator = torch.Generator(device=device).manual_seed(config.seed)
     seq = list(prompt_ids)
     stats = SpeculativeStats()
+    procs = build_processors(config, len(prompt_ids), config.sampling)
 
     def dist(logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
         """The processed next-token distribution (one-hot at the argmax when greedy)."""
         ids = torch.tensor([prefix], device=device)
-        procs = build_processors(config, len(prompt_ids), config.sampling)
         scores = apply_processors(procs, ids, logits.float()[None])[0]
         if not config.sampling:
             return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()

@@ -17,7 +17,7 @@ from lmlab.model.config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "bert")
 _HF_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-_HF_ACT.update({"relu": "relu"})
+_HF_ACT["relu"] = "relu"
 _ACT_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _ROPE_TYPES = {"default": None, "linear": "linear", "dynamic": "dynamic", "llama3": "llama3"}
 

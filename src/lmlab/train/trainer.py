@@ -7,6 +7,7 @@ schedule. Around it: evaluation, early stopping, checkpoints, a NaN guard, logs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -135,7 +136,9 @@ class Trainer:
         for i in range(cfg.grad_accum):
             micro = to_device(split_batch(mine, cfg.grad_accum, i), d.device)
             last = i == cfg.grad_accum - 1
-            sync = self.model.no_sync() if (d.world > 1 and not last and hasattr(self.model, "no_sync")) else _null()
+            # DDP: average gradients across processes only after the last micro-batch
+            skip_sync = d.world > 1 and not last and hasattr(self.model, "no_sync")
+            sync = self.model.no_sync() if skip_sync else contextlib.nullcontext()
             with sync, self._autocast():
                 loss = self.loss_fn(self.model, micro)
                 extra = penalty(self.raw, cfg.l1, cfg.l2)
@@ -336,14 +339,6 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
         return summary
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _cuda_rng() -> dict[str, Any]:
