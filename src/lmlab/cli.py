@@ -178,6 +178,28 @@ def _pretrain(args: argparse.Namespace) -> None:
     )
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from lmlab.eval.report import compare, format_comparison, format_markdown, load_results
+
+    if args.compare:
+        if len(args.compare) != 3 or args.compare[0] != "compare":
+            raise LmlabError("expected: lmlab eval compare RESULTS_A RESULTS_B", hint="or lmlab eval --model PATH")
+        print(format_comparison(compare(load_results(args.compare[1]), load_results(args.compare[2]))), end="")
+        return
+    if not args.model:
+        raise LmlabError("--model is required", hint="lmlab eval --model PATH --tasks ppl,mmlu")
+    from lmlab.eval.harness import evaluate
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate(
+        args.model, tasks, args.limit, args.num_fewshot, args.data, args.max_length, args.stride,
+        args.batch_size, args.device, args.out,
+    )  # fmt: skip
+    print(format_markdown(results), end="")
+    if args.out:
+        print(f"wrote {args.out}/results.json and {args.out}/report.md")
+
+
 def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")
     p.add_argument("--system", default=None, help="a system prompt (chat)")
@@ -284,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal (/reset, /system, /set)")
     _add_generation_flags(chat, temperature=0.7)
     chat.set_defaults(func=_chat)
+
+    ev = sub.add_parser("eval", help="perplexity and benchmarks (mmlu) with bootstrap error bars; or: eval compare A B")
+    ev.add_argument("compare", nargs="*", help="compare RESULTS_A RESULTS_B: difference with a paired-bootstrap CI")
+    ev.add_argument("--model", help="a Hugging Face directory, a .gguf file or a packaged name")
+    ev.add_argument("--tasks", default="mmlu", help="comma-separated: ppl, mmlu, or task YAML paths")
+    ev.add_argument("--limit", type=int, default=None, help="N questions (seeded sample); ppl: N documents")
+    ev.add_argument("--num-fewshot", type=int, default=0)
+    ev.add_argument("--data", default=None, help="text for ppl: a .txt/.jsonl file or a data set name (test split)")
+    ev.add_argument("--max-length", type=int, default=None, help="ppl window (default: min(1024, context))")
+    ev.add_argument("--stride", type=int, default=None, help="ppl stride (default: half the window)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="folder for results.json and report.md")
+    ev.set_defaults(func=_eval)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching and a chat page at /")
     srv.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")

@@ -1,0 +1,217 @@
+"""`lmlab eval`: load a model once, run the requested tasks (ppl, mmlu, any task YAML), attach error bars."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.eval.bootstrap import bootstrap_se
+from lmlab.eval.calibration import choice_probabilities, expected_calibration_error
+from lmlab.eval.multiple_choice import choice_predictions, loglikelihoods
+from lmlab.eval.perplexity import perplexity
+from lmlab.eval.tasks import Task, load_task
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """SHA-256 over the checkpoint's weight and config files (a .gguf file, or a directory's files), sorted by name."""
+    from lmlab.model.checkpoint import resolve
+
+    p = resolve(path)
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a bad line raises LmlabError naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise LmlabError(f"invalid JSON: {e.msg}", file=str(path), line=i) from e
+    return out
+
+
+def load_texts(data: str | os.PathLike, split: str = "test", limit: int | None = None) -> list[str]:
+    """Texts of a .txt file (one text), a .jsonl file (its "text" fields) or a registered data set's split."""
+    p = Path(data)
+    if p.is_file() and p.suffix != ".jsonl":
+        return [p.read_text(encoding="utf-8")]
+    if not p.exists():
+        from lmlab.data.registry import fetch
+
+        p = fetch(str(data)) / f"{split}.jsonl"
+    records = read_jsonl(p)
+    if records and "text" not in records[0]:
+        raise LmlabError("records have no 'text' field", file=str(p), field="text")
+    texts = [r["text"] for r in records]
+    return texts[:limit] if limit else texts
+
+
+def check_tokenizer(model: torch.nn.Module, tokenizer: Any, where: str) -> None:
+    """Refuse a missing tokenizer or one whose ids do not fit the model's embedding."""
+    if tokenizer is None:
+        raise LmlabError("the checkpoint has no tokenizer", file=where, hint="save one with lmlab.save_pretrained")
+    vocab = model.cfg.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise LmlabError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab}",
+            file=where,
+            field="vocab_size",
+            hint="model and tokenizer come from different checkpoints",
+        )
+
+
+def run_ppl(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: str | os.PathLike,
+    limit: int | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+) -> dict[str, Any]:
+    """Perplexity and bits per byte on a text source, with a bootstrap SE over windows."""
+    max_length = max_length or min(1024, model.cfg.max_seq_len)
+    stride = stride or max_length // 2
+    r = perplexity(model, tokenizer, load_texts(data, limit=limit), max_length, stride)
+    windows = [(w["nll"], w["tokens"]) for w in r["windows"]]
+    ratio = lambda ws: sum(a for a, _ in ws) / sum(b for _, b in ws)
+    r["nll_per_token_se"] = bootstrap_se(windows, ratio, n_boot=200)
+    r["data"] = str(data)
+    return r
+
+
+def run_multiple_choice(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    docs: list[dict[str, Any]],
+    fewshot_pool: list[dict[str, Any]] | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """acc and acc_norm with bootstrap SEs, and per-question records with every choice's log-likelihood."""
+    requests, spans, records = [], [], []
+    max_length = model.cfg.max_seq_len
+    for doc in docs:
+        ctx = task.context(doc, task.fewshot(doc, fewshot_pool or [], num_fewshot), tokenizer)
+        choices = task.doc_choices(doc)
+        conts = [task.target_delimiter + c for c in choices]
+        # a chat-templated context already holds its special tokens
+        ctx_ids = tokenizer.encode(ctx, add_special_tokens=not task.chat_template)
+        if not ctx_ids:
+            ctx_ids = [tokenizer.bos_token_id or 0]
+        spans.append((len(requests), len(choices)))
+        requests += [(ctx_ids, tokenizer.encode(c, add_special_tokens=False)) for c in conts]
+        records.append({"target": task.doc_target(doc), "choices": choices, "continuations": conts, "doc": doc})
+    scores = loglikelihoods(model, requests, batch_size=batch_size, max_length=max_length, progress=progress)
+    for rec, (start, n) in zip(records, spans):
+        ll = [scores[start + j][0] for j in range(n)]
+        pick = choice_predictions(ll, rec["continuations"])
+        rec.update(loglikelihoods=ll, **pick)
+        rec["acc"] = float(pick["pred"] == rec["target"])
+        rec["acc_norm"] = float(pick["pred_norm"] == rec["target"])
+        rec["confidence"] = max(choice_probabilities(ll))  # softmax over the choices, of the picked one
+    acc = [r["acc"] for r in records]
+    acc_norm = [r["acc_norm"] for r in records]
+    out: dict[str, Any] = {
+        "n": len(records),
+        "acc": sum(acc) / max(1, len(acc)),
+        "acc_se": bootstrap_se(acc),
+        "acc_norm": sum(acc_norm) / max(1, len(acc_norm)),
+        "acc_norm_se": bootstrap_se(acc_norm),
+    }
+    conf = [(r["confidence"], r["acc"]) for r in records]
+    ece = lambda xs: expected_calibration_error([c for c, _ in xs], [a for _, a in xs])
+    out["ece"], out["ece_se"] = ece(conf), bootstrap_se(conf, ece, n_boot=200)
+    if task.group_by:
+        groups: dict[str, list[float]] = {}
+        for r in records:
+            groups.setdefault(str(r["doc"].get(task.group_by)), []).append(r["acc"])
+        out["by_group"] = {g: {"n": len(v), "acc": sum(v) / len(v)} for g, v in sorted(groups.items())}
+    out["records"] = records
+    return out
+
+
+def task_docs(task: Task, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The records of a task's data set split (a registered name or a JSONL path), subject-filtered, sampled."""
+    p = Path(task.dataset)
+    if p.suffix == ".jsonl":
+        path = p if p.is_absolute() else Path(task.file).parent / p
+    else:
+        from lmlab.data.registry import fetch
+
+        path = fetch(task.dataset) / f"{split}.jsonl"
+    docs = task.select(read_jsonl(path))
+    if limit and limit < len(docs):  # a fixed seeded sample in file order: spans subjects, same on every machine
+        docs = [docs[i] for i in sorted(random.Random(0).sample(range(len(docs)), limit))]
+    return docs
+
+
+def evaluate(
+    model_path: str | os.PathLike,
+    tasks: list[str],
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    data: str | os.PathLike | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run tasks on a checkpoint; with `out`, write results.json and report.md there."""
+    from lmlab.model.checkpoint import load_pretrained
+
+    t0 = time.time()
+    model, tokenizer = load_pretrained(model_path, device=device)
+    model.eval()
+    check_tokenizer(model, tokenizer, str(model_path))
+    config = {
+        "model": str(model_path),
+        "tasks": tasks,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "data": str(data) if data else None,
+        "max_length": max_length,
+        "stride": stride,
+        "batch_size": batch_size,
+        "device": device,
+    }
+    results: dict[str, Any] = {"config": config, "model_hash": model_hash(model_path), "tasks": {}}
+    for name in tasks:
+        if name == "ppl":
+            if data is None:
+                raise LmlabError("the ppl task needs --data FILE_OR_DATASET", field="data")
+            results["tasks"]["ppl"] = run_ppl(model, tokenizer, data, limit, max_length, stride)
+            continue
+        task = load_task(name)
+        docs = task_docs(task, task.split, limit)
+        pool = task_docs(task, task.fewshot_split) if num_fewshot else []
+        results["tasks"][task.name] = run_multiple_choice(
+            model, tokenizer, task, docs, pool, num_fewshot, batch_size, progress
+        )
+    results["seconds"] = round(time.time() - t0, 1)
+    if out is not None:
+        from lmlab.eval.report import write_results
+
+        write_results(results, out)
+    return results
