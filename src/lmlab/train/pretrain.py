@@ -34,8 +34,8 @@ def prepare_tokens(data: dict[str, Any], progress: bool = True) -> Path:
         raise LmlabError(f"{tokens} has no meta.json and the recipe lists no data.sources to build it from",
                          field="data.sources")  # fmt: skip
     work = Path(data.get("work_dir", tokens.parent / "prepared"))
-    splits = [Path(fetch(name)) / "train.jsonl" for name in sources]
-    splits += [Path(fetch(name)) / "validation.jsonl" for name in sources]
+    folders = [Path(fetch(name)) for name in sources]  # tokenize_files makes its own validation split
+    splits = [folder / split for folder in folders for split in ("train.jsonl", "validation.jsonl")]
     clean([str(p) for p in splits if p.exists()], work / "clean", data.get("clean_config"), progress=progress)
     tok_dir = Path(data.get("tokenizer", work / "tokenizer"))
     if not (tok_dir / "tokenizer.json").exists():
