@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -70,14 +72,29 @@ def _tensor_getter(directory: Path) -> Callable[[str], torch.Tensor | None]:
     return get
 
 
+# parameters a checkpoint may lack when it is loaded with a new task head: they start from a fresh init
+NEW_HEAD_PARAMS = ("classifier.", "pooler.")
+
+
 def build_model(
-    cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, source: str | None
+    cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    source: str | None,
+    new_head: bool = False,
 ) -> Transformer:
-    """A Transformer holding exactly `state_dict` (our names), built without a wasted random init."""
+    """A Transformer holding exactly `state_dict` (our names), built without a wasted random init.
+
+    new_head: a task head the checkpoint does not have (classifier, pooler) is initialized afresh.
+    """
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied weights appear once
+    state_dict = dict(state_dict)
     for name, shape in expected.items():
+        if name not in state_dict and new_head and name.startswith(NEW_HEAD_PARAMS):
+            fresh = torch.zeros(shape) if name.endswith("bias") else torch.randn(shape) * cfg.init_std
+            state_dict[name] = fresh
         if name not in state_dict:
             raise LmlabError(f"tensor {name!r} (shape {tuple(shape)}) is missing", file=source)
         if state_dict[name].shape != shape:
@@ -119,9 +136,18 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
 
 
 def load_pretrained(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
 ) -> tuple[Transformer, Tokenizer | None]:
-    """(model, tokenizer) from a Hugging Face directory or a .gguf file; tokenizer is None if none is stored."""
+    """(model, tokenizer) from a Hugging Face directory or a .gguf file; tokenizer is None if none is stored.
+
+    overrides change config fields before the weights load, e.g. `head="seq_cls", num_labels=3` puts a
+    freshly initialized classifier on a pretrained trunk (as transformers' AutoModelFor... does), or
+    `resid_dropout=0.1` for fine-tuning.
+    """
     path = resolve(path)
     if not path.exists():
         raise LmlabError("no such file or directory", file=str(path))
@@ -131,7 +157,8 @@ def load_pretrained(
         from lmlab.model.gguf import load_gguf
 
         cfg, sd, tokenizer = load_gguf(path, dtype)
-        return build_model(cfg, sd, dtype, str(path)).to(device), tokenizer
+        cfg = _override(cfg, overrides, str(path))
+        return build_model(cfg, sd, dtype, str(path), new_head=bool(overrides)).to(device), tokenizer
     if not path.is_dir():
         raise LmlabError("expected a Hugging Face model directory or a .gguf file", file=str(path))
     config_file = path / "config.json"
@@ -140,18 +167,35 @@ def load_pretrained(
     d = _read_json(config_file)
     get = _tensor_getter(path)
     if d.get("model_type") == "lmlab":
-        cfg = ModelConfig.from_dict(d.get("lmlab", {}), source=str(config_file))
+        cfg = _override(ModelConfig.from_dict(d.get("lmlab", {}), source=str(config_file)), overrides, str(path))
         with torch.device("meta"):
             names = [n for n, _ in Transformer(cfg).named_parameters()]
         sd = {n: t for n in names if (t := get(n)) is not None}
     else:
-        cfg = config_from_hf(d, str(config_file))
+        cfg = _override(config_from_hf(d, str(config_file)), overrides, str(path))
         with torch.device("meta"):
             expected = {n: p.shape for n, p in Transformer(cfg).named_parameters()}
-        sd = state_dict_from_hf(cfg, expected, get, str(path))
-    model = build_model(cfg, sd, dtype, str(path)).to(device)
+        optional = {n for n in expected if n.startswith(NEW_HEAD_PARAMS)} if overrides else set()
+        sd = state_dict_from_hf(cfg, expected, get, str(path), optional=optional)
+    model = build_model(cfg, sd, dtype, str(path), new_head=bool(overrides)).to(device)
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
     return model, tokenizer
+
+
+def _override(cfg: ModelConfig, overrides: dict[str, Any], source: str) -> ModelConfig:
+    if not overrides:
+        return cfg
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in overrides:
+        if key not in known:
+            raise LmlabError(f"unknown model config field (known: {', '.join(sorted(known))})", file=source, field=key)
+    if overrides.get("head") in ("seq_cls", "token_cls") and cfg.family == "bert":
+        # BERT classifies from its pooler (as BertForSequenceClassification); tokens need none
+        overrides = {"pooler": overrides["head"] == "seq_cls", **overrides}
+        if overrides["head"] == "seq_cls":
+            overrides.setdefault("cls_pooling", "pooler")
+        overrides.setdefault("cls_bias", True)
+    return dataclasses.replace(cfg, **overrides)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

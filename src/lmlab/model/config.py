@@ -14,7 +14,8 @@ CHOICES = {
     "norm_position": ("pre", "post"),
     "mlp": ("swiglu", "gelu"),
     "act": ("silu", "gelu", "gelu_tanh", "relu"),
-    "head": ("lm", "mlm", "none"),
+    "head": ("lm", "mlm", "none", "seq_cls", "token_cls"),
+    "cls_pooling": ("last", "pooler", "cls", "mean"),
 }
 ROPE_SCALINGS = ("linear", "ntk", "dynamic", "llama3")
 
@@ -56,6 +57,12 @@ class ModelConfig:
     type_vocab_size: int = 0  # > 0: token-type (segment) embeddings, BERT
     head: str = "lm"  # lm: next-token logits; mlm: BERT's transform + decoder; none: hidden states
     pooler: bool = False  # BERT's tanh pooler over the first token
+    # task heads (head seq_cls / token_cls): a linear classifier over pooled or per-token states
+    num_labels: int = 0
+    labels: list[str] | None = None  # label names by id (config.json's id2label)
+    cls_pooling: str = "last"  # seq_cls: last real token (decoders), pooler (BERT), cls (first token), mean
+    cls_bias: bool = False
+    cls_dropout: float = 0.0
     # regularization and init
     embd_dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -86,6 +93,13 @@ class ModelConfig:
             kind = self.rope_scaling.get("type")
             if kind not in ROPE_SCALINGS:
                 raise LmlabError(f"{kind!r} is not one of {', '.join(ROPE_SCALINGS)}", field="rope_scaling.type")
+        if self.head in ("seq_cls", "token_cls"):
+            if self.num_labels <= 0:
+                raise LmlabError(f"head {self.head!r} needs num_labels > 0", field="num_labels")
+            if self.labels is not None and len(self.labels) != self.num_labels:
+                raise LmlabError(f"{len(self.labels)} label names for num_labels={self.num_labels}", field="labels")
+            if self.head == "seq_cls" and self.cls_pooling == "pooler" and not self.pooler:
+                raise LmlabError("cls_pooling 'pooler' needs pooler: true", field="cls_pooling")
         if self.prefix_lm and not self.causal:
             raise LmlabError("prefix_lm needs a causal model", field="prefix_lm")
 

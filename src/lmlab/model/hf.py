@@ -6,6 +6,7 @@ fused `c_attn` in Conv1D layout (in, out); that is the only shape change on the 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -69,9 +70,41 @@ def config_from_hf(d: dict[str, Any], source: str | None = None) -> ModelConfig:
             field="model_type",
         )
     try:
-        return _FROM_HF[mt](d, source)
+        cfg = _FROM_HF[mt](d, source)
     except KeyError as e:
         raise LmlabError("required field is missing", file=source, field=e.args[0]) from None
+    head = _task_head_from_hf(d, mt, source)
+    return dataclasses.replace(cfg, **head) if head else cfg
+
+
+_ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT2", "bert": "Bert"}
+_TASK_SUFFIX = {"seq_cls": "ForSequenceClassification", "token_cls": "ForTokenClassification"}
+
+
+def _task_head_from_hf(d: dict[str, Any], family: str, source: str | None) -> dict[str, Any]:
+    """ModelConfig fields for a *ForSequenceClassification / *ForTokenClassification checkpoint."""
+    archs = d.get("architectures") or []
+    head = next((h for h, sfx in _TASK_SUFFIX.items() for a in archs if a.endswith(sfx)), None)
+    if head is None:
+        return {}
+    id2label = d.get("id2label") or {}
+    n = len(id2label) if id2label else int(d.get("num_labels", 2))
+    try:
+        labels = [str(id2label.get(str(i), id2label.get(i))) for i in range(n)] if id2label else None
+    except AttributeError:
+        raise LmlabError("id2label must map ids to names", file=source, field="id2label") from None
+    # each transformers class picks its classifier dropout and bias its own way; mirror them
+    if family == "bert":
+        drop = d.get("classifier_dropout")
+        drop = d.get("hidden_dropout_prob", 0.1) if drop is None else drop
+        return dict(head=head, num_labels=n, labels=labels, cls_pooling="pooler" if head == "seq_cls" else "last",
+                    cls_bias=True, cls_dropout=float(drop), pooler=head == "seq_cls")  # fmt: skip
+    if head == "seq_cls":  # score over the last real token, no bias, no dropout
+        return dict(head=head, num_labels=n, labels=labels, cls_pooling="last", cls_bias=False, cls_dropout=0.0)
+    drop = d.get("classifier_dropout")
+    drop = d.get("hidden_dropout", 0.1) if drop is None else drop
+    bias = True if family == "gpt2" else bool(d.get("token_classification_bias", True))
+    return dict(head=head, num_labels=n, labels=labels, cls_bias=bias, cls_dropout=float(drop))
 
 
 def _llama_like(d: dict[str, Any], source: str | None) -> ModelConfig:
@@ -193,7 +226,7 @@ _FROM_HF: dict[str, Callable[[dict[str, Any], str | None], ModelConfig]] = {
 }
 
 _ARCH_IGNORED = ("attn_dropout", "embd_dropout", "resid_dropout", "init_std", "extra", "pad_token_id", "bos_token_id")
-_ARCH_IGNORED += ("eos_token_id", "family")
+_ARCH_IGNORED += ("eos_token_id", "family", "labels", "cls_dropout")
 
 
 def _arch(cfg: ModelConfig) -> dict[str, Any]:
@@ -263,6 +296,17 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any] | None:
             position_embedding_type="absolute",
             tie_word_embeddings=cfg.tie_embeddings,
         )
+    if cfg.head in _TASK_SUFFIX:
+        base.pop("problem_type", None)
+        labels = cfg.labels or [f"LABEL_{i}" for i in range(cfg.num_labels)]
+        d.update(
+            architectures=[_ARCH_PREFIX[cfg.family] + _TASK_SUFFIX[cfg.head]],
+            id2label={str(i): name for i, name in enumerate(labels)},
+            label2id={name: i for i, name in enumerate(labels)},
+            classifier_dropout=cfg.cls_dropout,
+        )
+        if cfg.head == "token_cls" and cfg.family in ("llama", "mistral", "qwen2"):
+            d["token_classification_bias"] = cfg.cls_bias
     d = {**base, **d, **tokens, "model_type": cfg.family}
     # only claim the family if reading the file back gives the very same architecture
     return d if _arch(config_from_hf(d)) == _arch(cfg) else None
@@ -278,6 +322,7 @@ _LLAMA_NAMES = [
     (r"layers\.(\d+)\.norm2\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"norm\.weight", "model.norm.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
+    (r"classifier\.(weight|bias)", r"score.\1"),
 ]
 _GPT2_NAMES = [
     (r"embed\.weight", "transformer.wte.weight"),
@@ -290,6 +335,7 @@ _GPT2_NAMES = [
     (r"layers\.(\d+)\.mlp\.down\.(weight|bias)", r"transformer.h.\1.mlp.c_proj.\2"),
     (r"norm\.(weight|bias)", r"transformer.ln_f.\1"),
     (r"lm_head\.weight", "lm_head.weight"),
+    (r"classifier\.(weight|bias)", r"score.\1"),  # GPT2ForTokenClassification says classifier (hf_name)
 ]
 _BERT_LAYER = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value"}
 _BERT_LAYER.update({"attn.o": "attention.output.dense", "norm1": "attention.output.LayerNorm"})
@@ -308,6 +354,7 @@ _BERT_NAMES = [
     (r"mlm_head\.norm\.(weight|bias)", r"cls.predictions.transform.LayerNorm.\1"),
     (r"mlm_head\.decoder\.weight", "cls.predictions.decoder.weight"),
     (r"mlm_head\.decoder\.bias", "cls.predictions.bias"),
+    (r"classifier\.(weight|bias)", r"classifier.\1"),
 ]
 _NAMES = {
     "llama": _LLAMA_NAMES,
@@ -320,8 +367,10 @@ _NAMES = {
 _OPTIONAL_PREFIX = {"gpt2": "transformer.", "bert": "bert."}
 
 
-def hf_name(family: str, ours: str) -> str:
-    """The Hugging Face name of one of our parameters."""
+def hf_name(family: str, ours: str, head: str | None = None) -> str:
+    """The Hugging Face name of one of our parameters (`head`: the model's head, where names depend on it)."""
+    if family == "gpt2" and head == "token_cls" and ours.startswith("classifier."):
+        return ours
     for pattern, template in _NAMES[family]:
         if re.fullmatch(pattern, ours):
             return re.sub(pattern, template, ours)
@@ -342,18 +391,24 @@ def state_dict_from_hf(
     expected: dict[str, torch.Size],
     get: Callable[[str], torch.Tensor | None],
     source: str | None = None,
+    optional: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
-    """Our state dict, for parameters named and shaped as in `expected`, from a tensor getter by HF name."""
+    """Our state dict, for parameters named and shaped as in `expected`, from a tensor getter by HF name.
+
+    Names in `optional` may be missing (a new task head); they are left out of the result.
+    """
     family = cfg.family
     prefix = _OPTIONAL_PREFIX.get(family)
     out: dict[str, torch.Tensor] = {}
     for ours, shape in expected.items():
-        theirs = hf_name(family, ours)
+        theirs = hf_name(family, ours, cfg.head)
         t = get(theirs)
         if t is None and prefix and theirs.startswith(prefix):
             t = get(theirs[len(prefix) :])
         if t is None and theirs == "cls.predictions.bias":
             t = get("cls.predictions.decoder.bias")
+        if t is None and ours in optional:
+            continue
         if t is None:
             raise LmlabError(f"tensor {theirs!r} is missing (needed for {ours}, shape {tuple(shape)})", file=source)
         if _is_conv1d(family, theirs):
@@ -376,7 +431,7 @@ def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, list[torch.Tensor | None]] = {}
     for ours, t in sd.items():
-        theirs = hf_name(family, ours)
+        theirs = hf_name(family, ours, cfg.head)
         part = _split_part(ours) if family == "gpt2" else None
         if part is not None:
             fused.setdefault(theirs, [None, None, None])[part] = t

@@ -14,11 +14,13 @@ def build_mask(
     attention_mask: torch.Tensor | None,
     prefix_len: torch.Tensor | None,
     device: torch.device,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, S), True where a query may attend; None means "no restriction".
 
     Indices are positions in the key sequence: the T queries are the last T of the S keys (a KV
     cache holds the first S - T). `attention_mask` (B, S) marks real tokens with 1, padding with 0.
+    `document_ids` (B, S): packed sequences; a token sees only tokens of its own document.
     """
     q_idx = torch.arange(k_len - q_len, k_len, device=device)
     k_idx = torch.arange(k_len, device=device)
@@ -32,6 +34,10 @@ def build_mask(
             # ChatGLM's prefix LM: the prompt sees itself both ways; what follows stays causal
             in_prefix = k_idx[None, :] < prefix_len.to(device)[:, None]  # (B, S)
             mask = mask | in_prefix[:, None, None, :]
+    if document_ids is not None:
+        docs = document_ids.to(device)
+        same = docs[:, None, k_len - q_len :, None] == docs[:, None, None, :]  # (B, 1, T, S)
+        mask = same if mask is None else mask & same
     if attention_mask is not None:
         keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
         mask = keep if mask is None else mask & keep

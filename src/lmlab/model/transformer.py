@@ -84,6 +84,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False) if cfg.head == "lm" else None
         self.mlm_head = MLMHead(cfg) if cfg.head == "mlm" else None
         self.pooler = nn.Linear(d, d) if cfg.pooler else None
+        task = cfg.head in ("seq_cls", "token_cls")
+        self.classifier = nn.Linear(d, cfg.num_labels, bias=cfg.cls_bias) if task else None
+        self.cls_drop = nn.Dropout(cfg.cls_dropout)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer)
@@ -125,6 +128,7 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, d_model).
 
@@ -132,6 +136,8 @@ class Transformer(nn.Module):
         position_ids default to the count of real tokens before each one, so left padding is harmless.
         prefix_len (B,): for prefix-LM models, how many leading tokens see each other both ways.
         kv_cache: holds the keys and values of the first kv_cache.length tokens; this call appends its own.
+        document_ids (B, past_len + T): packed training rows; attention stays inside each document
+        (pass position_ids that restart at 0 for each document too).
         """
         cfg = self.cfg
         B, T = input_ids.shape
@@ -162,12 +168,13 @@ class Transformer(nn.Module):
         x = self.drop(x)
 
         window_matters = cfg.sliding_window is not None and cfg.sliding_window < S
-        plain = attention_mask is None and prefix_len is None and not window_matters and cfg.pos != "alibi"
+        plain = attention_mask is None and prefix_len is None and document_ids is None
+        plain = plain and not window_matters and cfg.pos != "alibi"
         # SDPA's causal fast path needs no mask tensor; a single decode step with no padding sees every key
         is_causal = cfg.causal and plain and T == S and T > 1
         mask = None
         if not is_causal and not (plain and T == 1):
-            mask = build_mask(cfg, T, S, attention_mask, prefix_len, device)
+            mask = build_mask(cfg, T, S, attention_mask, prefix_len, device, document_ids)
         if cfg.pos == "alibi":
             bias = alibi_bias(
                 self.alibi_slopes, torch.arange(past_len, S, device=device), torch.arange(S, device=device)
@@ -185,11 +192,16 @@ class Transformer(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
     def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs) -> torch.Tensor:
-        """Logits (B, T, vocab) from the LM or MLM head; hidden states when the model has no head.
+        """Logits (B, T, vocab) from the LM or MLM head, (B, num_labels) from a sequence classifier,
+        (B, T, num_labels) from a token classifier; hidden states when the model has no head.
 
         logits_to_keep > 0 computes the head for the last positions only (generation needs one).
         """
         h = self.hidden_states(input_ids, **kwargs)
+        if self.classifier is not None:
+            if self.cfg.head == "seq_cls":
+                h = self.pool_sequence(h, input_ids, kwargs.get("attention_mask"))
+            return self.classifier(self.cls_drop(h))
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if self.lm_head is not None:
@@ -203,6 +215,29 @@ class Transformer(nn.Module):
         if self.pooler is None:
             raise ValueError("this model has no pooler")
         return torch.tanh(self.pooler(h[:, 0]))
+
+    def pool_sequence(
+        self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One vector per sequence (B, d) for classification, as cfg.cls_pooling says."""
+        kind = self.cfg.cls_pooling
+        if kind == "pooler":
+            return self.pool(h)
+        if kind == "cls":
+            return h[:, 0]
+        real = attention_mask.bool() if attention_mask is not None else None
+        if real is None and self.cfg.pad_token_id is not None:
+            real = input_ids != self.cfg.pad_token_id  # what transformers does without a mask
+        if kind == "mean":
+            if real is None:
+                return h.mean(1)
+            w = real[..., None].to(h.dtype)
+            return (h * w).sum(1) / w.sum(1).clamp(min=1)
+        if real is None:
+            return h[:, -1]
+        # the rightmost real token: works for left and right padding alike
+        last = (torch.arange(h.shape[1], device=h.device) * real).argmax(-1)
+        return h[torch.arange(h.shape[0], device=h.device), last]
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         """Cross-entropy of next-token (causal) or masked-token (encoder) predictions; -100 is ignored."""
