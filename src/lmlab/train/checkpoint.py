@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,22 @@ def write_checkpoint(
     tokenizer: Tokenizer | None,
     state: dict[str, Any],
     recipe: dict[str, Any] | None,
+    write_weights: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
 ) -> Path:
-    """Write one checkpoint folder atomically (temp folder beside it, then rename)."""
+    """Write one checkpoint folder atomically (temp folder beside it, then rename).
+
+    write_weights replaces the model directory's weights (a LoRA run writes only its adapter).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_state(cfg, params, tokenizer, tmp)
+        if write_weights is None:
+            save_state(cfg, params, tokenizer, tmp)
+        else:
+            write_weights(params, tmp)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
         torch.save(state, tmp / STATE_FILE)
         if recipe is not None:
             (tmp / "recipe.yaml").write_text(

@@ -49,6 +49,9 @@ class TrainConfig:
     eval_batches: int = 20
     early_stopping_patience: int = 0  # 0: off
     early_stopping_min_delta: float = 0.0
+    # what "better" means for early stopping and the best checkpoint: val_loss, or a metric from the
+    # evaluation function (val_macro_f1, ...); losses, perplexities and errors go down, the rest up
+    early_stopping_metric: str = "val_loss"
     checkpoint_every: int = 0  # 0: at each eval
     keep_last: int = 2
     nan_patience: int = 5  # stop after this many non-finite losses in a row
@@ -89,12 +92,14 @@ class Recipe:
     data: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str | None = None
+    finetune: dict[str, Any] = field(default_factory=dict)  # task, method, lora, freeze, remedies
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as saved beside every checkpoint."""
         train = dataclasses.asdict(self.train)
         train["betas"] = list(train["betas"])
-        return {"model": self.model, "data": self.data, "train": train}
+        out = {"model": self.model, "data": self.data, "train": train}
+        return {**out, "finetune": self.finetune} if self.finetune else out
 
 
 def coerce(cls: type, values: dict[str, Any], section: str, source: str | None = None) -> dict[str, Any]:
@@ -152,9 +157,11 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
                 f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path), line=line and line + 1
             ) from None
     raw = apply_overrides(raw, overrides or [])
-    unknown = set(raw) - {"model", "data", "train"}
+    unknown = set(raw) - {"model", "data", "train", "finetune"}
     if unknown:
-        raise LmlabError("unknown section (sections: model, data, train)", file=str(path), field=sorted(unknown)[0])
+        raise LmlabError(
+            "unknown section (sections: model, data, train, finetune)", file=str(path), field=sorted(unknown)[0]
+        )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     train = raw.get("train") or {}
     for key in train:
@@ -168,5 +175,9 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         e.file = e.file or (str(path) if path else None)
         raise
     return Recipe(
-        model=raw.get("model") or {}, data=raw.get("data") or {}, train=cfg, source=str(path) if path else None
+        model=raw.get("model") or {},
+        data=raw.get("data") or {},
+        train=cfg,
+        source=str(path) if path else None,
+        finetune=raw.get("finetune") or {},
     )

@@ -34,6 +34,13 @@ from lmlab.utils.flops import measure_matmul_flops
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+LOWER_IS_BETTER = ("loss", "ppl", "bpb", "ece", "error")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of this metric is better (losses, perplexity, bits per byte, calibration error)."""
+    return metric.endswith(LOWER_IS_BETTER)
 
 
 def split_batch(batch: Batch, parts: int, index: int) -> Batch:
@@ -91,9 +98,14 @@ class Trainer:
         bytes_per_token: float | None = None,
         device: str | None = None,
         progress: bool = True,
+        eval_fn: EvalFn | None = None,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
+        """eval_fn(model) adds metrics (accuracy, F1, ...) to each evaluation; on_eval(step, metrics) is
+        told every evaluation (a hyperparameter search prunes trials from it)."""
         self.cfg, self.train_data, self.val_data = config, train_data, val_data
         self.tokenizer, self.recipe, self.bytes_per_token = tokenizer, recipe, bytes_per_token
+        self.eval_fn, self.on_eval = eval_fn, on_eval
         self.dist = distributed.setup(device)
         self.raw = model.to(self.dist.device)  # the unwrapped model: what checkpoints hold
         self.model = distributed.wrap(self.raw, self.dist, config.strategy)
@@ -170,12 +182,16 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and, when bytes per token are known, bits per byte."""
+        """Validation loss (nats/token), perplexity and, when bytes per token are known, bits per byte;
+        plus whatever the evaluation function measures."""
         if self.val_data is None:
             return {}
         self.model.eval()
         losses = []
-        for i in range(self.cfg.eval_batches):
+        batches = self.cfg.eval_batches
+        if hasattr(self.val_data, "steps_per_epoch"):  # a finite set: one pass, not more
+            batches = min(batches, self.val_data.steps_per_epoch)
+        for i in range(batches):
             batch = self.val_data.get_batch(i)
             mine = to_device(split_batch(batch, self.dist.world, self.dist.rank), self.dist.device)
             with self._autocast():
@@ -184,6 +200,9 @@ class Trainer:
         out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
         if self.bytes_per_token:
             out["val_bpb"] = val / math.log(2) / self.bytes_per_token
+        if self.eval_fn is not None:
+            with self._autocast():
+                out.update(self.eval_fn(self.raw))
         return out
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -212,7 +231,14 @@ class Trainer:
             "data": self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else {},
             "world": self.dist.world,
         }
-        return ckpt.write_checkpoint(directory, self.raw.cfg, params, self.tokenizer, state, self.recipe)
+        adapter = getattr(self.raw, "adapter", None)
+        writer = None
+        if adapter is not None:  # a LoRA run saves its adapter, not another copy of the frozen base
+            params = {n: t for n, t in params.items() if adapter.owns(n)}
+            writer = lambda p, d: adapter.write(self.raw, p, d)
+        return ckpt.write_checkpoint(
+            directory, self.raw.cfg, params, self.tokenizer, state, self.recipe, write_weights=writer
+        )
 
     def resume(self, directory: str | Path) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, counters, RNG and data position."""
@@ -225,9 +251,15 @@ class Trainer:
         from lmlab.model.checkpoint import load_pretrained
 
         state = ckpt.read_state(directory)
-        weights, _ = load_pretrained(directory)
+        adapter = getattr(self.raw, "adapter", None)
+        if adapter is not None:
+            weights = adapter.read(self.raw, Path(directory))
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+        else:
+            weights = dict(load_pretrained(directory)[0].state_dict())
+            opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.raw, weights, options=opts)
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.raw, dict(weights.state_dict()), options=opts)
         set_optimizer_state_dict(self.raw, self.optimizer, optim_state_dict=state["optimizer"], options=opts)
         self.state = TrainState(**state["train"])
         self.plateau.load_state_dict(state["plateau"])
@@ -301,14 +333,28 @@ class Trainer:
             if self.val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 metrics = self.evaluate()
                 self._log({"step": step, **metrics})
+                if self.progress:
+                    shown = {k: round(v, 4) for k, v in metrics.items() if k != "val_ppl"}
+                    tqdm.write(f"step {step}: {shown}")
                 self.plateau.observe(metrics["val_loss"])
-                improved = metrics["val_loss"] < self.state.best_val - cfg.early_stopping_min_delta
+                key = cfg.early_stopping_metric
+                if key not in metrics:
+                    raise LmlabError(f"evaluation has no {key!r}; it has {', '.join(metrics)}",
+                                     field="train.early_stopping_metric")  # fmt: skip
+                # state.best_val holds the metric signed so that lower is better
+                value = metrics[key] if lower_is_better(key) else -metrics[key]
+                improved = value < self.state.best_val - cfg.early_stopping_min_delta
                 if improved:
-                    self.state.best_val, self.state.best_step, self.state.bad_evals = metrics["val_loss"], step, 0
-                    self._best_weights = {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+                    self.state.best_val, self.state.best_step, self.state.bad_evals = value, step, 0
+                    # frozen weights cannot change: keep only what trains
+                    self._best_weights = {
+                        k: v.detach().clone() for k, v in self.raw.named_parameters() if v.requires_grad
+                    }
                     self.save(self.out / "best")
                 else:
                     self.state.bad_evals += 1
+                if self.on_eval is not None:
+                    self.on_eval(step, metrics)
                 if cfg.early_stopping_patience and self.state.bad_evals >= cfg.early_stopping_patience:
                     stopped_early = True
             if step % every_ckpt == 0 or stopped_early or step == cfg.max_steps:
@@ -320,11 +366,18 @@ class Trainer:
                 break
         bar.close()
         if stopped_early and self._best_weights is not None:
-            self.raw.load_state_dict(self._best_weights)  # early stopping returns the best model, not the last
+            # early stopping returns the best model, not the last
+            self.raw.load_state_dict(self._best_weights, strict=False)
+        key = cfg.early_stopping_metric
+        best = None
+        if self.val_data is not None and math.isfinite(self.state.best_val):
+            best = self.state.best_val if lower_is_better(key) else -self.state.best_val
         summary = {
             "steps": self.state.step,
             "stopped_early": stopped_early,
-            "best_val_loss": self.state.best_val if self.val_data is not None else None,
+            "best_val_loss": best if key == "val_loss" else None,
+            "best_metric": key,
+            "best_value": best,
             "best_step": self.state.best_step,
             "skipped_steps": self.state.skipped,
             "tokens": self.state.tokens,
