@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lmlab.errors import LmlabError
 
@@ -178,6 +179,57 @@ def _pretrain(args: argparse.Namespace) -> None:
     )
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from lmlab.finetune.report import format_summary
+    from lmlab.train.config import load_recipe
+
+    recipe = load_recipe(args.config, args.set)
+    if args.cv:
+        from lmlab.finetune.cv import cross_validate
+
+        print(format_summary(cross_validate(recipe, args.cv)), end="")
+        return
+    from lmlab.finetune.run import finetune
+
+    summary = finetune(recipe, resume=args.resume)
+    if "out_dir" in summary:  # the main process
+        print(format_summary(summary), end="")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from lmlab.finetune.lora import merge_adapter
+
+    print(f"wrote {merge_adapter(args.base, args.adapter, args.out)}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from lmlab.finetune.embed import embed, read_texts, write_embeddings
+    from lmlab.model.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model)
+    if tokenizer is None:
+        raise LmlabError("the checkpoint has no tokenizer", file=args.model)
+    texts = read_texts(args.input, args.field)
+    vectors = embed(model, tokenizer, texts, pooling=args.pooling, normalize=not args.no_normalize,
+                    batch_size=args.batch_size, max_len=args.max_len)  # fmt: skip
+    write_embeddings(vectors, args.out)
+    print(f"wrote {args.out}: {vectors.shape[0]} x {vectors.shape[1]} ({args.pooling} pooling"
+          f"{'' if args.no_normalize else ', L2-normalized'})")  # fmt: skip
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from lmlab.finetune.tune import tune
+    from lmlab.train.config import load_recipe
+
+    report = tune(load_recipe(args.config, args.set), args.trials, args.out)
+    d, b = report["default"], report["best"]
+    print(f"{report['trials']} trials ({report['pruned']} pruned), metric {report['metric']}")
+    if d:
+        print(f"default (trial {d['number']}): {d['value']:.4f}  {d['params']}")
+    print(f"best    (trial {b['number']}): {b['value']:.4f}  {b['params']}")
+    print(f"report: {Path(report['study']).parent / 'report.md'}; plot: {report['plot']}")
+
+
 def _eval(args: argparse.Namespace) -> None:
     from lmlab.eval.report import compare, format_comparison, format_markdown, load_results
 
@@ -320,6 +372,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="folder for results.json and report.md")
     ev.set_defaults(func=_eval)
+
+    ft = sub.add_parser("finetune", help="fine-tune from a recipe: SFT, LoRA, classification/NER heads, remedies")
+    ft.add_argument("--config", required=True, help="a recipe, e.g. recipes/finetune/minilm-tweets.yaml")
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
+    ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    ft.add_argument("--cv", type=int, default=0, metavar="K", help="k-fold cross-validation: mean and spread")
+    ft.set_defaults(func=_finetune)
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter (lmlab's or peft's) into its base: one checkpoint")
+    merge.add_argument("base", help="the base checkpoint (directory, .gguf or packaged name)")
+    merge.add_argument("adapter", help="the adapter directory (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("out", help="output directory")
+    merge.set_defaults(func=_merge)
+
+    emb = sub.add_parser("embed", help="sentence embeddings of a text file as a .npy matrix")
+    emb.add_argument("--model", required=True, help="e.g. all-minilm-l6-v2")
+    emb.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl (a text field)")
+    emb.add_argument("--out", required=True, help="output .npy file")
+    emb.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
+    emb.add_argument("--no-normalize", action="store_true", help="keep raw lengths (default: unit vectors)")
+    emb.add_argument("--field", default="text", help="the .jsonl field holding the text")
+    emb.add_argument("--batch-size", type=int, default=32)
+    emb.add_argument("--max-len", type=int, default=512)
+    emb.set_defaults(func=_embed)
+
+    tn = sub.add_parser("tune", help="hyperparameter search with Optuna (pruning, resumable SQLite study)")
+    tn.add_argument("--config", required=True, help="a fine-tuning recipe")
+    tn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tn.add_argument("--trials", type=int, default=8, help="finished trials to reach (a resumed study counts its own)")
+    tn.add_argument("--out", default=None, help="study folder (default: OUT_DIR/tune)")
+    tn.set_defaults(func=_tune)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching and a chat page at /")
     srv.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")

@@ -52,3 +52,23 @@ def test_model_tokenizer_mismatch_names_field(tiny_pair):
     assert e.value.field == "vocab_size" and e.value.file == "ckpt"
     with pytest.raises(LmlabError, match="no tokenizer"):
         check_tokenizer(tiny_pair[0], None, "ckpt")
+
+
+def test_eval_cli_generation_task_end_to_end(tiny_pair, tmp_path, capsys):
+    from tests.eval.test_generation import write_task
+
+    task_file = write_task(tmp_path, group_by="kind")
+    for out in ("a", "b"):
+        argv = ["eval", "--model", str(tiny_pair[3]), "--tasks", str(task_file), "--limit", "4", "--batch-size", "3"]
+        assert main([*argv, "--out", str(tmp_path / out)]) == 0
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    qa = results["tasks"]["qa"]
+    assert qa["output_type"] == "generate_until" and len(qa["records"]) == 4 and qa["chrf_se"] >= 0
+    assert {"input", "prompt", "prediction", "references", "bleu", "rougeL", "finish_reason"} <= set(qa["records"][0])
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "| qa | bleu |" in report and "## qa: first 4 examples" in report
+    capsys.readouterr()
+    assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "| qa | bleu |" in out and "| qa | exact_match |" in out  # greedy is deterministic: B - A is 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["tasks"]["qa"]["records"] == qa["records"]

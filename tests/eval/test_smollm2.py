@@ -56,3 +56,22 @@ def test_perplexity_and_choices_equal_transformers(smollm2, smollm2_gguf, text):
         ctx_ids = tok.encode(task.context(doc, []))
         expected = [reference_ll(ref, ctx_ids, tok.encode(" " + c, add_special_tokens=False)) for c in "ABCD"]
         assert rec["loglikelihoods"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_chat_generation_task_answers_and_equals_generate(smollm2):
+    from lmlab.eval.harness import run_generation
+
+    model, tok = smollm2
+    task = load_task("chatterbot-en", max_new_tokens=24)
+    docs = [
+        {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                      {"role": "assistant", "content": "Paris."}], "lang": "en", "category": "geo"},
+        {"messages": [{"role": "user", "content": "Hello, how are you?"},
+                      {"role": "assistant", "content": "I am fine, thank you."}], "lang": "en", "category": "greet"},
+    ]  # fmt: skip
+    r = run_generation(model, tok, task, docs, batch_size=2, n_boot=10)
+    prompts = [tok.apply_chat_template(d["messages"][:1], add_generation_prompt=True) for d in docs]
+    direct = lmlab.generate(model, tok, [tok.encode(p, add_special_tokens=False) for p in prompts], max_new_tokens=24,
+                            stop=["\n\n"])  # fmt: skip
+    assert [x["prediction"] for x in r["records"]] == [g.text.strip() for g in direct]
+    assert "Paris" in r["records"][0]["prediction"] and r["records"][0]["rougeL"] > 0

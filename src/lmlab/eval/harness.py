@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from lmlab.errors import LmlabError
 from lmlab.eval.bootstrap import bootstrap_se
 from lmlab.eval.calibration import choice_probabilities, expected_calibration_error
 from lmlab.eval.multiple_choice import choice_predictions, loglikelihoods
 from lmlab.eval.perplexity import perplexity
-from lmlab.eval.tasks import Task, load_task
+from lmlab.eval.scoring import CORPUS_METRICS, score_generations
+from lmlab.eval.tasks import GenerationTask, Task, TaskBase, load_task
 
 
 def model_hash(path: str | os.PathLike) -> str:
@@ -132,6 +134,7 @@ def run_multiple_choice(
     acc = [r["acc"] for r in records]
     acc_norm = [r["acc_norm"] for r in records]
     out: dict[str, Any] = {
+        "output_type": "multiple_choice",
         "n": len(records),
         "acc": sum(acc) / max(1, len(acc)),
         "acc_se": bootstrap_se(acc),
@@ -150,7 +153,82 @@ def run_multiple_choice(
     return out
 
 
-def task_docs(task: Task, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+def generation_prompts(
+    tokenizer: Any,
+    task: GenerationTask,
+    docs: list[dict[str, Any]],
+    fewshot_pool: list[dict[str, Any]] | None = None,
+    num_fewshot: int = 0,
+) -> list[str]:
+    """The full prompt text of each record: description, few-shot examples, the question (chat-templated if asked)."""
+    return [task.context(doc, task.fewshot(doc, fewshot_pool or [], num_fewshot), tokenizer) for doc in docs]
+
+
+def run_generation(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: GenerationTask,
+    docs: list[dict[str, Any]],
+    fewshot_pool: list[dict[str, Any]] | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """Greedy generation until a stop string, batched; the task's metrics with bootstrap SEs and per-example records."""
+    from lmlab.generate import generate
+
+    prompts = generation_prompts(tokenizer, task, docs, fewshot_pool, num_fewshot)
+    # room for the answer: a prompt longer than the context keeps its last tokens (lm-evaluation-harness does too)
+    budget = max(1, model.cfg.max_seq_len - task.max_new_tokens)
+    rows, truncated = [], []
+    for text in prompts:
+        ids = tokenizer.encode(text, add_special_tokens=not task.use_chat_template) or [tokenizer.bos_token_id or 0]
+        rows.append(ids[-budget:])  # a chat-templated prompt already holds its special tokens
+        truncated.append(len(ids) > budget)
+    # longest first: similar lengths share a batch, so left padding stays small; results go back in record order
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    gens: list[Any] = [None] * len(rows)
+    for b in tqdm(range(0, len(order), batch_size), desc=task.name, disable=not progress, leave=False):
+        batch = order[b : b + batch_size]
+        batch_rows = [rows[i] for i in batch]
+        greedy = generate(
+            model, tokenizer, batch_rows, max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until
+        )
+        for i, g in zip(batch, greedy):
+            gens[i] = g
+    predictions = [g.text.strip() for g in gens]  # the target delimiter's space is not part of the answer
+    references = [task.doc_references(d) for d in docs]
+    out = {"output_type": "generate_until", **score_generations(predictions, references, task.metrics, n_boot)}
+    for rec, doc, prompt, ids, cut, g in zip(out["records"], docs, prompts, rows, truncated, gens):
+        rec.update(input=task.doc_text(doc), prompt=prompt, prompt_tokens=len(ids), truncated=cut)
+        rec.update(new_tokens=len(g.token_ids))
+        rec.update(finish_reason=g.finish_reason, doc=doc)
+    if task.group_by:
+        out["by_group"] = group_scores(out["records"], [str(d.get(task.group_by)) for d in docs], task.metrics)
+    return out
+
+
+def group_scores(records: list[dict[str, Any]], groups: list[str], metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """Per group: n, sentence metrics averaged, corpus metrics recomputed on the group's examples."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for g, r in zip(groups, records):
+        by.setdefault(g, []).append(r)
+    out = {}
+    for g, recs in sorted(by.items()):
+        row: dict[str, Any] = {"n": len(recs)}
+        for m in metrics:
+            if m in CORPUS_METRICS:
+                stats, formula = CORPUS_METRICS[m]
+                summed = [sum(col) for col in zip(*(stats(r["prediction"], r["references"]) for r in recs))]
+                row[m] = formula(summed)
+            else:
+                row[m] = sum(r[m] for r in recs) / len(recs)
+        out[g] = row
+    return out
+
+
+def task_docs(task: TaskBase, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The records of a task's data set split (a registered name or a JSONL path), subject-filtered, sampled."""
     p = Path(task.dataset)
     if p.suffix == ".jsonl":
@@ -177,8 +255,13 @@ def evaluate(
     device: str = "cpu",
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    chat_template: bool | None = None,
 ) -> dict[str, Any]:
-    """Run tasks on a checkpoint; with `out`, write results.json and report.md there."""
+    """Run tasks on a checkpoint; with `out`, write results.json and report.md there.
+
+    chat_template, when given, overrides every task's own setting (use_chat_template / chat_template): a base model
+    has no template, an instruct model may be evaluated with or without one.
+    """
     from lmlab.model.checkpoint import load_pretrained
 
     t0 = time.time()
@@ -195,6 +278,7 @@ def evaluate(
         "stride": stride,
         "batch_size": batch_size,
         "device": device,
+        "chat_template": chat_template,
     }
     results: dict[str, Any] = {"config": config, "model_hash": model_hash(model_path), "tasks": {}}
     for name in tasks:
@@ -204,11 +288,12 @@ def evaluate(
             results["tasks"]["ppl"] = run_ppl(model, tokenizer, data, limit, max_length, stride)
             continue
         task = load_task(name)
+        if chat_template is not None:
+            setattr(task, "use_chat_template" if isinstance(task, GenerationTask) else "chat_template", chat_template)
         docs = task_docs(task, task.split, limit)
         pool = task_docs(task, task.fewshot_split) if num_fewshot else []
-        results["tasks"][task.name] = run_multiple_choice(
-            model, tokenizer, task, docs, pool, num_fewshot, batch_size, progress
-        )
+        run = run_generation if isinstance(task, GenerationTask) else run_multiple_choice
+        results["tasks"][task.name] = run(model, tokenizer, task, docs, pool, num_fewshot, batch_size, progress)
     results["seconds"] = round(time.time() - t0, 1)
     if out is not None:
         from lmlab.eval.report import write_results

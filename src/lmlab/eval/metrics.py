@@ -89,21 +89,27 @@ def _as_ref_lists(references: Sequence[str] | Sequence[Sequence[str]]) -> list[l
     return [[r] if isinstance(r, str) else list(r) for r in references]
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], order: int = 4) -> float:
-    """Corpus BLEU (0-100) equal to sacrebleu.corpus_bleu with its defaults; references: one string or a list each."""
-    correct, total, sys_len, ref_len = [0] * order, [0] * order, 0, 0
-    for hyp, refs in zip(hypotheses, _as_ref_lists(references)):
-        h = tokenize_13a(hyp).split()
-        rs = [tokenize_13a(r).split() for r in refs]
-        sys_len += len(h)
-        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]  # closest length, the shorter on ties
-        for n in range(1, order + 1):
-            ref_max: Counter = Counter()
-            for r in rs:
-                ref_max |= _ngrams(r, n)  # clip by the largest count in any reference
-            hyp_ng = _ngrams(h, n)
-            correct[n - 1] += sum(min(c, ref_max[g]) for g, c in hyp_ng.items())
-            total[n - 1] += sum(hyp_ng.values())
+def bleu_stats(hypothesis: str, references: str | Sequence[str], order: int = 4) -> list[int]:
+    """One segment's BLEU statistics: [correct n-grams (order), total n-grams (order), hyp length, ref length]."""
+    refs = [references] if isinstance(references, str) else list(references)
+    h = tokenize_13a(hypothesis).split()
+    rs = [tokenize_13a(r).split() for r in refs]
+    correct, total = [0] * order, [0] * order
+    for n in range(1, order + 1):
+        ref_max: Counter = Counter()
+        for r in rs:
+            ref_max |= _ngrams(r, n)  # clip by the largest count in any reference
+        hyp_ng = _ngrams(h, n)
+        correct[n - 1] = sum(min(c, ref_max[g]) for g, c in hyp_ng.items())
+        total[n - 1] = sum(hyp_ng.values())
+    ref_len = min((abs(len(r) - len(h)), len(r)) for r in rs)[1] if rs else 0  # closest length, shorter on ties
+    return correct + total + [len(h), ref_len]
+
+
+def bleu_from_stats(stats: Sequence[float], order: int = 4) -> float:
+    """Corpus BLEU (0-100) from statistics summed over segments (sacrebleu's exp smoothing and brevity penalty)."""
+    correct, total = list(stats[:order]), list(stats[order : 2 * order])
+    sys_len, ref_len = stats[2 * order], stats[2 * order + 1]
     bp = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len else 0.0)
     if not any(correct):
         return 0.0
@@ -118,6 +124,19 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
             precisions[n] = 100.0 * correct[n] / total[n]
     logs = [math.log(p) if p > 0 else -9999999999 for p in precisions]
     return bp * math.exp(sum(logs) / order)
+
+
+def _sum_stats(rows: Sequence[Sequence[int]], width: int) -> list[int]:
+    total = [0] * width
+    for row in rows:
+        total = [a + b for a, b in zip(total, row)]
+    return total
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], order: int = 4) -> float:
+    """Corpus BLEU (0-100) equal to sacrebleu.corpus_bleu with its defaults; references: one string or a list each."""
+    rows = [bleu_stats(h, r, order) for h, r in zip(hypotheses, _as_ref_lists(references))]
+    return bleu_from_stats(_sum_stats(rows, 2 * order + 2), order)
 
 
 # --- chrF: sacrebleu's defaults (character 6-grams, whitespace removed, beta 2, effective-order averaging) ---
@@ -139,24 +158,33 @@ def _chrf_from_stats(stats: Sequence[int], order: int, beta: float) -> float:
     return 100 * (1 + factor) * avg_p * avg_r / (factor * avg_p + avg_r)
 
 
+def chrf_stats(hypothesis: str, references: str | Sequence[str], order: int = 6, beta: float = 2.0) -> list[int]:
+    """One segment's chrF statistics (hyp, ref, matching n-grams per order) against its best-scoring reference."""
+    refs = [references] if isinstance(references, str) else list(references)
+    h = _char_ngrams(hypothesis, order)
+    best, best_f = None, -1.0
+    for ref in refs:  # the reference with the best segment F counts
+        r = _char_ngrams(ref, order)
+        stats = []
+        for hc, rc in zip(h, r):
+            stats += [sum(hc.values()), sum(rc.values()), sum(min(c, rc[g]) for g, c in hc.items())]
+        f = _chrf_from_stats(stats, order, beta)
+        if f > best_f:
+            best, best_f = stats, f
+    return best or [0] * (3 * order)
+
+
+def chrf_from_stats(stats: Sequence[float], order: int = 6, beta: float = 2.0) -> float:
+    """Corpus chrF (0-100) from statistics summed over segments."""
+    return _chrf_from_stats(stats, order, beta)
+
+
 def chrf(
     hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], order: int = 6, beta: float = 2.0
 ) -> float:
     """Corpus chrF (0-100) equal to sacrebleu.corpus_chrf with its defaults: statistics summed over segments."""
-    total = [0] * (3 * order)
-    for hyp, refs in zip(hypotheses, _as_ref_lists(references)):
-        h = _char_ngrams(hyp, order)
-        best, best_f = None, -1.0
-        for ref in refs:  # the reference with the best segment F counts
-            r = _char_ngrams(ref, order)
-            stats = []
-            for hc, rc in zip(h, r):
-                stats += [sum(hc.values()), sum(rc.values()), sum(min(c, rc[g]) for g, c in hc.items())]
-            f = _chrf_from_stats(stats, order, beta)
-            if f > best_f:
-                best, best_f = stats, f
-        total = [a + b for a, b in zip(total, best or [0] * (3 * order))]
-    return _chrf_from_stats(total, order, beta)
+    rows = [chrf_stats(h, r, order, beta) for h, r in zip(hypotheses, _as_ref_lists(references))]
+    return _chrf_from_stats(_sum_stats(rows, 3 * order), order, beta)
 
 
 # --- ROUGE: rouge-score's default tokenizer (lowercase, [a-z0-9] words, no stemming); characters for Chinese ---

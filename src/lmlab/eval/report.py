@@ -16,6 +16,7 @@ from lmlab.eval.calibration import (
     plot_confusion,
     plot_reliability,
 )
+from lmlab.eval.scoring import compare_generations
 from lmlab.utils.atomic import write_json, write_text
 
 
@@ -30,7 +31,31 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float |
         for m in ("acc", "acc_norm", "ece"):
             if m in r:
                 rows.append((name, m, r[m], r.get(f"{m}_se")))
+        for m in r.get("metrics", []) if is_generation(r) else []:
+            rows.append((name, m, r[m], r.get(f"{m}_se")))
     return rows
+
+
+def is_generation(task_result: dict[str, Any]) -> bool:
+    """Whether a task's results come from a generate_until task (predictions scored against references)."""
+    return task_result.get("output_type") == "generate_until"
+
+
+def _cell(text: str, width: int = 80) -> str:
+    """Text fit for one Markdown table cell: one line, pipes escaped, shortened."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _examples(name: str, r: dict[str, Any], k: int = 5) -> list[str]:
+    """The first k examples of a generation task: what the numbers are made of."""
+    m = r["metrics"][0]
+    lines = ["", f"## {name}: first {min(k, len(r['records']))} examples", ""]
+    lines += [f"| input | prediction | reference | {m} |", "|---|---|---|---:|"]
+    for rec in r["records"][:k]:
+        refs = " / ".join(rec["references"])
+        lines.append(f"| {_cell(rec.get('input', ''))} | {_cell(rec['prediction'])} | {_cell(refs)} | {rec[m]:.3f} |")
+    return lines
 
 
 def format_markdown(results: dict[str, Any]) -> str:
@@ -49,8 +74,13 @@ def format_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {task} | {metric} | {value:.4f} | {'' if se is None else f'{se:.4f}'} |")
     for name, r in results["tasks"].items():
         if "by_group" in r:
-            lines += ["", f"## {name} by group", "", "| group | n | acc |", "|---|---:|---:|"]
-            lines += [f"| {g} | {v['n']} | {v['acc']:.3f} |" for g, v in r["by_group"].items()]
+            cols = r["metrics"] if is_generation(r) else ["acc"]
+            lines += ["", f"## {name} by group", "", f"| group | n | {' | '.join(cols)} |"]
+            lines.append("|---|---:|" + "---:|" * len(cols))
+            for g, v in r["by_group"].items():
+                lines.append(f"| {g} | {v['n']} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |")
+        if is_generation(r) and r.get("records"):
+            lines += _examples(name, r)
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +127,9 @@ def compare(a: dict[str, Any], b: dict[str, Any], n_boot: int = 1000) -> list[di
         if "records" in ra and "records" in rb:
             if len(ra["records"]) != len(rb["records"]):
                 raise LmlabError(f"{name}: {len(ra['records'])} vs {len(rb['records'])} examples", field="limit")
+            if is_generation(ra) or is_generation(rb):
+                rows += _compare_generation(name, ra, rb, n_boot)
+                continue
             for m in ("acc", "acc_norm"):
                 xa, xb = [r[m] for r in ra["records"]], [r[m] for r in rb["records"]]
                 rows.append({"task": name, "metric": m, **paired_bootstrap(xa, xb, n_boot=n_boot)})
@@ -106,6 +139,17 @@ def compare(a: dict[str, Any], b: dict[str, Any], n_boot: int = 1000) -> list[di
             ratio = lambda ws: sum(x for x, _ in ws) / sum(n for _, n in ws)
             rows.append({"task": name, "metric": "nll_per_token", **paired_bootstrap(wa, wb, ratio, n_boot=n_boot)})
     return sorted(rows, key=lambda r: (r["task"], r["metric"]))
+
+
+def _compare_generation(name: str, ra: dict[str, Any], rb: dict[str, Any], n_boot: int) -> list[dict[str, Any]]:
+    """Rows of B minus A for the metrics both generation runs computed, paired over the same examples."""
+    if not (is_generation(ra) and is_generation(rb)):
+        raise LmlabError(f"{name}: one run is a generation task and the other is not", field="tasks")
+    if any(x["references"] != y["references"] for x, y in zip(ra["records"], rb["records"])):
+        raise LmlabError(f"{name}: the two runs scored different examples", field="limit", hint="use the same --limit")
+    metrics = [m for m in ra["metrics"] if m in rb["metrics"]]
+    diffs = compare_generations(ra["records"], rb["records"], metrics, n_boot=n_boot)
+    return [{"task": name, "metric": m, **d} for m, d in diffs.items()]
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:

@@ -189,15 +189,15 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids", "document_ids") if k in batch}
     input_ids, labels = batch["input_ids"], batch["labels"]
-    logits = model(input_ids, **kwargs)  # (B, T, vocab)
     targets = labels[:, 1:]
     if "document_ids" in batch:
         # never let one packed document's last token predict the next document's first token
         docs = batch["document_ids"]
         targets = targets.masked_fill(docs[:, 1:] != docs[:, :-1], IGNORE)
     keep = targets != IGNORE  # (B, T - 1)
-    # only the counted positions go through the float32 cross-entropy: saves memory on large vocabularies
-    nll = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    # the vocabulary projection and the float32 cross-entropy run on the counted positions only
+    logits = model(input_ids, logits_mask=F.pad(keep, (0, 1), value=False), **kwargs)  # (N, vocab)
+    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     if "token_scale" in batch:
         return nll * batch["token_scale"][0].to(nll.dtype) / input_ids.shape[0]
     return nll / keep.sum().clamp(min=1)  # a batch without targets gives 0, not NaN

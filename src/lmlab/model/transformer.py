@@ -191,13 +191,23 @@ class Transformer(nn.Module):
             x = block(x, rope=rope, mask=mask, is_causal=is_causal, q_scale=q_scale, kv_cache=kv_cache)
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        logits_to_keep: int = 0,
+        logits_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) from the LM or MLM head, (B, num_labels) from a sequence classifier,
         (B, T, num_labels) from a token classifier; hidden states when the model has no head.
 
         logits_to_keep > 0 computes the head for the last positions only (generation needs one).
+        logits_mask (B, T) bool computes it only where True, returning (N, vocab) in row-major order:
+        fine-tuning needs logits on the answer tokens alone, and the vocabulary projection is costly.
         """
         h = self.hidden_states(input_ids, **kwargs)
+        if logits_mask is not None:
+            h = h[logits_mask]
         if self.classifier is not None:
             if self.cfg.head == "seq_cls":
                 h = self.pool_sequence(h, input_ids, kwargs.get("attention_mask"))

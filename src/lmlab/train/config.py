@@ -93,13 +93,15 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str | None = None
     finetune: dict[str, Any] = field(default_factory=dict)  # task, method, lora, freeze, remedies
+    tune: dict[str, Any] = field(default_factory=dict)  # hyperparameter search: metric, space
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as saved beside every checkpoint."""
         train = dataclasses.asdict(self.train)
         train["betas"] = list(train["betas"])
         out = {"model": self.model, "data": self.data, "train": train}
-        return {**out, "finetune": self.finetune} if self.finetune else out
+        out.update({k: v for k, v in (("finetune", self.finetune), ("tune", self.tune)) if v})
+        return out
 
 
 def coerce(cls: type, values: dict[str, Any], section: str, source: str | None = None) -> dict[str, Any]:
@@ -157,27 +159,32 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
                 f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path), line=line and line + 1
             ) from None
     raw = apply_overrides(raw, overrides or [])
-    unknown = set(raw) - {"model", "data", "train", "finetune"}
+    return recipe_from_dict(raw, str(path) if path else None)
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> Recipe:
+    """Validate a recipe given as a dict (as read from YAML): sections, every train setting."""
+    path = source
+    unknown = set(raw) - {"model", "data", "train", "finetune", "tune"}
     if unknown:
         raise LmlabError(
-            "unknown section (sections: model, data, train, finetune)", file=str(path), field=sorted(unknown)[0]
+            "unknown section (sections: model, data, train, finetune, tune)", file=path, field=sorted(unknown)[0]
         )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     train = raw.get("train") or {}
     for key in train:
         if key not in known:
-            raise LmlabError(
-                f"unknown setting; known: {', '.join(sorted(known))}", file=str(path), field=f"train.{key}"
-            )
+            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=path, field=f"train.{key}")
     try:
-        cfg = TrainConfig(**coerce(TrainConfig, train, "train", str(path) if path else None))
+        cfg = TrainConfig(**coerce(TrainConfig, train, "train", path))
     except LmlabError as e:
-        e.file = e.file or (str(path) if path else None)
+        e.file = e.file or path
         raise
     return Recipe(
         model=raw.get("model") or {},
         data=raw.get("data") or {},
         train=cfg,
-        source=str(path) if path else None,
+        source=path,
         finetune=raw.get("finetune") or {},
+        tune=raw.get("tune") or {},
     )
