@@ -245,7 +245,7 @@ def _eval(args: argparse.Namespace) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate(
         args.model, tasks, args.limit, args.num_fewshot, args.data, args.max_length, args.stride,
-        args.batch_size, args.device, args.out,
+        args.batch_size, args.device, args.out, chat_template=args.chat_template,
     )  # fmt: skip
     print(format_markdown(results), end="")
     if args.out:
@@ -362,7 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity and benchmarks (mmlu) with bootstrap error bars; or: eval compare A B")
     ev.add_argument("compare", nargs="*", help="compare RESULTS_A RESULTS_B: difference with a paired-bootstrap CI")
     ev.add_argument("--model", help="a Hugging Face directory, a .gguf file or a packaged name")
-    ev.add_argument("--tasks", default="mmlu", help="comma-separated: ppl, mmlu, or task YAML paths")
+    ev.add_argument(
+        "--tasks",
+        default="mmlu",
+        help="comma-separated: ppl, mmlu, chatterbot-en, chatterbot-zh, tang-poems, or task YAML paths",
+    )
+    ev.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render prompts with the model's chat template (default: as each task says)",
+    )
     ev.add_argument("--limit", type=int, default=None, help="N questions (seeded sample); ppl: N documents")
     ev.add_argument("--num-fewshot", type=int, default=0)
     ev.add_argument("--data", default=None, help="text for ppl: a .txt/.jsonl file or a data set name (test split)")

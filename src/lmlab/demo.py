@@ -9,7 +9,11 @@ Stage 3 (model): load SmolLM2-135M-Instruct from its GGUF file, describe it, and
 would say next for an English and a Chinese question.
 Stage 4 (generation): it answers both questions, streamed token by token, and --explain shows
 how temperature, top-k and top-p reshape its first choices (also written as a PNG).
-Stage 5 (serving): `lmlab serve` starts on SmolLM2, the official `openai` client asks it a question.
+Stage 5 (fine-tuning): LoRA SFT of SmolLM2 on chatterbot conversations for a couple of minutes;
+the same questions answered before and after; the adapter merged into one checkpoint.
+Stage 6 (evaluation): perplexity and a 100-question MMLU slice of SmolLM2 before and after that
+fine-tuning, with a paired-bootstrap comparison table.
+Stage 7 (serving): `lmlab serve` starts on SmolLM2, the official `openai` client asks it a question.
 """
 
 from __future__ import annotations
@@ -71,6 +75,36 @@ def pretrain_stage() -> None:
     )
 
 
+def finetune_stage() -> Path:
+    """LoRA SFT from recipes/finetune/demo.yaml; prints answers before and after; returns the merged model."""
+    from lmlab.finetune.lora import merge_adapter
+    from lmlab.finetune.report import format_summary
+    from lmlab.finetune.run import finetune
+    from lmlab.train.config import load_recipe
+
+    _stage("fine-tuning: LoRA SFT of SmolLM2 on chatterbot (recipes/finetune/demo.yaml)")
+    summary = finetune(load_recipe("recipes/finetune/demo.yaml"))
+    print(format_summary(summary), end="")
+    merged = merge_adapter(MODEL, summary["model"], OUT / "finetune" / "merged")
+    print(f"merged adapter + base: {merged} (transformers loads it as LlamaForCausalLM)")
+    return merged
+
+
+def eval_stage(merged: Path) -> None:
+    """Perplexity and MMLU (100 questions) before and after fine-tuning, compared."""
+    from lmlab.eval.harness import evaluate
+    from lmlab.eval.report import compare, format_comparison
+
+    _stage("evaluation: perplexity (King James Bible, 100 passages) and MMLU (100 questions), before vs after")
+    results = {}
+    for name, path in (("before", MODEL), ("after", merged)):
+        results[name] = evaluate(path, ["ppl", "mmlu"], limit=100, data="kjv", max_length=256,
+                                 out=OUT / "eval" / name, progress=False)  # fmt: skip
+    print("A = SmolLM2-135M-Instruct, B = after the demo's LoRA SFT")
+    print(format_comparison(compare(results["before"], results["after"])), end="")
+    print(f"(results.json and report.md under {OUT / 'eval'})")
+
+
 def serve_stage() -> None:
     """Start the OpenAI-compatible server, send one request with the official client."""
     import openai
@@ -122,6 +156,8 @@ def main() -> int:
         steps = explain(model, tokenizer, prompt, GenerationConfig(temperature=0.7, top_k=20, top_p=0.9, seed=0), k=6)
         print(format_explanation(steps))
         print(f"plot: {plot_explanation(steps, OUT / 'explain.png')}")
+        del model
+        eval_stage(finetune_stage())
         serve_stage()
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)

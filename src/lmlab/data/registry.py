@@ -112,8 +112,10 @@ def _tang_poems(root: Path) -> Iterator[Record]:
             lines = [x.strip() for x in block.strip("%\n").splitlines() if x.strip()]
             if len(lines) < 3:
                 continue
-            title = lines[0].strip("《》")
-            author = lines[1].removeprefix("作者：") if lines[1].startswith("作者") else ""
+            # tang300 writes 《title》 / 作者：name; song100 writes 题目:《title》 / 作者:name（dates）
+            title = re.sub(r"^题目[:：]", "", lines[0]).strip("《》")
+            author = re.sub(r"^作者[:：]", "", lines[1]) if lines[1].startswith("作者") else ""
+            author = re.sub(r"（[^）]*）$", "", author).strip()
             body = "\n".join(lines[2:] if author else lines[1:])
             yield {
                 "text": f"{lines[0]}\n{lines[1]}\n{body}",

@@ -54,6 +54,7 @@ class FinetuneConfig:
     adversarial: dict[str, Any] | None = None  # {method: fgm|pgd, epsilon, alpha, steps}
     cls_dropout: float | None = None  # dropout before the classifier
     label_noise_threshold: float = 0.0  # > 0: a report of training examples the model confidently disagrees with
+    extend_vocab: bool = False  # add characters the tokenizer maps to [UNK] (Chinese in an English vocabulary)
     samples: list[str] = field(default_factory=list)  # sft: prompts answered before and after
     sample_tokens: int = 64
 
@@ -72,6 +73,9 @@ class FinetuneConfig:
                 raise LmlabError(f"{getattr(self, name)!r} must be {want}", field=f"finetune.{name}")
         if self.method == "freeze" and not self.freeze:
             raise LmlabError("method freeze needs a list of what to freeze", field="finetune.freeze")
+        if self.extend_vocab and (self.method == "lora" or "embeddings" in self.freeze):
+            raise LmlabError("new tokens need a trainable embedding", field="finetune.extend_vocab",
+                             hint="use method full, or freeze other parts")  # fmt: skip
 
 
 def finetune_config(recipe: Recipe) -> FinetuneConfig:
@@ -410,6 +414,12 @@ def run_records(
     if ft.task in ("classification", "ner"):
         labels = task_data.LabelMap.from_records(records["train"]).labels
     model, tokenizer = load_base(recipe, ft, labels)
+    added = 0
+    if ft.extend_vocab:
+        from lmlab.finetune.vocab import extend_vocabulary, unknown_characters
+
+        texts = (r.get("text") or "".join(r.get("tokens", [])) for r in records["train"])
+        added = extend_vocabulary(model, tokenizer, unknown_characters(tokenizer, texts), seed=cfg.seed)
     params = prepare_model(model, ft, cfg.seed)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rows = cfg.micro_batch_size * cfg.grad_accum * world
@@ -419,6 +429,8 @@ def run_records(
     recipe = dataclasses.replace(recipe, train=cfg)
     summary: dict[str, Any] = {"task": ft.task, "method": ft.method, "parameters": params, **data.info,
                                "max_steps": cfg.max_steps}  # fmt: skip
+    if ft.extend_vocab:
+        summary["added_tokens"] = added
     prompts = list(ft.samples) if ft.task == "sft" else []
     summary["prompts"] = prompts
     if not resume and report:

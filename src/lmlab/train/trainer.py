@@ -304,26 +304,29 @@ class Trainer:
             self._writer = SummaryWriter(str(self.out / "tensorboard"))
         if not resume:  # dropout draws from here; a resumed run restores the saved RNG state instead
             torch.manual_seed(cfg.seed + d.rank)
-        block = getattr(self.train_data, "block_size", cfg.block_size)
-        tokens_per_step = self.global_batch_size() * block
-        flops_step = 3 * flops_per_token(self.raw.cfg, block) * tokens_per_step  # forward + backward
         peak = measure_matmul_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32) * d.world
         bar = tqdm(
             total=cfg.max_steps, initial=self.state.step, disable=not self.progress, unit="step", dynamic_ncols=True
         )
-        stopped_early, t_last, steps_since = False, time.perf_counter(), 0
+        stopped_early, t_last = False, time.perf_counter()
+        window_tokens = window_flops = 0
         every_ckpt = cfg.checkpoint_every or cfg.eval_every
         while self.state.step < cfg.max_steps:
             batch = self.train_data.get_batch(self.state.step)
             info = self.train_step(batch)
-            self.state.tokens += tokens_per_step
-            steps_since += 1
+            # tokens this step really ran (fine-tuning batches are padded to their own length)
+            ids = _input_ids(batch)
+            step_tokens = ids.numel()
+            self.state.tokens += step_tokens
+            window_tokens += step_tokens
+            window_flops += 3 * flops_per_token(self.raw.cfg, ids.shape[-1]) * step_tokens  # forward + backward
             step = self.state.step
             if step % cfg.log_every == 0 or step == cfg.max_steps or info.get("skipped"):
                 dt = time.perf_counter() - t_last
-                rate = steps_since * tokens_per_step / max(dt, 1e-9)
-                mfu = steps_since * flops_step / max(dt, 1e-9) / peak
-                t_last, steps_since = time.perf_counter(), 0
+                rate = window_tokens / max(dt, 1e-9)
+                mfu = window_flops / max(dt, 1e-9) / peak
+                window_tokens = window_flops = 0
+                t_last = time.perf_counter()
                 record = {"step": step, **info, "tokens_per_s": rate, "mfu": mfu, "tokens": self.state.tokens}
                 self._log(record)
                 bar.set_postfix(
@@ -392,6 +395,13 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
         return summary
+
+
+def _input_ids(batch: Batch) -> torch.Tensor:
+    """The token ids of a batch: a tensor, the first of a tuple, or a dict's input_ids."""
+    if isinstance(batch, dict):
+        return batch["input_ids"]
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _cuda_rng() -> dict[str, Any]:
