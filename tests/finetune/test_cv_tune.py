@@ -26,14 +26,15 @@ def test_stratified_folds_partition_and_keep_label_shares():
 def test_label_issues_are_the_confident_disagreements():
     probs = np.array([
         [0.95, 0.05],  # labelled 0, agrees
+        [0.85, 0.15],  # labelled 0, agrees (class 0's threshold: mean of 0.95 and 0.85 = 0.90)
         [0.97, 0.03],  # labelled 1 but the model is sure it is 0: flagged first (largest margin)
         [0.55, 0.45],  # labelled 1, model leans 0 but below class 0's threshold: not flagged
         [0.10, 0.90],  # labelled 1, agrees
-        [0.90, 0.10],  # labelled 1, model confident 0: flagged
+        [0.90, 0.10],  # labelled 1, model at class 0's threshold: flagged
     ])  # fmt: skip
-    labels = [0, 1, 1, 1, 1]
-    assert flag_label_issues(probs, labels, threshold=0.5) == [1, 4]
-    assert flag_label_issues(probs, labels, threshold=0.96) == [1]
+    labels = [0, 0, 1, 1, 1, 1]
+    assert flag_label_issues(probs, labels, threshold=0.5) == [2, 5]
+    assert flag_label_issues(probs, labels, threshold=0.96) == [2]  # the floor raises the bar
 
 
 def test_label_noise_report_writes_the_suspects(tmp_path):

@@ -38,7 +38,7 @@ def format_summary(s: dict[str, Any]) -> str:
             b = before.get(k)
             lines.append(f"  {k:<20} {_fmt(b) if b is not None else '-':>8} -> {_fmt(after[k])}")
     test = s.get("test") or {}
-    if "accuracy" in test:
+    if "ece" in test:  # classification (entity scores carry a token accuracy too)
         lines.append(f"test (n={test['n']}): accuracy {test['accuracy']:.4f} ± {test['accuracy_se']:.4f}, "
                      f"macro-F1 {test['macro']['f1']:.4f} ± {test['macro']['f1_se']:.4f}, ECE {test['ece']:.4f}")  # fmt: skip
         lines.append(f"  plots: {', '.join(test.get('plots', []))}")

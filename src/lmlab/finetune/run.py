@@ -435,6 +435,8 @@ def run_records(
     summary["prompts"] = prompts
     if not resume and report:
         summary["before"] = {"val_loss": held_out_loss(model, data.val, data.loss_fn)}
+        if data.eval_fn is not None:
+            summary["before"].update(data.eval_fn(model))
         if prompts:
             summary["before"]["answers"] = answer(model, tokenizer, prompts, ft.sample_tokens)
     trainer = Trainer(model, data.train, cfg, val_data=data.val, tokenizer=tokenizer, loss_fn=data.loss_fn,
