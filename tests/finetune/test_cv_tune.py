@@ -90,6 +90,8 @@ def test_tune_resumes_and_compares_with_the_default(tmp_path, tiny_bert, sentime
     study.ask()
     report = tune(recipe, trials=3)
     assert report["trials"] == 3 and len(report["all"]) == 3
+    lrs = [r["params"]["train.lr"] for r in report["all"]]
+    assert len(set(lrs)) == 3  # the resumed sampler does not replay the first run's draws
     reloaded = optuna.load_study(study_name="lmlab", storage=f"sqlite:///{tmp_path / 'out' / 'tune' / 'study.db'}")
     assert sum(t.state.name == "FAIL" for t in reloaded.trials) == 1
     assert report["best"]["value"] >= report["default"]["value"]

@@ -90,7 +90,7 @@ def test_class_weights_match_scikit_learn_weighted_log_loss():
     model, batch = _classifier(), _batch(rows=8)
     weights = torch.tensor([0.5, 1.0, 3.0])
     with torch.no_grad():
-        probs = F.softmax(model(batch["input_ids"], attention_mask=batch["attention_mask"]), -1).double().numpy()
+        probs = F.softmax(model(batch["input_ids"], attention_mask=batch["attention_mask"]).double(), -1).numpy()
         got = classification_loss(model, batch, class_weights=weights).item()
         plain = classification_loss(model, batch).item()
     y = batch["labels"].numpy()

@@ -99,6 +99,9 @@ def tune(recipe: Recipe, trials: int, out_dir: str | None = None, progress: bool
         sampler=optuna.samplers.TPESampler(seed=recipe.train.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
     )
+    # a fresh sampler replays its seed's draws: offset it by the trials so far so a resumed study
+    # explores new settings instead of repeating the ones it already tried
+    study.sampler = optuna.samplers.TPESampler(seed=recipe.train.seed + len(study.trials))
     # a killed run leaves its trial RUNNING forever: mark it failed so it does not count
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
