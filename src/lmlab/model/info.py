@@ -28,7 +28,9 @@ def flops_per_token(cfg: ModelConfig, context: int) -> int:
     d, hd = cfg.d_model, cfg.head_dim
     attn_proj = d * hd * (2 * cfg.n_head + 2 * cfg.n_kv_head)
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
-    head = d * cfg.vocab_size if cfg.head != "none" else 0
+    head = d * cfg.vocab_size if cfg.head in ("lm", "mlm") else 0
+    if cfg.head == "token_cls":
+        head = d * cfg.num_labels  # a sequence classifier runs once per sequence: negligible
     span = min(context, cfg.sliding_window or context)
     attn_scores = 2 * cfg.n_head * hd * span
     return 2 * (cfg.n_layer * (attn_proj + mlp + attn_scores) + head)
