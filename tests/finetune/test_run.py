@@ -168,3 +168,27 @@ def test_embed_cli_writes_normalized_vectors(tmp_path, minilm_dir, pooling):
     want = embed(model, tok, ["a cat sat on the mat", "今天天气很好", "the stock market fell"], pooling=pooling)
     np.testing.assert_allclose(vectors, want, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_continued_pretraining_on_domain_text(tmp_path, tiny_chat_llama):
+    """task lm: every token of plain documents is a target; the domain's held-out loss falls."""
+    import yaml
+
+    rng = np.random.default_rng(0)
+    words = ["thou", "shalt", "the", "lord", "said", "unto", "him", "and", "behold", "israel"]
+    docs = [{"text": " ".join(rng.choice(words[:5] if i % 2 else words[5:], 12))} for i in range(64)]
+    write_jsonl(tmp_path / "d" / "train.jsonl", docs)
+    write_jsonl(tmp_path / "d" / "validation.jsonl", docs[:8])
+    recipe = {
+        "model": {"init_from": str(tiny_chat_llama)},
+        "finetune": {"task": "lm", "method": "full", "epochs": 3},
+        "data": {"train": str(tmp_path / "d" / "train.jsonl"), "validation": str(tmp_path / "d" / "validation.jsonl")},
+        "train": {"out_dir": str(tmp_path / "out"), "block_size": 32, "micro_batch_size": 4, "lr": 1e-2,
+                  "warmup_steps": 1, "eval_every": 10, "log_every": 5},
+    }  # fmt: skip
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(recipe))
+    summary = finetune(load_recipe(tmp_path / "lm.yaml"), progress=False)
+    assert summary["data"]["assistant_tokens"] == summary["data"]["tokens"] - summary["data"]["examples"]
+    assert summary["after"]["val_loss"] < 0.7 * summary["before"]["val_loss"]
+    model, _ = load_pretrained(tmp_path / "out" / "final")  # a plain causal LM checkpoint
+    assert model.cfg.head == "lm"
