@@ -96,4 +96,6 @@ def test_tune_resumes_and_compares_with_the_default(tmp_path, tiny_bert, sentime
     assert sum(t.state.name == "FAIL" for t in reloaded.trials) == 1
     assert report["best"]["value"] >= report["default"]["value"]
     assert (tmp_path / "out" / "tune" / "search.png").stat().st_size > 0
+    trial = tmp_path / "out" / "tune" / "trial-001"
+    assert (trial / "metrics.jsonl").exists() and not (trial / "final").exists()  # trials keep no weights
     assert "default" in (tmp_path / "out" / "tune" / "report.md").read_text()

@@ -70,6 +70,7 @@ def _trial_recipe(base: dict[str, Any], params: dict[str, Any], out_dir: Path, s
     raw.pop("tune", None)
     apply_overrides(raw, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()])
     raw.setdefault("train", {})["out_dir"] = str(out_dir)
+    raw["train"]["save_checkpoints"] = False  # a trial is scored, not kept: no weights on disk
     return recipe_from_dict(raw, source)
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     early_stopping_metric: str = "val_loss"
     checkpoint_every: int = 0  # 0: at each eval
     keep_last: int = 2
+    save_checkpoints: bool = True  # False: write nothing (a hyperparameter-search trial keeps only its log)
     nan_patience: int = 5  # stop after this many non-finite losses in a row
     # execution
     dtype: str = "float32"  # float32 or bfloat16 (autocast)

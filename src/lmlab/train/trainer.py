@@ -353,14 +353,15 @@ class Trainer:
                     self._best_weights = {
                         k: v.detach().clone() for k, v in self.raw.named_parameters() if v.requires_grad
                     }
-                    self.save(self.out / "best")
+                    if cfg.save_checkpoints:
+                        self.save(self.out / "best")
                 else:
                     self.state.bad_evals += 1
                 if self.on_eval is not None:
                     self.on_eval(step, metrics)
                 if cfg.early_stopping_patience and self.state.bad_evals >= cfg.early_stopping_patience:
                     stopped_early = True
-            if step % every_ckpt == 0 or stopped_early or step == cfg.max_steps:
+            if cfg.save_checkpoints and (step % every_ckpt == 0 or stopped_early or step == cfg.max_steps):
                 self.save(self.out / "checkpoints" / f"step-{step:06d}")
                 if d.main:
                     ckpt.prune(self.out, cfg.keep_last)
@@ -385,7 +386,8 @@ class Trainer:
             "skipped_steps": self.state.skipped,
             "tokens": self.state.tokens,
         }
-        self.save(self.out / "final")
+        if cfg.save_checkpoints:
+            self.save(self.out / "final")
         if d.main:
             records = self.records()
             if records:
