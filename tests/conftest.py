@@ -15,8 +15,11 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
-def hf_tiny(model_type: str, seed: int = 0, **overrides):
-    """A tiny random transformers model (no download), initialized with a wide spread so bugs show."""
+def hf_tiny(model_type: str, seed: int = 0, task: str | None = None, **overrides):
+    """A tiny random transformers model (no download), initialized with a wide spread so bugs show.
+
+    task "seq_cls" / "token_cls" builds the family's *ForSequenceClassification / *ForTokenClassification.
+    """
     import transformers
 
     base = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.1)
@@ -29,7 +32,11 @@ def hf_tiny(model_type: str, seed: int = 0, **overrides):
     base.update(overrides)
     config = transformers.AutoConfig.for_model(model_type, **base)
     torch.manual_seed(seed)
-    if model_type == "bert" and "BertModel" in (config.architectures or []):
+    if task is not None:
+        auto = {"seq_cls": transformers.AutoModelForSequenceClassification,
+                "token_cls": transformers.AutoModelForTokenClassification}[task]  # fmt: skip
+        model = auto.from_config(config)
+    elif model_type == "bert" and "BertModel" in (config.architectures or []):
         model = transformers.BertModel(config)
     elif model_type == "bert":
         model = transformers.BertForMaskedLM(config)

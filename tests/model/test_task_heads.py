@@ -8,52 +8,21 @@ import transformers
 
 import lmlab
 from lmlab.model.checkpoint import load_pretrained
+from tests.conftest import hf_tiny
+from tests.model.test_hf_parity import _batch as _padded_batch
 
 TOL = 1e-4
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bert")
 LABELS = ["neg", "neu", "pos"]
 
 
-def _hf_task_model(family: str, head: str, seed: int = 0, **overrides):
-    base = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.1)
-    if family in ("llama", "mistral", "qwen2"):
-        base.update(intermediate_size=96, num_key_value_heads=2, max_position_embeddings=128)
-    if family == "gpt2":
-        base = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1)
-    if family == "bert":
-        base.update(intermediate_size=128, max_position_embeddings=64)
-    base.update(id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}, pad_token_id=0)
-    base.update(overrides)
-    config = transformers.AutoConfig.for_model(family, **base)
-    torch.manual_seed(seed)
-    cls = (
-        transformers.AutoModelForSequenceClassification
-        if head == "seq_cls"
-        else transformers.AutoModelForTokenClassification
-    )
-    model = cls.from_config(config)
-    with torch.no_grad():  # norms start at 1 and biases at 0: randomize them so mapping bugs show
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias") or "ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def _batch(padding_side: str):
-    torch.manual_seed(1)
-    ids = torch.randint(3, 128, (3, 12))
-    mask = torch.ones_like(ids)
-    if padding_side == "right":
-        mask[1, 9:] = 0
-        mask[2, 5:] = 0
-    else:
-        mask[1, :3] = 0
-        mask[2, :7] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+def _hf_task_model(family: str, head: str):
+    labels = dict(id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}, pad_token_id=0)
+    return hf_tiny(family, task=head, **labels)
 
 
 def _compare(ours, theirs, head, padding_side):
-    ids, mask = _batch(padding_side)
+    ids, mask = _padded_batch(128, padding_side)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # transformers counts left padding as positions otherwise
     kwargs = {} if isinstance(theirs, (transformers.BertPreTrainedModel,)) else {"position_ids": positions}
     with torch.no_grad():
@@ -92,8 +61,6 @@ def test_task_head_parity_both_ways(family, head, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_new_head_on_a_pretrained_trunk(family, tmp_path):
     """Loading a base checkpoint with head=seq_cls keeps every trunk weight and adds a fresh classifier."""
-    from tests.conftest import hf_tiny
-
     base = hf_tiny(family)
     base.save_pretrained(tmp_path / "base")
     lm, _ = load_pretrained(tmp_path / "base")
@@ -103,7 +70,7 @@ def test_new_head_on_a_pretrained_trunk(family, tmp_path):
         assert torch.equal(clf.state_dict()[name], p), name
     assert clf.classifier.weight.shape == (3, 64)
     assert clf.classifier.weight.std() > 0  # a fresh random init, not zeros
-    ids, mask = _batch("right")
+    ids, mask = _padded_batch(128, "right")
     with torch.no_grad():
         h = lm.hidden_states(ids, attention_mask=mask)
         logits = clf(ids, attention_mask=mask)
@@ -114,7 +81,7 @@ def test_new_head_on_a_pretrained_trunk(family, tmp_path):
 def test_pooling_modes_and_config_errors():
     cfg = lmlab.ModelConfig.from_preset("llama-tiny", head="seq_cls", num_labels=2, cls_pooling="mean")
     model = lmlab.Transformer(cfg).eval()
-    ids, mask = _batch("right")
+    ids, mask = _padded_batch(128, "right")
     with torch.no_grad():
         h = model.hidden_states(ids, attention_mask=mask)
         want = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmlab.utils.atomic import write_text
 
-def flag_label_issues(probs: np.ndarray, labels: Sequence[int], threshold: float = 0.5) -> list[int]:
-    """Indices of suspect examples, most suspicious first (by the margin p(suggested) - p(given))."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels)
+
+def _issues(probs: np.ndarray, labels: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """(example, suggested class) of every suspect, most suspicious first (by p(suggested) - p(given))."""
     n, k = probs.shape
     # per-class confidence thresholds: the mean probability of class j on examples labelled j
     thresholds = np.array([probs[labels == j, j].mean() if (labels == j).any() else 1.0 for j in range(k)])
@@ -31,8 +30,13 @@ def flag_label_issues(probs: np.ndarray, labels: Sequence[int], threshold: float
     suggested = candidates.argmax(1)
     given = probs[np.arange(n), labels]
     flagged = [i for i in range(n) if candidates[i, suggested[i]] > given[i]]
-    margin = {i: probs[i, suggested[i]] - given[i] for i in flagged}
-    return sorted(flagged, key=lambda i: -margin[i])
+    flagged.sort(key=lambda i: given[i] - probs[i, suggested[i]])
+    return [(i, int(suggested[i])) for i in flagged]
+
+
+def flag_label_issues(probs: np.ndarray, labels: Sequence[int], threshold: float = 0.5) -> list[int]:
+    """Indices of suspect examples, most suspicious first (by the margin p(suggested) - p(given))."""
+    return [i for i, _ in _issues(np.asarray(probs, dtype=np.float64), np.asarray(labels), threshold)]
 
 
 def label_noise_report(
@@ -45,27 +49,22 @@ def label_noise_report(
     in_sample: bool = False,
 ) -> dict[str, Any]:
     """Write flagged examples (text, given label, suggested label, probabilities) as JSONL; return a summary."""
-    probs = np.asarray(probs, dtype=np.float64)
-    flagged = flag_label_issues(probs, labels, threshold)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in flagged:
-            r = records[i]
-            suggested = int(np.argmax(np.where(np.arange(probs.shape[1]) == labels[i], -1, probs[i])))
-            row = {
-                "index": i,
-                "text": r.get("text"),
-                "given": names[labels[i]],
-                "suggested": names[suggested],
-                "p_given": round(float(probs[i, labels[i]]), 4),
-                "p_suggested": round(float(probs[i, suggested]), 4),
-                "file": r.get("_file"),
-                "line": r.get("_line"),
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    flagged = _issues(probs, labels, threshold)
+    rows = []
+    for i, suggested in flagged:
+        r = records[i]
+        rows.append({
+            "index": i,
+            "text": r.get("text"),
+            "given": names[labels[i]],
+            "suggested": names[suggested],
+            "p_given": round(float(probs[i, labels[i]]), 4),
+            "p_suggested": round(float(probs[i, suggested]), 4),
+            "file": r.get("_file"),
+            "line": r.get("_line"),
+        })  # fmt: skip
+    write_text(out_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return {
         "flagged": len(flagged),
         "of": len(labels),

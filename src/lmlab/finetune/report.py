@@ -9,6 +9,10 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def _noise_line(n: dict[str, Any]) -> str:
+    return f"label noise: {n['flagged']} of {n['of']} training examples flagged ({n['probabilities']}): {n['file']}"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """A short human-readable report of a `finetune` or `cross_validate` summary."""
     lines: list[str] = []
@@ -17,10 +21,7 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, m in s["metrics"].items():
             lines.append(f"  {name:<20} {m['mean']:.4f} ± {m['std']:.4f}  (folds: {', '.join(f'{v:.4f}' for v in m['values'])})")  # fmt: skip
         if s.get("label_noise"):
-            n = s["label_noise"]
-            lines.append(
-                f"label noise: {n['flagged']} of {n['of']} examples flagged ({n['probabilities']}): {n['file']}"
-            )
+            lines.append(_noise_line(s["label_noise"]))
         lines.append(f"folds under {s['out_dir']}")
         return "\n".join(lines) + "\n"
     p = s["parameters"]
@@ -54,9 +55,6 @@ def format_summary(s: dict[str, Any]) -> str:
                              zip(before["answers"], after.get("answers", []))):  # fmt: skip
             lines.append(f"  Q: {q}\n    before: {a[:160]!r}\n    after:  {b[:160]!r}")
     if s.get("label_noise"):
-        n = s["label_noise"]
-        lines.append(
-            f"label noise: {n['flagged']} of {n['of']} training examples flagged ({n['probabilities']}): {n['file']}"
-        )
+        lines.append(_noise_line(s["label_noise"]))
     lines.append(f"model: {s['model']}  (curves: {s['train'].get('plot')})")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.train.config import Recipe, coerce
 from lmlab.train.trainer import Trainer
-from lmlab.utils.atomic import write_json
+from lmlab.utils.atomic import write_json, write_text
 
 TASKS = ("sft", "classification", "ner", "lm")
 METHODS = ("full", "lora", "freeze")
@@ -121,12 +121,7 @@ def _select(path: Path, data: dict[str, Any], split: str, out_dir: Path, seed: i
     if not lines:
         raise LmlabError(f"no record matches data.where {where}", file=str(path), field="data.where")
     out = out_dir / "data" / f"{split}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for _, obj in lines:
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_text(out, "".join(json.dumps(obj, ensure_ascii=False) + "\n" for _, obj in lines))
     return out
 
 
@@ -234,7 +229,7 @@ def predict(model: torch.nn.Module, dataset: Any, batch_size: int = 32) -> tuple
     return cat(y_true), cat(y_pred), torch.cat(probs).numpy()
 
 
-def classification_metrics(model, dataset, labels: list[str], prefix: str = "val_") -> dict[str, float]:
+def classification_metrics(model, dataset, prefix: str = "val_") -> dict[str, float]:
     """Accuracy and macro-F1 of a classifier on a dataset (the Trainer's periodic evaluation)."""
     from lmlab.eval.metrics import accuracy, precision_recall_f1
 
@@ -313,7 +308,7 @@ def build_task_data(
             info["class_weights"] = {lab: round(float(w), 4) for lab, w in zip(lm.labels, weights)}
     loss = lambda m, b: classification_loss(m, b, class_weights=weights, label_smoothing=smoothing)
     if ft.task == "classification":
-        eval_fn = (lambda m: classification_metrics(m, val, lm.labels)) if val is not None else None
+        eval_fn = (lambda m: classification_metrics(m, val)) if val is not None else None
     else:
         eval_fn = (lambda m: ner_metrics(m, val)) if val is not None else None
     return TaskData(train, val, test, _maybe_adversarial(loss, ft), eval_fn, info, lm.labels)
@@ -322,9 +317,9 @@ def build_task_data(
 def _maybe_adversarial(loss: Callable, ft: FinetuneConfig) -> Callable:
     if not ft.adversarial:
         return loss
-    spec = {k: v for k, v in ft.adversarial.items()}
+    spec = {k: (float(v) if k in ("epsilon", "alpha") else v) for k, v in ft.adversarial.items()}
     try:
-        return adversarial_loss(loss, **{k: (float(v) if k in ("epsilon", "alpha") else v) for k, v in spec.items()})
+        return adversarial_loss(loss, **spec)
     except TypeError as e:
         raise LmlabError(f"bad adversarial setting: {e}", field="finetune.adversarial") from None
 

@@ -8,11 +8,9 @@ position_ids/document_ids, or padded rows with attention_mask) -> `sft_loss(mode
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,19 +77,9 @@ def _conversation(record: Any, file: str, line: int) -> Messages:
 
 def read_sft_jsonl(path: str | os.PathLike) -> list[Messages]:
     """Conversations from a chat ({"messages": [...]}) or Alpaca ({"instruction", "input", "output"}) JSONL file."""
-    path = Path(path)
-    if not path.exists():
-        raise LmlabError("no such file", file=str(path))
-    conversations = []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"invalid JSON: {e.msg} (column {e.colno})", file=str(path), line=n) from None
-            conversations.append(_conversation(record, str(path), n))
+    from lmlab.finetune.task_data import iter_jsonl
+
+    conversations = [_conversation(record, str(path), n) for n, record in iter_jsonl(path)]
     if not conversations:
         raise LmlabError("no conversations in this file", file=str(path))
     return conversations
