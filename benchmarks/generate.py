@@ -1,8 +1,10 @@
 """Decode speed: lmlab vs transformers `generate` on SmolLM2-135M-Instruct (same weights, greedy).
 
 Batch 1 and 8, 128 new tokens each (EOS disabled so both do all the steps), runs interleaved and
-the median compared; beside them the weight-streaming bound: at batch 1 every step must read all
-weights once, so tokens/s <= memory bandwidth / weight bytes (bandwidth measured here, now).
+the median compared; lmlab eager and with `compile=True` (static KV cache, one compiled graph per
+step; compilation happens in the untimed warm-up). Beside them the weight-streaming bound: every
+step must read all weights once, so tokens/s <= memory bandwidth / weight bytes per step
+(bandwidth measured here, now).
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 3]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import transformers
@@ -51,9 +54,9 @@ def main() -> None:
         f"SmolLM2-135M fp32, {weight_bytes / 1e6:.0f} MB of weights; memory read bandwidth {bw:.1f} GB/s "
         f"-> weight-streaming bound {bound:.0f} tokens/s at batch 1; {torch.get_num_threads()} threads"
     )
-    print(f"{'batch':>5}{'lmlab tok/s':>14}{'transformers tok/s':>20}{'ratio':>8}{'% of bound':>12}{'same ids':>10}")
+    print(f"{'batch':>5}{'mode':>10}{'lmlab tok/s':>13}{'hf tok/s':>10}{'ratio':>8}{'% of bound':>12}{'same ids':>10}")
     prompts = ["Write a short story about a robot.", "中国的四大发明是什么？", "List five colors.", "What is 2+2?"] * 2
-    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
+    base = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
     for batch in args.batches:
         rows = [
             tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
@@ -63,21 +66,27 @@ def main() -> None:
         kwargs = dict(
             attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )
-        ours_t, theirs_t = [], []
+        compiled = base.replace(compile=True)
+        runs = {
+            "eager": partial(generate_ids, ours, ids, mask, base, eos=[], pad_id=tok.pad_token_id),
+            "compiled": partial(generate_ids, ours, ids, mask, compiled, eos=[], pad_id=tok.pad_token_id),
+            "hf": partial(theirs.generate, ids, **kwargs),
+        }
+        times = {name: [] for name in runs}
         with torch.inference_mode():
-            a = generate_ids(ours, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)  # warm-up, and the ids
-            b = theirs.generate(ids, **kwargs)
+            out = {name: run() for name, run in runs.items()}  # warm-up (and compilation), and the ids
             for _ in range(args.repeats):
-                t = time.perf_counter()
-                generate_ids(ours, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)
-                ours_t.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                theirs.generate(ids, **kwargs)
-                theirs_t.append(time.perf_counter() - t)
-        x = batch * args.new_tokens / statistics.median(ours_t)
-        y = batch * args.new_tokens / statistics.median(theirs_t)
-        same = a.tolist() == b.tolist()
-        print(f"{batch:>5}{x:>14.1f}{y:>20.1f}{x / y:>7.2f}x{x / batch / bound:>11.0%}{'yes' if same else 'NO':>10}")
+                for name, run in runs.items():
+                    t = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - t)
+        speed = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+        for mode in ("eager", "compiled"):
+            x, y = speed[mode], speed["hf"]
+            same = out[mode].tolist() == out["hf"].tolist()
+            print(
+                f"{batch:>5}{mode:>10}{x:>13.1f}{y:>10.1f}{x / y:>7.2f}x{x / batch / bound:>11.0%}{'yes' if same else 'NO':>10}"
+            )
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def _generation_config(args: argparse.Namespace):
         num_return_sequences=args.num_return_sequences,
         stop=args.stop or [],
         seed=args.seed,
+        compile=args.compile,
     )
 
 
@@ -269,6 +270,9 @@ def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> Non
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--compile", action="store_true", help="decode steps as one torch.compile graph (slow start, faster steps)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

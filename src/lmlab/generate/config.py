@@ -30,6 +30,9 @@ class GenerationConfig:
     stop_token_ids: list[int] | None = None  # None: the tokenizer's / model's EOS
     seed: int | None = None
     logprobs: bool = False  # record each chosen token's log-probability under the model
+    # decode steps as one torch.compile graph over a static KV cache: a compile (tens of seconds on
+    # a small CPU) per new batch size or capacity, then faster steps; pays off for long or repeated runs
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

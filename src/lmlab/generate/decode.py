@@ -6,14 +6,15 @@ not arithmetic, bounds the speed, so nothing happens in it that could happen onc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
-from lmlab.generate.kv_cache import KVCache
+from lmlab.generate.kv_cache import KVCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import IncrementalDecoder, StopStrings
 from lmlab.model.transformer import Transformer
@@ -66,14 +67,21 @@ def left_pad(
 
 
 class DecodeState:
-    """The running batch: token buffer (prompt + generated), mask, which rows have finished."""
+    """The running batch: token buffer (prompt + generated), mask, which rows have finished.
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+    `mask` is 1 for real tokens and 0 for padding and for columns not yet generated, over all
+    `capacity` columns (>= prompt + max_new_tokens): a static KV cache attends over all of them.
+    """
+
+    def __init__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, capacity: int = 0
+    ) -> None:
         B, T = input_ids.shape
-        self.prompt_len, self.length = T, T
-        self.ids = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=input_ids.device)
+        self.prompt_len, self.length, self.end = T, T, T + max_new_tokens
+        capacity = max(capacity, self.end)
+        self.ids = torch.empty((B, capacity), dtype=torch.long, device=input_ids.device)
         self.ids[:, :T] = input_ids
-        self.mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=input_ids.device)
+        self.mask = torch.zeros((B, capacity), dtype=torch.long, device=input_ids.device)
         self.mask[:, :T] = attention_mask
         self.padded = not bool(attention_mask.all())  # without padding the model needs no mask at all
         self.finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -83,6 +91,34 @@ class DecodeState:
     def generated(self) -> torch.Tensor:
         """(B, n) tokens generated so far."""
         return self.ids[:, self.prompt_len : self.length]
+
+
+def new_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> DecodeState:
+    """The decode state for a batch; with `config.compile`, sized for a shared compiled graph."""
+    end = input_ids.shape[1] + config.max_new_tokens
+    return DecodeState(input_ids, attention_mask, config.max_new_tokens, capacity_for(end) if config.compile else 0)
+
+
+_COMPILED: weakref.WeakKeyDictionary[Transformer, Callable] = weakref.WeakKeyDictionary()
+
+
+def compiled(model: Transformer) -> Callable:
+    """`model`'s forward under torch.compile, built once per model and reused by every call.
+
+    With a static KV cache a decode step has the same shapes every time, so one graph serves the
+    whole generation (a new batch size or capacity compiles another). On a CPU this replaces some
+    thousand small dispatched ops per step with a few fused kernels around the matmuls.
+    """
+    fn = _COMPILED.get(model)
+    if fn is None:
+        fn = _COMPILED[model] = torch.compile(model, dynamic=False)
+    return fn
+
+
+def capacity_for(length: int) -> int:
+    """Static-cache columns for `length` tokens: rounded up to a multiple of 64, so that prompts of
+    different lengths share one compiled graph instead of compiling one each."""
+    return -(-length // 64) * 64
 
 
 @torch.inference_mode()
@@ -96,16 +132,23 @@ def decode_steps(
     """Greedy or sampled decoding; yields each step's tokens (B,). Rows the caller marks in
     `state.finished` (a stop string, a cancelled request) stop like rows that produced EOS."""
     B = state.ids.shape[0]
-    max_len = state.ids.shape[1]
-    cache = KVCache.for_model(model, B, max_len)
     procs = build_processors(config, state.prompt_len, config.sampling, state.mask[:, : state.prompt_len])
     generator = None
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=state.ids.device).manual_seed(config.seed)
     eos_t = torch.tensor(eos, device=state.ids.device)
-    mask = state.mask[:, : state.length] if state.padded else None
-    logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
-    for step in range(max_len - state.prompt_len):
+    if config.compile:
+        # a static cache over all of the state's columns; the prompt runs eagerly (its length varies),
+        # every decode step through one compiled graph
+        cache, forward = StaticKVCache.for_model(model, B, state.ids.shape[1]), compiled(model)
+        cache.advance(state.length)
+        logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
+    else:
+        cache, forward = KVCache.for_model(model, B, state.end), model
+        mask = state.mask[:, : state.length] if state.padded else None
+        logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+    logits = logits[:, -1]
+    for step in range(state.end - state.prompt_len):
         scores = apply_processors(procs, state.ids[:, : state.length], logits.float())
         if config.sampling:
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
@@ -115,14 +158,19 @@ def decode_steps(
         if config.logprobs:
             state.logprobs[:, step] = logits.float().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
         state.ids[:, state.length] = nxt
+        state.mask[:, state.length] = 1
         state.length += 1
         if eos:
             state.finished |= torch.isin(nxt, eos_t)
         yield nxt
-        if bool(state.finished.all()) or state.length == max_len:
+        if bool(state.finished.all()) or state.length == state.end:
             return
-        mask = state.mask[:, : state.length] if state.padded else None
-        logits = model(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
+        if config.compile:
+            cache.advance(1)
+            mask = state.mask
+        else:
+            mask = state.mask[:, : state.length] if state.padded else None
+        logits = forward(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
 
 
 def generate_ids(
@@ -147,7 +195,7 @@ def generate_ids(
     n = config.num_return_sequences
     if n > 1:
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
-    state = DecodeState(input_ids, attention_mask, config.max_new_tokens)
+    state = new_state(input_ids, attention_mask, config)
     for _ in decode_steps(model, state, config, eos, pad_id):
         pass
     return state.ids[:, : state.length]
@@ -195,7 +243,7 @@ def generate(
         return [_finish(tokenizer, seq, eos, plen, stops) for plen, seq in zip(prompt_lens, new)]
     if n > 1:
         input_ids, mask = input_ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-    state = DecodeState(input_ids, mask, config.max_new_tokens)
+    state = new_state(input_ids, mask, config)
     # with stop strings, follow each row's text so a row can stop as soon as one appears
     decoders = [IncrementalDecoder(tokenizer) for _ in prompt_lens] if stops.stops and tokenizer else []
     for nxt in decode_steps(model, state, config, eos, pad_id):
@@ -244,7 +292,7 @@ def stream(
     eos = stop_token_ids(model, tokenizer, config)
     pad_id = pad_token_id(model, tokenizer, eos)
     input_ids, mask = left_pad(_as_token_rows(tokenizer, prompt), pad_id, next(model.parameters()).device)
-    state = DecodeState(input_ids, mask, config.max_new_tokens)
+    state = new_state(input_ids, mask, config)
     decoder, stops, shown = IncrementalDecoder(tokenizer), StopStrings(config.stop), 0
     for nxt in decode_steps(model, state, config, eos, pad_id):
         tok = int(nxt[0])

@@ -1,4 +1,10 @@
-"""A preallocated KV cache: keys and values of past tokens, so each decode step costs one token's forward."""
+"""Preallocated KV caches: keys and values of past tokens, so each decode step costs one token's forward.
+
+`KVCache` grows a Python-int `length` and hands attention exactly the filled part. `StaticKVCache`
+writes at slots given as a tensor and hands attention the whole buffer (unfilled slots masked out),
+so every decode step has the same shapes and no Python number changes: one `torch.compile` graph
+serves them all.
+"""
 
 from __future__ import annotations
 
@@ -48,3 +54,50 @@ class KVCache:
     def nbytes(self) -> int:
         """Memory held by the buffers."""
         return self.k.numel() * self.k.element_size() * 2
+
+
+class StaticKVCache:
+    """Fixed-shape key/value buffers, one pair per layer (B, H_kv, max_len, head_dim).
+
+    Before each forward call the caller sets `slots` (T,), the buffer columns this call's tokens
+    occupy; the model attends over all `max_len` columns and relies on the attention mask to hide
+    the ones not yet written. `length` is bookkeeping for the caller; the model never reads it here,
+    because a Python number that changes every step would make a compiled graph recompile.
+    """
+
+    static = True
+
+    def __init__(
+        self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device
+    ) -> None:
+        shape = (batch, n_kv_head, max_len, head_dim)
+        # one tensor per layer: an in-place write to a graph input compiles to an in-place write,
+        # where a write through a view of one big buffer would copy the layer's whole cache
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.n_layer, self.max_len, self.length = n_layer, max_len, 0
+        self.slots = torch.zeros(1, dtype=torch.long, device=device)
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch: int, max_len: int) -> StaticKVCache:
+        """A cache shaped for `model`, holding up to `max_len` tokens per row."""
+        cfg = model.cfg
+        p = next(model.parameters())
+        return cls(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, p.dtype, p.device)
+
+    def advance(self, n: int) -> None:
+        """The next call writes `n` tokens after those already cached."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache is full: {self.length + n} tokens > max_len {self.max_len}")
+        self.slots = torch.arange(self.length, self.length + n, device=self.slots.device)
+        self.length += n
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's keys/values (B, H_kv, T, hd) at `slots`; return the whole buffers."""
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer], self.v[layer]
+
+    def nbytes(self) -> int:
+        """Memory held by the buffers."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -15,14 +15,18 @@ def build_mask(
     prefix_len: torch.Tensor | None,
     device: torch.device,
     document_ids: torch.Tensor | None = None,
+    q_idx: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, S), True where a query may attend; None means "no restriction".
 
     Indices are positions in the key sequence: the T queries are the last T of the S keys (a KV
     cache holds the first S - T). `attention_mask` (B, S) marks real tokens with 1, padding with 0.
     `document_ids` (B, S): packed sequences; a token sees only tokens of its own document.
+    `q_idx` (T,): where the queries sit among the keys when not the last T (a static KV cache).
     """
-    q_idx = torch.arange(k_len - q_len, k_len, device=device)
+    sliced = q_idx is None
+    if sliced:
+        q_idx = torch.arange(k_len - q_len, k_len, device=device)
     k_idx = torch.arange(k_len, device=device)
     mask = None
     if cfg.causal:
@@ -36,7 +40,8 @@ def build_mask(
             mask = mask | in_prefix[:, None, None, :]
     if document_ids is not None:
         docs = document_ids.to(device)
-        same = docs[:, None, k_len - q_len :, None] == docs[:, None, None, :]  # (B, 1, T, S)
+        q_docs = docs[:, k_len - q_len :] if sliced else docs.index_select(1, q_idx)
+        same = q_docs[:, None, :, None] == docs[:, None, None, :]  # (B, 1, T, S)
         mask = same if mask is None else mask & same
     if attention_mask is not None:
         keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)

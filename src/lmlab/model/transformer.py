@@ -136,21 +136,32 @@ class Transformer(nn.Module):
         position_ids default to the count of real tokens before each one, so left padding is harmless.
         prefix_len (B,): for prefix-LM models, how many leading tokens see each other both ways.
         kv_cache: holds the keys and values of the first kv_cache.length tokens; this call appends its own.
+        With a static cache (generate.kv_cache.StaticKVCache), attention_mask covers all its slots.
         document_ids (B, past_len + T): packed training rows; attention stays inside each document
         (pass position_ids that restart at 0 for each document too).
         """
         cfg = self.cfg
         B, T = input_ids.shape
-        past_len = kv_cache.length if kv_cache is not None else 0
-        S = past_len + T
         device = input_ids.device
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: lets SDPA use its causal fast path
+        q_idx = None  # key-sequence index of each query; None: the last T of the S keys
+        if getattr(kv_cache, "static", False):
+            # a static cache: keys span its whole buffer, this call's tokens sit at kv_cache.slots,
+            # and the mask hides unwritten slots; nothing here depends on a changing Python number
+            if attention_mask is None:
+                raise ValueError("a static KV cache needs attention_mask over all of its max_len slots")
+            S, q_idx = kv_cache.max_len, kv_cache.slots
+            past_len = None
+        else:
+            past_len = kv_cache.length if kv_cache is not None else 0
+            S = past_len + T
+            if attention_mask is not None and bool(attention_mask.all()):
+                attention_mask = None  # no padding: lets SDPA use its causal fast path
         max_pos = None  # known without a device sync when positions are derived here
         if position_ids is None:
             max_pos = S - 1
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = position_ids[:, past_len:] if q_idx is None else position_ids.index_select(1, q_idx)
             else:
                 position_ids = torch.arange(past_len, S, device=device).expand(B, T)
 
@@ -174,11 +185,10 @@ class Transformer(nn.Module):
         is_causal = cfg.causal and plain and T == S and T > 1
         mask = None
         if not is_causal and not (plain and T == 1):
-            mask = build_mask(cfg, T, S, attention_mask, prefix_len, device, document_ids)
+            mask = build_mask(cfg, T, S, attention_mask, prefix_len, device, document_ids, q_idx)
         if cfg.pos == "alibi":
-            bias = alibi_bias(
-                self.alibi_slopes, torch.arange(past_len, S, device=device), torch.arange(S, device=device)
-            )
+            queries = torch.arange(S - T, S, device=device) if q_idx is None else q_idx
+            bias = alibi_bias(self.alibi_slopes, queries, torch.arange(S, device=device))
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             mask = mask.to(x.dtype)
         q_scale = None
