@@ -87,3 +87,13 @@ def test_compiled_sampling_and_eos_follow_the_eager_loop():
     eager = lmlab.generate(m, None, ids.tolist(), config)
     compiled = lmlab.generate(m, None, ids.tolist(), config.replace(compile=True))
     assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
+
+
+def test_batch_one_decode_turns_matmuls_into_reductions_and_keeps_the_tokens():
+    m = _model("qwen2-tiny")  # GQA and q/k/v biases: addmm as well as mm
+    ids, mask = _prompts()
+    config = GenerationConfig(max_new_tokens=10, stop_token_ids=[])
+    before = sum(v for k, v in counters["inductor"].items() if k.startswith("decompose_"))
+    compiled = generate_ids(m, ids[1:2], mask[1:2], config.replace(compile=True), eos=[], pad_id=0)
+    assert sum(v for k, v in counters["inductor"].items() if k.startswith("decompose_")) > before
+    assert compiled.tolist() == generate_ids(m, ids[1:2], mask[1:2], config, eos=[], pad_id=0).tolist()
