@@ -16,6 +16,7 @@ from torch import nn
 from lmlab.model.alibi import alibi_bias, alibi_slopes
 from lmlab.model.attention import Attention, KVCache
 from lmlab.model.config import ModelConfig
+from lmlab.model.cross_entropy import linear_cross_entropy
 from lmlab.model.mask import build_mask
 from lmlab.model.mlp import ACTIVATIONS, MLP
 from lmlab.model.norm import make_norm
@@ -52,8 +53,12 @@ class MLMHead(nn.Module):
         self.norm = make_norm(cfg)
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
 
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """Everything before the projection to the vocabulary."""
+        return self.norm(self.act(self.dense(h)))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(self.act(self.dense(h))))
+        return self.decoder(self.transform(h))
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
@@ -206,6 +211,8 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         logits_to_keep: int = 0,
         logits_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
         **kwargs,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) from the LM or MLM head, (B, num_labels) from a sequence classifier,
@@ -214,8 +221,13 @@ class Transformer(nn.Module):
         logits_to_keep > 0 computes the head for the last positions only (generation needs one).
         logits_mask (B, T) bool computes it only where True, returning (N, vocab) in row-major order:
         fine-tuning needs logits on the answer tokens alone, and the vocabulary projection is costly.
+        targets (B, T): return instead the mean cross-entropy of the LM/MLM head's prediction at each
+        position against targets[:, t] (already shifted for a decoder; -100: no loss), computed
+        without materializing the logits (see cross_entropy.py).
         """
         h = self.hidden_states(input_ids, **kwargs)
+        if targets is not None:
+            return self.head_loss(h, targets, label_smoothing)
         if logits_mask is not None:
             h = h[logits_mask]
         if self.classifier is not None:
@@ -259,9 +271,32 @@ class Transformer(nn.Module):
         last = (torch.arange(h.shape[1], device=h.device) * real).argmax(-1)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean cross-entropy of the LM/MLM head on hidden states h (B, T, d) against targets (B, T)."""
+        if self.lm_head is None and self.mlm_head is None:
+            raise ValueError("targets need a model with an LM or MLM head")
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            keep = targets != -100
+            if not bool(keep.all()):
+                h, targets = h[keep], targets[keep]  # BERT predicts 15% of tokens: project only those
+        head = self.lm_head
+        if self.mlm_head is not None:
+            h, head = self.mlm_head.transform(h), self.mlm_head.decoder
+        # the chunked loss needs the plain layer (a LoRA head adds its own path) and fp32 matmuls as
+        # written; under autocast or torch.compile (which fuses the loss itself) take the plain route
+        if type(head) is nn.Linear and not compiling and not torch.is_autocast_enabled(h.device.type):
+            return linear_cross_entropy(h, head.weight, targets, head.bias, label_smoothing=label_smoothing)
+        logits = head(h)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            targets.reshape(-1),
+            ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )
+
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         """Cross-entropy of next-token (causal) or masked-token (encoder) predictions; -100 is ignored."""
-        logits = self(input_ids, **kwargs)
         if self.cfg.causal:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+            labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+        return self(input_ids, targets=labels, **kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lmlab.model.transformer import Transformer
 
@@ -12,10 +11,7 @@ def causal_lm_loss(
     model: Transformer, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0, **kwargs
 ) -> torch.Tensor:
     """Mean cross-entropy of predicting y[t] from x[..t]; y == -100 is ignored."""
-    logits = model(x, **kwargs)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing
-    )
+    return model(x, targets=y, label_smoothing=label_smoothing, **kwargs)
 
 
 def mask_tokens(

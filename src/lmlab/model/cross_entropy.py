@@ -1,0 +1,93 @@
+"""Cross-entropy of a linear head without its logits: the vocabulary projection and the loss, chunk by chunk.
+
+A language model's loss needs logits of (tokens x vocabulary) floats: 67 MB for 2,048 tokens of an
+8k vocabulary, 400 MB at 49k, and autograd keeps that tensor, its log-softmax and their gradients
+alive. Here the tokens are taken a few hundred at a time: each chunk's logits are made, turned into
+the loss and, in place, into the gradient of the loss (softmax minus the target distribution), and
+that gradient is pushed through the projection at once. Only the gradients of the hidden states
+and of the weight are kept for backward. Less memory traffic makes it faster on a CPU too; the
+results equal F.cross_entropy(F.linear(h, weight, bias), targets) to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Tokens per chunk: about 8 MB of fp32 logits, at least 64 rows so the matmuls stay efficient."""
+    return max(64, min(1024, (1 << 21) // vocab_size))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, when needed, the gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int):
+        V = weight.shape[0]
+        h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        valid = t != ignore_index
+        count = valid.sum()
+        scale = 1.0 / count.clamp(min=1)  # mean over the tokens that carry a loss
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h2) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_b = torch.zeros_like(bias) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        safe = t.clamp(min=0)  # ignored rows pick class 0, then get weight 0
+        eps = label_smoothing
+        for s in range(0, h2.shape[0], rows):
+            hc, tc, vc = h2[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
+            logits = torch.nn.functional.linear(hc, weight, bias).float()  # (rows, V)
+            lse = torch.logsumexp(logits, -1)
+            loss = lse - logits.gather(1, tc).squeeze(1)
+            if eps:
+                # PyTorch's smoothing: (1 - eps) * nll + eps * mean over classes of -log p
+                loss = (1 - eps) * loss + eps * (lse - logits.mean(-1))
+            total += torch.where(vc, loss, 0.0).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            if eps:
+                grad.sub_(eps / V)
+            grad.scatter_add_(1, tc, torch.full(tc.shape, eps - 1.0, dtype=grad.dtype, device=grad.device))
+            grad.mul_((vc * scale)[:, None])
+            grad = grad.to(hc.dtype)
+            if want_h:
+                torch.mm(grad, weight, out=grad_h[s : s + rows])
+            if want_w:
+                grad_w.addmm_(grad.t(), hc)
+            if want_b:
+                grad_b += grad.sum(0)
+        ctx.h_shape = h.shape
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return (total / count).to(h.dtype)  # no token to average: NaN, as F.cross_entropy gives
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        # out of place: a second backward (retain_graph) must find the saved gradients unscaled
+        return (
+            None if grad_h is None else (grad_h * g).view(ctx.h_shape),
+            None if grad_w is None else grad_w * g,
+            None if grad_b is None else grad_b * g,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of F.linear(h, weight, bias) (..., V) against targets (...), computed in
+    chunks of `rows` tokens without materializing the logits; targets == ignore_index carry no loss."""
+    rows = rows or chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, rows)

@@ -1,0 +1,111 @@
+"""The chunked linear + cross-entropy equals F.cross_entropy(F.linear(...)) in loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmlab
+from lmlab.model.config import ModelConfig
+from lmlab.model.cross_entropy import chunk_rows, linear_cross_entropy
+
+
+def _inputs(bias: bool):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 37, 16, generator=g)
+    w = torch.randn(50, 16, generator=g) * 0.3
+    b = torch.randn(50, generator=g) if bias else None
+    t = torch.randint(0, 50, (3, 37), generator=g)
+    t[0, :5] = -100
+    t[2, -3:] = -100
+    return h, w, b, t
+
+
+def _grads(fn, h, w, b):
+    leaves = [x.clone().requires_grad_() for x in (h, w) + ((b,) if b is not None else ())]
+    loss = fn(*leaves) if b is not None else fn(*leaves, None)
+    loss.backward()
+    return loss.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("rows", [7, 64, 1000])  # a ragged last chunk, one chunk, more rows than tokens
+def test_equals_cross_entropy_of_the_logits(bias, smoothing, rows):
+    h, w, b, t = _inputs(bias)
+
+    def ref(h, w, b):
+        logits = F.linear(h, w, b)
+        return F.cross_entropy(logits.reshape(-1, 50), t.reshape(-1), ignore_index=-100, label_smoothing=smoothing)
+
+    def ours(h, w, b):
+        return linear_cross_entropy(h, w, t, b, label_smoothing=smoothing, rows=rows)
+
+    loss_ref, grads_ref = _grads(ref, h, w, b)
+    loss, grads = _grads(ours, h, w, b)
+    assert torch.allclose(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, grads_ref):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_scaled_upstream_gradient_and_a_second_backward():
+    h, w, _, t = _inputs(False)
+    h = h.requires_grad_()
+    loss = linear_cross_entropy(h, w, t, rows=8) * 3.0
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    h.grad = None
+    loss.backward()
+    assert torch.equal(h.grad, first)  # the saved gradients were not scaled in place
+    h2 = h.detach().clone().requires_grad_()
+    (F.cross_entropy(F.linear(h2, w).reshape(-1, 50), t.reshape(-1)) * 3.0).backward()
+    assert torch.allclose(first, h2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_nothing_to_predict_gives_nan_like_torch():
+    h, w, _, t = _inputs(False)
+    t = torch.full_like(t, -100)
+    ref = F.cross_entropy(F.linear(h, w).reshape(-1, 50), t.reshape(-1))
+    assert torch.isnan(ref) and torch.isnan(linear_cross_entropy(h, w, t))
+
+
+def test_chunk_rows_bounds():
+    assert chunk_rows(8192) == 256
+    assert chunk_rows(151_936) == 64  # a huge vocabulary still gets efficient matmuls
+    assert chunk_rows(100) == 1024
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny", "bert-tiny"])
+def test_model_targets_equal_the_logits_route(preset):
+    torch.manual_seed(0)
+    m = lmlab.Transformer(ModelConfig.from_preset(preset))
+    x = torch.randint(0, m.cfg.vocab_size, (2, 24))
+    y = torch.randint(0, m.cfg.vocab_size, (2, 24))
+    y[:, ::3] = -100  # an MLM batch predicts some positions only
+    loss = m(x, targets=y, label_smoothing=0.05)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    logits = m(x)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), label_smoothing=0.05)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(ours[n], p.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_model_loss_shifts_for_decoders():
+    torch.manual_seed(0)
+    m = lmlab.Transformer(ModelConfig.from_preset("llama-tiny")).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (2, 16))
+    logits = m(x)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    assert torch.allclose(m.loss(x, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_targets_need_a_vocabulary_head():
+    m = lmlab.Transformer(ModelConfig.from_preset("bert-tiny", head="seq_cls", num_labels=2))
+    with pytest.raises(ValueError, match="LM or MLM head"):
+        m(torch.ones(1, 4, dtype=torch.long), targets=torch.ones(1, 4, dtype=torch.long))
