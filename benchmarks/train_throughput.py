@@ -10,7 +10,6 @@ MFU against a GEMM peak measured in the same run; peak RSS of each in its own pr
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -83,16 +82,18 @@ def memory_only(which: str) -> None:
     import gc
 
     gc.collect()
-    base = _rss_kb()  # current, not peak: building the model may have peaked higher
+    base = _status_kb("VmRSS")  # current, not peak: building the model may have peaked higher
     for _ in range(3):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base)
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of
+    # this (large) benchmark process would report its parent's peak
+    print(_status_kb("VmHWM"), base)
 
 
-def _rss_kb() -> int:
-    """Resident set size now, in KB (Linux)."""
+def _status_kb(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KB (Linux)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
 
 
 def main() -> None:

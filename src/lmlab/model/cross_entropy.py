@@ -39,20 +39,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h2.shape[0], rows):
             hc, tc, vc = h2[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
             logits = torch.nn.functional.linear(hc, weight, bias).float()  # (rows, V)
-            lse = torch.logsumexp(logits, -1)
-            loss = lse - logits.gather(1, tc).squeeze(1)
+            picked = logits.gather(1, tc).squeeze(1)
+            mean = logits.mean(-1) if eps else None
+            top = logits.amax(-1, keepdim=True)
+            p = logits.sub_(top).exp_()  # unnormalized softmax, in place: few passes over the chunk
+            z = p.sum(-1)
+            lse = top.squeeze(1) + z.log()
+            loss = lse - picked
             if eps:
                 # PyTorch's smoothing: (1 - eps) * nll + eps * mean over classes of -log p
-                loss = (1 - eps) * loss + eps * (lse - logits.mean(-1))
+                loss = (1 - eps) * loss + eps * (lse - mean)
             total += torch.where(vc, loss, 0.0).sum()
             if not (want_h or want_w or want_b):
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            # d(loss)/d(logits) per row: (softmax - (1 - eps) * onehot - eps / V) * row weight
+            w = vc * scale
+            p.mul_((w / z)[:, None])
             if eps:
-                grad.sub_(eps / V)
-            grad.scatter_add_(1, tc, torch.full(tc.shape, eps - 1.0, dtype=grad.dtype, device=grad.device))
-            grad.mul_((vc * scale)[:, None])
-            grad = grad.to(hc.dtype)
+                p.sub_((w * (eps / V))[:, None])
+            p.scatter_add_(1, tc, (w * (eps - 1.0))[:, None].to(p.dtype))
+            grad = p.to(hc.dtype)
             if want_h:
                 torch.mm(grad, weight, out=grad_h[s : s + rows])
             if want_w:
