@@ -182,13 +182,11 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # never let one packed document's last token predict the next document's first token
         docs = batch["document_ids"]
         targets = targets.masked_fill(docs[:, 1:] != docs[:, :-1], IGNORE)
-    keep = targets != IGNORE  # (B, T - 1)
-    # the vocabulary projection and the float32 cross-entropy run on the counted positions only
-    logits = model(input_ids, logits_mask=F.pad(keep, (0, 1), value=False), **kwargs)  # (N, vocab)
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    # the vocabulary projection and the cross-entropy run on the counted positions only, in chunks
+    nll = model(input_ids, targets=F.pad(targets, (0, 1), value=IGNORE), reduction="sum", **kwargs)
     if "token_scale" in batch:
         return nll * batch["token_scale"][0].to(nll.dtype) / input_ids.shape[0]
-    return nll / keep.sum().clamp(min=1)  # a batch without targets gives 0, not NaN
+    return nll / (targets != IGNORE).sum().clamp(min=1)  # a batch without targets gives 0, not NaN
 
 
 # -- batches ----------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, when needed, the gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int):
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int, mean: bool):
         V = weight.shape[0]
         h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         valid = t != ignore_index
         count = valid.sum()
-        scale = 1.0 / count.clamp(min=1)  # mean over the tokens that carry a loss
+        # the mean is over the tokens that carry a loss
+        scale = 1.0 / count.clamp(min=1) if mean else torch.ones((), device=h.device)
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h2) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
@@ -40,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc, vc = h2[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
             logits = torch.nn.functional.linear(hc, weight, bias).float()  # (rows, V)
             picked = logits.gather(1, tc).squeeze(1)
-            mean = logits.mean(-1) if eps else None
+            average = logits.mean(-1) if eps else None
             top = logits.amax(-1, keepdim=True)
             p = logits.sub_(top).exp_()  # unnormalized softmax, in place: few passes over the chunk
             z = p.sum(-1)
@@ -48,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = lse - picked
             if eps:
                 # PyTorch's smoothing: (1 - eps) * nll + eps * mean over classes of -log p
-                loss = (1 - eps) * loss + eps * (lse - mean)
+                loss = (1 - eps) * loss + eps * (lse - average)
             total += torch.where(vc, loss, 0.0).sum()
             if not (want_h or want_w or want_b):
                 continue
@@ -67,7 +68,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b += grad.sum(0)
         ctx.h_shape = h.shape
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return (total / count).to(h.dtype)  # no token to average: NaN, as F.cross_entropy gives
+        # no token to average: NaN, as F.cross_entropy gives (a sum is 0)
+        return (total / count if mean else total).to(h.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -77,6 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_h is None else (grad_h * g).view(ctx.h_shape),
             None if grad_w is None else grad_w * g,
             None if grad_b is None else grad_b * g,
+            None,
             None,
             None,
             None,
@@ -92,8 +95,12 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     rows: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of F.linear(h, weight, bias) (..., V) against targets (...), computed in
-    chunks of `rows` tokens without materializing the logits; targets == ignore_index carry no loss."""
+    """Cross-entropy of F.linear(h, weight, bias) (..., V) against targets (...), computed in chunks
+    of `rows` tokens without materializing the logits; targets == ignore_index carry no loss.
+    reduction "mean" averages over the counted tokens, "sum" adds them up."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     rows = rows or chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, rows)
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, rows, reduction == "mean")

@@ -213,6 +213,7 @@ class Transformer(nn.Module):
         logits_mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        reduction: str = "mean",
         **kwargs,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) from the LM or MLM head, (B, num_labels) from a sequence classifier,
@@ -221,13 +222,14 @@ class Transformer(nn.Module):
         logits_to_keep > 0 computes the head for the last positions only (generation needs one).
         logits_mask (B, T) bool computes it only where True, returning (N, vocab) in row-major order:
         fine-tuning needs logits on the answer tokens alone, and the vocabulary projection is costly.
-        targets (B, T): return instead the mean cross-entropy of the LM/MLM head's prediction at each
-        position against targets[:, t] (already shifted for a decoder; -100: no loss), computed
-        without materializing the logits (see cross_entropy.py).
+        targets (B, T): return instead the cross-entropy of the LM/MLM head's prediction at each
+        position against targets[:, t] (already shifted for a decoder; -100: no loss), averaged over
+        the counted tokens (reduction "mean") or added up ("sum"), computed without materializing the
+        logits (see cross_entropy.py).
         """
         h = self.hidden_states(input_ids, **kwargs)
         if targets is not None:
-            return self.head_loss(h, targets, label_smoothing)
+            return self.head_loss(h, targets, label_smoothing, reduction)
         if logits_mask is not None:
             h = h[logits_mask]
         if self.classifier is not None:
@@ -271,8 +273,10 @@ class Transformer(nn.Module):
         last = (torch.arange(h.shape[1], device=h.device) * real).argmax(-1)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
-    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Mean cross-entropy of the LM/MLM head on hidden states h (B, T, d) against targets (B, T)."""
+    def head_loss(
+        self, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Cross-entropy of the LM/MLM head on hidden states h (B, T, d) against targets (B, T)."""
         if self.lm_head is None and self.mlm_head is None:
             raise ValueError("targets need a model with an LM or MLM head")
         compiling = torch.compiler.is_compiling()
@@ -286,13 +290,16 @@ class Transformer(nn.Module):
         # the chunked loss needs the plain layer (a LoRA head adds its own path) and fp32 matmuls as
         # written; under autocast or torch.compile (which fuses the loss itself) take the plain route
         if type(head) is nn.Linear and not compiling and not torch.is_autocast_enabled(h.device.type):
-            return linear_cross_entropy(h, head.weight, targets, head.bias, label_smoothing=label_smoothing)
+            return linear_cross_entropy(
+                h, head.weight, targets, head.bias, label_smoothing=label_smoothing, reduction=reduction
+            )
         logits = head(h)
         return F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(),
             targets.reshape(-1),
             ignore_index=-100,
             label_smoothing=label_smoothing,
+            reduction=reduction,
         )
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
