@@ -109,3 +109,11 @@ def test_targets_need_a_vocabulary_head():
     m = lmlab.Transformer(ModelConfig.from_preset("bert-tiny", head="seq_cls", num_labels=2))
     with pytest.raises(ValueError, match="LM or MLM head"):
         m(torch.ones(1, 4, dtype=torch.long), targets=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_logits_mask_projects_only_the_chosen_positions():
+    torch.manual_seed(0)
+    m = lmlab.Transformer(ModelConfig.from_preset("llama-tiny")).eval()
+    x = torch.randint(0, m.cfg.vocab_size, (2, 12))
+    chosen = torch.rand(2, 12) < 0.4
+    assert torch.allclose(m(x, logits_mask=chosen), m(x)[chosen], atol=1e-6)
