@@ -3,8 +3,8 @@
 Batch 1 and 8, 128 new tokens each (EOS disabled so both do all the steps), runs interleaved and
 the median compared; lmlab eager and with `compile=True` (static KV cache, one compiled graph per
 step; compilation happens in the untimed warm-up). Beside them the weight-streaming bound: every
-step must read all weights once, so tokens/s <= memory bandwidth / weight bytes per step
-(bandwidth measured here, now).
+step must read all weights once, so steps/s <= memory bandwidth / weight bytes (bandwidth measured
+here before every round of runs, the median taken: it drifts on a shared machine).
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 128] [--repeats 3]
 """
@@ -48,13 +48,14 @@ def main() -> None:
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     theirs.eval().generation_config.eos_token_id = None
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-    bw = bandwidth_gbs()
-    bound = bw * 1e9 / weight_bytes
     print(
-        f"SmolLM2-135M fp32, {weight_bytes / 1e6:.0f} MB of weights; memory read bandwidth {bw:.1f} GB/s "
-        f"-> weight-streaming bound {bound:.0f} tokens/s at batch 1; {torch.get_num_threads()} threads"
+        f"SmolLM2-135M fp32, {weight_bytes / 1e6:.0f} MB of weights, {torch.get_num_threads()} threads; "
+        "bandwidth is sampled before every round of runs (it drifts on a shared machine)"
     )
-    print(f"{'batch':>5}{'mode':>10}{'lmlab tok/s':>13}{'hf tok/s':>10}{'ratio':>8}{'% of bound':>12}{'same ids':>10}")
+    print(
+        f"{'batch':>5}{'mode':>10}{'lmlab tok/s':>13}{'hf tok/s':>10}{'ratio':>8}{'GB/s':>7}{'bound tok/s':>13}"
+        f"{'% of bound':>12}{'same ids':>10}"
+    )
     prompts = ["Write a short story about a robot.", "中国的四大发明是什么？", "List five colors.", "What is 2+2?"] * 2
     base = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
     for batch in args.batches:
@@ -72,20 +73,24 @@ def main() -> None:
             "compiled": partial(generate_ids, ours, ids, mask, compiled, eos=[], pad_id=tok.pad_token_id),
             "hf": partial(theirs.generate, ids, **kwargs),
         }
-        times = {name: [] for name in runs}
+        times, bandwidths = {name: [] for name in runs}, []
         with torch.inference_mode():
             out = {name: run() for name, run in runs.items()}  # warm-up (and compilation), and the ids
             for _ in range(args.repeats):
+                bandwidths.append(bandwidth_gbs())
                 for name, run in runs.items():
                     t = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - t)
         speed = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+        bw = statistics.median(bandwidths)
+        bound = bw * 1e9 / weight_bytes  # steps/s if each step did nothing but read every weight once
         for mode in ("eager", "compiled"):
             x, y = speed[mode], speed["hf"]
             same = out[mode].tolist() == out["hf"].tolist()
             print(
-                f"{batch:>5}{mode:>10}{x:>13.1f}{y:>10.1f}{x / y:>7.2f}x{x / batch / bound:>11.0%}{'yes' if same else 'NO':>10}"
+                f"{batch:>5}{mode:>10}{x:>13.1f}{y:>10.1f}{x / y:>7.2f}x{bw:>7.1f}{bound * batch:>13.0f}"
+                f"{x / batch / bound:>11.0%}{'yes' if same else 'NO':>10}"
             )
 
 
