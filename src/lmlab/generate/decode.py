@@ -124,8 +124,10 @@ def _one_row_matmuls_as_reductions() -> dict:
     wide on CPU, which leaves out the vocabulary projection, the largest; the limit is a module
     constant of torch's (read once at import), so it is raised there.
     """
-    from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
-
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
+    except ImportError:  # a torch without this pass: plain matmuls, still correct
+        return {}
     widest = 1 << 30
     mm_pass.cpu_max_other_dimension_decomposition = max(mm_pass.cpu_max_other_dimension_decomposition, widest)
     # named in the options too, so that inductor's on-disk cache tells these graphs apart
