@@ -111,27 +111,32 @@ def compiled(model: Transformer) -> Callable:
     """
     fn = _COMPILED.get(model)
     if fn is None:
-        fn = _COMPILED[model] = torch.compile(model, dynamic=False, options=_one_row_matmuls_as_reductions())
+        fn = _COMPILED[model] = torch.compile(model, dynamic=False, options=_compile_options())
     return fn
 
 
-def _one_row_matmuls_as_reductions() -> dict:
-    """Inductor options that turn each one-row matmul (batch-1 decode) into a fused multiply-sum.
+def _compile_options() -> dict:
+    """Inductor options for decode steps.
 
-    A decode step at batch 1 is a chain of matrix-vector products, bound by reading the weights;
-    inductor's reduction kernel streams them faster than the BLAS call on this kind of CPU (27 vs
-    24 GB/s on SmolLM2's 211 products, 2 cores). Inductor's pass decomposes only matrices up to 2048
-    wide on CPU, which leaves out the vocabulary projection, the largest; the limit is a module
-    constant of torch's (read once at import), so it is raised there.
+    - cpp_wrapper: the graph's launcher in C++ rather than Python; a step calls some hundred
+      kernels, and their Python-side calls cost ~2% of a SmolLM2 step at batch 1.
+    - Each one-row matmul (batch-1 decode) becomes a fused multiply-sum. A decode step at batch 1
+      is a chain of matrix-vector products, bound by reading the weights; inductor's reduction
+      kernel streams them faster than the BLAS call on this kind of CPU (27 vs 24 GB/s on
+      SmolLM2's 211 products, 2 cores). Inductor's pass decomposes only matrices up to 2048 wide on
+      CPU, which leaves out the vocabulary projection, the largest; the limit is a module constant
+      of torch's (read once at import), so it is raised there.
     """
+    options = {"cpp_wrapper": True}
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
     except ImportError:  # a torch without this pass: plain matmuls, still correct
-        return {}
+        return options
     widest = 1 << 30
     mm_pass.cpu_max_other_dimension_decomposition = max(mm_pass.cpu_max_other_dimension_decomposition, widest)
     # named in the options too, so that inductor's on-disk cache tells these graphs apart
-    return {"post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": widest}}}
+    options["post_grad_fusion_options"] = {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": widest}}
+    return options
 
 
 def capacity_for(length: int) -> int:
