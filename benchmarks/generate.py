@@ -25,9 +25,9 @@ from lmlab.generate.decode import left_pad
 from lmlab.utils.packaged import packaged_path
 
 
-def bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: the best of a few full passes over a large tensor."""
-    x = torch.ones(size_mb * 1024 * 1024 // 4)
+def bandwidth_gbs(x: torch.Tensor, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of a few full passes over a large tensor (allocated once, at
+    start, like the weights: a buffer allocated later, in fragmented memory, may read slower)."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -48,6 +48,7 @@ def main() -> None:
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     theirs.eval().generation_config.eos_token_id = None
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    probe = torch.ones(1024 * 1024 * 1024 // 4)  # 1 GB, twice the weights: no cache holds it
     print(
         f"SmolLM2-135M fp32, {weight_bytes / 1e6:.0f} MB of weights, {torch.get_num_threads()} threads; "
         "bandwidth is sampled before every round of runs (it drifts on a shared machine)"
@@ -77,7 +78,7 @@ def main() -> None:
         with torch.inference_mode():
             out = {name: run() for name, run in runs.items()}  # warm-up (and compilation), and the ids
             for _ in range(args.repeats):
-                bandwidths.append(bandwidth_gbs())
+                bandwidths.append(bandwidth_gbs(probe))
                 for name, run in runs.items():
                     t = time.perf_counter()
                     run()
