@@ -97,3 +97,18 @@ def test_batch_one_decode_turns_matmuls_into_reductions_and_keeps_the_tokens():
     compiled = generate_ids(m, ids[1:2], mask[1:2], config.replace(compile=True), eos=[], pad_id=0)
     assert sum(v for k, v in counters["inductor"].items() if k.startswith("decompose_")) > before
     assert compiled.tolist() == generate_ids(m, ids[1:2], mask[1:2], config, eos=[], pad_id=0).tolist()
+
+
+def test_compiling_leaves_the_model_copyable_and_collectable():
+    import copy
+    import gc
+    import weakref
+
+    m = _model("llama-tiny")
+    ids, mask = _prompts()
+    generate_ids(m, ids, mask, GenerationConfig(max_new_tokens=2, compile=True), eos=[], pad_id=0)
+    copy.deepcopy(m)  # nothing compiled hangs off the model
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None

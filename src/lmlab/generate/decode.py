@@ -6,7 +6,7 @@ not arithmetic, bounds the speed, so nothing happens in it that could happen onc
 
 from __future__ import annotations
 
-import weakref
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -99,20 +99,26 @@ def new_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Gen
     return DecodeState(input_ids, attention_mask, config.max_new_tokens, capacity_for(end) if config.compile else 0)
 
 
-_COMPILED: weakref.WeakKeyDictionary[Transformer, Callable] = weakref.WeakKeyDictionary()
-
-
 def compiled(model: Transformer) -> Callable:
-    """`model`'s forward under torch.compile, built once per model and reused by every call.
+    """`model`'s forward under torch.compile; graphs are built on first use and reused by every call.
 
     With a static KV cache a decode step has the same shapes every time, so one graph serves the
-    whole generation (a new batch size or capacity compiles another). On a CPU this replaces some
-    thousand small dispatched ops per step with a few fused kernels around the matmuls.
+    whole generation (another model, batch size or capacity compiles another). On a CPU this
+    replaces some thousand small dispatched ops per step with a few fused kernels around the matmuls.
     """
-    fn = _COMPILED.get(model)
-    if fn is None:
-        fn = _COMPILED[model] = torch.compile(model, dynamic=False, options=_compile_options())
-    return fn
+    global _compiled_forward
+    if _compiled_forward is None:
+        # one compiled function taking the model as an argument: nothing is attached to the model
+        # (it stays deep-copyable and picklable) and no wrapper keeps a model alive
+        _compiled_forward = torch.compile(_forward, dynamic=False, options=_compile_options())
+    return functools.partial(_compiled_forward, model)
+
+
+def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
+    return model(*args, **kwargs)
+
+
+_compiled_forward: Callable | None = None
 
 
 def _compile_options() -> dict:
