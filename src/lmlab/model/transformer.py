@@ -155,10 +155,8 @@ class Transformer(nn.Module):
             if attention_mask is None:
                 raise ValueError("a static KV cache needs attention_mask over all of its max_len slots")
             S, q_idx = kv_cache.max_len, kv_cache.slots
-            past_len = None
         else:
-            past_len = kv_cache.length if kv_cache is not None else 0
-            S = past_len + T
+            S = (kv_cache.length if kv_cache is not None else 0) + T  # keys: the cached ones, then these
             if attention_mask is not None and bool(attention_mask.all()):
                 attention_mask = None  # no padding: lets SDPA use its causal fast path
         max_pos = None  # known without a device sync when positions are derived here
@@ -166,9 +164,9 @@ class Transformer(nn.Module):
             max_pos = S - 1
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-                position_ids = position_ids[:, past_len:] if q_idx is None else position_ids.index_select(1, q_idx)
+                position_ids = position_ids[:, S - T :] if q_idx is None else position_ids.index_select(1, q_idx)
             else:
-                position_ids = torch.arange(past_len, S, device=device).expand(B, T)
+                position_ids = torch.arange(S - T, S, device=device).expand(B, T)
 
         x = self.embed(input_ids)
         if self.pos_embed is not None:
