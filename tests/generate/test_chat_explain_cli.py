@@ -22,7 +22,9 @@ def smol():
 def test_repl_commands_and_history(smol):
     model, tok = smol
     session = ChatSession(model, tok, GenerationConfig(max_new_tokens=8), system="Answer briefly.")
-    lines = iter(["Hi!", "/set temperature 0.5", "/set top_p 7", "/system Be a pirate.", "Hello", "/reset", "/quit"])
+    commands = ["Hi!", "/set temperature 0.5", "/set top_p 7", "/system Be a pirate.", "Hello"]
+    commands += ["/set compile maybe", "/set compile on", "/reset", "/quit"]
+    lines = iter(commands)
     shown = []
     repl(session, read=lambda _: next(lines), write=shown.append)
     text = "".join(shown)
@@ -31,6 +33,8 @@ def test_repl_commands_and_history(smol):
     assert "(system prompt: 'Be a pirate.'" in text
     assert session.messages == [] and session.system == "Be a pirate."
     assert session.config.temperature == 0.5
+    assert "error: compile: 'maybe' is not true or false" in text
+    assert session.config.compile is True
 
 
 def test_chat_turns_enter_the_template(smol):

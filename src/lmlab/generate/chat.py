@@ -35,8 +35,14 @@ class ChatSession:
         if name not in fields or name in ("stop", "stop_token_ids", "logprobs"):
             raise LmlabError(f"unknown setting {name!r}", hint="e.g. temperature, top_p, top_k, max_new_tokens, seed")
         current = getattr(self.config, name)
+        if isinstance(current, bool):  # compile, early_stopping
+            switches = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+            if value.lower() not in switches:
+                raise LmlabError(f"{value!r} is not true or false", field=name)
+            self.config = self.config.replace(**{name: switches[value.lower()]})
+            return
         try:
-            parsed = int(value) if isinstance(current, int) and not isinstance(current, bool) else float(value)
+            parsed = int(value) if isinstance(current, int) else float(value)
         except ValueError:
             raise LmlabError(f"{value!r} is not a number", field=name) from None
         if name == "seed":
