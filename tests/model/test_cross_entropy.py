@@ -117,3 +117,19 @@ def test_logits_mask_projects_only_the_chosen_positions():
     x = torch.randint(0, m.cfg.vocab_size, (2, 12))
     chosen = torch.rand(2, 12) < 0.4
     assert torch.allclose(m(x, logits_mask=chosen), m(x)[chosen], atol=1e-6)
+
+
+def test_compiled_model_takes_the_chunked_loss_eagerly_with_the_same_result():
+    torch.manual_seed(0)
+    m = lmlab.Transformer(ModelConfig.from_preset("llama-tiny"))
+    x = torch.randint(0, m.cfg.vocab_size, (2, 16))
+    y = torch.randint(0, m.cfg.vocab_size, (2, 16))
+    loss = m(x, targets=y)
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    compiled = torch.compile(m)(x, targets=y)
+    compiled.backward()
+    assert torch.allclose(compiled, loss, rtol=1e-5, atol=1e-6)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, eager[n], rtol=1e-4, atol=1e-6), n

@@ -87,6 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable  # a loop of in-place chunk updates: eager code, called from compiled models too
 def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,

@@ -277,8 +277,7 @@ class Transformer(nn.Module):
         """Cross-entropy of the LM/MLM head on hidden states h (B, T, d) against targets (B, T)."""
         if self.lm_head is None and self.mlm_head is None:
             raise ValueError("targets need a model with an LM or MLM head")
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
+        if not torch.compiler.is_compiling():  # a data-dependent shape: kept out of compiled graphs
             keep = targets != -100
             if not bool(keep.all()):
                 h, targets = h[keep], targets[keep]  # BERT predicts 15% of tokens: project only those
@@ -286,8 +285,9 @@ class Transformer(nn.Module):
         if self.mlm_head is not None:
             h, head = self.mlm_head.transform(h), self.mlm_head.decoder
         # the chunked loss needs the plain layer (a LoRA head adds its own path) and fp32 matmuls as
-        # written; under autocast or torch.compile (which fuses the loss itself) take the plain route
-        if type(head) is nn.Linear and not compiling and not torch.is_autocast_enabled(h.device.type):
+        # written (under autocast, take the plain route); under torch.compile it runs eagerly after
+        # the compiled trunk
+        if type(head) is nn.Linear and not torch.is_autocast_enabled(h.device.type):
             return linear_cross_entropy(
                 h, head.weight, targets, head.bias, label_smoothing=label_smoothing, reduction=reduction
             )
