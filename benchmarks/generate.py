@@ -2,7 +2,9 @@
 
 Batch 1 and 8, 128 new tokens each (EOS disabled so both do all the steps), runs interleaved and
 the median compared; lmlab eager and with `compile=True` (static KV cache, one compiled graph per
-step; compilation happens in the untimed warm-up). Beside them the weight-streaming bound: every
+step; compilation happens in the untimed warm-up). Both use the decode kernels (docs/generate.md:
+eager from batch 2, compiled always) where this CPU has them; LMLAB_DECODE_KERNELS=0 measures
+without. Beside them the weight-streaming bound: every
 step must read all weights once, so steps/s <= memory bandwidth / weight bytes (bandwidth measured
 here before every round of runs, the median taken: it drifts on a shared machine).
 

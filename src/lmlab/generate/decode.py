@@ -6,6 +6,7 @@ not arithmetic, bounds the speed, so nothing happens in it that could happen onc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
+from lmlab.generate.cpu_kernels import DecodeKernels
 from lmlab.generate.kv_cache import KVCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import IncrementalDecoder, StopStrings
@@ -115,7 +117,9 @@ def compiled(model: Transformer) -> Callable:
 
 
 def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
-    return model(*args, **kwargs)
+    # the decode kernels' context is traced away: the graph calls the kernels directly
+    with DecodeKernels():
+        return model(*args, **kwargs)
 
 
 _compiled_forward: Callable | None = None
@@ -126,7 +130,9 @@ def _compile_options() -> dict:
 
     - cpp_wrapper: the graph's launcher in C++ rather than Python; a step calls some hundred
       kernels, and their Python-side calls cost ~2% of a SmolLM2 step at batch 1.
-    - Each one-row matmul (batch-1 decode) becomes a fused multiply-sum. A decode step at batch 1
+    - The weight matmuls and attention run as the decode kernels of cpu_kernels.py where they can
+      (`_forward`). Elsewhere (no AVX-512, no compiler):
+    - each one-row matmul (batch-1 decode) becomes a fused multiply-sum. A decode step at batch 1
       is a chain of matrix-vector products, bound by reading the weights; inductor's reduction
       kernel streams them faster than the BLAS call on this kind of CPU (27 vs 24 GB/s on
       SmolLM2's 211 products, 2 cores). Inductor's pass decomposes only matrices up to 2048 wide on
@@ -175,6 +181,9 @@ def decode_steps(
         logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
     else:
         cache, forward = KVCache.for_model(model, B, state.end), model
+        # eagerly, the kernels' context costs about 1 us on every torch call of the step: at batch 1
+        # that is as much as they save (cpu_kernels.py), from batch 2 on they gain
+        kernels = DecodeKernels() if B > 1 else contextlib.nullcontext()
         mask = state.mask[:, : state.length] if state.padded else None
         logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
     logits = logits[:, -1]
@@ -203,7 +212,8 @@ def decode_steps(
                 logits = forward(nxt[:, None], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
         else:
             mask = state.mask[:, : state.length] if state.padded else None
-            logits = forward(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+            with kernels:
+                logits = forward(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
         logits = logits[:, -1]
 
 
