@@ -96,11 +96,15 @@ def _load() -> bool:
             # built to a temp name and renamed: concurrent processes never load a half-written file
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
-            done = subprocess.run(_build_command(compiler, tmp), capture_output=True, text=True)
-            if done.returncode != 0:
+            try:
+                done = subprocess.run(_build_command(compiler, tmp), capture_output=True, text=True)
+                error = done.stderr[-2000:] if done.returncode != 0 else None
+            except OSError as e:  # the compiler named by CXX is not there or not runnable
+                error = str(e)
+            if error is not None:
                 os.unlink(tmp)
                 warnings.warn(
-                    f"lmlab: compiling the decode kernels failed; decode steps use torch's kernels:\n{done.stderr[-2000:]}",
+                    f"lmlab: compiling the decode kernels failed; decode steps use torch's kernels:\n{error}",
                     stacklevel=3,
                 )
                 return False
