@@ -77,6 +77,14 @@ def _build_command(compiler: str, out: str) -> list[str]:
     ]
 
 
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability()
+    return "|".join(next((line for line in info if line.startswith(f)), "") for f in ("model name", "flags"))
+
+
 @functools.cache
 def _load() -> bool:
     """Builds (first time on this machine) and loads the operators; False, with one warning, where
@@ -88,7 +96,9 @@ def _load() -> bool:
         warnings.warn("lmlab: no C++ compiler found; decode steps use torch's kernels", stacklevel=3)
         return False
     sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))  # headers included
-    key = hashlib.sha256(sources + " ".join([*_build_command(compiler, ""), torch.__version__]).encode())
+    # -march=native code runs only on this kind of CPU: a cache shared between machines (an NFS
+    # home) keeps one build per CPU model and instruction set
+    key = hashlib.sha256(sources + " ".join([*_build_command(compiler, ""), torch.__version__, _cpu_id()]).encode())
     path = cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
     with _lock:
         if not path.exists():

@@ -6,7 +6,7 @@
 // multiplies it with all M rows of x held in L1, and prefetches rows ahead in software, because at
 // M = 8 the core is busy with arithmetic long enough that the hardware prefetcher falls behind.
 //
-// Built at first use by skinny_matmul.py with the host compiler against torch's headers, and
+// Built at first use by generate/cpu_kernels.py with the host compiler against torch's headers, and
 // registered as the operator lmlab::skinny_linear, so that eager code and torch.compile's C++
 // wrapper both call it through the dispatcher without a detour through Python. Work is split over
 // torch's own intra-op threads (at::parallel_for).
