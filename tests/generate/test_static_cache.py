@@ -61,7 +61,7 @@ def test_static_cache_refuses_to_overflow_and_needs_a_mask():
 
 
 def test_capacity_rounds_up_to_share_graphs():
-    assert [capacity_for(n) for n in (1, 64, 65, 130)] == [64, 64, 128, 192]
+    assert [capacity_for(n) for n in (1, 64, 65, 130, 4000)] == [64, 64, 128, 256, 4096]
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
@@ -104,6 +104,23 @@ def test_batch_one_decode_streams_the_matmuls_and_keeps_the_tokens():
     else:
         assert sum(v for k, v in counters["inductor"].items() if k.startswith("decompose_")) > before
     assert compiled.tolist() == generate_ids(m, ids[1:2], mask[1:2], config, eos=[], pad_id=0).tolist()
+
+
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_more_compiled_variants_than_dynamo_keeps_per_function():
+    """Batch sizes, capacities and models each compile their own graph: more of them than dynamo's
+    recompile_limit must neither fall back to eager nor fail on the guard-free steps."""
+    m, other = _model("llama-tiny"), _model("llama-tiny")
+    ids, mask = _prompts()
+    config = GenerationConfig(max_new_tokens=3, stop_token_ids=[])
+    runs = [(m, 3, 0), (m, 2, 0), (m, 1, 0), (m, 1, 70), (other, 3, 0)]  # model, rows, extra prompt length
+    for model, rows, extra in runs:
+        x = torch.cat([torch.full((rows, extra), 7), ids[:rows]], 1)
+        am = torch.cat([torch.ones(rows, extra, dtype=torch.long), mask[:rows]], 1)
+        graphs = counters["stats"]["unique_graphs"]
+        out = generate_ids(model, x, am, config.replace(compile=True), eos=[], pad_id=0)
+        assert counters["stats"]["unique_graphs"] == graphs + 1
+        assert out.tolist() == generate_ids(model, x, am, config, eos=[], pad_id=0).tolist()
 
 
 def test_compiling_leaves_the_model_copyable_and_collectable():

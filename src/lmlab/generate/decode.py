@@ -6,8 +6,10 @@ not arithmetic, bounds the speed, so nothing happens in it that could happen onc
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -101,19 +103,28 @@ def new_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Gen
     return DecodeState(input_ids, attention_mask, config.max_new_tokens, capacity_for(end) if config.compile else 0)
 
 
-def compiled(model: Transformer) -> Callable:
-    """`model`'s forward under torch.compile; graphs are built on first use and reused by every call.
+def compiled(model: Transformer, batch: int, capacity: int) -> Callable:
+    """`model`'s forward under torch.compile for decode steps of `batch` rows over a static cache
+    of `capacity` columns; built on first use (one graph serves every step) and kept for reuse.
 
-    With a static KV cache a decode step has the same shapes every time, so one graph serves the
-    whole generation (another model, batch size or capacity compiles another). On a CPU this
-    replaces some thousand small dispatched ops per step with a few fused kernels around the matmuls.
+    Each (model, batch, capacity) gets a compiled function of its own, a copy of `_forward` with
+    its own code object. torch.compile keeps at most 8 graphs per code object (dynamo's
+    recompile_limit) and then runs that code eagerly, which a long chat or a server would reach;
+    and decode steps after the first skip dynamo's guards, which is only safe where the first step
+    compiled. The last `_KEEP` are kept. Nothing is attached to the model (it stays deep-copyable
+    and collectable): the key holds its id, not the model.
     """
-    global _compiled_forward
-    if _compiled_forward is None:
-        # one compiled function taking the model as an argument: nothing is attached to the model
-        # (it stays deep-copyable and picklable) and no wrapper keeps a model alive
-        _compiled_forward = torch.compile(_forward, dynamic=False, options=_compile_options())
-    return functools.partial(_compiled_forward, model)
+    key = (id(model), batch, capacity)
+    forward = _compiled.pop(key, None)
+    if forward is None:
+        code = _forward.__code__.replace(co_name=f"_forward_{batch}x{capacity}")
+        forward = torch.compile(
+            types.FunctionType(code, _forward.__globals__, code.co_name), dynamic=False, options=_compile_options()
+        )
+    _compiled[key] = forward  # most recently used last
+    while len(_compiled) > _KEEP:
+        _compiled.popitem(last=False)
+    return functools.partial(forward, model)
 
 
 def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
@@ -122,7 +133,8 @@ def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
         return model(*args, **kwargs)
 
 
-_compiled_forward: Callable | None = None
+_compiled: collections.OrderedDict[tuple[int, int, int], Callable] = collections.OrderedDict()
+_KEEP = 16
 
 
 def _compile_options() -> dict:
@@ -152,9 +164,11 @@ def _compile_options() -> dict:
 
 
 def capacity_for(length: int) -> int:
-    """Static-cache columns for `length` tokens: rounded up to a multiple of 64, so that prompts of
-    different lengths share one compiled graph instead of compiling one each."""
-    return -(-length // 64) * 64
+    """Static-cache columns for `length` tokens: the next power of two from 64, so that prompts of
+    different lengths share one compiled graph instead of compiling one each (a conversation that
+    grows to 4k tokens compiles 7). Spare columns cost memory, and little time: the decode
+    attention kernel stops at the last written column."""
+    return max(64, 1 << (length - 1).bit_length())
 
 
 @torch.inference_mode()
@@ -176,7 +190,8 @@ def decode_steps(
     if config.compile:
         # a static cache over all of the state's columns; the prompt runs eagerly (its length varies),
         # every decode step through one compiled graph
-        cache, forward = StaticKVCache.for_model(model, B, state.ids.shape[1]), compiled(model)
+        cache = StaticKVCache.for_model(model, B, state.ids.shape[1])
+        forward = compiled(model, B, state.ids.shape[1])
         cache.advance(state.length)
         logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
     else:
