@@ -26,6 +26,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -106,6 +107,8 @@ def _load() -> bool:
             # built to a temp name and renamed: concurrent processes never load a half-written file
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
             os.close(fd)
+            # a one-time pause of ~10 s on the first decode that uses them: say why
+            print("lmlab: compiling the decode kernels for this CPU (once, ~10 s)", file=sys.stderr, flush=True)
             try:
                 done = subprocess.run(_build_command(compiler, tmp), capture_output=True, text=True)
                 error = done.stderr[-2000:] if done.returncode != 0 else None
