@@ -104,12 +104,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor m;
   int64_t mb = 0, mh = 0, ms = 0;
   if (has_mask) {
-    TORCH_CHECK(mask->dim() == 4 && mask->size(2) == 1 && mask->size(3) == S,
+    m = *mask;
+    TORCH_CHECK(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == B) && (m.size(1) == 1 || m.size(1) == H) &&
+                    m.size(2) == 1 && m.size(3) == S,
                 "lmlab::decode_attention: mask must broadcast to (B, H, 1, S)");
-    m = mask->expand({B, H, 1, S});
-    mb = m.stride(0), mh = m.stride(1), ms = m.stride(3);
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat,
                 "lmlab::decode_attention: mask must be bool or float32");
+    // broadcast by hand (a zero stride over size-1 dimensions): expand() is a dispatched op
+    mb = m.size(0) == 1 ? 0 : m.stride(0), mh = m.size(1) == 1 ? 0 : m.stride(1), ms = m.stride(3);
   }
   const bool bool_mask = has_mask && m.scalar_type() == at::kBool;
   const bool* mbool = bool_mask ? m.data_ptr<bool>() : nullptr;
