@@ -116,7 +116,11 @@ def test_decode_kernels_context_under_compile():
             return lin(x).relu()
 
     with torch.no_grad():
-        torch.testing.assert_close(step(x), F.linear(x, lin.weight, lin.bias).relu(), rtol=1e-5, atol=1e-5)
+        step(x)  # compiles
+        with torch.profiler.profile() as prof:
+            out = step(x)
+    assert _calls(prof, "lmlab::skinny_linear") == 1  # the compiled graph calls the operator
+    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias).relu(), rtol=1e-5, atol=1e-5)
 
 
 DECODERS = [name for name, p in PRESETS.items() if p.get("causal", True) and name.endswith("tiny")]

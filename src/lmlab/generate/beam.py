@@ -8,12 +8,10 @@ heuristic), so outputs are token-identical to its `generate(num_beams=...)`.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from lmlab.generate import cpu_kernels
 from lmlab.generate.config import GenerationConfig
-from lmlab.generate.cpu_kernels import DecodeKernels
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.model.transformer import Transformer
@@ -61,7 +59,7 @@ def beam_search(
     mask[:, :T] = attention_mask.repeat_interleave(K, 0)
     padded = not bool(attention_mask.all())
     cache = KVCache.for_model(model, B * K, max_len)
-    kernels = DecodeKernels() if B * K > 1 else contextlib.nullcontext()  # from two rows on, as decode_steps
+    kernels = cpu_kernels.for_rows(B * K)
     procs = build_processors(config, T, sampling=False, attention_mask=mask[:, :T])
     flat = input_ids.repeat_interleave(K, 0)
     logits = model(flat, attention_mask=mask[:, :T] if padded else None, kv_cache=cache, logits_to_keep=1)[:, -1]

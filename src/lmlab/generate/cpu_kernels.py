@@ -21,6 +21,7 @@ whose compiled graph calls the operators directly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -138,15 +139,15 @@ def _register_fakes() -> None:
         return q.new_empty(q.shape)
 
 
+enabled = os.environ.get("LMLAB_DECODE_KERNELS", "1") != "0"
+"""LMLAB_DECODE_KERNELS=0 turns the kernels off (torch's own kernels run instead). Under
+torch.compile the setting is read once, when a graph is traced."""
+
+
 @torch.compiler.assume_constant_result  # under torch.compile: evaluated once while tracing, not traced
 def available() -> bool:
     """Whether the kernels run on this machine (compiling them on first call) and are enabled."""
     return enabled and _load()
-
-
-enabled = os.environ.get("LMLAB_DECODE_KERNELS", "1") != "0"
-"""LMLAB_DECODE_KERNELS=0 turns the kernels off (torch's own kernels run instead). Under
-torch.compile the setting is read once, when a graph is traced."""
 
 
 def _plain(*tensors: torch.Tensor | None) -> bool:
@@ -214,3 +215,11 @@ class DecodeKernels(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def for_rows(rows: int) -> contextlib.AbstractContextManager:
+    """The context for an eager forward over `rows` rows (sequences, beams, or tokens of one
+    sequence): `DecodeKernels()` from two rows on. The mode costs about 1 us on every torch call of
+    the forward; at one row that is as much as the kernels save. Compiled graphs enter the mode
+    themselves (decode._forward), where it is traced away."""
+    return DecodeKernels() if rows > 1 else contextlib.nullcontext()

@@ -7,7 +7,6 @@ not arithmetic, bounds the speed, so nothing happens in it that could happen onc
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import types
 from collections.abc import Callable, Iterator
@@ -16,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.generate import cpu_kernels
 from lmlab.generate.config import GenerationConfig
-from lmlab.generate.cpu_kernels import DecodeKernels
 from lmlab.generate.kv_cache import KVCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import IncrementalDecoder, StopStrings
@@ -129,7 +128,7 @@ def compiled(model: Transformer, batch: int, capacity: int) -> Callable:
 
 def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
     # the decode kernels' context is traced away: the graph calls the kernels directly
-    with DecodeKernels():
+    with cpu_kernels.DecodeKernels():
         return model(*args, **kwargs)
 
 
@@ -196,9 +195,7 @@ def decode_steps(
         logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
     else:
         cache, forward = KVCache.for_model(model, B, state.end), model
-        # eagerly, the kernels' context costs about 1 us on every torch call of the step: at batch 1
-        # that is as much as they save (cpu_kernels.py), from batch 2 on they gain
-        kernels = DecodeKernels() if B > 1 else contextlib.nullcontext()
+        kernels = cpu_kernels.for_rows(B)
         mask = state.mask[:, : state.length] if state.padded else None
         logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
     logits = logits[:, -1]

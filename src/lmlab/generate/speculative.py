@@ -9,15 +9,14 @@ output token for token; only the speed depends on how often the draft agrees.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lmlab.generate import cpu_kernels
 from lmlab.generate.config import GenerationConfig
-from lmlab.generate.cpu_kernels import MAX_ROWS, DecodeKernels
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
@@ -107,8 +106,8 @@ def speculative_generate(
 
     def feed(model: Transformer, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         ids = torch.tensor([tokens], device=device)
-        # a few tokens at once (the target's check): the decode kernels' matmuls pay off
-        with DecodeKernels() if 1 < len(tokens) <= MAX_ROWS else contextlib.nullcontext():
+        # the target's check feeds k + 1 tokens at once: the decode kernels' matmuls pay off
+        with cpu_kernels.for_rows(len(tokens)):
             return model(ids, kv_cache=cache)[0]  # (len(tokens), V)
 
     while len(seq) - len(prompt_ids) < config.max_new_tokens:

@@ -19,7 +19,6 @@ The HTTP side never touches the model: it submits requests, cancels them, and qu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import threading
@@ -33,8 +32,8 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.generate import cpu_kernels
 from lmlab.generate.config import GenerationConfig
-from lmlab.generate.cpu_kernels import DecodeKernels
 from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
@@ -397,8 +396,7 @@ class Engine:
         self.cache.ensure_room(1)
         mask = self.cache.step_mask()
         tokens = torch.tensor([[s.last] for s in self._rows], device=self.device)
-        # the decode kernels gain from two rows on (generate/cpu_kernels.py; see decode_steps)
-        with DecodeKernels() if len(self._rows) > 1 else contextlib.nullcontext():
+        with cpu_kernels.for_rows(len(self._rows)):
             logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1].float()
         self.m_steps.inc()
         self.m_rows.observe(len(self._rows))

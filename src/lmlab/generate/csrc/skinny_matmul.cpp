@@ -72,7 +72,7 @@ inline void pair_all(const float* x, const float* w, float* y, int64_t n, int64_
 
 // Rows [n0, n1) of W (n1 - n0 even) against every row of x.
 void row_pairs(const float* x, const float* w, float* y, int64_t n0, int64_t n1, int64_t M, int64_t N, int64_t K) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1);
+  const __mmask16 tail = lmlab::tail_mask(K % 16);
   for (int64_t n = n0; n < n1; n += 2) pair_all(x, w, y, n, M, N, K, tail);
 }
 
@@ -97,7 +97,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const st
   at::parallel_for(0, N / 2, 16, [&](int64_t p0, int64_t p1) { row_pairs(xp, wp, yp, 2 * p0, 2 * p1, M, N, K); });
   if (N % 2) {  // the last row of an odd N: computed with the row before it, into scratch
     std::vector<float> scratch(2 * M);
-    const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1);
+    const __mmask16 tail = lmlab::tail_mask(K % 16);
     pair_all(xp, wp + (N - 2) * K, scratch.data(), 0, M, 2, K, tail);
     for (int64_t m = 0; m < M; ++m) yp[m * N + N - 1] = scratch[2 * m + 1];
   }
