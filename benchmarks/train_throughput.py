@@ -4,7 +4,10 @@ Same weights (a ~17M-parameter LLaMA: 6 layers, hidden 384, vocab 8192), batch 8
 AdamW, gradient clipping; eager and torch.compile; steps interleaved so machine noise hits both;
 MFU against a GEMM peak measured in the same run; peak RSS of each in its own process.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--no-compile]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--no-compile] [--bf16]
+
+Rows: eager (lmlab's fused CPU kernels on), eager without them, torch.compile, and with --bf16
+both under bf16 autocast (MFU still against the fp32 peak).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import transformers
 
 import lmlab
+from lmlab.kernels import fused
 from lmlab.model.info import count_params, flops_per_token
 from lmlab.train import TrainConfig, Trainer
 from lmlab.utils.flops import measure_matmul_flops
@@ -40,17 +44,18 @@ class Fixed:
         return self.x, self.y
 
 
-def build_ours(cfg: lmlab.ModelConfig, compile_: bool):
+def build_ours(cfg: lmlab.ModelConfig, compile_: bool, bf16: bool = False):
     """lmlab's Trainer step on a fixed batch."""
     torch.manual_seed(0)
     data = Fixed(cfg.vocab_size)
     tc = TrainConfig(max_steps=10**6, micro_batch_size=BATCH, block_size=BLOCK, compile=compile_, warmup_steps=0,
-                     schedule="constant", out_dir=tempfile.mkdtemp())  # fmt: skip
+                     schedule="constant", out_dir=tempfile.mkdtemp(),
+                     dtype="bfloat16" if bf16 else "float32")  # fmt: skip
     trainer = Trainer(lmlab.Transformer(cfg), data, tc, progress=False)
     return lambda: trainer.train_step(data.get_batch(0)), trainer.raw
 
 
-def build_theirs(cfg: lmlab.ModelConfig, compile_: bool, weights: lmlab.Transformer | None = None):
+def build_theirs(cfg: lmlab.ModelConfig, compile_: bool, weights: lmlab.Transformer | None = None, bf16: bool = False):
     """The same loop by hand around transformers' LlamaForCausalLM (same weights when given)."""
     from lmlab.model.hf import config_to_hf
 
@@ -66,7 +71,8 @@ def build_theirs(cfg: lmlab.ModelConfig, compile_: bool, weights: lmlab.Transfor
     opt = torch.optim.AdamW(theirs.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True)
 
     def step():
-        loss = model(input_ids=data.x, labels=data.x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=data.x, labels=data.x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), tc.grad_clip)
         opt.step()
@@ -100,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also bf16 autocast (fast on CPUs with AMX)")
     ap.add_argument("--memory-only", choices=["ours", "theirs"])
     args = ap.parse_args()
     if args.memory_only:
@@ -110,10 +117,14 @@ def main() -> None:
     flops_step = 3 * flops_per_token(cfg, BLOCK) * BATCH * BLOCK
     print(f"llama-17m: {count_params(cfg)['total'] / 1e6:.1f}M parameters, batch {BATCH} x {BLOCK}, fused AdamW; "
           f"GEMM peak {peak / 1e9:.0f} GFLOP/s fp32 ({torch.get_num_threads()} threads)")  # fmt: skip
-    print(f"{'mode':<10}{'lmlab tok/s':>13}{'hf tok/s':>11}{'ratio':>8}{'lmlab MFU':>11}{'hf MFU':>9}")
-    for compile_ in [False] if args.no_compile else [False, True]:
-        ours_step, weights = build_ours(cfg, compile_)
-        theirs_step = build_theirs(cfg, compile_, weights)
+    print(f"{'mode':<25}{'lmlab tok/s':>13}{'hf tok/s':>11}{'ratio':>8}{'lmlab MFU':>11}{'hf MFU':>9}")
+    modes = [("eager", False, True, False), ("eager, no fused kernels", False, False, False)]
+    modes += [] if args.no_compile else [("compiled", True, True, False)]
+    modes += [("eager, bf16 autocast", False, True, True)] if args.bf16 else []
+    for mode, compile_, kernels, bf16 in modes:
+        fused.enabled = kernels  # lmlab's fused CPU kernels (kernels/fused.py); transformers never uses them
+        ours_step, weights = build_ours(cfg, compile_, bf16)
+        theirs_step = build_theirs(cfg, compile_, weights, bf16)
         for _ in range(2):  # warm-up (and compilation)
             ours_step()
             theirs_step()
@@ -126,9 +137,10 @@ def main() -> None:
             theirs_step()
             b.append(time.perf_counter() - t)
         ta, tb = statistics.median(a), statistics.median(b)
-        mode = "compiled" if compile_ else "eager"
-        print(f"{mode:<10}{BATCH * BLOCK / ta:>13,.0f}{BATCH * BLOCK / tb:>11,.0f}{tb / ta:>7.2f}x"
+        # MFU against the fp32 peak throughout, so the bf16 row shows its speed-up over it
+        print(f"{mode:<25}{BATCH * BLOCK / ta:>13,.0f}{BATCH * BLOCK / tb:>11,.0f}{tb / ta:>7.2f}x"
               f"{flops_step / ta / peak:>11.0%}{flops_step / tb / peak:>9.0%}")  # fmt: skip
+    fused.enabled = True
     rss = {}
     for which in ("ours", "theirs"):
         out = subprocess.run([sys.executable, __file__, "--memory-only", which], capture_output=True, text=True)

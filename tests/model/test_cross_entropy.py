@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lmlab
+from lmlab.kernels import fused
 from lmlab.model.config import ModelConfig
 from lmlab.model.cross_entropy import chunk_rows, linear_cross_entropy
 
@@ -32,7 +33,9 @@ def _grads(fn, h, w, b):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("rows", [7, 64, 1000])  # a ragged last chunk, one chunk, more rows than tokens
-def test_equals_cross_entropy_of_the_logits(bias, smoothing, rows):
+@pytest.mark.parametrize("kernel", [True, False])  # the fused C++ softmax (where it builds), torch's ops
+def test_equals_cross_entropy_of_the_logits(bias, smoothing, rows, kernel, monkeypatch):
+    monkeypatch.setattr(fused, "enabled", kernel)
     h, w, b, t = _inputs(bias)
 
     def ref(h, w, b):

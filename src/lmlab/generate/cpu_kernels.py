@@ -6,13 +6,13 @@ matrices (at 8 rows MKL reads SmolLM2's weights at about 11 GB/s on a 2-core Xeo
 the memory gives). Its attention has one query per head, where torch's CPU flash attention spends
 most of its time setting up tiles. Two small C++ operators do these directly:
 
-- `lmlab::skinny_linear` (csrc/skinny_matmul.cpp): y = x Wᵀ + b for up to `MAX_ROWS` rows of x,
+- `lmlab::skinny_linear` (kernels/csrc/skinny_matmul.cpp): y = x Wᵀ + b for up to `MAX_ROWS` rows of x,
   reading each weight row once for all rows and prefetching ahead.
-- `lmlab::decode_attention` (csrc/decode_attention.cpp): one query per (sequence, head), grouped
+- `lmlab::decode_attention` (kernels/csrc/decode_attention.cpp): one query per (sequence, head), grouped
   heads, a boolean or additive mask.
 
-They are x86 AVX-512 C++ compiled against torch's headers with the host's C++ compiler at first
-use (about 10 s) and cached under ~/.cache/lmlab. Where they cannot run (another CPU, no compiler,
+They are C++ in `kernels/csrc/`, built at first use by `lmlab.kernels.build` (cached under
+~/.cache/lmlab). Where they cannot run (another CPU, no compiler,
 a GPU tensor, a shape they do not cover) `linear` and `attention` are torch's own functions, so
 callers never need to check. Within `DecodeKernels()` every eligible `F.linear` (nn.Linear
 included) and `F.scaled_dot_product_attention` call takes them, eagerly or under torch.compile,
@@ -23,108 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-_CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "skinny_matmul.cpp", _CSRC / "decode_attention.cpp"]
+from lmlab.kernels import build
 
 MAX_ROWS = 16
 """Above this many rows BLAS is as fast or faster (its packing pays off), so `linear` leaves them to it."""
 
-_lock = threading.Lock()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab")) / "kernels"
-
-
-def _build_command(compiler: str, out: str) -> list[str]:
-    from torch.utils import cpp_extension
-
-    torch_lib = Path(torch.__file__).parent / "lib"
-    return [
-        compiler,
-        *[
-            "-O3",
-            "-march=native",
-            "-fopenmp",
-            "-shared",
-            "-fPIC",
-            "-std=c++20",
-            "-w",
-            "-DCPU_CAPABILITY=AVX512",
-            "-DCPU_CAPABILITY_AVX512",
-        ],
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        *(f"-I{p}" for p in cpp_extension.include_paths()),
-        *map(str, _SOURCES),
-        f"-L{torch_lib}",
-        "-lc10",
-        "-ltorch_cpu",
-        f"-Wl,-rpath,{torch_lib}",
-        "-o",
-        out,
-    ]
-
-
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability()
-    return "|".join(next((line for line in info if line.startswith(f)), "") for f in ("model name", "flags"))
-
 
 @functools.cache
 def _load() -> bool:
-    """Builds (first time on this machine) and loads the operators; False, with one warning, where
-    they can't be had."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+    if not build.load():
         return False
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        warnings.warn("lmlab: no C++ compiler found; decode steps use torch's kernels", stacklevel=3)
-        return False
-    sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))  # headers included
-    # -march=native code runs only on this kind of CPU: a cache shared between machines (an NFS
-    # home) keeps one build per CPU model and instruction set
-    key = hashlib.sha256(sources + " ".join([*_build_command(compiler, ""), torch.__version__, _cpu_id()]).encode())
-    path = cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
-    with _lock:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # built to a temp name and renamed: concurrent processes never load a half-written file
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            # a one-time pause of ~10 s on the first decode that uses them: say why
-            print("lmlab: compiling the decode kernels for this CPU (once, ~10 s)", file=sys.stderr, flush=True)
-            try:
-                done = subprocess.run(_build_command(compiler, tmp), capture_output=True, text=True)
-                error = done.stderr[-2000:] if done.returncode != 0 else None
-            except OSError as e:  # the compiler named by CXX is not there or not runnable
-                error = str(e)
-            if error is not None:
-                os.unlink(tmp)
-                warnings.warn(
-                    f"lmlab: compiling the decode kernels failed; decode steps use torch's kernels:\n{error}",
-                    stacklevel=3,
-                )
-                return False
-            os.replace(tmp, path)
-        torch.ops.load_library(str(path))
-        _register_fakes()
+    _register_fakes()
     return True
 
 

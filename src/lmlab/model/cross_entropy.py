@@ -13,10 +13,37 @@ from __future__ import annotations
 
 import torch
 
+from lmlab.kernels import fused
+
 
 def chunk_rows(vocab_size: int) -> int:
     """Tokens per chunk: about 8 MB of fp32 logits, at least 64 rows so the matmuls stay efficient."""
     return max(64, min(1024, (1 << 21) // vocab_size))
+
+
+def _softmax_cross_entropy_(
+    logits: torch.Tensor, targets: torch.Tensor, w: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """Per-row losses of logits (rows, V) against targets (rows,), and with row weights w the
+    gradient of sum(w * loss) in place of the logits: `fused.softmax_cross_entropy_` in torch's ops."""
+    V, tc = logits.shape[1], targets[:, None]
+    picked = logits.gather(1, tc).squeeze(1)
+    average = logits.mean(-1) if eps else None
+    top = logits.amax(-1, keepdim=True)
+    p = logits.sub_(top).exp_()  # unnormalized softmax, in place: few passes over the chunk
+    z = p.sum(-1)
+    lse = top.squeeze(1) + z.log()
+    loss = lse - picked
+    if eps:
+        # PyTorch's smoothing: (1 - eps) * nll + eps * mean over classes of -log p
+        loss = (1 - eps) * loss + eps * (lse - average)
+    if w is not None:
+        # d(loss)/d(logits) per row: (softmax - (1 - eps) * onehot - eps / V) * row weight
+        p.mul_((w / z)[:, None])
+        if eps:
+            p.sub_((w * (eps / V))[:, None])
+        p.scatter_add_(1, tc, (w * (eps - 1.0))[:, None].to(p.dtype))
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -24,7 +51,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int, mean: bool):
-        V = weight.shape[0]
         h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         valid = t != ignore_index
         count = valid.sum()
@@ -32,38 +58,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / count.clamp(min=1) if mean else torch.ones((), device=h.device)
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h2) if want_h else None
-        grad_w = torch.zeros_like(weight) if want_w else None
+        # written by the first chunk's matmul, added to by the rest (no pass to zero it first)
+        grad_w = (torch.empty_like if h2.shape[0] else torch.zeros_like)(weight) if want_w else None
         grad_b = torch.zeros_like(bias) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         safe = t.clamp(min=0)  # ignored rows pick class 0, then get weight 0
         eps = label_smoothing
+        fast = fused.applies(h2, weight)
         for s in range(0, h2.shape[0], rows):
             hc, tc, vc = h2[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
             logits = torch.nn.functional.linear(hc, weight, bias).float()  # (rows, V)
-            picked = logits.gather(1, tc).squeeze(1)
-            average = logits.mean(-1) if eps else None
-            top = logits.amax(-1, keepdim=True)
-            p = logits.sub_(top).exp_()  # unnormalized softmax, in place: few passes over the chunk
-            z = p.sum(-1)
-            lse = top.squeeze(1) + z.log()
-            loss = lse - picked
-            if eps:
-                # PyTorch's smoothing: (1 - eps) * nll + eps * mean over classes of -log p
-                loss = (1 - eps) * loss + eps * (lse - average)
-            total += torch.where(vc, loss, 0.0).sum()
-            if not (want_h or want_w or want_b):
+            want_grad = want_h or want_w or want_b
+            w = vc * scale if want_grad else None  # each row's weight in the loss
+            # the loss, and the logits turned into their gradient in place: one C++ pass per row
+            # where the kernels run, torch's ops elsewhere
+            xent = fused.softmax_cross_entropy_ if fast else _softmax_cross_entropy_
+            total += torch.where(vc, xent(logits, tc.squeeze(1), w, eps), 0.0).sum()
+            if not want_grad:
                 continue
-            # d(loss)/d(logits) per row: (softmax - (1 - eps) * onehot - eps / V) * row weight
-            w = vc * scale
-            p.mul_((w / z)[:, None])
-            if eps:
-                p.sub_((w * (eps / V))[:, None])
-            p.scatter_add_(1, tc, (w * (eps - 1.0))[:, None].to(p.dtype))
-            grad = p.to(hc.dtype)
+            grad = logits.to(hc.dtype)
             if want_h:
                 torch.mm(grad, weight, out=grad_h[s : s + rows])
             if want_w:
-                grad_w.addmm_(grad.t(), hc)
+                grad_w.addmm_(grad.t(), hc, beta=1.0 if s else 0.0)
             if want_b:
                 grad_b += grad.sum(0)
         ctx.h_shape = h.shape

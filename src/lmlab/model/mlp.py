@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.kernels import fused
 from lmlab.model.config import ModelConfig
 
 ACTIVATIONS = {
@@ -28,5 +29,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
-            return self.down(self.act(self.gate(x)) * self.up(x))
+            g, u = self.gate(x), self.up(x)
+            if self.act is F.silu and fused.applies(g, u):  # one C++ pass each way (kernels/fused.py)
+                return self.down(fused.swiglu(g, u))
+            return self.down(self.act(g) * u)
         return self.down(self.act(self.up(x)))

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from lmlab.kernels import fused
 from lmlab.model.config import ModelConfig
 
 
@@ -107,4 +108,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     rotate_half(x) * sin == roll(x, half) * signed_sin: three memory passes instead of five, which
     matters because these elementwise ops, not the matmuls, dominate small models on a CPU.
     """
+    if fused.rope_applies(x, cos, signed_sin):  # the same in one C++ pass each way (kernels/fused.py)
+        return fused.rope(x, cos, signed_sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

@@ -1,0 +1,41 @@
+// Helpers for elementwise kernels written with ATen's portable vectors (at::vec::Vectorized).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace lmlab {
+
+using Vec = at::vec::Vectorized<float>;
+
+// f(offset, count) over [0, n) in vector-sized pieces; the last piece may be shorter (count lanes
+// loaded and stored, the rest zero), so callers use Vec::loadu(p, count) / store(p, count).
+template <typename F>
+inline void for_vectors(int64_t n, const F& f) {
+  constexpr int64_t V = Vec::size();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) f(i, V);
+  if (i < n) f(i, n - i);
+}
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
+}
+
+inline Vec load(const float* p, int64_t count) { return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count); }
+
+inline void store(const Vec& v, float* p, int64_t count) {
+  if (count == Vec::size())
+    v.store(p);
+  else
+    v.store(p, count);
+}
+
+// Rows per parallel task: at least ~16k floats of work, so small tensors stay on one thread.
+inline int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
+
+}  // namespace lmlab
