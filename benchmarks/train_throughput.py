@@ -4,15 +4,17 @@ Same weights (a ~17M-parameter LLaMA: 6 layers, hidden 384, vocab 8192), batch 8
 AdamW, gradient clipping; eager and torch.compile; steps interleaved so machine noise hits both;
 MFU against a GEMM peak measured in the same run; peak RSS of each in its own process.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--no-compile] [--bf16]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--no-compile] [--bf16] [--tune-malloc]
 
 Rows: eager (lmlab's fused CPU kernels on), eager without them, torch.compile, and with --bf16
-both under bf16 autocast (MFU still against the fp32 peak).
+both under bf16 autocast (MFU still against the fp32 peak). Both run under glibc's default malloc
+unless --tune-malloc applies, to both, the setting lmlab's commands use (utils/malloc.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from lmlab.kernels import fused
 from lmlab.model.info import count_params, flops_per_token
 from lmlab.train import TrainConfig, Trainer
 from lmlab.utils.flops import measure_matmul_flops
+from lmlab.utils.malloc import keep_freed_memory
 
 BATCH, BLOCK = 8, 256
 
@@ -82,18 +85,22 @@ def build_theirs(cfg: lmlab.ModelConfig, compile_: bool, weights: lmlab.Transfor
 
 
 def memory_only(which: str) -> None:
-    """Peak RSS growth of 3 steps, one implementation per process."""
+    """Peak RSS growth over 4 steps, and page faults in the last 2, one implementation per process."""
     cfg = lmlab.ModelConfig.from_preset("llama-17m")
     step = build_ours(cfg, False)[0] if which == "ours" else build_theirs(cfg, False)
     import gc
 
     gc.collect()
     base = _status_kb("VmRSS")  # current, not peak: building the model may have peaked higher
-    for _ in range(3):
+    step()
+    step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # of steps after the first two
+    for _ in range(2):
         step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of
     # this (large) benchmark process would report its parent's peak
-    print(_status_kb("VmHWM"), base)
+    print(faults // 2, _status_kb("VmHWM"), base)
 
 
 def _status_kb(field: str) -> int:
@@ -108,7 +115,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="also bf16 autocast (fast on CPUs with AMX)")
     ap.add_argument("--memory-only", choices=["ours", "theirs"])
+    ap.add_argument("--tune-malloc", action="store_true", help="keep freed memory, as lmlab commands do")
     args = ap.parse_args()
+    if args.tune_malloc:
+        keep_freed_memory()  # for both: one process, one allocator
     if args.memory_only:
         return memory_only(args.memory_only)
 
@@ -141,12 +151,14 @@ def main() -> None:
         print(f"{mode:<25}{BATCH * BLOCK / ta:>13,.0f}{BATCH * BLOCK / tb:>11,.0f}{tb / ta:>7.2f}x"
               f"{flops_step / ta / peak:>11.0%}{flops_step / tb / peak:>9.0%}")  # fmt: skip
     fused.enabled = True
-    rss = {}
+    rss, faults = {}, {}
     for which in ("ours", "theirs"):
-        out = subprocess.run([sys.executable, __file__, "--memory-only", which], capture_output=True, text=True)
-        peak_kb, base_kb = map(int, out.stdout.split()[-2:])
+        cmd = [sys.executable, __file__, "--memory-only", which] + ["--tune-malloc"] * args.tune_malloc
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        faults[which], peak_kb, base_kb = map(int, out.stdout.split()[-3:])
         rss[which] = (peak_kb - base_kb) / 1024
-    print(f"peak RSS growth over 3 eager steps: lmlab {rss['ours']:.0f} MB, transformers {rss['theirs']:.0f} MB")
+    print(f"peak RSS growth over 4 eager steps: lmlab {rss['ours']:.0f} MB, transformers {rss['theirs']:.0f} MB")
+    print(f"page faults per eager step after two: lmlab {faults['ours']:,}, transformers {faults['theirs']:,}")
 
 
 if __name__ == "__main__":

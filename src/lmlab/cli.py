@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.utils.malloc import keep_freed_memory
 
 
 def _model_info(args: argparse.Namespace) -> None:
@@ -436,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user mistakes print one line and exit 1, never a traceback."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # steps re-allocate the same tensors: keep them off the page-fault path
     try:
         args.func(args)
     except LmlabError as e:

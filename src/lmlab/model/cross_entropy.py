@@ -65,9 +65,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe = t.clamp(min=0)  # ignored rows pick class 0, then get weight 0
         eps = label_smoothing
         fast = fused.applies(h2, weight)
+        # one buffer for every chunk's logits: a fresh 8 MB tensor per chunk costs page faults
+        buf = h2.new_empty(min(rows, h2.shape[0]), weight.shape[0])
         for s in range(0, h2.shape[0], rows):
             hc, tc, vc = h2[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
-            logits = torch.nn.functional.linear(hc, weight, bias).float()  # (rows, V)
+            out = buf[: hc.shape[0]]
+            if bias is None:
+                logits = torch.mm(hc, weight.t(), out=out).float()  # (rows, V)
+            else:
+                logits = torch.addmm(bias, hc, weight.t(), out=out).float()
             want_grad = want_h or want_w or want_b
             w = vc * scale if want_grad else None  # each row's weight in the loss
             # the loss, and the logits turned into their gradient in place: one C++ pass per row
