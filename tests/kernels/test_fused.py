@@ -166,3 +166,35 @@ def test_softmax_cross_entropy_gives_the_loss_and_its_gradient_in_place(smoothin
 def test_softmax_cross_entropy_rejects_a_target_outside_the_vocabulary():
     with pytest.raises(RuntimeError, match="out of range"):
         fused.softmax_cross_entropy_(torch.randn(2, 10), torch.tensor([3, 10]), None)
+
+
+AVX2_CHECK = """
+import torch, lmlab
+from lmlab.generate import cpu_kernels
+from lmlab.kernels import build, fused
+from lmlab.model.config import ModelConfig
+assert build.isa() == "avx2" and build.load() and not cpu_kernels.available()
+cfg = ModelConfig.from_preset("llama-tiny")
+grads = []
+for on in (True, False):
+    fused.enabled = on
+    torch.manual_seed(0)
+    model = lmlab.Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.profiler.profile() as prof:
+        model(x, targets=x).backward()
+    took = {e.key for e in prof.key_averages() if e.key.startswith("lmlab::")}
+    assert took == ({"lmlab::rms_norm", "lmlab::rms_norm_backward", "lmlab::swiglu", "lmlab::swiglu_backward",
+                     "lmlab::rope", "lmlab::softmax_xent_"} if on else set()), took
+    grads.append([p.grad for p in model.parameters()])
+for a, b in zip(*grads):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+
+
+def test_the_avx2_build_has_the_fused_ops_and_leaves_decoding_to_torch(tmp_path):
+    # what a laptop without AVX-512 gets: built here for AVX2 into a cache of its own
+    env = {**os.environ, "LMLAB_KERNELS_ISA": "avx2", "LMLAB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "ok", out.stderr[-3000:]

@@ -1,7 +1,8 @@
 """Compiling and loading lmlab's C++ CPU operators (csrc/*.cpp), once per machine.
 
-The operators are x86 AVX-512 C++ written against torch's headers and registered with
-TORCH_LIBRARY under `torch.ops.lmlab`. They are compiled with the host's C++ compiler at first
+The operators are x86 C++ written against torch's headers and registered with TORCH_LIBRARY under
+`torch.ops.lmlab`: the fused training ops with ATen's portable vectors (built for AVX-512 or AVX2),
+the decode ops with AVX-512 intrinsics (left out of an AVX2 build). They are compiled with the host's C++ compiler at first
 use (10-20 s, said on stderr) into one shared library, cached under ~/.cache/lmlab/kernels (or
 $LMLAB_CACHE/kernels) and keyed on the sources, the flags, torch's version and the CPU. Where they
 can't be had (another instruction set, no compiler, a failed build) `load()` is False, with one
@@ -37,13 +38,26 @@ def _sources() -> list[Path]:
     return sorted(_CSRC.glob("*.cpp"))
 
 
+def isa() -> str | None:
+    """The instruction set the kernels are built for: "avx512", "avx2", or None (not x86, or older).
+    LMLAB_KERNELS_ISA=avx2 builds the AVX2 variant on an AVX-512 CPU (to test it)."""
+    have = torch.backends.cpu.get_cpu_capability()
+    if have in ("AVX512", "AVX512_BF16", "AMX"):
+        return "avx2" if os.environ.get("LMLAB_KERNELS_ISA") == "avx2" else "avx512"
+    return "avx2" if have == "AVX2" else None
+
+
 def _flags() -> list[str]:
     from torch.utils import cpp_extension
 
+    # ATen's vector types follow CPU_CAPABILITY; the AVX2 build targets any AVX2 + FMA CPU
+    target = {
+        "avx512": ["-march=native", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+        "avx2": ["-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    }[isa() or "avx2"]
     return [
-        *["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++20", "-w"],
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
+        *["-O3", "-fopenmp", "-fPIC", "-std=c++20", "-w"],
+        *target,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
     ]
@@ -82,10 +96,10 @@ def _cpu_id() -> str:
 @functools.cache
 def load() -> bool:
     """Builds (first time on this machine) and loads the operators; False, with one warning, where
-    they can't be had."""
+    they can't be had. `has("op")` tells which ones an AVX2 build has."""
     if os.environ.get("LMLAB_KERNELS", "1") == "0":
         return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+    if isa() is None:
         return False
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
@@ -116,3 +130,8 @@ def load() -> bool:
             os.replace(tmp, path)
         torch.ops.load_library(str(path))
     return True
+
+
+def has(op: str) -> bool:
+    """Whether the loaded library provides `torch.ops.lmlab.<op>` (the decode ops need AVX-512)."""
+    return load() and hasattr(torch.ops.lmlab, op)

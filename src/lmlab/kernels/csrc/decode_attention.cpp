@@ -5,6 +5,9 @@
 // times the arithmetic. This kernel does the arithmetic directly: per (sequence, head), scores
 // against every key, a softmax, and the weighted sum of the values, one task per pair, split over
 // torch's intra-op threads when there is enough work to share.
+// written with AVX-512 intrinsics: on other CPUs the library is built without this operator
+#if defined(__AVX512F__)
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
@@ -177,3 +180,5 @@ TORCH_LIBRARY_FRAGMENT(lmlab, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lmlab, CPU, m) { m.impl("decode_attention", decode_attention); }
+
+#endif  // __AVX512F__

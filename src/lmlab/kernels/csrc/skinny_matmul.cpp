@@ -10,6 +10,9 @@
 // registered as the operator lmlab::skinny_linear, so that eager code and torch.compile's C++
 // wrapper both call it through the dispatcher without a detour through Python. Work is split over
 // torch's own intra-op threads (at::parallel_for).
+// written with AVX-512 intrinsics: on other CPUs the library is built without this operator
+#if defined(__AVX512F__)
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -116,3 +119,5 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const st
 // y = x · Wᵀ + b for float32 CPU tensors, x (..., K), W (N, K).
 TORCH_LIBRARY_FRAGMENT(lmlab, m) { m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
 TORCH_LIBRARY_IMPL(lmlab, CPU, m) { m.impl("skinny_linear", skinny_linear); }
+
+#endif  // __AVX512F__
