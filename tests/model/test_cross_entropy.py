@@ -136,3 +136,29 @@ def test_compiled_model_takes_the_chunked_loss_eagerly_with_the_same_result():
     assert torch.allclose(compiled, loss, rtol=1e-5, atol=1e-6)
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad, eager[n], rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_autocast_the_matmuls_run_in_bf16_and_the_softmax_in_fp32(bias):
+    h, w, b, t = _inputs(bias)
+
+    def ref(h, w, b):  # what autocast makes of the plain route: bf16 logits, fp32 cross-entropy
+        logits = F.linear(h, w, b).float()
+        return F.cross_entropy(logits.reshape(-1, 50), t.reshape(-1), ignore_index=-100)
+
+    def ours(h, w, b):
+        return linear_cross_entropy(h, w, t, b, rows=16)
+
+    for fn in (ref, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads = _grads(fn, h, w, b)
+        if fn is ref:
+            ref_loss, ref_grads = loss, grads
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    # both round h and w to bf16 the same way; they differ in how bf16 gradients are rounded and summed
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
+    for got, want in zip(grads, ref_grads):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+    # and the bf16 result is near the fp32 one
+    fp32_loss, _ = _grads(ours, h, w, b)
+    torch.testing.assert_close(loss, fp32_loss, rtol=2e-2, atol=2e-2)

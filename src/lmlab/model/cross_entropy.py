@@ -50,13 +50,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, when needed, the gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int, mean: bool):
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int, mean: bool, dtype):
         h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         valid = t != ignore_index
         count = valid.sum()
         # the mean is over the tokens that carry a loss
         scale = 1.0 / count.clamp(min=1) if mean else torch.ones((), device=h.device)
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        # the matmuls run in `dtype` (autocast's, say); the softmax and the sums in float32
+        hm, wm = h2.to(dtype), weight.to(dtype)
+        bm = None if bias is None else bias.to(dtype)
         grad_h = torch.empty_like(h2) if want_h else None
         # written by the first chunk's matmul, added to by the rest (no pass to zero it first)
         grad_w = (torch.empty_like if h2.shape[0] else torch.zeros_like)(weight) if want_w else None
@@ -64,31 +67,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         safe = t.clamp(min=0)  # ignored rows pick class 0, then get weight 0
         eps = label_smoothing
-        fast = fused.applies(h2, weight)
         # one buffer for every chunk's logits: a fresh 8 MB tensor per chunk costs page faults
-        buf = h2.new_empty(min(rows, h2.shape[0]), weight.shape[0])
+        buf = hm.new_empty(min(rows, h2.shape[0]), weight.shape[0])
         for s in range(0, h2.shape[0], rows):
-            hc, tc, vc = h2[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
+            hc, tc, vc = hm[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
             out = buf[: hc.shape[0]]
-            if bias is None:
-                logits = torch.mm(hc, weight.t(), out=out).float()  # (rows, V)
+            if bm is None:
+                logits = torch.mm(hc, wm.t(), out=out).float()  # (rows, V)
             else:
-                logits = torch.addmm(bias, hc, weight.t(), out=out).float()
+                logits = torch.addmm(bm, hc, wm.t(), out=out).float()
             want_grad = want_h or want_w or want_b
             w = vc * scale if want_grad else None  # each row's weight in the loss
             # the loss, and the logits turned into their gradient in place: one C++ pass per row
             # where the kernels run, torch's ops elsewhere
-            xent = fused.softmax_cross_entropy_ if fast else _softmax_cross_entropy_
+            xent = fused.softmax_cross_entropy_ if fused.applies(logits) else _softmax_cross_entropy_
             total += torch.where(vc, xent(logits, tc.squeeze(1), w, eps), 0.0).sum()
             if not want_grad:
                 continue
-            grad = logits.to(hc.dtype)
+            grad = logits.to(dtype)
             if want_h:
-                torch.mm(grad, weight, out=grad_h[s : s + rows])
+                if grad_h.dtype == dtype:
+                    torch.mm(grad, wm, out=grad_h[s : s + rows])
+                else:
+                    grad_h[s : s + rows] = torch.mm(grad, wm)
             if want_w:
-                grad_w.addmm_(grad.t(), hc, beta=1.0 if s else 0.0)
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(grad.t(), hc, beta=1.0 if s else 0.0)
+                else:  # summed over chunks in the weight's own precision
+                    part = torch.mm(grad.t(), hc)
+                    grad_w.copy_(part) if s == 0 else grad_w.add_(part)
             if want_b:
-                grad_b += grad.sum(0)
+                grad_b += logits.sum(0).to(grad_b.dtype)
         ctx.h_shape = h.shape
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         # no token to average: NaN, as F.cross_entropy gives (a sum is 0)
@@ -102,6 +111,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_h is None else (grad_h * g).view(ctx.h_shape),
             None if grad_w is None else grad_w * g,
             None if grad_b is None else grad_b * g,
+            None,
             None,
             None,
             None,
@@ -123,8 +133,13 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of F.linear(h, weight, bias) (..., V) against targets (...), computed in chunks
     of `rows` tokens without materializing the logits; targets == ignore_index carry no loss.
-    reduction "mean" averages over the counted tokens, "sum" adds them up."""
+    reduction "mean" averages over the counted tokens, "sum" adds them up. Under autocast the matmuls
+    run in autocast's dtype (as nn.Linear's would) and the softmax in float32."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     rows = rows or chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, rows, reduction == "mean")
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):  # the casts are explicit inside
+        mean = reduction == "mean"
+        return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, rows, mean, dtype)

@@ -284,10 +284,9 @@ class Transformer(nn.Module):
         head = self.lm_head
         if self.mlm_head is not None:
             h, head = self.mlm_head.transform(h), self.mlm_head.decoder
-        # the chunked loss needs the plain layer (a LoRA head adds its own path) and fp32 matmuls as
-        # written (under autocast, take the plain route); under torch.compile it runs eagerly after
-        # the compiled trunk
-        if type(head) is nn.Linear and not torch.is_autocast_enabled(h.device.type):
+        # the chunked loss needs the plain layer (a LoRA head adds its own path); under torch.compile
+        # it runs eagerly after the compiled trunk
+        if type(head) is nn.Linear:
             return linear_cross_entropy(
                 h, head.weight, targets, head.bias, label_smoothing=label_smoothing, reduction=reduction
             )
