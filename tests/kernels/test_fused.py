@@ -198,3 +198,70 @@ def test_the_avx2_build_has_the_fused_ops_and_leaves_decoding_to_torch(tmp_path)
     env = {**os.environ, "LMLAB_KERNELS_ISA": "avx2", "LMLAB_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split()[-1] == "ok", out.stderr[-3000:]
+
+
+def _bf16_error(fast, reference, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    """Largest error of fast (bf16 in and out) and of torch's own bf16 ops against float64, relative
+    to the largest value."""
+    want = reference(*(t.double() for t in inputs))
+    got, torch_bf16 = fast(*inputs), reference(*inputs)
+    assert got.dtype == torch.bfloat16
+    scale = want.abs().max()
+    return ((got.double() - want).abs().max() / scale).item(), ((torch_bf16.double() - want).abs().max() / scale).item()
+
+
+def test_bf16_swiglu_rounds_once():
+    torch.manual_seed(3)
+    g, u = torch.randn(4, 1001).bfloat16(), torch.randn(4, 1001).bfloat16()
+    ours, theirs = _bf16_error(fused.swiglu, lambda g, u: F.silu(g) * u, [g, u])
+    assert ours <= 2**-8 and ours <= theirs  # within half a bf16 step of the largest value; torch rounds twice
+    # and its gradients, computed in float32 from the bf16 inputs
+    a, b = g.clone().requires_grad_(), u.clone().requires_grad_()
+    fused.swiglu(a, b).backward(torch.ones(4, 1001, dtype=torch.bfloat16))
+    ga, gb = g.double().requires_grad_(), u.double().requires_grad_()
+    (F.silu(ga) * gb).sum().backward()
+    for got, want in ((a.grad, ga.grad), (b.grad, gb.grad)):
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() <= 2**-8
+
+
+def test_bf16_rope_with_bf16_angles_and_with_float_angles_under_autocast():
+    torch.manual_seed(4)
+    q = torch.randn(2, 9, 3, 64).transpose(1, 2).bfloat16()
+    cos, sin = torch.randn(2, 1, 9, 64), torch.randn(2, 1, 9, 64)
+    ours, theirs = _bf16_error(
+        lambda x, c, s: fused.rope(x, c, s), _rope_reference, [q, cos.bfloat16(), sin.bfloat16()]
+    )
+    assert ours <= 2**-8 and ours <= theirs
+    # float32 angles: x * cos would promote to float32, so only autocast (which casts the
+    # attention's inputs to bf16 anyway) lets the kernel keep the result in bf16
+    assert not fused.rope_applies(q, cos, sin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.rope_applies(q, cos, sin)
+        y = fused.rope(q, cos, sin)
+    want = _rope_reference(q.double(), cos.double(), sin.double())
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - want).abs().max() / want.abs().max()).item() <= 2**-8
+
+
+def test_an_autocast_training_step_takes_the_bf16_kernels(monkeypatch):
+    cfg = ModelConfig.from_preset("llama-tiny")
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(fused, "enabled", on)
+        torch.manual_seed(0)
+        model = lmlab.Transformer(cfg)
+        x = torch.randint(0, cfg.vocab_size, (2, 24))
+        with torch.profiler.profile() as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x, targets=x)
+            loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()], _ops(prof)))
+    (loss, grads, ops), (ref_loss, ref_grads, ref_ops) = results
+    assert ops["lmlab::swiglu"] == ops["lmlab::swiglu_backward"] == cfg.n_layer
+    assert ops["lmlab::rope"] == 4 * cfg.n_layer
+    assert not ref_ops
+    # bf16 matmuls either way; the kernels round less often than torch's bf16 ops
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for g, r in zip(grads, ref_grads):
+        assert ((g - r).abs().max() / r.abs().max()).item() < 5e-2

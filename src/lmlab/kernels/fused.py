@@ -26,14 +26,15 @@ enabled = os.environ.get("LMLAB_FUSED_KERNELS", "1") != "0"
 """Whether the model's modules use the fused kernels where they apply."""
 
 
-def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels take these tensors: plain float32 CPU tensors, outside torch.compile,
-    with the kernels built (the first call builds them)."""
+def applies(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether the fused kernels take these tensors: plain CPU tensors of one of `dtypes` (float32
+    for all ops; `swiglu` also takes bfloat16), outside torch.compile, with the kernels built (the
+    first call builds them)."""
     if not enabled or torch.compiler.is_compiling():
         return False
     for t in tensors:
         # plain tensors only: a subclass (a DTensor, a fake tensor) has its own dispatch to keep
-        if t.device.type != "cpu" or t.dtype != torch.float32 or type(t) not in (torch.Tensor, torch.nn.Parameter):
+        if t.device.type != "cpu" or t.dtype not in dtypes or type(t) not in (torch.Tensor, torch.nn.Parameter):
             return False
     return build.load()
 
@@ -77,11 +78,15 @@ class _SwiGLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: torch.Tensor):
         gate, up = ctx.saved_tensors
-        return torch.ops.lmlab.swiglu_backward(g.contiguous(), gate, up)
+        return torch.ops.lmlab.swiglu_backward(g.to(gate.dtype).contiguous(), gate, up)
+
+
+SWIGLU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`F.silu(gate) * up` for tensors of one shape, fused; check `applies(gate, up)` first."""
+    """`F.silu(gate) * up` for tensors of one shape and dtype, float32 or bfloat16 (computed in
+    float32, rounded once), fused; check `applies(gate, up, dtypes=SWIGLU_DTYPES)` first."""
     _require()
     return _SwiGLU.apply(gate, up)
 
@@ -90,19 +95,24 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, signed_sin)
+        ctx.dtype = x.dtype
         return torch.ops.lmlab.rope(x, cos, signed_sin, False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: torch.Tensor):
         cos, signed_sin = ctx.saved_tensors
+        g = g.to(ctx.dtype)
         return torch.ops.lmlab.rope(g if g.stride(-1) == 1 else g.contiguous(), cos, signed_sin, True), None, None
 
 
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
     """Whether `rope` takes these: x (B, H, T, D) and cos, sin (B or 1, 1, T, D) laid out alike,
-    rows of D contiguous, no gradient wanted for the angles, and `applies`."""
+    rows of D contiguous, no gradient wanted for the angles, and `applies`. float32 throughout, or
+    bfloat16 x with angles of its dtype, or (under autocast, whose attention casts the result to
+    bfloat16 anyway) with float32 angles: the result then stays bfloat16 where x * cos would promote."""
     B, _, T, D = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+    mixed = x.dtype == torch.bfloat16 and cos.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
     return (
         x.dim() == cos.dim() == 4
         and cos.shape[1:] == (1, T, D)
@@ -110,9 +120,11 @@ def rope_applies(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
         and D % 2 == 0
         and signed_sin.shape == cos.shape
         and signed_sin.stride() == cos.stride()
+        and signed_sin.dtype == cos.dtype
+        and (cos.dtype == x.dtype or mixed)
         and x.stride(-1) == cos.stride(-1) == 1
         and not (torch.is_grad_enabled() and (cos.requires_grad or signed_sin.requires_grad))
-        and applies(x, cos, signed_sin)
+        and applies(x, cos, signed_sin, dtypes=(torch.float32, torch.bfloat16))
     )
 
 

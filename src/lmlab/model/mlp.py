@@ -30,7 +30,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             g, u = self.gate(x), self.up(x)
-            if self.act is F.silu and fused.applies(g, u):  # one C++ pass each way (kernels/fused.py)
+            # one C++ pass each way (kernels/fused.py); bf16 too, as autocast's linears give it
+            if self.act is F.silu and g.dtype == u.dtype and fused.applies(g, u, dtypes=fused.SWIGLU_DTYPES):
                 return self.down(fused.swiglu(g, u))
             return self.down(self.act(g) * u)
         return self.down(self.act(self.up(x)))

@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
+#include <c10/util/BFloat16.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -33,6 +34,24 @@ inline void store(const Vec& v, float* p, int64_t count) {
     v.store(p);
   else
     v.store(p, count);
+}
+
+// Loads and stores of n <= Vec::size() elements of float or bfloat16 as a float vector (bfloat16 is
+// widened on load and rounded to nearest-even on store).
+inline Vec load_as_float(const float* p, int64_t n) { return load(p, n); }
+inline Vec load_as_float(const c10::BFloat16* p, int64_t n) {
+  if (n == Vec::size()) {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+  float tmp[Vec::size()] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  return Vec::loadu(tmp);
+}
+inline void store_from_float(const Vec& v, float* p, int64_t n) { store(v, p, n); }
+inline void store_from_float(const Vec& v, c10::BFloat16* p, int64_t n) {
+  at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, n);
 }
 
 // Rows per parallel task: at least ~16k floats of work, so small tensors stay on one thread.
