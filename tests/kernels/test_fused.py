@@ -265,3 +265,29 @@ def test_an_autocast_training_step_takes_the_bf16_kernels(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
     for g, r in zip(grads, ref_grads):
         assert ((g - r).abs().max() / r.abs().max()).item() < 5e-2
+
+
+def test_torch_func_transforms_take_torch_ops():
+    # functorch's wrapped tensors look like plain tensors; the Functions here have no vmap rule
+    norm = lmlab.model.norm.RMSNorm(16, 1e-6)
+    x = torch.randn(3, 16)
+    params = dict(norm.named_parameters())
+    grads = torch.func.grad(lambda p, x: torch.func.functional_call(norm, p, (x,)).sum())(params, x)
+    ref = torch.autograd.grad(F.rms_norm(x, (16,), norm.weight, 1e-6).sum(), norm.weight)[0]
+    torch.testing.assert_close(grads["weight"], ref)
+    torch.testing.assert_close(torch.vmap(norm)(x), F.rms_norm(x, (16,), norm.weight, 1e-6))
+
+
+def test_an_unwritable_cache_falls_back_with_a_warning(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    code = (
+        "import warnings\n"
+        "from lmlab.kernels import build\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        '    print(build.load(), sum("can\'t be used" in str(x.message) for x in w))\n'
+    )
+    env = {**os.environ, "LMLAB_CACHE": str(blocked)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "1"]

@@ -162,3 +162,29 @@ def test_under_autocast_the_matmuls_run_in_bf16_and_the_softmax_in_fp32(bias):
     # and the bf16 result is near the fp32 one
     fp32_loss, _ = _grads(ours, h, w, b)
     torch.testing.assert_close(loss, fp32_loss, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_masked_classes_and_bad_targets_behave_like_torch(kernel, monkeypatch):
+    monkeypatch.setattr(fused, "enabled", kernel)
+    h, w, _, t = _inputs(False)
+    bias = torch.zeros(50)
+    bias[45:] = float("-inf")  # padded vocabulary slots, masked out
+    t = t.clamp(max=44).masked_fill(t == -100, -100)
+    ref = F.cross_entropy(F.linear(h, w, bias).reshape(-1, 50), t.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(linear_cross_entropy(h, w, t, bias), ref, rtol=1e-5, atol=1e-6)
+    # an ignore_index outside the vocabulary (a padding id) is ignored, not out of range
+    padded = t.masked_fill(t == -100, 50)
+    ref = F.cross_entropy(F.linear(h, w).reshape(-1, 50), padded.reshape(-1), ignore_index=50)
+    torch.testing.assert_close(linear_cross_entropy(h, w, padded, ignore_index=50), ref, rtol=1e-5, atol=1e-6)
+    # a target that is neither a class nor ignored is an error, as in F.cross_entropy
+    bad = t.clone()
+    bad[1, 3] = -1
+    with pytest.raises((RuntimeError, IndexError)):
+        linear_cross_entropy(h, w, bad)
+
+
+def test_under_autocast_the_loss_is_float32_even_for_bf16_hidden_states():
+    h, w, _, t = _inputs(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_cross_entropy(h.bfloat16(), w, t).dtype == torch.float32

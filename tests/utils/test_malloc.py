@@ -41,3 +41,10 @@ def test_freed_blocks_are_reused_without_page_faults():
     # 400 MB is 100k pages: glibc by default returns and re-faults nearly all of them
     assert default > 50_000
     assert tuned < default / 4
+
+
+def test_a_trim_threshold_beyond_a_c_int_is_refused():
+    from lmlab.utils.malloc import keep_freed_memory
+
+    with pytest.raises(ValueError, match="trim"):
+        keep_freed_memory(trim=4 << 30)

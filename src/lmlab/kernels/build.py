@@ -108,28 +108,49 @@ def load() -> bool:
     sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()))  # headers included
     # -march=native code runs only on this kind of CPU: a cache shared between machines (an NFS
     # home) keeps one build per CPU model and instruction set
-    recipe = [compiler, *_flags(), *_link_flags(""), torch.__version__, _cpu_id()]
+    recipe = [compiler, _compiler_version(compiler), *_flags(), *_link_flags(""), torch.__version__]
+    recipe += [torch.version.git_version or "", _cpu_id()]
     key = hashlib.sha256(sources + " ".join(recipe).encode())
     path = cache_dir() / f"lmlab-{key.hexdigest()[:16]}.so"
     with _lock:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # built to a temp name and renamed: concurrent processes never load a half-written file
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            # a one-time pause on first use: say why
-            print("lmlab: compiling CPU kernels for this machine (once, 10-20 s)", file=sys.stderr, flush=True)
-            error = _compile(compiler, tmp)
-            if error is not None:
-                os.unlink(tmp)
-                warnings.warn(
-                    f"lmlab: compiling the CPU kernels failed; torch's own kernels run instead:\n{error}",
-                    stacklevel=3,
-                )
-                return False
-            os.replace(tmp, path)
-        torch.ops.load_library(str(path))
+        try:
+            if not path.exists():
+                error = _build(compiler, path)
+                if error is not None:
+                    warnings.warn(f"lmlab: compiling the CPU kernels failed; torch's own kernels run instead:\n{error}",
+                                  stacklevel=3)  # fmt: skip
+                    return False
+            torch.ops.load_library(str(path))
+        except (OSError, RuntimeError) as e:  # an unwritable cache, a library that will not load
+            warnings.warn(f"lmlab: the CPU kernels can't be used ({e}); torch's own kernels run instead", stacklevel=3)
+            return False
     return True
+
+
+def _build(compiler: str, path: Path) -> str | None:
+    """Compiles to a temp name in the cache and renames it to `path`: concurrent processes never
+    load a half-written file. The error, if any."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    # a one-time pause on first use: say why
+    print("lmlab: compiling CPU kernels for this machine (once, 10-20 s)", file=sys.stderr, flush=True)
+    try:
+        error = _compile(compiler, tmp)
+        if error is None:
+            os.chmod(tmp, 0o755)  # mkstemp makes it private; a shared cache must be readable by all
+            os.replace(tmp, path)
+        return error
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def has(op: str) -> bool:

@@ -27,7 +27,7 @@ enabled = os.environ.get("LMLAB_FUSED_KERNELS", "1") != "0"
 
 
 def applies(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
-    """Whether the fused kernels take these tensors: plain CPU tensors of one of `dtypes` (float32
+    """Whether the fused kernels take these tensors: plain CPU tensors (not under a torch.func transform) of one of `dtypes` (float32
     for all ops; `swiglu` also takes bfloat16), outside torch.compile, with the kernels built (the
     first call builds them)."""
     if not enabled or torch.compiler.is_compiling():
@@ -35,6 +35,8 @@ def applies(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.flo
     for t in tensors:
         # plain tensors only: a subclass (a DTensor, a fake tensor) has its own dispatch to keep
         if t.device.type != "cpu" or t.dtype not in dtypes or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):  # torch.func transforms: torch's ops
             return False
     return build.load()
 

@@ -50,12 +50,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, when needed, the gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int, mean: bool, dtype):
+    def forward(
+        ctx,
+        h,
+        weight,
+        bias,
+        targets,
+        ignore_index: int,
+        label_smoothing: float,
+        rows: int,
+        mean: bool,
+        dtype,
+        out_dtype,
+    ):
         h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         valid = t != ignore_index
         count = valid.sum()
         # the mean is over the tokens that carry a loss
-        scale = 1.0 / count.clamp(min=1) if mean else torch.ones((), device=h.device)
+        scale = 1.0 / count.clamp(min=1).float() if mean else torch.ones((), device=h.device)
+        scale = scale.float()  # row weights in float32 whatever the default dtype
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         # the matmuls run in `dtype` (autocast's, say); the softmax and the sums in float32
         hm, wm = h2.to(dtype), weight.to(dtype)
@@ -65,7 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = (torch.empty_like if h2.shape[0] else torch.zeros_like)(weight) if want_w else None
         grad_b = torch.zeros_like(bias) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        safe = t.clamp(min=0)  # ignored rows pick class 0, then get weight 0
+        # ignored rows pick class 0, then get weight 0; any other bad target reaches the range check
+        safe = torch.where(valid, t, 0)
         eps = label_smoothing
         # one buffer for every chunk's logits: a fresh 8 MB tensor per chunk costs page faults
         buf = hm.new_empty(min(rows, h2.shape[0]), weight.shape[0])
@@ -101,7 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.h_shape = h.shape
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         # no token to average: NaN, as F.cross_entropy gives (a sum is 0)
-        return (total / count if mean else total).to(h.dtype)
+        return (total / count if mean else total).to(out_dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -111,6 +125,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_h is None else (grad_h * g).view(ctx.h_shape),
             None if grad_w is None else grad_w * g,
             None if grad_b is None else grad_b * g,
+            None,
             None,
             None,
             None,
@@ -139,7 +154,11 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     rows = rows or chunk_rows(weight.shape[0])
     device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+    out_dtype = torch.float32 if autocast else h.dtype  # as autocast's F.cross_entropy gives
+    mean = reduction == "mean"
     with torch.autocast(device, enabled=False):  # the casts are explicit inside
-        mean = reduction == "mean"
-        return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, rows, mean, dtype)
+        return _LinearCrossEntropy.apply(
+            h, weight, bias, targets, ignore_index, label_smoothing, rows, mean, dtype, out_dtype
+        )

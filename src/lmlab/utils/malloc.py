@@ -31,10 +31,13 @@ MMAP_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
 def keep_freed_memory(trim: int = 1 << 30) -> bool:
     """Tell glibc to serve blocks up to 32 MB from its heap and to keep up to `trim` bytes of free
     heap instead of returning them; False (and nothing changed) where libc is not glibc."""
+    if not 0 <= trim < 2**31:
+        raise ValueError(f"trim must be in [0, 2**31), not {trim}")  # mallopt takes a C int
     if os.environ.get("LMLAB_TUNE_MALLOC", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
     except (OSError, AttributeError):
         return False

@@ -64,7 +64,8 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, const st
         if (wp) store(p, row + i, n);
       });
       const float zs = lmlab::hsum(z), lse = m + std::log(zs);
-      out[r] = (1.f - e) * (lse - picked) + e * (lse - mean);
+      // the smoothing term only when smoothing: mean(l) is -inf where a logit is (masked classes)
+      out[r] = e == 0.f ? lse - picked : (1.f - e) * (lse - picked) + e * (lse - mean);
       if (!wp) continue;
       const Vec scale(wp[r] / zs), shift(wp[r] * e / V);
       for_vectors(V, [&](int64_t i, int64_t n) { store(load(row + i, n) * scale - shift, row + i, n); });
