@@ -27,9 +27,9 @@ enabled = os.environ.get("LMLAB_FUSED_KERNELS", "1") != "0"
 
 
 def applies(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
-    """Whether the fused kernels take these tensors: plain CPU tensors (not under a torch.func transform) of one of `dtypes` (float32
-    for all ops; `swiglu` also takes bfloat16), outside torch.compile, with the kernels built (the
-    first call builds them)."""
+    """Whether the fused kernels take these tensors: plain CPU tensors (not under a torch.func
+    transform) of one of `dtypes` (float32 for all ops; swiglu and rope also take bfloat16), outside
+    torch.compile, with the kernels built (the first call builds them)."""
     if not enabled or torch.compiler.is_compiling():
         return False
     for t in tensors:

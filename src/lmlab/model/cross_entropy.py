@@ -67,9 +67,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = t != ignore_index
         count = valid.sum()
         # the mean is over the tokens that carry a loss
-        scale = 1.0 / count.clamp(min=1).float() if mean else torch.ones((), device=h.device)
-        scale = scale.float()  # row weights in float32 whatever the default dtype
+        # row weights in float32 whatever the default dtype
+        scale = 1.0 / count.clamp(min=1).float() if mean else torch.ones((), dtype=torch.float32, device=h.device)
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        want_grad = want_h or want_w or want_b
         # the matmuls run in `dtype` (autocast's, say); the softmax and the sums in float32
         hm, wm = h2.to(dtype), weight.to(dtype)
         bm = None if bias is None else bias.to(dtype)
@@ -83,6 +84,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         eps = label_smoothing
         # one buffer for every chunk's logits: a fresh 8 MB tensor per chunk costs page faults
         buf = hm.new_empty(min(rows, h2.shape[0]), weight.shape[0])
+        # the loss, and the logits (float32, like `total`) turned into their gradient in place: one
+        # C++ pass per row where the kernels run, torch's ops elsewhere
+        xent = fused.softmax_cross_entropy_ if fused.applies(total) else _softmax_cross_entropy_
         for s in range(0, h2.shape[0], rows):
             hc, tc, vc = hm[s : s + rows], safe[s : s + rows, None], valid[s : s + rows]
             out = buf[: hc.shape[0]]
@@ -90,11 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(hc, wm.t(), out=out).float()  # (rows, V)
             else:
                 logits = torch.addmm(bm, hc, wm.t(), out=out).float()
-            want_grad = want_h or want_w or want_b
             w = vc * scale if want_grad else None  # each row's weight in the loss
-            # the loss, and the logits turned into their gradient in place: one C++ pass per row
-            # where the kernels run, torch's ops elsewhere
-            xent = fused.softmax_cross_entropy_ if fused.applies(logits) else _softmax_cross_entropy_
             total += torch.where(vc, xent(logits, tc.squeeze(1), w, eps), 0.0).sum()
             if not want_grad:
                 continue
