@@ -126,7 +126,8 @@ def test_compiled_models_leave_fusion_to_inductor():
     compiled = torch.compile(model)
     with torch.profiler.profile() as prof:
         compiled(x)
-    assert not _ops(prof)
+    # only attention, which inductor does not fuse, stays an lmlab kernel (tests/kernels/test_attention.py)
+    assert set(_ops(prof)) <= {"lmlab::attention", "lmlab::attention_backward"}
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
@@ -185,7 +186,8 @@ for on in (True, False):
         model(x, targets=x).backward()
     took = {e.key for e in prof.key_averages() if e.key.startswith("lmlab::")}
     assert took == ({"lmlab::rms_norm", "lmlab::rms_norm_backward", "lmlab::swiglu", "lmlab::swiglu_backward",
-                     "lmlab::rope", "lmlab::softmax_xent_"} if on else set()), took
+                     "lmlab::rope", "lmlab::softmax_xent_", "lmlab::attention", "lmlab::attention_backward"}
+                    if on else set()), took
     grads.append([p.grad for p in model.parameters()])
 for a, b in zip(*grads):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Multi-head self-attention with grouped KV heads (MHA, GQA, MQA), on PyTorch's fused SDPA kernel."""
+"""Multi-head self-attention with grouped KV heads (MHA, GQA, MQA), on PyTorch's fused SDPA kernel
+(or, training on the CPU, lmlab's: kernels/attention.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.kernels import attention as cpu_attention
 from lmlab.model.config import ModelConfig
 from lmlab.model.rope import apply_rope
 
@@ -57,12 +59,18 @@ class Attention(nn.Module):
             q = q * q_scale
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, H_kv, S, hd)
+        dropout = self.dropout if self.training else 0.0
+        if kv_cache is None and cpu_attention.applies(
+            q, k, v, causal=is_causal, masked=mask is not None, dropout=dropout
+        ):
+            y = cpu_attention.attention(q, k, v, is_causal)  # training on the CPU: faster than ATen's flash attention
+            return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout,
             is_causal=is_causal,
             enable_gqa=self.n_kv_head != self.n_head,
         )

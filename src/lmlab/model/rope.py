@@ -62,6 +62,13 @@ class RotaryEmbedding(torch.nn.Module):
         """Recompute the inverse frequencies and drop the cached table."""
         self.register_buffer("inv_freq", rope_inv_freq(self.cfg).to(device), persistent=False)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not self.dynamic:
+            # built now, not at the first call: a table that appears during a torch.compile'd call
+            # fails that graph's guards and makes the second call compile the model again
+            self._table = self._cos_sin(self._positions(0, self.inv_freq.device), self.inv_freq)
+
+    def _positions(self, need: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(max(need, min(self.cfg.max_seq_len, 8192)), device=device, dtype=torch.float32)
 
     def forward(
         self, position_ids: torch.Tensor, dtype: torch.dtype, max_pos: int | None = None
@@ -81,8 +88,7 @@ class RotaryEmbedding(torch.nn.Module):
             need = max_pos + 1
             table = self._table
             if table is None or table[0].shape[0] < need or table[0].device != position_ids.device:
-                length = max(need, min(self.cfg.max_seq_len, 8192))
-                pos = torch.arange(length, device=position_ids.device, dtype=torch.float32)
+                pos = self._positions(need, position_ids.device)
                 table = self._table = self._cos_sin(pos, self.inv_freq.to(position_ids.device))
             cos, sin = table[0][position_ids], table[1][position_ids]
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
