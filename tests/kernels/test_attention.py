@@ -10,6 +10,7 @@ import lmlab
 from lmlab.generate import GenerationConfig, generate_ids
 from lmlab.kernels import attention, build, fused
 from lmlab.model.config import ModelConfig
+from lmlab.model.rope import apply_rope
 
 pytestmark = pytest.mark.skipif(not build.has("attention"), reason="lmlab's CPU kernels are not built here")
 
@@ -52,6 +53,44 @@ def test_attention_and_its_gradients_match_sdpa_in_float64(B, H, Hkv, T, D, caus
         assert ((got.double() - want).abs().max() / want.abs().max().clamp(min=1)).item() <= TOL
     # results in the projections' layout: the output projection reads y without a copy
     assert y.transpose(1, 2).is_contiguous() and ours[0].grad.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize(("B", "H", "Hkv", "T", "D", "angle_batch"), [(2, 4, 2, 100, 32, 1), (3, 3, 3, 130, 64, 3)])
+def test_rotary_embedding_inside_the_kernel_matches_apply_rope_then_sdpa(B, H, Hkv, T, D, angle_batch):
+    torch.manual_seed(T + D)
+    q, k, v = _projection_view(B, T, H, D), _projection_view(B, T, Hkv, D), _projection_view(B, T, Hkv, D)
+    # any angles will do: the kernel must apply exactly the rotation apply_rope does
+    cos, sin = torch.randn(angle_batch, 1, T, D), torch.randn(angle_batch, 1, T, D)
+    assert attention.applies(q, k, v, rope=(cos, sin), causal=True, masked=False, dropout=0.0)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    y = attention.attention(*ours, True, (cos, sin))
+    rope64 = (cos.double(), sin.double())
+    y_ref = _reference(apply_rope(ref[0], *rope64), apply_rope(ref[1], *rope64), ref[2], True)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    for got, want in [(y, y_ref)] + [(a.grad, b.grad) for a, b in zip(ours, ref)]:
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() <= TOL
+
+
+@pytest.mark.parametrize("case", ["angles with a gradient", "angles per head", "fewer queries than keys", "float64"])
+def test_angles_the_kernel_does_not_take(case):
+    B, H, T, D = 2, 4, 16, 8
+    q, k, v = (_projection_view(B, T, H, D) for _ in range(3))
+    cos, sin = torch.randn(B, 1, T, D), torch.randn(B, 1, T, D)
+    causal = True
+    if case == "angles with a gradient":
+        cos.requires_grad_()
+    elif case == "angles per head":
+        cos, sin = cos.expand(B, H, T, D), sin.expand(B, H, T, D)
+    elif case == "fewer queries than keys":
+        q, causal = q[:, :, :4], False
+        cos, sin = cos[:, :, :4], sin[:, :, :4]
+    else:
+        cos, sin = cos.double(), sin.double()
+    assert attention.applies(q, k, v, causal=causal, masked=False, dropout=0.0)
+    assert not attention.applies(q, k, v, rope=(cos, sin), causal=causal, masked=False, dropout=0.0)
 
 
 def test_contiguous_inputs_and_a_strided_gradient_are_taken_too():

@@ -79,7 +79,9 @@ def test_logn_scaling_acts_only_past_the_training_length():
     ids = torch.randint(0, 512, (1, 24))
     with torch.no_grad():
         a, b = with_logn(ids), without(ids)
-    assert torch.equal(a[:, :16], b[:, :16])
+    # within the training length the two agree to rounding (with logn, attention runs on SDPA; without,
+    # it may take lmlab's CPU kernel), past it they differ by far more
+    torch.testing.assert_close(a[:, :16], b[:, :16], rtol=1e-5, atol=1e-6)
     assert (a[:, 17:] - b[:, 17:]).abs().amax() > 1e-4
 
 

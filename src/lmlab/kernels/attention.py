@@ -48,57 +48,92 @@ def _projection_layout(like: torch.Tensor, B: int, H: int, T: int, D: int) -> to
     return like.new_empty(B, T, H, D).transpose(1, 2)
 
 
-def _attention_fake(q, k, v, causal, scale):
+def _attention_fake(q, k, v, cos, sin, causal, scale):
     B, H, T, D = q.shape
     return _projection_layout(q, B, H, T, D), q.new_empty(B, H, T)
 
 
-def _backward_fake(grad, q, k, v, out, lse, causal, scale):
+def _backward_fake(grad, q, k, v, cos, sin, out, lse, causal, scale):
     B, H, T, D = q.shape
     _, Hkv, S, _ = k.shape
     return _projection_layout(q, B, H, T, D), _projection_layout(k, B, Hkv, S, D), _projection_layout(v, B, Hkv, S, D)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale = inputs
+    q, k, v, cos, sin, causal, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, cos, sin, out, lse)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if grad_out.stride(-1) != 1 or grad_out.stride(-2) < grad_out.shape[-1]:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = torch.ops.lmlab.attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = torch.ops.lmlab.attention_backward(grad_out, q, k, v, cos, sin, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, masked: bool, dropout: float) -> bool:
+def applies(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    causal: bool,
+    masked: bool,
+    dropout: float,
+) -> bool:
     """Whether `attention` takes these: float32 CPU q (B, H, T, D) and k, v (B, Hkv, S, D), rows of
     D contiguous, no mask and no dropout, causal only where T == S, and at least as many (batch,
     key/value head) pairs as threads (the backward's unit of parallel work; with fewer, ATen's
-    kernel, which splits finer, is faster); plain tensors in eager code (see `fused.applies`), or
-    any under torch.compile."""
+    kernel, which splits finer, is faster); rotary angles, if any, float32 (B or 1, 1, T, D) for
+    as many keys as queries, wanting no gradient; plain tensors in eager code (see
+    `fused.applies`), or any under torch.compile."""
     if not fused.enabled or masked or dropout > 0.0:
         return False
     if q.dim() != 4 or k.dim() != 4 or (causal and q.shape[2] != k.shape[2]) or q.shape[1] % k.shape[1]:
         return False
     if q.shape[0] * k.shape[1] < _threads() or q.shape[2] == 0 or k.shape[2] == 0:
         return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v)):
+    tensors = (q, k, v) if rope is None else (q, k, v, *rope)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
         return False
     if any(t.stride(-2) < t.shape[-1] for t in (q, k, v)):  # rows that overlap (a size-1 dim's stride)
         return False
+    if rope is not None and not _angles_fit(q, k, *rope):
+        return False
     if torch.compiler.is_compiling():
         return _ready()
-    return fused.applies(q, k, v) and _ready()
+    return fused.applies(*tensors) and _ready()
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def _angles_fit(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    B, _, T, D = q.shape
+    return (
+        cos.dim() == 4
+        and cos.shape[0] in (1, B)
+        and cos.shape[1:] == (1, T, D)
+        and k.shape[2] == T
+        and D % 2 == 0
+        and sin.shape == cos.shape
+        and sin.stride() == cos.stride()
+        and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)` with the default
-    scale, on lmlab's kernel; check `applies` first. The result is a (B, H, T, D) view of (B, T, H, D)
-    memory, so `.transpose(1, 2).reshape(B, T, H * D)` is free."""
+    scale, on lmlab's kernel; with `rope` (cos, signed sin, as `model.rope.apply_rope` takes them),
+    q and k are rotated first. Check `applies` first. The result is a (B, H, T, D) view of
+    (B, T, H, D) memory, so `.transpose(1, 2).reshape(B, T, H * D)` is free."""
     if not _ready():
         raise RuntimeError("lmlab's CPU attention kernel is not available here (see lmlab.kernels.build)")
-    return torch.ops.lmlab.attention(q, k, v, causal, q.shape[-1] ** -0.5)[0]
+    cos, sin = rope if rope is not None else (None, None)
+    return torch.ops.lmlab.attention(q, k, v, cos, sin, causal, q.shape[-1] ** -0.5)[0]

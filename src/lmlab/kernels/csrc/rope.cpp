@@ -1,22 +1,16 @@
 // Rotary position embedding of queries or keys in one pass, forward or backward; float32, or
 // bfloat16 queries/keys (autocast's) with float32 or bfloat16 angles, computed in float32.
 //
-// With d = head_dim / 2 and sin signed as (-sin, sin) over the halves (see model/rope.py):
-//   forward:  y[:d] = x[:d] * cos[:d] + x[d:] * sin[:d],  y[d:] = x[d:] * cos[d:] + x[:d] * sin[d:]
-//   backward: the transpose, dx[:d] = g[:d] * cos[:d] + g[d:] * sin[d:],  dx[d:] = g[d:] * cos[d:] + g[:d] * sin[:d]
+// The math of a row is in rotate.h.
 // x is (B, H, T, D) in any layout whose rows of D are contiguous: queries and keys arrive as
 // transposed views of the projection's (B, T, H, D) output, and the result keeps x's layout.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "vec_loop.h"
+#include "rotate.h"
 
 namespace {
-
-using lmlab::load_as_float;
-using lmlab::store_from_float;
-using lmlab::Vec;
 
 // x and y of type T (float or bfloat16), the angles of type C; arithmetic in float32
 template <typename T, typename C>
@@ -28,20 +22,11 @@ void rope_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
   const T* xp = x.data_ptr<T>();
   const C *cp = cos.data_ptr<C>(), *sp = sin.data_ptr<C>();
   T* yp = y.data_ptr<T>();
-  // backward reads the sine of the other half: sin[d:] beside the first half, sin[:d] beside the second
-  const int64_t s_first = backward ? d : 0, s_second = backward ? 0 : d;
   at::parallel_for(0, B * H * T_, lmlab::row_grain(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / (H * T_), h = (r / T_) % H, t = r % T_;
       const int64_t co = b * cb + t * ct;
-      const T* xr = xp + b * xb + h * xh + t * xt;
-      const C *c = cp + co, *s = sp + co;
-      T* yr = yp + b * yb + h * yh + t * yt;
-      lmlab::for_vectors(d, [&](int64_t i, int64_t n) {
-        const Vec lo = load_as_float(xr + i, n), hi = load_as_float(xr + d + i, n);
-        store_from_float(lo * load_as_float(c + i, n) + hi * load_as_float(s + s_first + i, n), yr + i, n);
-        store_from_float(hi * load_as_float(c + d + i, n) + lo * load_as_float(s + s_second + i, n), yr + d + i, n);
-      });
+      lmlab::rotate_row(xp + b * xb + h * xh + t * xt, cp + co, sp + co, yp + b * yb + h * yh + t * yt, d, backward);
     }
   });
 }
