@@ -179,3 +179,10 @@ def test_generation_with_a_kv_cache_is_left_to_sdpa():
     with torch.profiler.profile() as prof:
         generate_ids(model, x, config=GenerationConfig(max_new_tokens=3))
     assert not [e for e in prof.key_averages() if e.key.startswith("lmlab::attention")]
+
+
+def test_a_second_derivative_is_refused_not_silently_zero():
+    q, k, v = (_projection_view(2, 8, 2, 4).requires_grad_() for _ in range(3))
+    (gq,) = torch.autograd.grad(attention.attention(q, k, v, True).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gq.sum().backward()

@@ -40,7 +40,20 @@ def _register() -> bool:
     torch.library.register_fake("lmlab::attention")(_attention_fake)
     torch.library.register_fake("lmlab::attention_backward")(_backward_fake)
     torch.library.register_autograd("lmlab::attention", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("lmlab::attention_backward", _no_double_backward, setup_context=_no_context)
     return True
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    # without this, autograd would treat the backward as a constant: second derivatives silently zero
+    raise RuntimeError(
+        "lmlab's CPU attention kernel has no second derivative; set LMLAB_FUSED_KERNELS=0 "
+        "(or lmlab.kernels.fused.enabled = False) to train with double backward on torch's ops"
+    )
 
 
 def _projection_layout(like: torch.Tensor, B: int, H: int, T: int, D: int) -> torch.Tensor:
