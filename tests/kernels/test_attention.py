@@ -55,18 +55,21 @@ def test_attention_and_its_gradients_match_sdpa_in_float64(B, H, Hkv, T, D, caus
     assert y.transpose(1, 2).is_contiguous() and ours[0].grad.transpose(1, 2).is_contiguous()
 
 
-@pytest.mark.parametrize(("B", "H", "Hkv", "T", "D", "angle_batch"), [(2, 4, 2, 100, 32, 1), (3, 3, 3, 130, 64, 3)])
-def test_rotary_embedding_inside_the_kernel_matches_apply_rope_then_sdpa(B, H, Hkv, T, D, angle_batch):
+@pytest.mark.parametrize(
+    ("B", "H", "Hkv", "T", "D", "angle_batch", "causal"),
+    [(2, 4, 2, 100, 32, 1, True), (3, 3, 3, 130, 64, 3, True), (2, 4, 1, 70, 16, 2, False)],
+)
+def test_rotary_embedding_inside_the_kernel_matches_apply_rope_then_sdpa(B, H, Hkv, T, D, angle_batch, causal):
     torch.manual_seed(T + D)
     q, k, v = _projection_view(B, T, H, D), _projection_view(B, T, Hkv, D), _projection_view(B, T, Hkv, D)
     # any angles will do: the kernel must apply exactly the rotation apply_rope does
     cos, sin = torch.randn(angle_batch, 1, T, D), torch.randn(angle_batch, 1, T, D)
-    assert attention.applies(q, k, v, rope=(cos, sin), causal=True, masked=False, dropout=0.0)
+    assert attention.applies(q, k, v, rope=(cos, sin), causal=causal, masked=False, dropout=0.0)
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = [t.double().requires_grad_() for t in (q, k, v)]
-    y = attention.attention(*ours, True, (cos, sin))
+    y = attention.attention(*ours, causal, (cos, sin))
     rope64 = (cos.double(), sin.double())
-    y_ref = _reference(apply_rope(ref[0], *rope64), apply_rope(ref[1], *rope64), ref[2], True)
+    y_ref = _reference(apply_rope(ref[0], *rope64), apply_rope(ref[1], *rope64), ref[2], causal)
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g.double())
