@@ -6,7 +6,8 @@ MFU against a GEMM peak measured in the same run; peak RSS of each in its own pr
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--no-compile] [--bf16] [--tune-malloc]
 
-Rows: eager (lmlab's fused CPU kernels on), eager without them, torch.compile, and with --bf16
+Rows: eager (lmlab's CPU kernels on: fused elementwise ops and the attention kernel), eager
+without them, torch.compile (the attention kernel on; inductor fuses the rest), and with --bf16
 both under bf16 autocast (MFU still against the fp32 peak). Both run under glibc's default malloc
 unless --tune-malloc applies, to both, the setting lmlab's commands use (utils/malloc.py).
 """
@@ -132,7 +133,7 @@ def main() -> None:
     modes += [] if args.no_compile else [("compiled", True, True, False)]
     modes += [("eager, bf16 autocast", False, True, True)] if args.bf16 else []
     for mode, compile_, kernels, bf16 in modes:
-        fused.enabled = kernels  # lmlab's fused CPU kernels (kernels/fused.py); transformers never uses them
+        fused.enabled = kernels  # lmlab's CPU kernels (kernels/fused.py, attention.py); transformers never uses them
         ours_step, weights = build_ours(cfg, compile_, bf16)
         theirs_step = build_theirs(cfg, compile_, weights, bf16)
         for _ in range(2):  # warm-up (and compilation)
