@@ -121,10 +121,29 @@ def test_results_are_bitwise_repeatable():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["mask", "dropout", "bfloat16", "float64", "fewer queries than keys", "few heads"])
+NOT_COVERED = ["mask", "dropout", "bfloat16", "float64", "fewer queries than keys", "few heads"]
+NOT_COVERED += ["value size of its own", "keys broadcast over the batch", "empty heads", "forward-mode AD"]
+
+
+@pytest.mark.parametrize("case", NOT_COVERED)
 def test_what_the_kernel_does_not_cover_is_left_to_sdpa(case, monkeypatch):
     B, H, T, D = 2, 4, 16, 8
     q, k, v = (_projection_view(B, T, H, D) for _ in range(3))
+    if case in ("value size of its own", "keys broadcast over the batch", "empty heads", "forward-mode AD"):
+        assert attention.applies(q, k, v, causal=True, masked=False, dropout=0.0)
+        if case == "value size of its own":  # SDPA takes these; the kernel must not be chosen for them
+            v = _projection_view(B, T, H, 2 * D)
+        elif case == "keys broadcast over the batch":
+            k, v = k[:1], v[:1]
+        elif case == "empty heads":
+            q, k, v = (t[..., :0] for t in (q, k, v))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                q = torch.autograd.forward_ad.make_dual(q, torch.randn_like(q))
+                assert not attention.applies(q, k, v, causal=True, masked=False, dropout=0.0)
+            return
+        assert not attention.applies(q, k, v, causal=True, masked=False, dropout=0.0)
+        return
     kwargs = {"causal": True, "masked": case == "mask", "dropout": 0.1 if case == "dropout" else 0.0}
     if case in ("bfloat16", "float64"):
         q, k, v = (t.to(getattr(torch, case)) for t in (q, k, v))
@@ -189,3 +208,15 @@ def test_a_second_derivative_is_refused_not_silently_zero():
     (gq,) = torch.autograd.grad(attention.attention(q, k, v, True).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         gq.sum().backward()
+
+
+def test_a_single_token_takes_a_gradient_with_an_odd_stride():
+    # with T = 1 a gradient can come with any stride on T (here from .mT), which torch still calls
+    # contiguous; the backward must hand BLAS rows it accepts
+    q, k, v = (_projection_view(2, 1, 2, 8).requires_grad_() for _ in range(3))
+    w = torch.randn(2, 2, 8, 1)
+    (attention.attention(q, k, v, True).mT * w).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    (_reference(*ref, True).mT * w.double()).sum().backward()
+    for a, b in zip((q, k, v), ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-6)

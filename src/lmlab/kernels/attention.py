@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd import forward_ad
 
 from lmlab.kernels import build, fused
 
@@ -82,7 +83,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
     q, k, v, cos, sin, out, lse = ctx.saved_tensors
     if grad_out.stride(-1) != 1 or grad_out.stride(-2) < grad_out.shape[-1]:
-        grad_out = grad_out.contiguous()
+        # a fresh copy, not .contiguous(): that keeps a size-1 dim's odd stride, which BLAS refuses
+        grad_out = torch.empty(grad_out.shape, dtype=grad_out.dtype).copy_(grad_out)
     dq, dk, dv = torch.ops.lmlab.attention_backward(grad_out, q, k, v, cos, sin, out, lse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
@@ -103,11 +105,13 @@ def applies(
     kernel, which splits finer, is faster); rotary angles, if any, float32 (B or 1, 1, T, D) for
     as many keys as queries, wanting no gradient; plain tensors in eager code (see
     `fused.applies`), or any under torch.compile."""
-    if not fused.enabled or masked or dropout > 0.0:
+    if not fused.enabled or masked or dropout > 0.0 or forward_ad._current_level >= 0:
+        return False  # (forward-mode AD: the operator has no forward derivative)
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or (causal and q.shape[2] != k.shape[2]):
         return False
-    if q.dim() != 4 or k.dim() != 4 or (causal and q.shape[2] != k.shape[2]) or q.shape[1] % k.shape[1]:
-        return False
-    if q.shape[0] * k.shape[1] < _threads() or q.shape[2] == 0 or k.shape[2] == 0:
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        return False  # SDPA also broadcasts a batch of 1 and takes a value size of its own; not this kernel
+    if q.shape[0] * k.shape[1] < _threads() or 0 in (q.shape[2], k.shape[2], q.shape[3]):
         return False
     tensors = (q, k, v) if rope is None else (q, k, v, *rope)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
