@@ -121,38 +121,43 @@ def test_results_are_bitwise_repeatable():
         assert torch.equal(a, b)
 
 
-NOT_COVERED = ["mask", "dropout", "bfloat16", "float64", "fewer queries than keys", "few heads"]
-NOT_COVERED += ["value size of its own", "keys broadcast over the batch", "empty heads", "forward-mode AD"]
+B_, H_, T_, D_ = 2, 4, 16, 8
+
+
+def _few_heads(q, k, v, monkeypatch):
+    # fewer (batch, key/value head) pairs than threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: B_ * H_ + 1)
+    return (q, k, v), {}
+
+
+# each case changes the plain inputs (q, k, v) one way and says how; SDPA takes them all
+NOT_COVERED = {
+    "mask": lambda q, k, v, mp: ((q, k, v), {"masked": True}),
+    "dropout": lambda q, k, v, mp: ((q, k, v), {"dropout": 0.1}),
+    "bfloat16": lambda q, k, v, mp: ((q.bfloat16(), k.bfloat16(), v.bfloat16()), {}),
+    "float64": lambda q, k, v, mp: ((q.double(), k.double(), v.double()), {}),
+    "fewer queries than keys": lambda q, k, v, mp: ((q[:, :, :4], k, v), {}),
+    "few heads": _few_heads,
+    "value size of its own": lambda q, k, v, mp: ((q, k, _projection_view(B_, T_, H_, 2 * D_)), {}),
+    "keys broadcast over the batch": lambda q, k, v, mp: ((q, k[:1], v[:1]), {}),
+    "empty heads": lambda q, k, v, mp: (tuple(t[..., :0] for t in (q, k, v)), {}),
+}
 
 
 @pytest.mark.parametrize("case", NOT_COVERED)
 def test_what_the_kernel_does_not_cover_is_left_to_sdpa(case, monkeypatch):
-    B, H, T, D = 2, 4, 16, 8
-    q, k, v = (_projection_view(B, T, H, D) for _ in range(3))
-    if case in ("value size of its own", "keys broadcast over the batch", "empty heads", "forward-mode AD"):
-        assert attention.applies(q, k, v, causal=True, masked=False, dropout=0.0)
-        if case == "value size of its own":  # SDPA takes these; the kernel must not be chosen for them
-            v = _projection_view(B, T, H, 2 * D)
-        elif case == "keys broadcast over the batch":
-            k, v = k[:1], v[:1]
-        elif case == "empty heads":
-            q, k, v = (t[..., :0] for t in (q, k, v))
-        else:
-            with torch.autograd.forward_ad.dual_level():
-                q = torch.autograd.forward_ad.make_dual(q, torch.randn_like(q))
-                assert not attention.applies(q, k, v, causal=True, masked=False, dropout=0.0)
-            return
-        assert not attention.applies(q, k, v, causal=True, masked=False, dropout=0.0)
-        return
-    kwargs = {"causal": True, "masked": case == "mask", "dropout": 0.1 if case == "dropout" else 0.0}
-    if case in ("bfloat16", "float64"):
-        q, k, v = (t.to(getattr(torch, case)) for t in (q, k, v))
-    if case == "fewer queries than keys":
-        q = q[:, :, :4]
-    if case == "few heads":  # fewer (batch, key/value head) pairs than threads
-        monkeypatch.setattr(torch, "get_num_threads", lambda: B * H + 1)
-    assert attention.applies(q, k, v, causal=True, masked=False, dropout=0.0) == (case in ("mask", "dropout"))
-    assert not attention.applies(q, k, v, **kwargs)
+    q, k, v = (_projection_view(B_, T_, H_, D_) for _ in range(3))
+    plain = {"causal": True, "masked": False, "dropout": 0.0}
+    assert attention.applies(q, k, v, **plain)
+    (q, k, v), changed = NOT_COVERED[case](q, k, v, monkeypatch)
+    assert not attention.applies(q, k, v, **{**plain, **changed})
+
+
+def test_forward_mode_ad_is_left_to_sdpa():
+    q, k, v = (_projection_view(B_, T_, H_, D_) for _ in range(3))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(q, torch.randn_like(q))
+        assert not attention.applies(dual, k, v, causal=True, masked=False, dropout=0.0)
 
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor):

@@ -27,7 +27,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 
 #include "rotate.h"
 
@@ -67,32 +66,13 @@ inline int64_t block_width(bool causal, int64_t r0, int64_t rows, int64_t S) { r
 // Scores of a block (rows x e, leading dimension e) into probabilities, in place: exp(s - lse) over
 // the visible keys, zero beyond them. `lse` is written (forward) or read (backward).
 void softmax_rows(float* s, int64_t rows, int64_t e, int64_t r0, bool causal, int64_t S, float* lse, bool have_lse) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   for (int64_t rr = 0; rr < rows; ++rr) {
     float* row = s + rr * e;
     const int64_t n_vis = visible(causal, r0 + rr, S);
-    float m;
-    if (have_lse) {
-      m = lse[rr];
-    } else {
-      Vec mx(-kInf);
-      for_vectors(n_vis, [&](int64_t i, int64_t n) {
-        const Vec v = load(row + i, n);
-        mx = at::vec::maximum(mx, n == Vec::size() ? v : Vec::set(Vec(-kInf), v, n));
-      });
-      m = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, mx);
-    }
-    const Vec mv(m);
-    Vec z(0.f);
-    for_vectors(n_vis, [&](int64_t i, int64_t n) {
-      Vec p = (load(row + i, n) - mv).exp_u20();
-      if (n < Vec::size()) p = Vec::set(Vec(0.f), p, n);
-      z = z + p;
-      store(p, row + i, n);
-    });
+    const float m = have_lse ? lse[rr] : lmlab::row_max(row, n_vis);
+    const float zs = lmlab::exp_sum(row, n_vis, m, true);
     std::fill(row + n_vis, row + e, 0.f);
     if (have_lse) continue;
-    const float zs = lmlab::hsum(z);
     lse[rr] = m + std::log(zs);
     const Vec inv(1.f / zs);
     for_vectors(n_vis, [&](int64_t i, int64_t n) { store(load(row + i, n) * inv, row + i, n); });

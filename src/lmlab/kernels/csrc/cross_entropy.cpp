@@ -41,30 +41,18 @@ at::Tensor softmax_xent_(at::Tensor& logits, const at::Tensor& targets, const st
   const int64_t* tp = targets.data_ptr<int64_t>();
   float* out = loss.data_ptr<float>();
   const float e = static_cast<float>(label_smoothing);
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, R, lmlab::row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = lp + r * V;
       const int64_t t = tp[r];
       TORCH_CHECK(t >= 0 && t < V, "lmlab::softmax_xent_: target ", t, " is out of range for ", V, " classes");
-      Vec mx(-kInf), sum(0.f);
-      for_vectors(V, [&](int64_t i, int64_t n) {
-        const Vec v = load(row + i, n);
-        mx = at::vec::maximum(mx, n == Vec::size() ? v : Vec::set(Vec(-kInf), v, n));
-        sum = sum + v;
-      });
-      const float m = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, mx);
-      const float mean = lmlab::hsum(sum) / V, picked = row[t];
-      const Vec mv(m);
-      Vec z(0.f);
-      for_vectors(V, [&](int64_t i, int64_t n) {
-        Vec p = (load(row + i, n) - mv).exp_u20();
-        if (n < Vec::size()) p = Vec::set(Vec(0.f), p, n);
-        z = z + p;
-        if (wp) store(p, row + i, n);
-      });
-      const float zs = lmlab::hsum(z), lse = m + std::log(zs);
-      // the smoothing term only when smoothing: mean(l) is -inf where a logit is (masked classes)
+      const float m = lmlab::row_max(row, V), picked = row[t];
+      // the smoothing term only when smoothing (mean(l) is -inf where a logit is: masked classes),
+      // read before the row turns into its gradient
+      Vec sum(0.f);
+      if (e != 0.f) for_vectors(V, [&](int64_t i, int64_t n) { sum = sum + load(row + i, n); });
+      const float mean = lmlab::hsum(sum) / V;
+      const float zs = lmlab::exp_sum(row, V, m, wp != nullptr), lse = m + std::log(zs);
       out[r] = e == 0.f ? lse - picked : (1.f - e) * (lse - picked) + e * (lse - mean);
       if (!wp) continue;
       const Vec scale(wp[r] / zs), shift(wp[r] * e / V);

@@ -10,8 +10,8 @@ namespace lmlab {
 //   forward:  y[:d] = x[:d] * cos[:d] + x[d:] * sin[:d],  y[d:] = x[d:] * cos[d:] + x[:d] * sin[d:]
 //   backward: the transpose, y[:d] = x[:d] * cos[:d] + x[d:] * sin[d:],  y[d:] = x[d:] * cos[d:] + x[:d] * sin[:d]
 // x and y of type T (float or bfloat16), the angles of type C; arithmetic in float32. y may not alias x.
-template <typename T, typename C, typename U>
-inline void rotate_row(const T* x, const C* cos, const C* sin, U* y, int64_t d, bool backward) {
+template <typename T, typename C>
+inline void rotate_row(const T* x, const C* cos, const C* sin, T* y, int64_t d, bool backward) {
   // backward reads the sine of the other half: sin[d:] beside the first half, sin[:d] beside the second
   const int64_t s_first = backward ? d : 0, s_second = backward ? 0 : d;
   for_vectors(d, [&](int64_t i, int64_t n) {

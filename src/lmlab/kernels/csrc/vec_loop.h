@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace lmlab {
 
@@ -52,6 +53,30 @@ inline Vec load_as_float(const c10::BFloat16* p, int64_t n) {
 inline void store_from_float(const Vec& v, float* p, int64_t n) { store(v, p, n); }
 inline void store_from_float(const Vec& v, c10::BFloat16* p, int64_t n) {
   at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, n);
+}
+
+// Largest of row[0, n) (-inf for n = 0).
+inline float row_max(const float* row, int64_t n) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  Vec mx(-kInf);
+  for_vectors(n, [&](int64_t i, int64_t c) {
+    const Vec v = load(row + i, c);
+    mx = at::vec::maximum(mx, c == Vec::size() ? v : Vec::set(Vec(-kInf), v, c));
+  });
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, mx);
+}
+
+// sum of exp(row[i] - m) over [0, n); with `write`, each exp(row[i] - m) replaces row[i].
+inline float exp_sum(float* row, int64_t n, float m, bool write) {
+  const Vec mv(m);
+  Vec z(0.f);
+  for_vectors(n, [&](int64_t i, int64_t c) {
+    Vec p = (load(row + i, c) - mv).exp_u20();
+    if (c < Vec::size()) p = Vec::set(Vec(0.f), p, c);
+    z = z + p;
+    if (write) store(p, row + i, c);
+  });
+  return hsum(z);
 }
 
 // Rows per parallel task: at least ~16k floats of work, so small tensors stay on one thread.
