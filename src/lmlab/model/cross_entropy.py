@@ -12,13 +12,17 @@ results equal F.cross_entropy(F.linear(h, weight, bias), targets) to float round
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.kernels import fused
+from lmlab.utils.device import loss_chunk_rows, policy
 
 
-def chunk_rows(vocab_size: int) -> int:
-    """Tokens per chunk: about 8 MB of fp32 logits, at least 64 rows so the matmuls stay efficient."""
-    return max(64, min(1024, (1 << 21) // vocab_size))
+def chunk_rows(vocab_size: int, device: str | torch.device | None = None) -> int:
+    """Tokens per chunk: on a CPU about 8 MB of fp32 logits (at least 64 rows so the matmuls stay
+    efficient); on a GPU a few large chunks (utils/device.py holds both budgets)."""
+    return loss_chunk_rows(vocab_size, device)
 
 
 def _softmax_cross_entropy_(
@@ -135,7 +139,49 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-@torch.compiler.disable  # a loop of in-place chunk updates: eager code, called from compiled models too
+@torch.compiler.disable  # a loop of in-place chunk updates: eager code, called from compiled CPU models too
+def _eager_linear_cross_entropy(h, weight, bias, targets, ignore_index, label_smoothing, rows, mean):
+    device = h.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+    out_dtype = torch.float32 if autocast else h.dtype  # as autocast's F.cross_entropy gives
+    with torch.autocast(device, enabled=False):  # the casts are explicit inside
+        return _LinearCrossEntropy.apply(
+            h, weight, bias, targets, ignore_index, label_smoothing, rows, mean, dtype, out_dtype
+        )
+
+
+def _chunk_loss_sum(h, weight, bias, targets, ignore_index: int, label_smoothing: float) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()
+    return F.cross_entropy(
+        logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
+    )
+
+
+def traceable_linear_cross_entropy(
+    h, weight, bias, targets, ignore_index: int, label_smoothing: float, rows: int, mean: bool
+) -> torch.Tensor:
+    """The same loss in plain torch ops that torch.compile traces into the step's graph (no graph break):
+    a few large chunks, each recomputed in backward (activation checkpointing) so that only one chunk's
+    logits live at a time. The compiled GPU path: there, a graph break and a Python loop of small
+    chunks cost more than the recomputed matmul."""
+    h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    n = h2.shape[0]
+    if n <= rows:
+        total = _chunk_loss_sum(h2, weight, bias, t, ignore_index, label_smoothing)
+    else:
+        total = sum(
+            checkpoint(
+                _chunk_loss_sum, h2[s : s + rows], weight, bias, t[s : s + rows], ignore_index, label_smoothing,
+                use_reentrant=False,
+            )
+            for s in range(0, n, rows)
+        )  # fmt: skip
+    if not mean:
+        return total
+    return total / (t != ignore_index).sum()  # no token to average: NaN, as F.cross_entropy gives
+
+
 def linear_cross_entropy(
     h: torch.Tensor,
     weight: torch.Tensor,
@@ -149,16 +195,14 @@ def linear_cross_entropy(
     """Cross-entropy of F.linear(h, weight, bias) (..., V) against targets (...), computed in chunks
     of `rows` tokens without materializing the logits; targets == ignore_index carry no loss.
     reduction "mean" averages over the counted tokens, "sum" adds them up. Under autocast the matmuls
-    run in autocast's dtype (as nn.Linear's would) and the softmax in float32."""
+    run in autocast's dtype (as nn.Linear's would) and the softmax in float32.
+
+    The chunk size and, under torch.compile, the path come from the device policy: compiled on a GPU,
+    the loss is traced into the graph; elsewhere it runs the eager chunk loop (fused C++ on a CPU)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
-    rows = rows or chunk_rows(weight.shape[0])
-    device = h.device.type
-    autocast = torch.is_autocast_enabled(device)
-    dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
-    out_dtype = torch.float32 if autocast else h.dtype  # as autocast's F.cross_entropy gives
+    rows = rows or chunk_rows(weight.shape[0], h.device)
     mean = reduction == "mean"
-    with torch.autocast(device, enabled=False):  # the casts are explicit inside
-        return _LinearCrossEntropy.apply(
-            h, weight, bias, targets, ignore_index, label_smoothing, rows, mean, dtype, out_dtype
-        )
+    if torch.compiler.is_compiling() and policy(h.device).trace_loss:
+        return traceable_linear_cross_entropy(h, weight, bias, targets, ignore_index, label_smoothing, rows, mean)
+    return _eager_linear_cross_entropy(h, weight, bias, targets, ignore_index, label_smoothing, rows, mean)

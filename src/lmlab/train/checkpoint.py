@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from lmlab.errors import LmlabError
 from lmlab.model.checkpoint import save_state
 from lmlab.model.config import ModelConfig
 from lmlab.tokenizer.tokenizer import Tokenizer
+from lmlab.utils.atomic import atomic_dir
 
 STATE_FILE = "trainer_state.pt"
 
@@ -42,9 +42,7 @@ def write_checkpoint(
     write_weights replaces the model directory's weights (a LoRA run writes only its adapter).
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         if write_weights is None:
             save_state(cfg, params, tokenizer, tmp)
         else:
@@ -56,12 +54,6 @@ def write_checkpoint(
             (tmp / "recipe.yaml").write_text(
                 yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8"
             )
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

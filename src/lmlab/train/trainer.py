@@ -21,12 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmlab.errors import LmlabError
-from lmlab.model.info import flops_per_token
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.train import checkpoint as ckpt
 from lmlab.train import distributed
 from lmlab.train.config import TrainConfig
+from lmlab.train.flops import batch_counts, step_flops
 from lmlab.train.objectives import causal_lm_loss
 from lmlab.train.optim import build_optimizer, penalty
 from lmlab.train.schedule import Plateau, lr_at
@@ -179,6 +179,12 @@ class Trainer:
         self.state.step += 1
         return {"loss": float(total), "lr": lr, "grad_norm": grad_norm}
 
+    def step_flops(self, batch: Batch) -> int:
+        """The model FLOPs one step over `batch` does (forward, and backward only where something trains)."""
+        if not hasattr(self.raw, "layers"):  # not an lmlab Transformer: the 6 x parameters x tokens rule
+            return 6 * sum(p.numel() for p in self.raw.parameters()) * _input_ids(batch).numel()
+        return step_flops(self.raw, batch_counts(self.raw, batch))
+
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -319,7 +325,7 @@ class Trainer:
             step_tokens = ids.numel()
             self.state.tokens += step_tokens
             window_tokens += step_tokens
-            window_flops += 3 * flops_per_token(self.raw.cfg, ids.shape[-1]) * step_tokens  # forward + backward
+            window_flops += self.step_flops(batch)
             step = self.state.step
             if step % cfg.log_every == 0 or step == cfg.max_steps or info.get("skipped"):
                 dt = time.perf_counter() - t_last
