@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import subprocess
 import sys
 
@@ -71,3 +72,32 @@ def test_pretrain_cli_with_overrides_and_a_bad_one(tokens, tmp_path):
     assert "samples after training" in r.stdout and "best validation loss" in r.stdout
     bad = subprocess.run([*base, "--set", "train.lr=fast"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "train.lr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_shards_move_with_their_tokenizer(tokens, tmp_path):
+    """A shards folder moved elsewhere (the tokenizer it was made with deleted) still pretrains."""
+    import json
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "tokens"
+    shutil.copytree(tokens / "tokens", moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    assert not Path(meta["tokenizer"]).is_absolute()
+    shutil.copytree(tokens / "tokenizer", tmp_path / "tok_gone")
+    shutil.rmtree(tokens / "tokenizer")
+    try:
+        sets = [f"data.tokens={moved}", "model.preset=llama-tiny", f"train.out_dir={tmp_path / 'run'}",
+                "train.max_steps=2", "train.micro_batch_size=2", "train.block_size=16", "train.eval_every=2",
+                "train.eval_batches=1"]  # fmt: skip
+        summary = pretrain(load_recipe(None, sets), progress=False)
+        assert summary["steps"] == 2
+        # an older folder names its tokenizer by an absolute path: still read, and a clear error when gone
+        meta["tokenizer"] = str(tmp_path / "tok_gone")
+        (moved / "meta.json").write_text(json.dumps(meta))
+        assert pretrain(load_recipe(None, sets), progress=False)["steps"] == 2
+        meta["tokenizer"] = str(tmp_path / "nowhere")
+        (moved / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(lmlab.LmlabError, match="nowhere"):
+            pretrain(load_recipe(None, sets), progress=False)
+    finally:
+        shutil.copytree(tmp_path / "tok_gone", tokens / "tokenizer")

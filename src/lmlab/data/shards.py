@@ -17,6 +17,8 @@ from lmlab.data.readers import Doc, list_files, read_documents
 from lmlab.errors import LmlabError
 from lmlab.utils.atomic import atomic_path, write_json
 
+TOKENIZER_DIR = "tokenizer"  # inside the shards folder
+
 _TOK: dict[str, Any] = {}
 
 
@@ -108,7 +110,8 @@ def tokenize_files(
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "eos_token_id": tok.eos_token_id,
-        "tokenizer": str(Path(tokenizer).resolve()),
+        # a copy inside the folder, named relative to it: the shards move or copy to another machine whole
+        "tokenizer": TOKENIZER_DIR,
         "val_fraction": val_fraction,
         "seed": seed,
         "splits": stats,
@@ -116,5 +119,20 @@ def tokenize_files(
         "input_bytes": sum(sizes),
         "seconds": round(seconds, 3),
     }
+    tok.save(out / TOKENIZER_DIR)
     write_json(out / "meta.json", meta)  # last: a folder with meta.json is complete
     return meta
+
+
+def shards_tokenizer(shards: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Where the tokenizer of a shards folder is: meta.json names it relative to the folder (older folders
+    hold an absolute path, still read); a clear error when it is gone."""
+    path = Path(shards) / meta.get("tokenizer", TOKENIZER_DIR)  # an absolute path stays as it is
+    if not path.exists():
+        raise LmlabError(
+            f"the tokenizer these shards were made with is missing: {path}",
+            file=str(Path(shards) / "meta.json"),
+            field="tokenizer",
+            hint="re-run `lmlab data tokenize`, or copy the tokenizer folder to that path",
+        )
+    return path

@@ -139,7 +139,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a Hugging Face directory (tokenizer.json + tokenizer_config.json) or a .gguf file."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from lmlab.model.gguf import read_gguf_tokenizer
+        from lmlab.tokenizer.gguf import read_gguf_tokenizer
 
         return read_gguf_tokenizer(path)
     file = path / "tokenizer.json"

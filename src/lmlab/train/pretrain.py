@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lmlab.data.shards import shards_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
@@ -80,7 +81,7 @@ def pretrain(recipe: Recipe, resume: bool = False, progress: bool = True) -> dic
     cfg = recipe.train
     tokens = prepare_tokens(recipe.data, progress)
     meta = TokenDataset(tokens, "train", block_size=cfg.block_size, batch_size=1).meta
-    tokenizer = load_tokenizer(meta["tokenizer"])
+    tokenizer = load_tokenizer(shards_tokenizer(tokens, meta))
     model = build_model(recipe, tokenizer, meta["vocab_size"])
     world = int(os.environ.get("WORLD_SIZE", 1))
     rows = cfg.micro_batch_size * cfg.grad_accum * world
