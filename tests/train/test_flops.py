@@ -15,7 +15,7 @@ from lmlab.train.flops import StepCounts, batch_counts, step_flops
 # llama-tiny: d 64, 4 heads of 16 (2 KV heads), d_ff 176, vocab 512, 2 layers, untied head
 D, HD, FF, V = 64, 16, 176, 512
 QKV = 2 * D * (4 * HD) + 2 * 2 * D * (2 * HD)  # q, k, v: 8192 + 4096 + 4096
-O, MLP = 2 * (4 * HD) * D, 3 * 2 * D * FF
+O_PROJ, MLP = 2 * (4 * HD) * D, 3 * 2 * D * FF
 PAIR = 2 * 2 * 4 * HD  # scores and weighted sum, 4 heads
 HEAD = 2 * D * V
 
@@ -27,7 +27,7 @@ def tiny():
 
 def test_full_training_is_three_forwards():
     counts = StepCounts(tokens=10, pairs=55, rows=10)
-    fwd = 2 * (QKV + O + MLP) * 10 + 2 * PAIR * 55 + HEAD * 10
+    fwd = 2 * (QKV + O_PROJ + MLP) * 10 + 2 * PAIR * 55 + HEAD * 10
     assert step_flops(tiny(), counts, backward=False) == fwd
     # everything trains: input and weight gradients for each matmul, attention backward twice its forward
     assert step_flops(tiny(), counts) == 3 * fwd
@@ -42,7 +42,7 @@ def test_lora_step_hand_count():
     layer0_qkv = QKV + lq + lv + (lq + bq) + (lv + bv)
     # layer 1: input gradients everywhere (layer 0's adapters are below), weight gradients only for A, B
     layer1_qkv = QKV + lq + lv + QKV + (lq + lq) + (lv + lv)
-    rest_of_layer = 2 * (O + MLP)  # forward + input gradient, no weight gradient
+    rest_of_layer = 2 * (O_PROJ + MLP)  # forward + input gradient, no weight gradient
     per_token = layer0_qkv + layer1_qkv + 2 * rest_of_layer
     per_pair = 2 * 3 * PAIR
     per_row = 2 * HEAD  # forward + input gradient; the frozen head has no weight gradient
@@ -53,8 +53,8 @@ def test_lora_step_hand_count():
 def test_frozen_trunk_hand_count():
     model = tiny()
     freeze(model, ["embeddings", "layers.0"])  # layer 1, the final norm and the head train
-    layer0 = QKV + O + MLP  # forward only: nothing at or below it trains
-    layer1 = 3 * (QKV + O + MLP)  # layer 1's norm1 trains and sits below q, k, v: their input gradient counts
+    layer0 = QKV + O_PROJ + MLP  # forward only: nothing at or below it trains
+    layer1 = 3 * (QKV + O_PROJ + MLP)  # layer 1's norm1 trains and sits below q, k, v: their input gradient counts
     counts = StepCounts(tokens=8, pairs=36, rows=8)
     expected = (layer0 + layer1) * 8 + (PAIR + 3 * PAIR) * 36 + 3 * HEAD * 8
     assert step_flops(model, counts) == expected
