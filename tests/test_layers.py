@@ -31,4 +31,3 @@ def test_imports_point_down(package):
             if RANK.get(name, 99) > RANK[package]:
                 bad.append(f"{path.relative_to(SRC)} imports lmlab.{name}")
     assert not bad, "\n".join(bad)
-

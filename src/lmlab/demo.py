@@ -99,7 +99,7 @@ def eval_stage(merged: Path) -> None:
     results = {}
     for name, path in (("before", MODEL), ("after", merged)):
         results[name] = evaluate(path, ["ppl", "mmlu"], limit=100, data="kjv", max_length=256,
-                                 out=OUT / "eval" / name, progress=False)  # fmt: skip
+                                 out=OUT / "eval" / name, progress=True)  # fmt: skip
     print("A = SmolLM2-135M-Instruct, B = after the demo's LoRA SFT")
     print(format_comparison(compare(results["before"], results["after"])), end="")
     print(f"(results.json and report.md under {OUT / 'eval'})")

@@ -72,3 +72,15 @@ def test_eval_cli_generation_task_end_to_end(tiny_pair, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| qa | bleu |" in out and "| qa | exact_match |" in out  # greedy is deterministic: B - A is 0
     assert json.loads((tmp_path / "b" / "results.json").read_text())["tasks"]["qa"]["records"] == qa["records"]
+
+
+def test_eval_cli_reports_progress(tiny_pair, tmp_path, monkeypatch, capsys):
+    """`lmlab eval` (and the demo's evaluation stage) is never silent: each task shows its progress."""
+    monkeypatch.setenv("LMLAB_PROGRESS_INTERVAL", "0")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    argv = ["eval", "--model", str(tiny_pair[3]), "--tasks", "ppl", "--data", str(text), "--max-length", "64"]
+    assert main([*argv, "--stride", "32", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "perplexity" in err and "it/s" in err and "\r" not in err

@@ -64,3 +64,18 @@ def test_mmlu_task_choices_equal_transformers(tiny_pair):
 def test_acc_norm_divides_by_bytes():
     picks = choice_predictions([-4.0, -6.0], [" a", " abcdef"])
     assert picks == {"pred": 0, "pred_norm": 1}  # -6/7 > -4/2
+
+
+def test_loglikelihoods_never_project_the_whole_batch(tiny_pair):
+    """Memory: logits exist only at the positions that predict a continuation, never batch x length x vocab."""
+    ours, _, _, _ = tiny_pair
+    shapes = []
+    hook = ours.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        reqs = [(list(range(1, 80)), [5, 6]), (list(range(1, 60)), [7]), (list(range(1, 60)), [8, 9, 10])]
+        got = loglikelihoods(ours, reqs, batch_size=8)
+    finally:
+        hook.remove()
+    assert len(shapes) == 1 and len(shapes[0]) == 2  # one forward, (rows, vocab)
+    assert shapes[0][0] == 2 + 1 + 3  # each row's answer positions only
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in loglikelihoods(ours, reqs, batch_size=1)], abs=1e-4)

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from lmlab.data import filters, normalize
 from lmlab.data.dedup import ExactDedup, NearDedup, exact_key, minhash_signature
@@ -24,6 +23,7 @@ from lmlab.data.readers import Doc, list_files, read_documents
 from lmlab.data.report import Report
 from lmlab.errors import LmlabError
 from lmlab.utils.atomic import write_json
+from lmlab.utils.progress import progress_bar
 
 # every rule and its settings; recipes/data/default.yaml spells out the same values. `false` turns a rule off.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -253,7 +253,7 @@ def clean(
     writer = ShardWriter(out, int(config["shard_docs"]))
     pending: deque[Doc] = deque()  # documents read but not yet written, in order (at most a few batches)
     start = time.perf_counter()
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="clean", disable=not progress)
+    bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="clean", disable=not progress)
     try:
         docs = read_documents(files, config["text_field"], config["txt_unit"], on_error)
         batches = _batches(docs, report, int(config["batch_docs"]), pending)

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from lmlab.data.parallel import parallel_map
 from lmlab.data.readers import Doc, list_files, read_documents
 from lmlab.errors import LmlabError
 from lmlab.utils.atomic import atomic_path, write_json
+from lmlab.utils.progress import progress_bar
 
 TOKENIZER_DIR = "tokenizer"  # inside the shards folder
 
@@ -90,7 +90,7 @@ def tokenize_files(
     sizes: list[int] = []
     start = time.perf_counter()
     total_bytes = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+    bar = progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
     doc_index = 0
     with atomic_path(out / "train.bin") as train_tmp, atomic_path(out / "val.bin") as val_tmp:  # noqa: SIM117
         with open(train_tmp, "wb") as ftrain, open(val_tmp, "wb") as fval:

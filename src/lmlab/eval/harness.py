@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from lmlab.errors import LmlabError
 from lmlab.eval.bootstrap import bootstrap_se
@@ -20,6 +19,7 @@ from lmlab.eval.multiple_choice import choice_predictions, loglikelihoods
 from lmlab.eval.perplexity import perplexity
 from lmlab.eval.scoring import CORPUS_METRICS, score_generations
 from lmlab.eval.tasks import GenerationTask, Task, TaskBase, load_task
+from lmlab.utils.progress import progress_bar
 
 
 def model_hash(path: str | os.PathLike) -> str:
@@ -87,11 +87,12 @@ def run_ppl(
     limit: int | None = None,
     max_length: int | None = None,
     stride: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Perplexity and bits per byte on a text source, with a bootstrap SE over windows."""
     max_length = max_length or min(1024, model.cfg.max_seq_len)
     stride = stride or max_length // 2
-    r = perplexity(model, tokenizer, load_texts(data, limit=limit), max_length, stride)
+    r = perplexity(model, tokenizer, load_texts(data, limit=limit), max_length, stride, progress=progress)
     windows = [(w["nll"], w["tokens"]) for w in r["windows"]]
     ratio = lambda ws: sum(a for a, _ in ws) / sum(b for _, b in ws)
     r["nll_per_token_se"] = bootstrap_se(windows, ratio, n_boot=200)
@@ -189,7 +190,7 @@ def run_generation(
     # longest first: similar lengths share a batch, so left padding stays small; results go back in record order
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     gens: list[Any] = [None] * len(rows)
-    for b in tqdm(range(0, len(order), batch_size), desc=task.name, disable=not progress, leave=False):
+    for b in progress_bar(range(0, len(order), batch_size), desc=task.name, disable=not progress, leave=False):
         batch = order[b : b + batch_size]
         batch_rows = [rows[i] for i in batch]
         greedy = generate(
@@ -285,7 +286,7 @@ def evaluate(
         if name == "ppl":
             if data is None:
                 raise LmlabError("the ppl task needs --data FILE_OR_DATASET", field="data")
-            results["tasks"]["ppl"] = run_ppl(model, tokenizer, data, limit, max_length, stride)
+            results["tasks"]["ppl"] = run_ppl(model, tokenizer, data, limit, max_length, stride, progress)
             continue
         task = load_task(name)
         if chat_template is not None:

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from lmlab.utils.progress import progress_bar
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def loglikelihoods(
         rows.setdefault(tuple(full), []).append(i)
     # longest first: similar lengths share a batch, so padding stays small
     unique = sorted(rows, key=len, reverse=True)
-    for b in tqdm(range(0, len(unique), batch_size), desc="loglikelihood", disable=not progress, leave=False):
+    for b in progress_bar(range(0, len(unique), batch_size), desc="loglikelihood", disable=not progress, leave=False):
         batch = unique[b : b + batch_size]
         width = len(batch[0])
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
@@ -39,12 +40,20 @@ def loglikelihoods(
         for j, r in enumerate(batch):  # right padding: positions of real tokens are unchanged
             ids[j, : len(r)] = torch.tensor(r, device=device)
             mask[j, : len(r)] = 1
-        logp = F.log_softmax(model(ids, attention_mask=mask).float(), dim=-1)  # (B, W, V)
+        # only the positions that predict a continuation token get logits: a (B, W, V) tensor of a 49k
+        # vocabulary is 1.6 GB at batch 8 x 1024, and its log-softmax as much again
+        want = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
         for j, r in enumerate(batch):
+            want[j, len(r) - max(len(requests[i][1]) for i in rows[r]) : len(r)] = True
+        logp = F.log_softmax(model(ids, attention_mask=mask, logits_mask=want).float(), dim=-1)  # (N, V)
+        start = torch.cumsum(want.sum(-1), 0) - want.sum(-1)  # row j's first kept position in logp
+        for j, r in enumerate(batch):
+            kept = int(want[j].sum())
             for i in rows[r]:
                 cont = requests[i][1]
-                n, end = len(cont), len(r)
-                lp = logp[j, end - n : end]  # (n, V): the positions that predict the continuation
+                n = len(cont)
+                first = int(start[j]) + kept - n
+                lp = logp[first : first + n]  # (n, V): the positions that predict the continuation
                 target = torch.tensor(cont, device=device)
                 score = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from lmlab.utils.progress import progress_bar
 
 
 @torch.no_grad()
@@ -22,15 +23,18 @@ def window_nlls(
     out: list[tuple[float, int]] = []
     prev_end = 0
     starts = range(0, len(ids), stride)
-    for begin in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+    for begin in progress_bar(starts, desc="perplexity", disable=not progress, leave=False):
         end = min(begin + max_length, len(ids))
         trg_len = end - prev_end  # tokens this window scores: those after the previous window's end
         window = seq[begin:end][None]  # (1, W)
-        logits = model(window)[0, :-1].float()  # (W - 1, V): position t predicts token t + 1
         targets = window[0, 1:]
         n = min(trg_len, targets.numel())  # the first window cannot score its first token
         if n > 0:
-            nll = F.cross_entropy(logits[-n:], targets[-n:], reduction="sum")
+            # logits only at the n positions that predict scored tokens (position t predicts token t + 1)
+            scored = torch.zeros_like(window, dtype=torch.bool)
+            scored[0, -1 - n : -1] = True
+            logits = model(window, logits_mask=scored).float()  # (n, V)
+            nll = F.cross_entropy(logits, targets[-n:], reduction="sum")
             out.append((float(nll), n))
         prev_end = end
         if end == len(ids):

@@ -153,9 +153,7 @@ def _eager_linear_cross_entropy(h, weight, bias, targets, ignore_index, label_sm
 
 def _chunk_loss_sum(h, weight, bias, targets, ignore_index: int, label_smoothing: float) -> torch.Tensor:
     logits = F.linear(h, weight, bias).float()
-    return F.cross_entropy(
-        logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
-    )
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum")
 
 
 def traceable_linear_cross_entropy(

@@ -15,6 +15,7 @@ from lmlab.tokenizer.gguf import gguf_field as _field
 from lmlab.tokenizer.gguf import open_gguf as _reader
 from lmlab.tokenizer.gguf import read_gguf_tokenizer
 from lmlab.tokenizer.tokenizer import Tokenizer
+from lmlab.utils.progress import progress_bar
 
 SUPPORTED_ARCHS = ("llama",)
 _NAMES = {
@@ -29,6 +30,8 @@ _NAMES = {
     "ffn_norm": "norm2",
 }
 _TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+
+
 def gguf_config(reader: Any, source: str | None = None) -> ModelConfig:
     """ModelConfig from GGUF metadata."""
     arch = _field(reader, "general.architecture")
@@ -86,7 +89,8 @@ def gguf_state_dict(
     from gguf.quants import dequantize
 
     out = {}
-    for t in reader.tensors:
+    # dequantizing a large file takes a while: show it (a line per interval in a log)
+    for t in progress_bar(reader.tensors, desc=f"load {Path(source).name if source else 'GGUF'}", unit="tensor"):
         if t.name in _TOP:
             ours = _TOP[t.name]
         else:

@@ -20,7 +20,6 @@ _LLAMA3_SPLIT = (
 _SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT}
 
 
-
 def open_gguf(path: str | os.PathLike) -> Any:
     """A gguf.GGUFReader over the file (memory-mapped); a clear error when it is not GGUF."""
     from gguf import GGUFReader

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lmlab.errors import LmlabError
 from lmlab.model.transformer import Transformer
@@ -31,6 +31,7 @@ from lmlab.train.objectives import causal_lm_loss
 from lmlab.train.optim import build_optimizer, penalty
 from lmlab.train.schedule import Plateau, lr_at
 from lmlab.utils.flops import measure_matmul_flops
+from lmlab.utils.progress import progress_bar
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -311,9 +312,7 @@ class Trainer:
         if not resume:  # dropout draws from here; a resumed run restores the saved RNG state instead
             torch.manual_seed(cfg.seed + d.rank)
         peak = measure_matmul_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32) * d.world
-        bar = tqdm(
-            total=cfg.max_steps, initial=self.state.step, disable=not self.progress, unit="step", dynamic_ncols=True
-        )
+        bar = progress_bar(total=cfg.max_steps, initial=self.state.step, disable=not self.progress, unit="step")
         stopped_early, t_last = False, time.perf_counter()
         window_tokens = window_flops = 0
         every_ckpt = cfg.checkpoint_every or cfg.eval_every

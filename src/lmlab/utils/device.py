@@ -85,7 +85,9 @@ def policy(device: str | torch.device | None) -> DevicePolicy:
     if kind in _POLICIES:
         return _POLICIES[kind]
     gpu = _POLICIES["cuda"]
-    return DevicePolicy(kind, gpu.loss_logit_bytes, gpu.loss_min_rows, gpu.loss_max_rows, 4096, False, True, None, False)
+    return DevicePolicy(
+        kind, gpu.loss_logit_bytes, gpu.loss_min_rows, gpu.loss_max_rows, 4096, False, True, None, False
+    )
 
 
 def loss_chunk_rows(vocab_size: int, device: str | torch.device | None = None) -> int:
