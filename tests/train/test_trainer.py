@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -207,3 +208,50 @@ def test_recipe_overrides_and_errors(tmp_path):
     with pytest.raises(LmlabError, match=r"bad\.yaml:\d+: invalid YAML"):
         load_recipe(tmp_path / "bad.yaml")
     assert apply_overrides({}, ["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+
+
+def _gpu_policy_on_cpu():
+    """The GPU's step (no host sync between logs) run on the CPU: same code path, testable here."""
+    import dataclasses
+
+    from lmlab.utils.device import forced_policy, policy
+
+    return forced_policy(dataclasses.replace(policy("cpu"), sync_every_step=False))
+
+
+@pytest.mark.parametrize("nan_at", [None, 2])
+def test_device_side_step_equals_the_host_checked_step(tmp_path, nan_at):
+    """Deferred syncs change nothing: same weights, same skips, the NaN step skipped inside fused AdamW."""
+    from lmlab.train.objectives import causal_lm_loss
+
+    results = []
+    for deferred in (False, True):
+        ctx = _gpu_policy_on_cpu() if deferred else contextlib.nullcontext()
+        with ctx:
+            cfg = config(tmp_path / str(deferred), max_steps=5, log_every=2, eval_every=100, nan_patience=3)
+            trainer = Trainer(tiny_model(), RandomTokens(8), cfg, progress=False)
+            assert trainer._deferred == deferred
+
+            def loss_fn(m, batch, trainer=trainer):
+                loss = causal_lm_loss(m, *batch)
+                return loss * float("nan") if trainer.state.step == nan_at else loss
+
+            trainer.loss_fn = loss_fn
+            summary = trainer.fit()
+        results.append((_params(trainer.raw), summary["skipped_steps"], trainer.optimizer.state_dict()))
+    (p0, s0, o0), (p1, s1, o1) = results
+    assert s0 == s1 == (0 if nan_at is None else 1)
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    steps = [float(st["step"]) for st in o1["state"].values()]
+    assert steps and all(s == 5 - s1 for s in steps)  # a skipped update does not count as an Adam step
+
+
+def test_device_side_nan_streak_stops_at_the_next_log(tmp_path):
+    from lmlab.train.objectives import causal_lm_loss
+
+    with _gpu_policy_on_cpu():
+        cfg = config(tmp_path, max_steps=20, log_every=4, eval_every=100, nan_patience=3)
+        trainer = Trainer(tiny_model(), RandomTokens(8), cfg, progress=False)
+        trainer.loss_fn = lambda m, b: causal_lm_loss(m, *b) * float("inf")
+        with pytest.raises(LmlabError, match="not finite for 4 steps"):
+            trainer.fit()

@@ -30,6 +30,7 @@ from lmlab.train.flops import batch_counts, step_flops
 from lmlab.train.objectives import causal_lm_loss
 from lmlab.train.optim import build_optimizer, penalty
 from lmlab.train.schedule import Plateau, lr_at
+from lmlab.utils.device import policy
 from lmlab.utils.flops import measure_matmul_flops
 from lmlab.utils.progress import progress_bar
 
@@ -57,6 +58,10 @@ def split_batch(batch: Batch, parts: int, index: int) -> Batch:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor of a batch."""
     if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        if policy(device).pin_memory and batch.device.type == "cpu":
+            batch = batch.pin_memory()  # a pinned source lets the copy run without blocking the host
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
@@ -113,6 +118,13 @@ class Trainer:
         if config.compile:
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(self.raw, config)
+        # on a GPU the step never waits for the device: only optimizers that can skip an update on the
+        # device (fused AdamW reads found_inf) allow it; elsewhere the step checks the loss on the host
+        self._deferred = not policy(self.dist.device).sync_every_step and getattr(
+            self.optimizer, "_step_supports_amp_scaling", False
+        )
+        self._dev_skipped = torch.zeros((), dtype=torch.long, device=self.dist.device)
+        self._dev_streak = torch.zeros((), dtype=torch.long, device=self.dist.device)
         self.plateau = Plateau(config.plateau_patience, config.plateau_factor, config.early_stopping_min_delta)
         self.state = TrainState()
         smoothing = config.label_smoothing
@@ -160,15 +172,13 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         total = distributed.all_mean(total, d)
+        if self._deferred:
+            return self._finish_step_on_device(total, lr)
         if not torch.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nan_streak += 1
             self.state.skipped += 1
-            if self.state.nan_streak >= cfg.nan_patience:
-                raise LmlabError(
-                    f"loss was not finite for {self.state.nan_streak} steps in a row (last at step {self.state.step})",
-                    hint="lower train.lr, check the data, or use float32",
-                )
+            self._check_nan_streak()
             self.state.step += 1
             return {"loss": float(total), "lr": lr, "skipped": True}
         self.state.nan_streak = 0
@@ -179,6 +189,43 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return {"loss": float(total), "lr": lr, "grad_norm": grad_norm}
+
+    def _finish_step_on_device(self, total: torch.Tensor, lr: float) -> dict[str, Any]:
+        """The GPU's step end: no host sync. A non-finite loss skips the update inside the fused optimizer
+        (found_inf, as GradScaler uses it), and the skip counters stay on the device until `sync_counters`.
+        Loss and grad norm come back as 0-dim tensors, read only when logged."""
+        finite = torch.isfinite(total)
+        grad_norm = torch.full((), float("nan"), device=total.device)
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        self.optimizer.found_inf = (~finite).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = (~finite).long()
+        self._dev_skipped += bad
+        self._dev_streak = (self._dev_streak + 1) * bad
+        self.state.step += 1
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm}
+
+    def sync_counters(self) -> None:
+        """Bring the device-side skip counters to the host (at logs, evaluations and checkpoints)."""
+        if not self._deferred:
+            return
+        skipped, streak = (int(v) for v in torch.stack([self._dev_skipped, self._dev_streak]).tolist())
+        self.state.skipped += skipped
+        self.state.nan_streak = streak
+        self._dev_skipped.zero_()
+        self._check_nan_streak()
+
+    def _check_nan_streak(self) -> None:
+        if self.state.nan_streak >= self.cfg.nan_patience:
+            raise LmlabError(
+                f"loss was not finite for {self.state.nan_streak} steps in a row (last at step {self.state.step})",
+                hint="lower train.lr, check the data, or use float32",
+            )
 
     def step_flops(self, batch: Batch) -> int:
         """The model FLOPs one step over `batch` does (forward, and backward only where something trains)."""
@@ -227,6 +274,7 @@ class Trainer:
 
     def save(self, directory: Path) -> Path | None:
         """Write a checkpoint of the current step (every process joins the gather; the main one writes)."""
+        self.sync_counters()
         params, optim = self._full_state()
         if not self.dist.main:
             return None
@@ -327,6 +375,8 @@ class Trainer:
             window_flops += self.step_flops(batch)
             step = self.state.step
             if step % cfg.log_every == 0 or step == cfg.max_steps or info.get("skipped"):
+                self.sync_counters()
+                info = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in info.items()}
                 dt = time.perf_counter() - t_last
                 rate = window_tokens / max(dt, 1e-9)
                 mfu = window_flops / max(dt, 1e-9) / peak
@@ -339,6 +389,7 @@ class Trainer:
                 )
             bar.update(1)
             if self.val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                self.sync_counters()
                 metrics = self.evaluate()
                 self._log({"step": step, **metrics})
                 if self.progress:
@@ -374,6 +425,7 @@ class Trainer:
             if stopped_early:
                 break
         bar.close()
+        self.sync_counters()
         if stopped_early and self._best_weights is not None:
             # early stopping returns the best model, not the last
             self.raw.load_state_dict(self._best_weights, strict=False)

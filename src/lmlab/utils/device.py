@@ -52,13 +52,14 @@ class DevicePolicy:
     trace_loss: bool  # under torch.compile the loss is traced into the graph (else: the eager chunk loop)
     decode_compile_mode: str | None  # torch.compile mode of the compiled decode step
     pin_memory: bool  # host batches go through pinned memory, copied without blocking
+    sync_every_step: bool  # the step reads loss and grad norm on the host (else: only when it logs)
 
 
 _POLICIES = {
-    "cpu": DevicePolicy("cpu", 8 << 20, 64, 1024, 2048, True, False, None, False),
+    "cpu": DevicePolicy("cpu", 8 << 20, 64, 1024, 2048, True, False, None, False, True),
     # a GPU runs a 2.6k-row chunk of a 50k vocabulary (512 MB of fp32 logits) in one launch; few chunks mean few
     # launches, and the loss's Python loop no longer sets the step's pace
-    "cuda": DevicePolicy("cuda", 1 << 29, 1024, 1 << 16, 8192, False, True, "reduce-overhead", True),
+    "cuda": DevicePolicy("cuda", 1 << 29, 1024, 1 << 16, 8192, False, True, "reduce-overhead", True, False),
 }
 
 
@@ -86,7 +87,7 @@ def policy(device: str | torch.device | None) -> DevicePolicy:
         return _POLICIES[kind]
     gpu = _POLICIES["cuda"]
     return DevicePolicy(
-        kind, gpu.loss_logit_bytes, gpu.loss_min_rows, gpu.loss_max_rows, 4096, False, True, None, False
+        kind, gpu.loss_logit_bytes, gpu.loss_min_rows, gpu.loss_max_rows, 4096, False, True, None, False, False
     )
 
 
