@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,9 @@ def test_chunk_rows_bounds():
     assert chunk_rows(8192) == 256
     assert chunk_rows(151_936) == 64  # a huge vocabulary still gets efficient matmuls
     assert chunk_rows(100) == 1024
+    # a GPU takes a few large chunks: GPT-2's 50k vocabulary in chunks of 2.6k rows (512 MB of fp32 logits)
+    assert chunk_rows(50_304, "cuda") == (1 << 29) // 4 // 50_304 == 2668
+    assert chunk_rows(151_936, "cuda:0") == 1024 and chunk_rows(8192, torch.device("cpu")) == 256
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny", "bert-tiny"])
@@ -188,3 +193,31 @@ def test_under_autocast_the_loss_is_float32_even_for_bf16_hidden_states():
     h, w, _, t = _inputs(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear_cross_entropy(h.bfloat16(), w, t).dtype == torch.float32
+
+
+def test_gpu_policy_traces_the_loss_into_the_compiled_graph():
+    """On a GPU the compiled step has no graph break at the loss (a few large chunks, recomputed in
+    backward); forced here on the CPU, checked with dynamo's explain, and equal to eager loss and grads."""
+    from lmlab.utils.device import forced_policy, policy
+
+    torch.manual_seed(0)
+    m = lmlab.Transformer(lmlab.ModelConfig.from_preset("llama-tiny"))
+    x = torch.randint(0, 512, (2, 24))
+    y = torch.randint(0, 512, (2, 24))
+    y[0, :5] = -100
+    loss = m(x, targets=y)
+    loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    gpu = dataclasses.replace(policy("cuda"), loss_min_rows=8, loss_max_rows=16)  # 3 chunks of 16 rows
+    with forced_policy(gpu):
+        assert policy("cpu").trace_loss and chunk_rows(512, "cpu") == 16
+        explained = torch._dynamo.explain(lambda a, b: m(a, targets=b))(x, y)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        torch._dynamo.reset()
+        compiled = torch.compile(m)(x, targets=y)
+        compiled.backward()
+    torch._dynamo.reset()
+    assert torch.allclose(compiled, loss, rtol=1e-5, atol=1e-6)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, eager_grads[n], rtol=1e-4, atol=1e-6), n

@@ -30,7 +30,7 @@ from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.train.config import Recipe, coerce
-from lmlab.train.trainer import Trainer
+from lmlab.train.trainer import Trainer, to_device
 from lmlab.utils.atomic import write_json, write_text
 
 TASKS = ("sft", "classification", "ner", "lm")
@@ -216,9 +216,12 @@ def predict(model: torch.nn.Module, dataset: Any, batch_size: int = 32) -> tuple
     """(true label ids, predicted ids, probabilities) for every example of a classification or NER set."""
     model.eval()
     y_true, y_pred, probs = [], [], []
+    device = next(model.parameters()).device
     for batch in dataset.iter_eval(batch_size):
+        batch = to_device(batch, device)
         logits = model(batch["input_ids"], **model_inputs(batch)).float()
-        p = torch.softmax(logits, -1)
+        p = torch.softmax(logits, -1).cpu()  # metrics are computed on the host
+        batch = to_device(batch, torch.device("cpu"))
         if "labels" in batch:
             y_true.append(batch["labels"])
         y_pred.append(p.argmax(-1))
@@ -368,7 +371,8 @@ def held_out_loss(model, dataset, loss_fn) -> float | None:
     if dataset is None:
         return None
     model.eval()
-    losses = [float(loss_fn(model, dataset.get_batch(i))) for i in range(dataset.steps_per_epoch)]
+    device = next(model.parameters()).device
+    losses = [float(loss_fn(model, to_device(dataset.get_batch(i), device))) for i in range(dataset.steps_per_epoch)]
     return float(np.mean(losses))
 
 
