@@ -1,0 +1,40 @@
+"""Text -> token ids and readable per-token labels for plot axes, checked against the model's context."""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.model.config import ModelConfig
+from lmlab.tokenizer.tokenizer import Tokenizer
+
+
+def label(piece: str) -> str:
+    """One token's text made visible on an axis: spaces and line breaks become marks."""
+    return piece.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def encode_text(
+    tokenizer: Tokenizer, text: str, cfg: ModelConfig, add_special_tokens: bool = True
+) -> tuple[torch.Tensor, list[str]]:
+    """Token ids (1, T) of `text` and one label per token.
+
+    Labels come from each token's character span in the text, so a byte-level token holding part of a
+    CJK character shows that character, not a broken byte.
+    """
+    if not text:
+        raise LmlabError("the text is empty", field="text")
+    enc = tokenizer.backend.encode(text, add_special_tokens=add_special_tokens)
+    if not enc.ids:
+        raise LmlabError("the text has no tokens", field="text")
+    if len(enc.ids) > cfg.max_seq_len:
+        raise LmlabError(
+            f"the text is {len(enc.ids)} tokens, longer than the model's context of {cfg.max_seq_len} tokens",
+            field="text",
+            hint="shorten it",
+        )
+    labels = []
+    for i, (start, end) in zip(enc.ids, enc.offsets):
+        piece = text[start:end] if end > start else (tokenizer.id_to_token(i) or str(i))  # special tokens
+        labels.append(label(piece))
+    return torch.tensor([enc.ids]), labels
