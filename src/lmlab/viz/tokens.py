@@ -9,9 +9,14 @@ from lmlab.model.config import ModelConfig
 from lmlab.tokenizer.tokenizer import Tokenizer
 
 
+MARKS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
 def label(piece: str) -> str:
-    """One token's text made visible on an axis: spaces and line breaks become marks."""
-    return piece.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+    """One token's text made visible on an axis and in a table: spaces, line breaks and other control
+    characters become marks or escapes."""
+    out = "".join(MARKS.get(c, c if c.isprintable() else f"\\x{ord(c):02x}") for c in piece)
+    return out or "∅"
 
 
 def encode_text(
