@@ -96,8 +96,8 @@ def apply(plt: Any) -> None:
         {
             "axes.prop_cycle": cycler(color=list(PALETTE)),
             "image.cmap": SEQUENTIAL,
-            "font.family": "sans-serif",
-            "font.sans-serif": families,  # matplotlib falls back glyph by glyph along this list
+            # a list of named families, not "sans-serif": matplotlib falls back glyph by glyph only along this
+            "font.family": families,
             "font.size": 9,
             "axes.titlesize": 10,
             "figure.titlesize": 11,
