@@ -149,7 +149,7 @@ def plot_layer(
     cols = min(len(heads), 4)
     rows = math.ceil(len(heads) / cols)
     side = min(max(2.6, 0.22 * T + 1.0), 9.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows + 0.6), squeeze=False, layout="constrained")
     show_ticks = T <= 64
     im = None
     for ax, h in zip(axes.flat, heads):
@@ -193,7 +193,9 @@ def inspect_attention(
     if plots:
         for i, w in weights.items():
             what = f"Attention weights, layer {i}"
-            images.append(str(plot_layer(w, tokens, head_idx, out / f"attention-layer{i:02d}.png", style.title(what, data))))
+            images.append(
+                str(plot_layer(w, tokens, head_idx, out / f"attention-layer{i:02d}.png", style.title(what, data)))
+            )
     result = {"tokens": tokens, "layers": layer_idx, "heads": head_idx, "summary": summary, "images": images}
     write_json(out / "attention.json", {**result, "summary": {str(k): v for k, v in summary.items()}})
     return result

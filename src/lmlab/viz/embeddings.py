@@ -147,7 +147,9 @@ def embedding_map(
             row["separation_umap"] = separation(u, labels)
         summary.append(row)
     what = f"Sentence embeddings ({pooling} pooling) by label"
-    images = [str(plot_map(pcs, labels, out / "embeddings-pca.png", style.title(f"PCA of {what[0].lower()}{what[1:]}", data)))]
+    images = [
+        str(plot_map(pcs, labels, out / "embeddings-pca.png", style.title(f"PCA of {what[0].lower()}{what[1:]}", data)))
+    ]
     if umaps:
         umap_title = style.title(f"UMAP of {what[0].lower()}{what[1:]}", data)
         images.append(str(plot_map(umaps, labels, out / "embeddings-umap.png", umap_title, axis="UMAP")))

@@ -80,10 +80,12 @@ def _cell(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def format_lens(tables: dict[str, torch.Tensor], tokens: list[str], top_labels: list[list[str]], width: int = 10) -> str:
+def format_lens(
+    tables: dict[str, torch.Tensor], tokens: list[str], top_labels: list[list[str]], width: int = 10
+) -> str:
     """Top-1 token and its probability per layer (rows) and position (columns), the final layer last."""
     L1, T = tables["top_p"].shape[:2]
-    head = "layer".ljust(7) + "".join(_cell(f"{t}", width).ljust(width + 5) for t in tokens)
+    head = "layer".ljust(7) + "".join(_cell(f"{t}", width).ljust(width + 7) for t in tokens)
     lines = [head, "-" * len(head)]
     for layer in range(L1):
         name = "emb" if layer == 0 else str(layer)
@@ -91,7 +93,7 @@ def format_lens(tables: dict[str, torch.Tensor], tokens: list[str], top_labels: 
             f"{_cell(top_labels[layer][t], width).ljust(width)} {float(tables['top_p'][layer, t, 0]):.2f}"
             for t in range(T)
         ]
-        lines.append(name.ljust(7) + "".join(c.ljust(width + 5) for c in cells))
+        lines.append(name.ljust(7) + "".join(c.ljust(width + 7) for c in cells))
     return "\n".join(lines) + "\n"
 
 
@@ -136,12 +138,12 @@ def inspect_lens(
 ) -> dict[str, Any]:
     """The lens of one sequence (1, T): out/lens.json (top-k per layer and position, the correct token's
     probability) and out/lens.png; returns them with the printable table under "table"."""
-    from lmlab.viz.tokens import label
+    from lmlab.viz.tokens import token_text
 
     logits = logit_lens(model, input_ids)[:, 0]  # (L + 1, T, V)
     causal = model.cfg.causal
     tables = lens_tables(logits, input_ids[0], causal, k)
-    decode = lambda i: label(tokenizer.decode([int(i)]))
+    decode = lambda i: token_text(tokenizer, i)
     top_i = tables["top_i"]
     top1 = [[decode(top_i[layer, t, 0]) for t in range(top_i.shape[1])] for layer in range(top_i.shape[0])]
     n = tables["correct"].shape[1]
@@ -157,7 +159,10 @@ def inspect_lens(
         "correct_prob": tables["correct"].tolist(),
         "top": [
             [
-                [{"token": decode(i), "id": int(i), "p": float(p)} for i, p in zip(top_i[layer, t], tables["top_p"][layer, t])]
+                [
+                    {"token": decode(i), "id": int(i), "p": float(p)}
+                    for i, p in zip(top_i[layer, t], tables["top_p"][layer, t])
+                ]
                 for t in range(top_i.shape[1])
             ]
             for layer in range(top_i.shape[0])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from lmlab.errors import LmlabError
 from lmlab.model.config import ModelConfig
 from lmlab.tokenizer.tokenizer import Tokenizer
-
 
 MARKS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 
@@ -17,6 +19,11 @@ def label(piece: str) -> str:
     characters become marks or escapes."""
     out = "".join(MARKS.get(c, c if c.isprintable() else f"\\x{ord(c):02x}") for c in piece)
     return out or "∅"
+
+
+def token_text(tokenizer: Tokenizer, i: int) -> str:
+    """A vocabulary entry as a label; a byte-level piece of a UTF-8 character shows its bytes (\\xe4\\xb8)."""
+    return label(tokenizer.token_bytes(int(i)).decode("utf-8", errors="backslashreplace"))
 
 
 def encode_text(
@@ -43,3 +50,16 @@ def encode_text(
         piece = text[start:end] if end > start else (tokenizer.id_to_token(i) or str(i))  # special tokens
         labels.append(label(piece))
     return torch.tensor([enc.ids]), labels
+
+
+def load_with_text(model: str, text: str) -> tuple[Any, Tokenizer, torch.Tensor, list[str], str]:
+    """(model, tokenizer, ids (1, T), token labels, a title fragment "MODEL on “text”") for `lmlab inspect`."""
+    from lmlab.model.checkpoint import load_config, load_pretrained
+    from lmlab.viz.style import quote
+
+    cfg = load_config(model)  # a text too long for the context fails before the weights load
+    net, tokenizer = load_pretrained(model)
+    if tokenizer is None:
+        raise LmlabError("this checkpoint has no tokenizer", file=str(model))
+    ids, tokens = encode_text(tokenizer, text, cfg)
+    return net, tokenizer, ids, tokens, f"{Path(str(model)).name} on {quote(text)}"
