@@ -31,3 +31,15 @@ def spread(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.
         for p in model.parameters():
             p.normal_(0.0, std)
     return model.eval()
+
+
+SENTENCE = "The capital of France is Paris, and 中国的首都是北京。"
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_pair):
+    """(ids (1, T), transformers' outputs with attentions and hidden states) of SENTENCE: one forward for all."""
+    _, tok, theirs = smollm2_pair
+    ids = torch.tensor([tok.encode(SENTENCE)])
+    with torch.no_grad():
+        return ids, theirs(input_ids=ids, output_attentions=True, output_hidden_states=True)

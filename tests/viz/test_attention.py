@@ -42,11 +42,10 @@ def test_weights_equal_transformers_eager_on_tiny_llama(kv_heads, tmp_path):
         assert diff.max() <= TOL, f"layer {i}: max |diff| {diff.max():.2e}"
 
 
-def test_weights_equal_transformers_eager_on_smollm2(smollm2_pair):
-    ours, tok, theirs = smollm2_pair
-    ids = torch.tensor([tok.encode("The capital of France is Paris, and 中国的首都是北京。")])
-    with torch.no_grad():
-        want = theirs(input_ids=ids, output_attentions=True).attentions
+def test_weights_equal_transformers_eager_on_smollm2(smollm2_pair, smollm2_reference):
+    ours = smollm2_pair[0]
+    ids, reference = smollm2_reference
+    want = reference.attentions
     got = attention_weights(ours, ids)
     assert len(got) == len(want) == 30
     worst = max((got[i] - want[i]).abs().max().item() for i in got)

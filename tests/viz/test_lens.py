@@ -69,17 +69,17 @@ def test_tables_and_files(tmp_path):
     assert "0." in format_lens(tables, tokens, [["x"] * T] * 3)
 
 
-def test_lens_of_smollm2_ends_at_its_logits(smollm2_pair):
-    ours, tok, theirs = smollm2_pair
-    ids = torch.tensor([tok.encode("The capital of France is Paris.")])
-    lens = logit_lens(ours, ids)
-    with torch.no_grad():
-        want = theirs(input_ids=ids, output_hidden_states=True)
+def test_lens_of_smollm2_ends_at_its_logits(smollm2_pair, smollm2_reference):
+    ours, _, theirs = smollm2_pair
+    ids, want = smollm2_reference
+    rows = [0, 10, 20, 30]  # of 31: each row is a 49152-way projection
+    lens = logit_lens(ours, ids, rows=rows)
     assert (lens[-1] - want.logits).abs().max() <= 1e-4  # the model's logits (bit-equal: the tiny test above)
     # transformers' hidden_states: the embeddings, then each layer's output (the last one after the final norm)
-    for i in range(0, len(want.hidden_states) - 1, 10):
-        mid = theirs.lm_head(theirs.model.norm(want.hidden_states[i]))
-        assert (lens[i] - mid).abs().max() <= 1e-3, f"row {i}"
+    for row, i in enumerate(rows[:-1]):
+        with torch.no_grad():
+            mid = theirs.lm_head(theirs.model.norm(want.hidden_states[i]))
+        assert (lens[row] - mid).abs().max() <= 1e-4, f"row {i}"
 
 
 def test_a_model_without_lm_head_is_one_line():

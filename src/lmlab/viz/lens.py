@@ -7,6 +7,7 @@ Row 0 is the embeddings, row i the residual stream after block i; the last row i
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,15 @@ def read_out(model: Transformer, h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logit_lens(model: Transformer, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def logit_lens(
+    model: Transformer, input_ids: torch.Tensor, rows: Sequence[int] | None = None, **kwargs: Any
+) -> torch.Tensor:
     """Logits (n_layer + 1, B, T, vocab) float32 of every layer's residual stream; the last row equals the
-    model's logits."""
+    model's logits. rows picks some of the n_layer + 1 (each costs a full vocabulary projection)."""
     lm_head(model)  # fail before the forward pass
-    return torch.stack([read_out(model, h).float() for h in residual_stream(model, input_ids, **kwargs)])
+    stream = residual_stream(model, input_ids, **kwargs)
+    rows = range(len(stream)) if rows is None else rows
+    return torch.stack([read_out(model, stream[i]).float() for i in rows])
 
 
 def targets(input_ids: torch.Tensor, causal: bool) -> tuple[torch.Tensor, int]:

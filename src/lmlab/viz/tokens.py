@@ -11,7 +11,7 @@ from lmlab.errors import LmlabError
 from lmlab.model.config import ModelConfig
 from lmlab.tokenizer.tokenizer import Tokenizer
 
-MARKS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+MARKS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "\\r"}
 
 
 def label(piece: str) -> str:
