@@ -130,7 +130,7 @@ def embedding_map(
         raise LmlabError("give at least one model", field="model")
     texts, labels = read_labelled(input_path, label_field, text_field, limit, seed)
     out = Path(out)
-    data = f"{Path(input_path).name}, {len(texts)} texts"
+    data = f"{_short_name(str(input_path))}, {len(texts)} texts"
     pcs, umaps, summary = [], [], []
     for name in models:
         model, tokenizer = load_pretrained(name)
