@@ -179,6 +179,7 @@ def _pretrain(args: argparse.Namespace) -> None:
         f"\n{summary['steps']} steps; best validation loss {best:.4f} at step {summary['best_step']}; "
         f"checkpoints in {summary['out_dir']}; curves: {summary.get('plot')}"
     )
+    print(f"report: lmlab report {summary['out_dir']}")
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -196,6 +197,7 @@ def _finetune(args: argparse.Namespace) -> None:
     summary = finetune(recipe, resume=args.resume)
     if "out_dir" in summary:  # the main process
         print(format_summary(summary), end="")
+        print(f"report: lmlab report {summary['out_dir']}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -252,6 +254,50 @@ def _eval(args: argparse.Namespace) -> None:
     print(format_markdown(results), end="")
     if args.out:
         print(f"wrote {args.out}/results.json and {args.out}/report.md")
+        print(f"report: lmlab report {args.out}")
+
+
+def _inspect_attention(args: argparse.Namespace) -> None:
+    from lmlab.model.checkpoint import load_config
+    from lmlab.viz.attention import format_summary, inspect_attention, parse_indices
+    from lmlab.viz.tokens import load_with_text
+
+    cfg = load_config(args.model)  # bad indices fail before the weights load
+    parse_indices(args.layers, cfg.n_layer, "layers")
+    parse_indices(args.heads, cfg.n_head, "heads")
+    model, _, ids, tokens, data = load_with_text(args.model, args.text)
+    result = inspect_attention(model, ids, tokens, args.out, args.layers, args.heads, data=data)
+    print(format_summary(result["summary"]), end="")
+    print(f"wrote {args.out}/attention.safetensors, attention.json and {len(result['images'])} heatmaps")
+
+
+def _inspect_lens(args: argparse.Namespace) -> None:
+    from lmlab.viz.lens import inspect_lens
+    from lmlab.viz.tokens import load_with_text
+
+    model, tokenizer, ids, tokens, data = load_with_text(args.model, args.text)
+    result = inspect_lens(model, tokenizer, ids, tokens, args.out, data=data, k=args.top_k)
+    print(result["table"], end="")
+    print(f"wrote {args.out}/lens.json and {result['image']}")
+
+
+def _inspect_embeddings(args: argparse.Namespace) -> None:
+    from lmlab.viz.embeddings import embedding_map
+
+    result = embedding_map(args.model, args.input, args.labels, args.out, text_field=args.field,
+                           pooling=args.pooling, limit=args.limit or None, seed=args.seed)  # fmt: skip
+    for m in result["models"]:
+        ev = ", ".join(f"{v:.1%}" for v in m["explained_variance"])
+        print(f"{m['model']}: PCA explains {ev}; between-label share of variance {m['separation_pca']:.3f}")
+    if not result["umap"]:
+        print("(UMAP skipped: pip install umap-learn to add it)")
+    print(f"wrote {', '.join(result['images'])}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from lmlab.viz.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -418,6 +464,35 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--trials", type=int, default=8, help="finished trials to reach (a resumed study counts its own)")
     tn.add_argument("--out", default=None, help="study folder (default: OUT_DIR/tune)")
     tn.set_defaults(func=_tune)
+
+    insp = sub.add_parser("inspect", help="see inside a model: attention maps, logit lens, embedding maps")
+    insp = insp.add_subparsers(dest="inspect_command", required=True)
+    att = insp.add_parser("attention", help="exact attention weights per layer and head: heatmaps, summary, tensors")
+    lens = insp.add_parser("lens", help="logit lens: every layer's residual stream read through the LM head")
+    for q in (att, lens):
+        q.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")
+        q.add_argument("--text", required=True, help="the text to run (its tokens label the axes)")
+        q.add_argument("--out", default="inspect", help="output folder (default: inspect)")
+    att.add_argument("--layers", default=None, help="e.g. 0,3,5-7 (default: all)")
+    att.add_argument("--heads", default=None, help="e.g. 0-2 (default: all)")
+    att.set_defaults(func=_inspect_attention)
+    lens.add_argument("--top-k", type=int, default=5, help="tokens kept per layer and position in lens.json")
+    lens.set_defaults(func=_inspect_lens)
+    em = insp.add_parser("embeddings", help="PCA (and UMAP) map of sentence embeddings, coloured by label")
+    em.add_argument("--model", required=True, action="append", help="repeat for side-by-side panels (before/after)")
+    em.add_argument("--input", required=True, help="a .jsonl file with a text field and a label field")
+    em.add_argument("--labels", required=True, help="the field that colours the points, e.g. label")
+    em.add_argument("--field", default="text", help="the field holding the text")
+    em.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
+    em.add_argument("--limit", type=int, default=1000, help="a seeded sample of N texts (0: all)")
+    em.add_argument("--seed", type=int, default=0)
+    em.add_argument("--out", default="inspect", help="output folder (default: inspect)")
+    em.set_defaults(func=_inspect_embeddings)
+
+    rep = sub.add_parser("report", help="one self-contained report.html from what a run folder holds")
+    rep.add_argument("run_dir", help="the out_dir of pretrain, finetune or eval (or any folder with their files)")
+    rep.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report.html)")
+    rep.set_defaults(func=_report)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching and a chat page at /")
     srv.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")

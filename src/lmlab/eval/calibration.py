@@ -58,6 +58,7 @@ def plot_confusion(matrix: list[list[int]], labels: Sequence[Any], path: str | o
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
     ax.imshow(matrix, cmap="Blues")
+    ax.grid(False)  # the shared style's grid would cross the cells
     ax.set_xticks(range(len(labels)), [str(x) for x in labels])
     ax.set_yticks(range(len(labels)), [str(x) for x in labels])
     top = max(max(r) for r in matrix) if matrix else 0
