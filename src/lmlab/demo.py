@@ -58,8 +58,8 @@ def data_stage() -> None:
           f"in {out / 'shards'}")  # fmt: skip
 
 
-def pretrain_stage() -> None:
-    """A short pretraining run on the shards, with samples before and after."""
+def pretrain_stage() -> dict[str, list[str]]:
+    """A short pretraining run on the shards, with samples before and after (returned for the report)."""
     from lmlab.train.config import load_recipe
     from lmlab.train.pretrain import pretrain
 
@@ -73,6 +73,8 @@ def pretrain_stage() -> None:
         f"\nbest validation loss {summary['best_val_loss']:.3f} after {summary['steps']} steps; "
         f"curves: {summary.get('plot')}"
     )
+    prompts = load_recipe("recipes/pretrain/demo.yaml").data.get("sample_prompts", [])
+    return {"prompts": prompts, "before": summary["samples_before"], "after": summary["samples_after"]}
 
 
 def finetune_stage() -> Path:
@@ -135,7 +137,7 @@ def main() -> int:
     start = time.perf_counter()
     try:
         data_stage()
-        pretrain_stage()
+        pretrain_samples = pretrain_stage()
         _stage(f"lmlab model info {MODEL}")
         print(format_info(MODEL, model_info(load_config(MODEL))))
 
@@ -169,6 +171,13 @@ def main() -> int:
         del model
         eval_stage(finetune_stage())
         serve_stage()
+        from lmlab.viz.report import write_combined_report
+
+        stages = {"pretraining": OUT / "pretrain", "fine-tuning": OUT / "finetune",
+                  "evaluation before": OUT / "eval" / "before", "evaluation after": OUT / "eval" / "after"}  # fmt: skip
+        report = write_combined_report(stages, OUT / "report.html", {"pretraining": pretrain_samples},
+                                       title="lmlab demo: one run of every stage")  # fmt: skip
+        print(f"\nreport of the whole demo: {report} ({report.stat().st_size / 1024:,.0f} KB)")
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 1

@@ -81,3 +81,20 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert not errors, errors
     assert not outside, f"the page fetched something outside the file: {outside}"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_combined_report_holds_each_run_under_its_name(run, tmp_path):
+    """The demo's one page: every stage's sections, prefixed by the stage, missing stages left out."""
+    from lmlab.errors import LmlabError
+    from lmlab.viz.report import build_sections, write_combined_report
+
+    samples = {"prompts": ["a <b>"], "before": ["x"], "after": ["y"]}
+    out = write_combined_report({"first": run, "second": run, "gone": tmp_path / "nope"}, tmp_path / "all.html",
+                                {"first": samples})  # fmt: skip
+    page = out.read_text()
+    one, _ = build_sections(run)
+    for sec in one:
+        assert f'id="first-{sec["id"]}"' in page and f'id="second-{sec["id"]}"' in page
+    assert 'id="gone-' not in page and "a &lt;b&gt;" in page and "<b>" not in page
+    with pytest.raises(LmlabError, match="nothing to report"):
+        write_combined_report({"gone": tmp_path / "nope"}, tmp_path / "none.html")

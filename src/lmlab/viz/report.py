@@ -317,3 +317,32 @@ def write_report(
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     write_text(path, page)
     return path
+
+
+def write_combined_report(
+    runs: dict[str, str | os.PathLike],
+    out: str | os.PathLike,
+    samples: dict[str, dict[str, list[str]]] | None = None,
+    title: str = "Run report",
+) -> Path:
+    """One page for several runs (the demo's stages): each run's sections under its name, in order.
+    Runs that do not exist or have nothing to show are left out."""
+    import jinja2
+
+    sections: list[dict[str, Any]] = []
+    sources: list[str] = []
+    for name, run_dir in runs.items():
+        run = Path(run_dir)
+        if not run.is_dir():
+            continue
+        found, used = build_sections(run, (samples or {}).get(name))
+        for sec in found:
+            sections.append({**sec, "id": f"{name}-{sec['id']}", "title": f"{name}: {sec['title']}"})
+        sources += [f"{run}/{u}" for u in used]
+    if not sections:
+        raise LmlabError("nothing to report in any of the runs", file=", ".join(str(r) for r in runs.values()))
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    page = env.from_string(TEMPLATE).render(title=title, run_dir=str(Path(out).parent), sections=sections,
+                                            sources=sources)  # fmt: skip
+    write_text(out, page)
+    return Path(out)
