@@ -136,3 +136,42 @@ def test_compiling_leaves_the_model_copyable_and_collectable():
     del m
     gc.collect()
     assert ref() is None
+
+
+def _gpu_policy():
+    """The GPU's decode choices (no CPU kernels, compile mode "reduce-overhead", a kept static cache)
+    forced on the CPU: the same code path the GPU takes, checked here where CI runs."""
+    from lmlab.utils.device import forced_policy, policy
+
+    return forced_policy(policy("cuda"))
+
+
+def test_gpu_decode_policy_equals_eager_and_reuses_its_static_cache(monkeypatch):
+    from lmlab.generate import decode
+
+    m = _model("llama-tiny")
+    ids, mask = _prompts()
+    eager = generate_ids(m, ids, mask, GenerationConfig(max_new_tokens=6, temperature=0.0))
+    calls = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or real(fn, **kw))
+    monkeypatch.setattr(decode, "_compiled", type(decode._compiled)())
+    monkeypatch.setattr(decode, "_caches", {})
+    with _gpu_policy():
+        assert isinstance(cpu_kernels.for_rows(8, "cpu"), type(cpu_kernels.for_rows(1)))  # no kernels mode
+        outs = [generate_ids(m, ids, mask, GenerationConfig(max_new_tokens=6, temperature=0.0, compile=True))
+                for _ in range(2)]  # fmt: skip
+        kept = list(decode._caches.values())
+    assert calls == [{"dynamic": False, "mode": "reduce-overhead"}]  # one compile, the policy's mode, no C++ options
+    assert len(kept) == 1 and not kept[0].in_use  # the second call reused the first call's cache
+    for out in outs:
+        assert torch.equal(out, eager)
+    torch._dynamo.reset()
+
+
+def test_cpu_kernels_never_wrap_a_gpu_forward():
+    from contextlib import nullcontext
+
+    assert isinstance(cpu_kernels.for_rows(8, "cuda"), nullcontext)
+    assert isinstance(cpu_kernels.for_rows(8, torch.device("cuda", 0)), nullcontext)
+    assert isinstance(cpu_kernels.for_rows(8, "cpu"), cpu_kernels.DecodeKernels)

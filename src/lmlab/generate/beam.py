@@ -59,7 +59,7 @@ def beam_search(
     mask[:, :T] = attention_mask.repeat_interleave(K, 0)
     padded = not bool(attention_mask.all())
     cache = KVCache.for_model(model, B * K, max_len)
-    kernels = cpu_kernels.for_rows(B * K)
+    kernels = cpu_kernels.for_rows(B * K, device)
     procs = build_processors(config, T, sampling=False, attention_mask=mask[:, :T])
     flat = input_ids.repeat_interleave(K, 0)
     logits = model(flat, attention_mask=mask[:, :T] if padded else None, kv_cache=cache, logits_to_keep=1)[:, -1]

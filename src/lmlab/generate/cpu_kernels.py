@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from lmlab.kernels import build
+from lmlab.utils.device import policy
 
 MAX_ROWS = 16
 """Above this many rows BLAS is as fast or faster (its packing pays off), so `linear` leaves them to it."""
@@ -132,9 +133,12 @@ class DecodeKernels(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def for_rows(rows: int) -> contextlib.AbstractContextManager:
+def for_rows(rows: int, device: torch.device | str | None = None) -> contextlib.AbstractContextManager:
     """The context for an eager forward over `rows` rows (sequences, beams, or tokens of one
-    sequence): `DecodeKernels()` from two rows on. The mode costs about 1 us on every torch call of
-    the forward; at one row that is as much as the kernels save. Compiled graphs enter the mode
-    themselves (decode._forward), where it is traced away."""
+    sequence) on `device`: `DecodeKernels()` from two rows on, on a CPU. The mode costs about 1 us on
+    every torch call of the forward; at one row that is as much as the kernels save, and on a GPU
+    the kernels never apply (the device policy says so, so no GPU step pays for the mode). Compiled
+    graphs enter the mode themselves (decode._forward), where it is traced away."""
+    if not policy(device).cpu_kernels:
+        return contextlib.nullcontext()
     return DecodeKernels() if rows > 1 else contextlib.nullcontext()

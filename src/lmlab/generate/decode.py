@@ -22,6 +22,7 @@ from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import IncrementalDecoder, StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
+from lmlab.utils.device import policy
 
 
 @dataclass
@@ -112,14 +113,23 @@ def compiled(model: Transformer, batch: int, capacity: int) -> Callable:
     and decode steps after the first skip dynamo's guards, which is only safe where the first step
     compiled. The last `_KEEP` are kept. Nothing is attached to the model (it stays deep-copyable
     and collectable): the key holds its id, not the model.
+
+    How it compiles is the device policy's choice: on a CPU, inductor's C++ wrapper around the
+    decode kernels; on a GPU, the policy's mode ("reduce-overhead": the step replays as one CUDA
+    graph, no per-kernel launch cost) and no CPU kernels.
     """
     key = (id(model), batch, capacity)
     forward = _compiled.pop(key, None)
     if forward is None:
-        code = _forward.__code__.replace(co_name=f"_forward_{batch}x{capacity}")
-        forward = torch.compile(
-            types.FunctionType(code, _forward.__globals__, code.co_name), dynamic=False, options=_compile_options()
-        )
+        device = next(model.parameters()).device
+        p = policy(device)
+        template = _forward if p.cpu_kernels else _forward_plain
+        code = template.__code__.replace(co_name=f"_forward_{batch}x{capacity}")
+        fn = types.FunctionType(code, template.__globals__, code.co_name)
+        if p.cpu_kernels:
+            forward = torch.compile(fn, dynamic=False, options=_compile_options())
+        else:
+            forward = torch.compile(fn, dynamic=False, mode=p.decode_compile_mode)
     _compiled[key] = forward  # most recently used last
     while len(_compiled) > _KEEP:
         _compiled.popitem(last=False)
@@ -132,6 +142,33 @@ def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
         return model(*args, **kwargs)
 
 
+def _forward_plain(model: Transformer, *args, **kwargs) -> torch.Tensor:
+    return model(*args, **kwargs)
+
+
+def static_cache(model: Transformer, batch: int, capacity: int) -> StaticKVCache:
+    """The static cache a compiled decode runs over. Where the policy replays CUDA graphs, the graph
+    writes into the very buffers it was recorded with: one cache per (model, batch, capacity) is
+    kept and reused, its buffers marked as static addresses (as transformers' StaticCache does); a
+    call that finds it in use gets a fresh one (a new graph is recorded for it). Elsewhere a fresh
+    cache per call."""
+    device = next(model.parameters()).device
+    if policy(device).decode_compile_mode != "reduce-overhead":
+        return StaticKVCache.for_model(model, batch, capacity)
+    key = (id(model), batch, capacity)
+    cache = _caches.get(key)
+    if cache is None or cache.in_use:
+        cache = StaticKVCache.for_model(model, batch, capacity)
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t)
+        _caches[key] = cache
+        while len(_caches) > _KEEP:
+            _caches.pop(next(iter(_caches)))
+    cache.length = 0
+    return cache
+
+
+_caches: dict[tuple[int, int, int], StaticKVCache] = {}
 _compiled: collections.OrderedDict[tuple[int, int, int], Callable] = collections.OrderedDict()
 _KEEP = 16
 
@@ -189,44 +226,48 @@ def decode_steps(
     if config.compile:
         # a static cache over all of the state's columns; the prompt runs eagerly (its length varies),
         # every decode step through one compiled graph
-        cache = StaticKVCache.for_model(model, B, state.ids.shape[1])
+        cache = static_cache(model, B, state.ids.shape[1])
         forward = compiled(model, B, state.ids.shape[1])
         cache.advance(state.length)
         logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
     else:
         cache, forward = KVCache.for_model(model, B, state.end), model
-        kernels = cpu_kernels.for_rows(B)
+        kernels = cpu_kernels.for_rows(B, state.ids.device)
         mask = state.mask[:, : state.length] if state.padded else None
         logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
     logits = logits[:, -1]
-    for step in range(state.end - state.prompt_len):
-        scores = apply_processors(procs, state.ids[:, : state.length], logits.float())
-        if config.sampling:
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            nxt = scores.argmax(-1)
-        nxt = torch.where(state.finished, pad_id, nxt)
-        if config.logprobs:
-            state.logprobs[:, step] = logits.float().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
-        state.ids[:, state.length] = nxt
-        state.mask[:, state.length] = 1
-        state.length += 1
-        if eos:
-            state.finished |= torch.isin(nxt, eos_t)
-        yield nxt
-        if bool(state.finished.all()) or state.length == state.end:
-            return
-        if config.compile:
-            cache.advance(1)
-            # after the first step the graph is known to fit (same model, cache and shapes), so its
-            # guards, ~1 ms of checks over every weight and cache tensor, need not run again
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=step > 0):
-                logits = forward(nxt[:, None], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
-        else:
-            mask = state.mask[:, : state.length] if state.padded else None
-            with kernels:
-                logits = forward(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
-        logits = logits[:, -1]
+    cache.in_use = True
+    try:
+        for step in range(state.end - state.prompt_len):
+            scores = apply_processors(procs, state.ids[:, : state.length], logits.float())
+            if config.sampling:
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                nxt = scores.argmax(-1)
+            nxt = torch.where(state.finished, pad_id, nxt)
+            if config.logprobs:
+                state.logprobs[:, step] = logits.float().log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)
+            state.ids[:, state.length] = nxt
+            state.mask[:, state.length] = 1
+            state.length += 1
+            if eos:
+                state.finished |= torch.isin(nxt, eos_t)
+            yield nxt
+            if bool(state.finished.all()) or state.length == state.end:
+                return
+            if config.compile:
+                cache.advance(1)
+                # after the first step the graph is known to fit (same model, cache and shapes), so its
+                # guards, ~1 ms of checks over every weight and cache tensor, need not run again
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=step > 0):
+                    logits = forward(nxt[:, None], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
+            else:
+                mask = state.mask[:, : state.length] if state.padded else None
+                with kernels:
+                    logits = forward(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+            logits = logits[:, -1]
+    finally:
+        cache.in_use = False  # also when the caller stops early (a stop string, a closed stream)
 
 
 def generate_ids(

@@ -77,6 +77,7 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.n_layer, self.max_len, self.length = n_layer, max_len, 0
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
+        self.in_use = False  # a kept cache (CUDA graphs) serves one decode at a time
 
     @classmethod
     def for_model(cls, model: Transformer, batch: int, max_len: int) -> StaticKVCache:

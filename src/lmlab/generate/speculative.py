@@ -107,7 +107,7 @@ def speculative_generate(
     def feed(model: Transformer, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         ids = torch.tensor([tokens], device=device)
         # the target's check feeds k + 1 tokens at once: the decode kernels' matmuls pay off
-        with cpu_kernels.for_rows(len(tokens)):
+        with cpu_kernels.for_rows(len(tokens), device):
             return model(ids, kv_cache=cache)[0]  # (len(tokens), V)
 
     while len(seq) - len(prompt_ids) < config.max_new_tokens:

@@ -396,7 +396,7 @@ class Engine:
         self.cache.ensure_room(1)
         mask = self.cache.step_mask()
         tokens = torch.tensor([[s.last] for s in self._rows], device=self.device)
-        with cpu_kernels.for_rows(len(self._rows)):
+        with cpu_kernels.for_rows(len(self._rows), self.device):
             logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1].float()
         self.m_steps.inc()
         self.m_rows.observe(len(self._rows))
