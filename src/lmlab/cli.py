@@ -11,6 +11,15 @@ from pathlib import Path
 from lmlab.errors import LmlabError
 from lmlab.utils.malloc import keep_freed_memory
 
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: CUDA when there, else the CPU; $LMLAB_DEVICE)"
+
+
+def _device(args: argparse.Namespace):
+    """The one device rule (utils/device.py): --device, else $LMLAB_DEVICE, else CUDA when there, else the CPU."""
+    from lmlab.utils.device import default_device
+
+    return default_device(getattr(args, "device", None))
+
 
 def _model_info(args: argparse.Namespace) -> None:
     from lmlab.model.checkpoint import load_config
@@ -98,7 +107,7 @@ def _generate(args: argparse.Namespace) -> None:
     from lmlab.model.checkpoint import load_pretrained
 
     config = _generation_config(args)
-    model, tokenizer = load_pretrained(args.model)
+    model, tokenizer = load_pretrained(args.model, device=_device(args))
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     prompt = args.prompt
@@ -118,7 +127,7 @@ def _generate(args: argparse.Namespace) -> None:
         draft = (
             truncated_draft(model, int(args.draft[1:]))
             if args.draft.startswith(":")
-            else load_pretrained(args.draft)[0]
+            else load_pretrained(args.draft, device=_device(args))[0]
         )
         result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens)
         print(result.text)
@@ -141,7 +150,7 @@ def _chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import ChatSession, repl
     from lmlab.model.checkpoint import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model)
+    model, tokenizer = load_pretrained(args.model, device=_device(args))
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     repl(ChatSession(model, tokenizer, _generation_config(args), system=args.system))
@@ -159,6 +168,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_context=args.max_context,
         request_timeout=args.request_timeout,
+        device=_device(args),
     )
 
 
@@ -210,7 +220,7 @@ def _embed(args: argparse.Namespace) -> None:
     from lmlab.finetune.embed import embed, read_texts, write_embeddings
     from lmlab.model.checkpoint import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model)
+    model, tokenizer = load_pretrained(args.model, device=_device(args))
     if tokenizer is None:
         raise LmlabError("the checkpoint has no tokenizer", file=args.model)
     texts = read_texts(args.input, args.field)
@@ -388,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=_tokenizer_eval)
     gen = sub.add_parser("generate", help="generate text (streamed), with any decoding strategy")
+    gen.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_generation_flags(gen, temperature=0.0)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
@@ -407,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=_pretrain)
 
     chat = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal (/reset, /system, /set)")
+    chat.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_generation_flags(chat, temperature=0.7)
     chat.set_defaults(func=_chat)
 
@@ -430,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-length", type=int, default=None, help="ppl window (default: min(1024, context))")
     ev.add_argument("--stride", type=int, default=None, help="ppl stride (default: half the window)")
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default=None, help=DEVICE_HELP)
     ev.add_argument("--out", default=None, help="folder for results.json and report.md")
     ev.set_defaults(func=_eval)
 
@@ -448,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_merge)
 
     emb = sub.add_parser("embed", help="sentence embeddings of a text file as a .npy matrix")
+    emb.add_argument("--device", default=None, help=DEVICE_HELP)
     emb.add_argument("--model", required=True, help="e.g. all-minilm-l6-v2")
     emb.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl (a text field)")
     emb.add_argument("--out", required=True, help="output .npy file")
@@ -495,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_report)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching and a chat page at /")
+    srv.add_argument("--device", default=None, help=DEVICE_HELP)
     srv.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
@@ -520,6 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a torchrun command: leave the process group cleanly
+            from lmlab.train.distributed import teardown
+
+            teardown()
     return 0
 
 

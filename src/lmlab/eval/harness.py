@@ -253,7 +253,7 @@ def evaluate(
     max_length: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     chat_template: bool | None = None,
@@ -266,6 +266,9 @@ def evaluate(
     from lmlab.model.checkpoint import load_pretrained
 
     t0 = time.time()
+    from lmlab.utils.device import default_device
+
+    device = default_device(device)  # the one rule: CUDA when there, unless asked otherwise
     model, tokenizer = load_pretrained(model_path, device=device)
     model.eval()
     check_tokenizer(model, tokenizer, str(model_path))
@@ -278,7 +281,7 @@ def evaluate(
         "max_length": max_length,
         "stride": stride,
         "batch_size": batch_size,
-        "device": device,
+        "device": str(device),
         "chat_template": chat_template,
     }
     results: dict[str, Any] = {"config": config, "model_hash": model_hash(model_path), "tasks": {}}

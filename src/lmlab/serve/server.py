@@ -32,6 +32,7 @@ def serve(
     max_context: int | None = None,
     request_timeout: float | None = 600.0,
     log_level: str = "info",
+    device: str | None = None,
 ) -> None:
     """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY."""
     import uvicorn
@@ -41,7 +42,9 @@ def serve(
     from lmlab.serve.engine import Engine
 
     api_key = api_key or os.environ.get("LMLAB_API_KEY") or None
-    loaded, tokenizer = load_pretrained(model)
+    from lmlab.utils.device import default_device
+
+    loaded, tokenizer = load_pretrained(model, device=default_device(device))
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer; the server needs one", file=str(model))
     engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context).start()

@@ -57,6 +57,7 @@ class TrainConfig:
     save_checkpoints: bool = True  # False: write nothing (a hyperparameter-search trial keeps only its log)
     nan_patience: int = 5  # stop after this many non-finite losses in a row
     # execution
+    device: str = "auto"  # auto: CUDA when there, else the CPU (utils/device.py); or cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32 or bfloat16 (autocast)
     compile: bool = False
     strategy: str = "ddp"  # under torchrun: ddp or fsdp

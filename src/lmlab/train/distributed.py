@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmlab.utils.device import default_device
+
 
 @dataclass
 class Dist:
@@ -28,10 +30,9 @@ class Dist:
 def setup(device: str | None = None) -> Dist:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU); a no-op otherwise."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return Dist(device=dev)
+        return Dist(device=default_device(device))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    use_cuda = default_device(device).type == "cuda"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
@@ -67,3 +68,10 @@ def barrier(d: Dist) -> None:
     """Wait for every process."""
     if d.world > 1:
         dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group cleanly at the end of a command (torchrun warns, and nccl may hang, without it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

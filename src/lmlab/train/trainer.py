@@ -112,7 +112,7 @@ class Trainer:
         self.cfg, self.train_data, self.val_data = config, train_data, val_data
         self.tokenizer, self.recipe, self.bytes_per_token = tokenizer, recipe, bytes_per_token
         self.eval_fn, self.on_eval = eval_fn, on_eval
-        self.dist = distributed.setup(device)
+        self.dist = distributed.setup(device or config.device)
         self.raw = model.to(self.dist.device)  # the unwrapped model: what checkpoints hold
         self.model = distributed.wrap(self.raw, self.dist, config.strategy)
         if config.compile:
