@@ -27,6 +27,7 @@ from lmlab.generate import GenerationConfig, stream
 from lmlab.generate.explain import explain, format_explanation, plot_explanation, top_next_tokens
 from lmlab.model.checkpoint import load_config, load_pretrained
 from lmlab.model.info import format_info, model_info
+from lmlab.utils.malloc import release_freed_memory, resident_mb
 
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = ["What is the capital of France?", "中国的首都是哪座城市？"]
@@ -34,7 +35,10 @@ OUT = Path("out/demo")
 
 
 def _stage(title: str) -> None:
-    print(f"\n== {title} ==")
+    """A stage's banner. The previous stage's freed memory goes back to the system first: a stage
+    that allocates different sizes would otherwise add its own on top of it."""
+    release_freed_memory()
+    print(f"\n== {title} == (memory in use: {resident_mb():,.0f} MB)")
 
 
 def data_stage() -> None:
@@ -87,6 +91,7 @@ def finetune_stage() -> Path:
     _stage("fine-tuning: LoRA SFT of SmolLM2 on chatterbot (recipes/finetune/demo.yaml)")
     summary = finetune(load_recipe("recipes/finetune/demo.yaml"))
     print(format_summary(summary), end="")
+    release_freed_memory()  # the trained model is gone; merging loads the base again
     merged = merge_adapter(MODEL, summary["model"], OUT / "finetune" / "merged")
     print(f"merged adapter + base: {merged} (transformers loads it as LlamaForCausalLM)")
     return merged
@@ -100,6 +105,7 @@ def eval_stage(merged: Path) -> None:
     _stage("evaluation: perplexity (King James Bible, 100 passages) and MMLU (100 questions), before vs after")
     results = {}
     for name, path in (("before", MODEL), ("after", merged)):
+        release_freed_memory()  # one model at a time, and the last one's memory returned
         results[name] = evaluate(path, ["ppl", "mmlu"], limit=100, data="kjv", max_length=256,
                                  out=OUT / "eval" / name, progress=True)  # fmt: skip
     print("A = SmolLM2-135M-Instruct, B = after the demo's LoRA SFT")

@@ -41,3 +41,28 @@ def keep_freed_memory(trim: int = 1 << 30) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
     except (OSError, AttributeError):
         return False
+
+
+def release_freed_memory() -> bool:
+    """Collect Python garbage and hand glibc's free heap back to the kernel (malloc_trim): between the
+    stages of a long process (the demo), so that one stage's freed tensors do not stay resident while
+    the next allocates its own. False where libc is not glibc."""
+    import gc
+
+    gc.collect()
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, in MB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
