@@ -147,6 +147,33 @@ def _chat(args: argparse.Namespace) -> None:
     repl(ChatSession(model, tokenizer, _generation_config(args), system=args.system))
 
 
+def _rag_index(args: argparse.Namespace) -> None:
+    from lmlab.rag.index import build_index
+
+    def progress(st) -> None:
+        print(f"  {st.added + st.updated} documents, {st.chunks} chunks written", file=sys.stderr, flush=True)
+
+    st = build_index(args.inputs, args.out, args.encoder, args.chunk_tokens, args.overlap, args.delete, progress)
+    print(
+        f"wrote {args.out}: {st.added} added, {st.updated} updated, {st.unchanged} unchanged, {st.deleted} deleted "
+        f"({st.chunks} chunks written); now {st.total_docs} documents, {st.total_chunks} chunks"
+    )
+
+
+def _rag_ask(args: argparse.Namespace) -> None:
+    from lmlab.rag.ask import ask
+    from lmlab.rag.ground import format_answer
+
+    result = ask(args.index, args.question, args.model, args.mode, args.k, args.threshold)
+    if args.json:
+        d = result.to_dict()
+        print(
+            json.dumps({key: d[key] for key in ("answer", "abstained", "sources", "citations")} | d, ensure_ascii=False)
+        )
+    else:
+        print(format_answer(result, verbose=args.verbose))
+
+
 def _serve(args: argparse.Namespace) -> None:
     from lmlab.serve import serve
 
@@ -431,6 +458,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
     srv.set_defaults(func=_serve)
+    rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
+        dest="rag_command", required=True
+    )
+    ri = rag.add_parser("index", help="add/update documents in an index (SQLite: FTS5 BM25 + MiniLM vectors)")
+    ri.add_argument("inputs", nargs="*", help=".jsonl, .txt/.md/.rst/.html files, folders, or a corpus (python-docs)")
+    ri.add_argument("--out", required=True, help="the index file, e.g. docs.sqlite (created or extended)")
+    ri.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default 200, or the index's)")
+    ri.add_argument("--overlap", type=int, default=None, help="tokens shared by neighbouring chunks (default 40)")
+    ri.add_argument("--delete", action="append", default=[], metavar="ID", help="remove a document by id (repeatable)")
+    ri.add_argument("--encoder", default=None, help="embedding model (default all-minilm-l6-v2, or the index's)")
+    ri.set_defaults(func=_rag_index)
+    ra = rag.add_parser("ask", help="answer from the index with [n] citations, or abstain")
+    ra.add_argument("index")
+    ra.add_argument("question")
+    ra.add_argument("--model", default="smollm2-135m-instruct", help="a chat model, or 'extract' (no LLM)")
+    ra.add_argument("--mode", default="hybrid", choices=["bm25", "dense", "hybrid"])
+    ra.add_argument("--k", type=int, default=5, help="sources to retrieve")
+    ra.add_argument("--threshold", type=float, default=None, help="abstain below this cosine (default: tuned/0.3)")
+    ra.add_argument("--json", action="store_true", help="one JSON object: answer, abstained, sources, citations")
+    ra.add_argument("--verbose", action="store_true", help="also show why each source was retrieved")
+    ra.set_defaults(func=_rag_ask)
     return p
 
 
