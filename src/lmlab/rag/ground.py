@@ -28,6 +28,7 @@ DEFAULT_THRESHOLD = 0.30  # question-chunk cosine below which nothing relevant w
 SUPPORT_THRESHOLD = 0.6  # a sentence is supported when its overlap or similarity with the cited text reaches this
 MIN_SUPPORTED = 0.5  # share of an answer's sentences that must be supported, else abstain
 _CITATION = re.compile(r"\s*\[(\d+(?:\s*,\s*\d+)*)\]")
+_LEADING_CITATIONS = re.compile(r"((?:\s*\[\d+(?:\s*,\s*\d+)*\])+)\s*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _DONT_KNOW = re.compile(
     r"\b(i don'?t know|i do not know|cannot answer|can't answer|not (?:mentioned|contained))\b", re.I
@@ -74,11 +75,11 @@ def split_sentences(text: str) -> list[str]:
     out: list[str] = []
     for piece in _SENTENCE_END.split(text.strip()):
         piece = piece.strip()
-        if not piece:
-            continue
-        if out and not _CITATION.sub("", piece).strip():
-            out[-1] += " " + piece
-        else:
+        lead = _LEADING_CITATIONS.match(piece)
+        if out and lead:  # "[2]" opening a piece belongs to the sentence before it
+            out[-1] += " " + lead.group(1).strip()
+            piece = piece[lead.end() :].strip()
+        if piece:
             out.append(piece)
     return out
 
@@ -250,6 +251,7 @@ def answer_question(
     share = sum(s.supported for s in result.support) / max(1, len(result.support))
     if share < min_supported:
         result.answer, result.abstained, result.abstain_reason = ABSTAIN, True, "unsupported"
+        result.citations = []
         return result
     result.answer = text
     return result
