@@ -153,7 +153,9 @@ def _rag_index(args: argparse.Namespace) -> None:
     def progress(st) -> None:
         print(f"  {st.added + st.updated} documents, {st.chunks} chunks written", file=sys.stderr, flush=True)
 
-    st = build_index(args.inputs, args.out, args.encoder, args.chunk_tokens, args.overlap, args.delete, progress)
+    st = build_index(
+        args.inputs, args.out, args.encoder, args.chunk_tokens, args.overlap, args.delete, progress, args.only
+    )
     print(
         f"wrote {args.out}: {st.added} added, {st.updated} updated, {st.unchanged} unchanged, {st.deleted} deleted "
         f"({st.chunks} chunks written); now {st.total_docs} documents, {st.total_chunks} chunks"
@@ -172,6 +174,24 @@ def _rag_ask(args: argparse.Namespace) -> None:
         )
     else:
         print(format_answer(result, verbose=args.verbose))
+
+
+def _rag_eval(args: argparse.Namespace) -> None:
+    from lmlab.rag.evaluate import evaluate_rag
+
+    model = None if args.model in (None, "extract") else args.model
+    r = evaluate_rag(args.index, args.qa, args.out, model, args.dev, args.k, args.generate_k, args.limit, args.labels,
+                     args.save_threshold)  # fmt: skip
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}/results.json, report.md, retrieval.png, coverage.png ({r['seconds']} s)")
+
+
+def _rag_make_qa(args: argparse.Namespace) -> None:
+    from lmlab.rag.qa import build_qa, load_pages, write_qa
+
+    rows = build_qa(load_pages(), seed=args.seed)
+    for p in write_qa(rows, args.out):
+        print(f"wrote {p}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -467,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default 200, or the index's)")
     ri.add_argument("--overlap", type=int, default=None, help="tokens shared by neighbouring chunks (default 40)")
     ri.add_argument("--delete", action="append", default=[], metavar="ID", help="remove a document by id (repeatable)")
+    ri.add_argument("--only", action="append", default=[], metavar="GLOB", help="index ids matching (repeatable)")
     ri.add_argument("--encoder", default=None, help="embedding model (default all-minilm-l6-v2, or the index's)")
     ri.set_defaults(func=_rag_index)
     ra = rag.add_parser("ask", help="answer from the index with [n] citations, or abstain")
@@ -479,6 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--json", action="store_true", help="one JSON object: answer, abstained, sources, citations")
     ra.add_argument("--verbose", action="store_true", help="also show why each source was retrieved")
     ra.set_defaults(func=_rag_ask)
+    re_ = rag.add_parser("eval", help="retrieval recall/MRR/nDCG, answer EM/F1, citations, abstention AUROC")
+    re_.add_argument("index")
+    re_.add_argument("--qa", required=True, help="JSONL rows {question, answers: [...], doc_ids: [...]}")
+    re_.add_argument("--out", required=True, help="folder for results.json, report.md and PNGs")
+    re_.add_argument("--dev", default=None, help="QA rows to tune the abstention threshold on")
+    re_.add_argument("--model", default=None, help="a chat model to answer with and without retrieval (slow)")
+    re_.add_argument("--k", type=int, default=5)
+    re_.add_argument("--generate-k", type=int, default=3, help="sources in the model's prompt")
+    re_.add_argument("--limit", type=int, default=None, help="answer only the first N questions with the model")
+    re_.add_argument("--labels", default=None, help="hand-labelled (sentence, source, supported) rows to validate")
+    re_.add_argument("--save-threshold", action="store_true", help="store the tuned threshold in the index")
+    re_.set_defaults(func=_rag_eval)
+    mq = rag.add_parser("make-qa", help="build the Python-docs QA set (templates, cloze, paraphrases, unanswerable)")
+    mq.add_argument("--out", default="data/rag")
+    mq.add_argument("--seed", type=int, default=0)
+    mq.set_defaults(func=_rag_make_qa)
     return p
 
 

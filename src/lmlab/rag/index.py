@@ -9,6 +9,7 @@ with one matrix product; above ~1M chunks an approximate index (faiss-cpu) would
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -366,14 +367,20 @@ def build_index(
     overlap: int | None = None,
     delete: Iterable[str] = (),
     progress: Callable[[IndexStats], None] | None = None,
+    only: Iterable[str] = (),
 ) -> IndexStats:
     """`lmlab rag index`: read every input first (a bad file stops the run before anything is written), then
     add/update its documents and delete the ids in `delete`. Settings left None come from the existing index,
-    else the defaults (all-MiniLM-L6-v2, 200 tokens, overlap 40)."""
+    else the defaults (all-MiniLM-L6-v2, 200 tokens, overlap 40). `only`: glob patterns a document id must match."""
     from lmlab.rag.documents import read_documents
     from lmlab.rag.encoder import DEFAULT_ENCODER
 
     docs = read_documents(inputs) if inputs else []
+    only = list(only)
+    if only:
+        docs = [d for d in docs if any(fnmatch.fnmatchcase(d.doc_id, pattern) for pattern in only)]
+        if not docs:
+            raise LmlabError(f"no document id matches {', '.join(only)}", field="only")
     delete = list(delete)
     if not docs and not delete:
         raise LmlabError("nothing to do: give documents to add, or --delete ID", field="inputs")
