@@ -107,6 +107,13 @@ def _generate(args: argparse.Namespace) -> None:
         prompt = tokenizer.apply_chat_template(
             [*system, {"role": "user", "content": prompt}], add_generation_prompt=True
         )
+    if args.check_consistency:
+        from lmlab.rag.consistency import check_consistency, format_consistency
+        from lmlab.rag.encoder import Encoder
+
+        report = check_consistency(model, tokenizer, prompt, Encoder(), config, args.check_consistency)
+        print(format_consistency(report))
+        return
     if args.explain:
         steps = ex.explain(model, tokenizer, prompt, config, steps=args.explain_steps)
         print(ex.format_explanation(steps))
@@ -399,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft", default=None, help="speculative decoding: a draft checkpoint, or :N for the first N layers"
     )
     gen.add_argument("--num-draft-tokens", type=int, default=4)
+    gen.add_argument(
+        "--check-consistency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hallucination check: sample N more answers, score each sentence by their agreement",
+    )
     gen.set_defaults(func=_generate)
 
     pre = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe (works under torchrun too)")
