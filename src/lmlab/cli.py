@@ -213,6 +213,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_context=args.max_context,
         request_timeout=args.request_timeout,
+        rag=args.rag,
     )
 
 
@@ -491,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context", type=int, default=None, help="cap on prompt + output tokens (default: the model's)"
     )
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
+    srv.add_argument("--rag", default=None, metavar="INDEX", help="answer chats from this index, with [n] citations")
     srv.set_defaults(func=_serve)
     rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
         dest="rag_command", required=True

@@ -127,7 +127,7 @@ class ChunkRow:
 class Index:
     """An open index file. `Index(path)` opens an existing one; `Index.create` makes or extends one."""
 
-    def __init__(self, path: str | os.PathLike, *, _create: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: bool = False, _create: bool = False) -> None:
         self.path = Path(path)
         if not _create:
             if not self.path.is_file():
@@ -135,7 +135,9 @@ class Index:
             with open(self.path, "rb") as f:
                 if f.read(16) != b"SQLite format 3\x00":
                     raise LmlabError("not an lmlab index (not an SQLite file)", file=str(self.path))
-        self.db = sqlite3.connect(self.path, isolation_level=None)  # transactions are explicit: BEGIN ... COMMIT
+        # transactions are explicit (BEGIN ... COMMIT); threads=True lets a server use it from its worker threads,
+        # one at a time (the caller holds a lock)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=not threads)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self._vectors: np.ndarray | None = None
         self._rows: np.ndarray | None = None
