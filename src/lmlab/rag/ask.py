@@ -19,7 +19,7 @@ class Asker:
         self.index.require_chunks()
         self.retriever = IndexRetriever(self.index)
         self.checker = SupportChecker(self.retriever.encoder)
-        self.generator = None
+        self.generator, self.lm, self.tokenizer = None, None, None
         if model and model != EXTRACT:
             from lmlab.errors import LmlabError
             from lmlab.model.checkpoint import load_pretrained
@@ -28,6 +28,7 @@ class Asker:
             if tokenizer is None or tokenizer.chat_template is None:
                 raise LmlabError("this checkpoint has no chat template", file=str(model), hint="use an instruct model")
             self.generator = chat_generator(lm, tokenizer, config)
+            self.lm, self.tokenizer = lm, tokenizer
 
     @property
     def threshold(self) -> float:

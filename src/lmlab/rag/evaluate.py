@@ -141,11 +141,13 @@ def evaluate_rag(
     limit: int | None = None,
     labels_path: str | os.PathLike | None = None,
     save_threshold: bool = False,
+    consistency: int = 0,
 ) -> dict[str, Any]:
     """Evaluate retrieval, answers, citations and abstention on `qa_path`; write results.json, report.md and PNGs.
 
-    model None: retrieval, abstention and the extractive baseline only; else the chat model answers the first
-    `limit` questions with retrieval (`generate_k` sources) and without. dev_path: questions to tune the abstention
+    model None: retrieval, abstention and the extractive baseline only; else the chat model answers `limit`
+    evenly spaced questions with retrieval (`generate_k` sources) and without; with `consistency` N > 0 the
+    SelfCheck detector scores each closed-book answer from N samples (AUROC against the answer being wrong). dev_path: questions to tune the abstention
     threshold on (else it is tuned on the evaluation questions themselves and the report says so).
     """
     from lmlab.rag.ask import Asker
@@ -181,7 +183,7 @@ def evaluate_rag(
     if save_threshold:
         asker.index.set_meta("abstain_threshold", threshold)
     # answers with a language model, for the first `limit` questions
-    gen_records = records[:limit] if limit else records
+    gen_records = records[:: max(1, len(records) // limit)][:limit] if limit else records  # evenly spaced: every type
     if asker.generator is not None:
         for rec in gen_records:
             g = answer_question(rec["question"], retriever, asker.generator, checker, generate_k, "hybrid", -1.0)
@@ -214,6 +216,8 @@ def evaluate_rag(
     }
     if asker.generator is not None:
         results["citations"] = _citation_summary(gen_records, checker)
+    if asker.generator is not None and consistency > 0:
+        results["detector"] = _detector(asker, gen_records, consistency)
     if labels_path:
         results["support_validation"] = validate_support(checker, labels_path)
     results["seconds"] = round(time.time() - t0, 1)
@@ -269,6 +273,29 @@ def _answer_summary(records, gen_records, generated: bool) -> dict[str, Any]:
         out["rag_abstained_answerable"] = _mean_se([float(r["rag_abstained"]) for r in answerable])
         out["rag_abstained_unanswerable"] = _mean_se([float(r["rag_abstained"]) for r in gen_unans])
     return out
+
+
+def _detector(asker, gen_records, n_samples: int) -> dict[str, Any]:
+    """SelfCheck on closed-book answers to answerable questions: does inconsistency flag the wrong ones?"""
+    from lmlab.generate.config import GenerationConfig
+    from lmlab.rag.consistency import check_consistency
+
+    scores, wrong = [], []
+    for r in gen_records:
+        if not r["answerable"]:
+            continue
+        prompt = asker.tokenizer.apply_chat_template([*CLOSED_BOOK, {"role": "user", "content": r["question"]}],
+                                                     add_generation_prompt=True)  # fmt: skip
+        rep = check_consistency(asker.lm, asker.tokenizer, prompt, asker.checker.encoder,
+                                GenerationConfig(max_new_tokens=64, top_p=0.95, seed=0), n_samples, 1.0)  # fmt: skip
+        s = answer_scores(rep.answer, r["answers"])
+        r["consistency"] = rep.to_dict()
+        scores.append(rep.score)
+        wrong.append(int(s["contains"] == 0 and s["f1"] < 0.5))
+    pairs = list(zip(scores, wrong))
+    return {"n": len(scores), "n_wrong": sum(wrong), "samples": n_samples, "auroc": auroc(scores, wrong),
+            "auroc_se": bootstrap_se(pairs, lambda xs: auroc([a for a, _ in xs], [b for _, b in xs]), 200),
+            "label": "closed-book answer wrong: gold answer not contained and token F1 < 0.5"}  # fmt: skip
 
 
 def _citation_summary(gen_records, checker: SupportChecker) -> dict[str, Any]:
@@ -342,6 +369,11 @@ def format_report(results: dict[str, Any]) -> str:
         lines += ["", "## Support proxy against hand labels", "",
                   f"- {v['n']} labelled (sentence, source) pairs: accuracy {v['accuracy']:.3f} ± {v['accuracy_se']:.3f}, "
                   f"proxy precision {v['proxy_precision']:.3f}, recall {v['proxy_recall']:.3f}, AUROC {v['auroc']:.3f}"]  # fmt: skip
+    if "detector" in results:
+        d = results["detector"]
+        lines += ["", "## Hallucination detector without retrieval (SelfCheck-style)", "",
+                  f"- AUROC of sentence inconsistency ({d['samples']} samples) for wrong closed-book answers: "
+                  f"{d['auroc']:.3f} ± {d['auroc_se']:.3f} ({d['n_wrong']} wrong of {d['n']}; {d['label']})"]  # fmt: skip
     ab = results["abstention"]
     lines += ["", "## Abstention (best question–chunk cosine)", "",
               f"- AUROC answerable vs unanswerable: {ab['auroc']:.3f} ± {ab['auroc_se']:.3f} ({ab['n_unanswerable']} unanswerable)",
