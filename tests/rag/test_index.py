@@ -164,3 +164,30 @@ def test_bad_inputs_write_nothing(tmp_path, encoder, small_index):
     assert small_index.read_bytes() == before  # the delete of tea.md was rolled back with the bad id
     assert read_documents([good])[0].doc_id == "bees.md"
     assert isinstance(read_documents([good])[0], Document)
+
+
+def test_index_built_with_another_encoder_is_refused(tmp_path, encoder, capsys):
+    from lmlab.cli import main
+    from lmlab.errors import LmlabError
+    from lmlab.model import ModelConfig, Transformer, save_pretrained
+    from lmlab.rag.encoder import Encoder
+
+    cfg = ModelConfig.from_preset("bert-tiny", vocab_size=encoder.tokenizer.vocab_size, d_model=32, n_head=2,
+                                  d_ff=64, head="none")  # fmt: skip
+    torch.manual_seed(0)
+    save_pretrained(Transformer(cfg), encoder.tokenizer, tmp_path / "tiny-bert")
+    out = tmp_path / "tiny.sqlite"
+    corpus = write_corpus(tmp_path / "notes")
+    build_index([corpus], out, Encoder(str(tmp_path / "tiny-bert")))
+    with Index(out) as index:
+        assert IndexRetriever(index).search("tea", 2, "dense")[0].doc_id  # its own encoder, from the index's meta
+        with pytest.raises(
+            LmlabError,
+            match=r"built with embedding model '.*tiny-bert' \(dim 32\), but this run uses 'all-minilm-l6-v2' \(dim 384\)",
+        ):
+            IndexRetriever(index, encoder).search("tea", 2, "hybrid")
+    before = out.read_bytes()
+    assert main(["rag", "index", str(corpus), "--out", str(out), "--encoder", "all-minilm-l6-v2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tiny.sqlite: built with embedding model" in err
+    assert out.read_bytes() == before
