@@ -62,7 +62,7 @@ class IndexRetriever:
         from lmlab.rag.encoder import Encoder
 
         self.index, self.rrf_k, self.depth = index, rrf_k, depth
-        self._encoder = encoder
+        self._encoder, self._checked = encoder, False
         self._encoder_cls = Encoder
 
     @property
@@ -70,7 +70,9 @@ class IndexRetriever:
         """The index's encoder, loaded (and checked against the index) on first use: BM25 alone needs none."""
         if self._encoder is None:
             self._encoder = self._encoder_cls(self.index.meta["encoder"])
-        self.index.check_encoder(self._encoder)
+        if not self._checked:  # once: the index's encoder cannot change under an open retriever
+            self.index.check_encoder(self._encoder)
+            self._checked = True
         return self._encoder
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
