@@ -116,6 +116,13 @@ def _generate(args: argparse.Namespace) -> None:
         prompt = tokenizer.apply_chat_template(
             [*system, {"role": "user", "content": prompt}], add_generation_prompt=True
         )
+    if args.check_consistency:
+        from lmlab.rag.consistency import check_consistency, format_consistency
+        from lmlab.rag.encoder import Encoder
+
+        report = check_consistency(model, tokenizer, prompt, Encoder(), config, args.check_consistency)
+        print(format_consistency(report))
+        return
     if args.explain:
         steps = ex.explain(model, tokenizer, prompt, config, steps=args.explain_steps)
         print(ex.format_explanation(steps))
@@ -156,6 +163,53 @@ def _chat(args: argparse.Namespace) -> None:
     repl(ChatSession(model, tokenizer, _generation_config(args), system=args.system))
 
 
+def _rag_index(args: argparse.Namespace) -> None:
+    from lmlab.rag.index import build_index
+
+    def progress(st) -> None:
+        print(f"  {st.added + st.updated} documents, {st.chunks} chunks written", file=sys.stderr, flush=True)
+
+    st = build_index(
+        args.inputs, args.out, args.encoder, args.chunk_tokens, args.overlap, args.delete, progress, args.only
+    )
+    print(
+        f"wrote {args.out}: {st.added} added, {st.updated} updated, {st.unchanged} unchanged, {st.deleted} deleted "
+        f"({st.chunks} chunks written); now {st.total_docs} documents, {st.total_chunks} chunks"
+    )
+
+
+def _rag_ask(args: argparse.Namespace) -> None:
+    from lmlab.rag.ask import ask
+    from lmlab.rag.ground import format_answer
+
+    result = ask(args.index, args.question, args.model, args.mode, args.k, args.threshold)
+    if args.json:
+        d = result.to_dict()
+        print(
+            json.dumps({key: d[key] for key in ("answer", "abstained", "sources", "citations")} | d, ensure_ascii=False)
+        )
+    else:
+        print(format_answer(result, verbose=args.verbose))
+
+
+def _rag_eval(args: argparse.Namespace) -> None:
+    from lmlab.rag.evaluate import evaluate_rag
+
+    model = None if args.model in (None, "extract") else args.model
+    r = evaluate_rag(args.index, args.qa, args.out, model, args.dev, args.k, args.generate_k, args.limit, args.labels,
+                     args.save_threshold, args.consistency)  # fmt: skip
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}/results.json, report.md, retrieval.png, coverage.png ({r['seconds']} s)")
+
+
+def _rag_make_qa(args: argparse.Namespace) -> None:
+    from lmlab.rag.qa import build_qa, load_pages, write_qa
+
+    rows = build_qa(load_pages(), seed=args.seed)
+    for p in write_qa(rows, args.out):
+        print(f"wrote {p}")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from lmlab.serve import serve
 
@@ -169,6 +223,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_context=args.max_context,
         request_timeout=args.request_timeout,
         device=_device(args),
+        rag=args.rag,
     )
 
 
@@ -409,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft", default=None, help="speculative decoding: a draft checkpoint, or :N for the first N layers"
     )
     gen.add_argument("--num-draft-tokens", type=int, default=4)
+    gen.add_argument(
+        "--check-consistency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hallucination check: sample N more answers, score each sentence by their agreement",
+    )
     gen.set_defaults(func=_generate)
 
     pre = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe (works under torchrun too)")
@@ -519,7 +581,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-context", type=int, default=None, help="cap on prompt + output tokens (default: the model's)"
     )
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
+    srv.add_argument("--rag", default=None, metavar="INDEX", help="answer chats from this index, with [n] citations")
     srv.set_defaults(func=_serve)
+    rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
+        dest="rag_command", required=True
+    )
+    ri = rag.add_parser("index", help="add/update documents in an index (SQLite: FTS5 BM25 + MiniLM vectors)")
+    ri.add_argument("inputs", nargs="*", help=".jsonl, .txt/.md/.rst/.html files, folders, or a corpus (python-docs)")
+    ri.add_argument("--out", required=True, help="the index file, e.g. docs.sqlite (created or extended)")
+    ri.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default 200, or the index's)")
+    ri.add_argument("--overlap", type=int, default=None, help="tokens shared by neighbouring chunks (default 40)")
+    ri.add_argument("--delete", action="append", default=[], metavar="ID", help="remove a document by id (repeatable)")
+    ri.add_argument("--only", action="append", default=[], metavar="GLOB", help="index ids matching (repeatable)")
+    ri.add_argument("--encoder", default=None, help="embedding model (default all-minilm-l6-v2, or the index's)")
+    ri.set_defaults(func=_rag_index)
+    ra = rag.add_parser("ask", help="answer from the index with [n] citations, or abstain")
+    ra.add_argument("index")
+    ra.add_argument("question")
+    ra.add_argument("--model", default="smollm2-135m-instruct", help="a chat model, or 'extract' (no LLM)")
+    ra.add_argument("--mode", default="hybrid", choices=["bm25", "dense", "hybrid"])
+    ra.add_argument("--k", type=int, default=5, help="sources to retrieve")
+    ra.add_argument("--threshold", type=float, default=None, help="abstain below this cosine (default: tuned/0.3)")
+    ra.add_argument("--json", action="store_true", help="one JSON object: answer, abstained, sources, citations")
+    ra.add_argument("--verbose", action="store_true", help="also show why each source was retrieved")
+    ra.set_defaults(func=_rag_ask)
+    re_ = rag.add_parser("eval", help="retrieval recall/MRR/nDCG, answer EM/F1, citations, abstention AUROC")
+    re_.add_argument("index")
+    re_.add_argument("--qa", required=True, help="JSONL rows {question, answers: [...], doc_ids: [...]}")
+    re_.add_argument("--out", required=True, help="folder for results.json, report.md and PNGs")
+    re_.add_argument("--dev", default=None, help="QA rows to tune the abstention threshold on")
+    re_.add_argument("--model", default=None, help="a chat model to answer with and without retrieval (slow)")
+    re_.add_argument("--k", type=int, default=5)
+    re_.add_argument("--generate-k", type=int, default=3, help="sources in the model's prompt")
+    re_.add_argument("--limit", type=int, default=None, help="answer only the first N questions with the model")
+    re_.add_argument("--labels", default=None, help="hand-labelled (sentence, source, supported) rows to validate")
+    re_.add_argument("--save-threshold", action="store_true", help="store the tuned threshold in the index")
+    re_.add_argument("--consistency", type=int, default=0, metavar="N", help="SelfCheck detector AUROC, N samples")
+    re_.set_defaults(func=_rag_eval)
+    mq = rag.add_parser("make-qa", help="build the Python-docs QA set (templates, cloze, paraphrases, unanswerable)")
+    mq.add_argument("--out", default="data/rag")
+    mq.add_argument("--seed", type=int, default=0)
+    mq.set_defaults(func=_rag_make_qa)
     return p
 
 

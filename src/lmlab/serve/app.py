@@ -99,8 +99,13 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
     request_timeout: float | None = 600.0,
+    rag=None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`'s model under the name `model_id` (or any of `aliases`)."""
+    """The FastAPI app serving `engine`'s model under the name `model_id` (or any of `aliases`).
+
+    rag: a `lmlab.rag.chat.ChatGrounder`; chat completions then answer from its index with numbered sources,
+    and the response's extension field `lmlab_rag` holds the sources and the citations the answer makes.
+    """
     tokenizer, context = engine.tokenizer, engine.context
     names = {model_id, *aliases}
     app = FastAPI(title="lmlab", docs_url=None, redoc_url=None, openapi_url=None)
@@ -282,9 +287,10 @@ def create_app(
                     engine.cancel(r)
         return texts, entries, reasons, S.usage(*used)
 
-    def sse(request_id: str, kind: str, queue, reqs, n: int, chat: bool, include_usage: bool, want_logprobs: bool):
+    def sse(request_id: str, kind: str, queue, reqs, n: int, chat: bool, include_usage: bool, want_logprobs: bool,
+            rag_info: dict | None = None):  # fmt: skip
         async def gen() -> AsyncIterator[str]:
-            finished, used, offsets = False, [0, 0], {}
+            finished, used, offsets, full = False, [0, 0], {}, {}
             try:
                 if chat:  # OpenAI opens each choice with the assistant role
                     for i in range(len(reqs) * n):
@@ -303,6 +309,7 @@ def create_app(
                             else:
                                 lp = S.completion_logprobs(ev.logprobs, offsets.get(i, 0))
                         offsets[i] = offsets.get(i, 0) + len(ev.text)
+                        full[i] = full.get(i, "") + ev.text
                         if chat:
                             choice = {"index": i, "delta": {"content": ev.text} if ev.text else {}}
                         else:
@@ -316,6 +323,9 @@ def create_app(
                         yield _data(S.error_body(ev.message, ev.type, code=ev.code))
                         break
                 else:
+                    if rag_info is not None:  # the streamed text cannot be taken back: say what it cites at the end
+                        info = rag.finish(full.get(0, ""), rag_info)[1]
+                        yield _data(S.envelope(kind, request_id, model_id, []) | {"lmlab_rag": info})
                     if include_usage:
                         yield _data(S.envelope(kind, request_id, model_id, [], usage=S.usage(*used)))
                 yield "data: [DONE]\n\n"
@@ -377,6 +387,11 @@ def create_app(
     async def chat_completions(request: HTTPRequest):
         body = parse(S.ChatCompletionBody, await read_json(request))
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        rag_info = None
+        if rag is not None:
+            messages, rag_info = await asyncio.to_thread(rag.prepare, messages)
+            if rag_info["abstained"]:  # nothing relevant in the index: say so rather than let the model guess
+                return _abstention(body.stream, rag.finish("", rag_info))
         try:
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except LmlabError as e:
@@ -393,8 +408,12 @@ def create_app(
         n = config.num_return_sequences
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return sse(S.new_id("chatcmpl"), "chat.completion.chunk", queue, reqs, n, True, include, top is not None)
+            return sse(S.new_id("chatcmpl"), "chat.completion.chunk", queue, reqs, n, True, include, top is not None,
+                       rag_info)  # fmt: skip
         texts, entries, reasons, use = await collect(request, queue, reqs, n)
+        extra = {}
+        if rag_info is not None:
+            texts[0], extra["lmlab_rag"] = rag.finish(texts.get(0, ""), rag_info)
         choices = [
             {
                 "index": i,
@@ -404,7 +423,26 @@ def create_app(
             }
             for i in range(n)
         ]
-        return S.envelope("chat.completion", S.new_id("chatcmpl"), model_id, choices, usage=use)
+        return S.envelope("chat.completion", S.new_id("chatcmpl"), model_id, choices, usage=use) | extra
+
+    def _abstention(stream: bool, answer: tuple[str, dict]):
+        text, info = answer
+        if not stream:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": "stop"}  # fmt: skip
+            return S.envelope("chat.completion", S.new_id("chatcmpl"), model_id, [choice], usage=S.usage(0, 0)) | {
+                "lmlab_rag": info
+            }
+        rid = S.new_id("chatcmpl")
+
+        async def gen() -> AsyncIterator[str]:
+            delta = {"role": "assistant", "content": text}
+            yield _data(S.envelope("chat.completion.chunk", rid, model_id,
+                                   [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": "stop"}]))  # fmt: skip
+            yield _data(S.envelope("chat.completion.chunk", rid, model_id, []) | {"lmlab_rag": info})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @v1.post("/embeddings")
     async def embeddings(request: HTTPRequest):

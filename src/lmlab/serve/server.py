@@ -33,6 +33,7 @@ def serve(
     request_timeout: float | None = 600.0,
     log_level: str = "info",
     device: str | None = None,
+    rag: str | os.PathLike | None = None,
 ) -> None:
     """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY."""
     import uvicorn
@@ -47,9 +48,16 @@ def serve(
     loaded, tokenizer = load_pretrained(model, device=default_device(device))
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer; the server needs one", file=str(model))
+    grounder = None
+    if rag is not None:  # opened before the engine starts: a bad index fails fast, with one line
+        from lmlab.rag.chat import ChatGrounder
+
+        grounder = ChatGrounder(rag)
     engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context).start()
     name = model_name(model)
-    app = create_app(engine, name, aliases=(str(model),), api_key=api_key, request_timeout=request_timeout)
+    app = create_app(
+        engine, name, aliases=(str(model),), api_key=api_key, request_timeout=request_timeout, rag=grounder
+    )
     shown = f"[{host}]" if ":" in host else host
     print(f"lmlab: serving {name!r} on http://{shown}:{port} (chat page: http://{shown}:{port}/)", flush=True)
     try:

@@ -57,6 +57,27 @@ function addMessage(role, text) {
   return div;
 }
 
+// Under an answer from `lmlab serve --rag`: its numbered sources, the cited ones marked.
+function showSources(bubble, rag) {
+  const list = document.createElement("ol");
+  list.className = "sources";
+  for (const s of rag.sources) {
+    const item = document.createElement("li");
+    item.value = s.n;
+    item.className = rag.citations.includes(s.n) ? "cited" : "";
+    const snippet = s.text.length > 160 ? s.text.slice(0, 159) + "…" : s.text;
+    item.textContent = `${s.doc_id}: ${snippet}`;
+    list.append(item);
+  }
+  const note = document.createElement("div");
+  note.className = "sources-note";
+  note.textContent = rag.abstained
+    ? "abstained: nothing relevant in the index"
+    : `sources (cited: ${rag.citations.length ? rag.citations.map((n) => "[" + n + "]").join(" ") : "none"}` +
+      (rag.removed_citations ? `; ${rag.removed_citations} citation(s) to no source removed)` : ")");
+  bubble.append(note, list);
+}
+
 // Yields each parsed `data:` payload of an SSE body as it arrives.
 async function* sseEvents(response) {
   const reader = response.body.getReader();
@@ -119,6 +140,7 @@ async function send(text) {
     for await (const chunk of sseEvents(r)) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
+      if (chunk.lmlab_rag) showSources(bubble, chunk.lmlab_rag);
       const choice = chunk.choices && chunk.choices[0];
       const piece = choice && choice.delta && choice.delta.content;
       if (!piece) continue;
