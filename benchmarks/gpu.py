@@ -277,17 +277,22 @@ def commands(device: torch.device, work: Path) -> None:
     tok.save(work / "tokenizer")
     run_command("data tokenize", ["data", "tokenize", "--input", str(sample), "--tokenizer", str(work / "tokenizer"),
                                   "--out", str(work / "tokens"), "--val-fraction", "0.1"], device)  # fmt: skip
-    run_command("pretrain", ["pretrain", "--set", f"data.tokens={work / 'tokens'}", "--set", "model.preset=llama-tiny",
-                             "--set", f"train.out_dir={work / 'pre'}", "--set", "train.max_steps=20",
-                             "--set", "train.block_size=64", "--set", "train.eval_every=10",
-                             "--set", "train.dtype=bfloat16" if device.type == "cuda" else "train.dtype=float32"],
-                device, expect="best validation loss")  # fmt: skip
+    import yaml
+
+    pre = {
+        "model": {"preset": "llama-tiny"},
+        "data": {"tokens": str(work / "tokens")},
+        "train": {"out_dir": str(work / "pre"), "max_steps": 20, "block_size": 64, "eval_every": 10,
+                  "dtype": "bfloat16" if device.type == "cuda" else "float32"},
+    }  # fmt: skip
+    (work / "pretrain.yaml").write_text(yaml.safe_dump(pre))
+    if not run_command("pretrain", ["pretrain", "--config", str(work / "pretrain.yaml")], device,
+                       expect="best validation loss"):  # fmt: skip
+        return
     base = work / "pre" / "final"
     convs = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(48)]  # fmt: skip
     (work / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
-    import yaml
-
     from lmlab.tokenizer import load_tokenizer
 
     t = load_tokenizer(base)
