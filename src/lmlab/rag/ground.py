@@ -118,9 +118,10 @@ def content_words(text: str) -> set[str]:
 
 
 def lexical_support(sentence: str, source: str) -> float:
-    """Share of the sentence's content words that appear in the source (1.0 for a sentence with none)."""
+    """Share of the sentence's content words that appear in the source (0 for a sentence with none: "::" or
+    "[1]" alone claims nothing a source could support)."""
     words = content_words(_CITATION.sub("", sentence))
-    return len(words & content_words(source)) / len(words) if words else 1.0
+    return len(words & content_words(source)) / len(words) if words else 0.0
 
 
 class SupportChecker:

@@ -202,8 +202,11 @@ _SOURCE = """# Python documentation QA (RAG evaluation set)
   knowledge-base page mentions). Text derived from the Python documentation: PSF-2.0.
 - Rows: `question`, `answers` (empty: unanswerable), `doc_ids` (the pages that hold the answer), `type`,
   `split`, `id`. Split by a hash of the question: dev 30%, test 70%.
-- `citation-labels.jsonl`: answer sentences with the source they cite, labelled by hand (supported or not) to
-  validate the lexical/semantic support proxy.
+- `citation-labels.jsonl`: 37 (answer sentence, cited source) pairs from SmolLM2-135M-Instruct's answers in
+  `rag eval --model smollm2-135m-instruct --limit 40` (shuffled, seed 0; duplicates skipped), labelled by hand:
+  `supported` is true when the source states what the sentence claims (a claim-free lead-in that names the
+  right module counts as supported; fragments like "::" or "[1]" do not). `attributed`: lmlab, not the model,
+  attached that citation.
 
 | type | dev | test |
 |---|---:|---:|
