@@ -123,7 +123,9 @@ def data_paths(recipe: Recipe, kind: str) -> dict[str, Path | None]:
 
     data = recipe.data
     name = data.get("dataset")
-    if not data.get("train") and built.is_builtin(name):
+    if data.get("train"):  # explicit files win over a named set
+        return {s: Path(data[s]) if data.get(s) else None for s in ("train", "validation")}
+    if built.is_builtin(name):
         sizes = {s: data.get(f"{s}_size", d) for s, d in (("train", 1000), ("validation", 200))}
         out = Path(recipe.train.out_dir) / "data"
         return built.build(name, out, kind, sizes, recipe.train.seed, data.get("where"))
