@@ -49,7 +49,7 @@ def _trl_dpo_loss(loss_type: str, beta: float, smoothing: float, logps, ref, com
 
     B2, T = comp_mask.shape
     t = object.__new__(DPOTrainer)
-    ident = lambda x: x  # noqa: E731
+    ident = lambda x: x
     t.accelerator = SimpleNamespace(device="cpu", gather=ident, gather_for_metrics=ident, unwrap_model=ident)
     stub = SimpleNamespace(training=True)
     outputs = SimpleNamespace(log_probs=logps, entropy=torch.zeros(B2, T - 1), mean_logits=torch.zeros(B2, T - 1),
@@ -154,7 +154,9 @@ def test_lora_dpo_keeps_base_weights_and_holds_one_model(tiny_chat_llama, tmp_pa
         watcher.join()
     assert torch.allclose(again, ref, atol=1e-5)
     assert not any(issubclass(t, torch.nn.Module) for t in copies), copies
-    assert peak[0] - start < 0.5 * model_bytes, f"peak grew {(peak[0] - start) / 1e6:.0f} MB; model {model_bytes / 1e6:.0f} MB"
+    assert peak[0] - start < 0.5 * model_bytes, (
+        f"peak grew {(peak[0] - start) / 1e6:.0f} MB; model {model_bytes / 1e6:.0f} MB"
+    )
     for n, p in model.named_parameters():
         if n in base:
             assert torch.equal(p, base[n]), n  # bit-identical

@@ -71,7 +71,7 @@ def _trl_grpo_loss(loss_type, beta, logp, old, ref, adv, mask, eps_low, eps_high
     from trl import GRPOTrainer
 
     t = object.__new__(GRPOTrainer)
-    ident = lambda x, **kw: x  # noqa: E731
+    ident = lambda x, **kw: x
     t.accelerator = SimpleNamespace(gather=ident, reduce=ident, sync_gradients=True, num_processes=1)
     t.args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
     t.__dict__.update(model=SimpleNamespace(training=True), top_entropy_quantile=1.0, off_policy_mask_threshold=None,

@@ -14,7 +14,7 @@ def test_problems_are_seeded_distinct_and_correct():
     a, b = arithmetic_problems(200, "easy", 3), arithmetic_problems(200, "easy", 3)
     assert a == b and len({p.question for p in a}) == 200
     for p in a + arithmetic_problems(50, "hard", 0):
-        assert eval(p.question.removeprefix("What is ").removesuffix("?")) == p.answer  # noqa: S307
+        assert eval(p.question.removeprefix("What is ").removesuffix("?")) == p.answer
     assert arithmetic_problems(5, "easy", 4) != a[:5]
 
 
@@ -43,7 +43,7 @@ def test_builtin_rewards_and_corrupted_pairs():
 def test_reward_paths_that_do_not_import_name_the_problem():
     assert load_reward("lmlab.align.rewards:format_reward") is format_reward
     assert load_reward("lmlab.align.rewards.answer_correct") is answer_correct
-    with pytest.raises(LmlabError, match="cannot import 'no_such_pkg.mod'") as e:
+    with pytest.raises(LmlabError, match=r"cannot import 'no_such_pkg\.mod'") as e:
         load_reward("no_such_pkg.mod:fn")
     assert e.value.field == "align.reward_funcs"
     with pytest.raises(LmlabError, match="has no 'nope'"):

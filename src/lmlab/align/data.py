@@ -45,7 +45,7 @@ class PromptRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # other fields, passed to reward functions
 
 
-def _messages(obj: dict[str, Any], file: str, line: int) -> Messages:
+def _messages(obj: dict[str, Any], file: str, line: int, drop_replies: bool = False) -> Messages:
     """The prompt of a record as chat messages ending with a user turn."""
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
@@ -64,6 +64,10 @@ def _messages(obj: dict[str, Any], file: str, line: int) -> Messages:
             raise LmlabError(f"must be {{role: {'|'.join(ROLES)}, content: string}}", file=file, line=line,
                              field=where)  # fmt: skip
         out.append({"role": m["role"], "content": m["content"]})
+    if drop_replies and out[-1]["role"] == "assistant" and any(m["role"] == "user" for m in out):
+        # an RL prompt taken from a dialogue set: the policy writes its own reply
+        while out[-1]["role"] == "assistant":
+            out.pop()
     if out[-1]["role"] != "user":
         raise LmlabError("the prompt must end with a user turn (the reply is what is scored)", file=file, line=line,
                          field=f"messages[{len(out) - 1}].role")  # fmt: skip
@@ -93,14 +97,16 @@ def read_pairs(path: str | os.PathLike) -> list[PairRecord]:
 
 
 def read_prompts(path: str | os.PathLike) -> list[PromptRecord]:
-    """RL prompts from JSONL (an optional "answer" for verifiable rewards)."""
+    """RL prompts from JSONL (an optional "answer" for verifiable rewards); chat records that end with
+    assistant turns (a dialogue set) keep the conversation up to its last user turn."""
     file, out = str(path), []
     for n, obj in iter_jsonl(path):
         answer = obj.get("answer")
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise LmlabError("must be a string or a number", file=file, line=n, field="answer")
         extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "answer")}
-        out.append(PromptRecord(_messages(obj, file, n), None if answer is None else str(answer), extra))
+        messages = _messages(obj, file, n, drop_replies=True)
+        out.append(PromptRecord(messages, None if answer is None else str(answer), extra))
     if not out:
         raise LmlabError("no prompts in this file", file=file)
     return out
