@@ -265,6 +265,16 @@ def _finetune(args: argparse.Namespace) -> None:
         print(f"report: lmlab report {summary['out_dir']}")
 
 
+def _align(args: argparse.Namespace) -> None:
+    from lmlab.align.report import format_summary
+    from lmlab.align.run import align
+    from lmlab.train.config import load_recipe
+
+    summary = align(load_recipe(args.config, args.set), resume=args.resume, method=args.method)
+    if "out_dir" in summary:  # the main process
+        print(format_summary(summary), end="")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lmlab.finetune.lora import merge_adapter
 
@@ -514,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     ft.add_argument("--cv", type=int, default=0, metavar="K", help="k-fold cross-validation: mean and spread")
     ft.set_defaults(func=_finetune)
+
+    al = sub.add_parser("align", help="align a model: reward model, DPO (IPO, robust, hinge), PPO, GRPO")
+    al.add_argument("method", choices=["rm", "dpo", "ppo", "grpo"], help="what to train")
+    al.add_argument("--config", required=True, help="a recipe, e.g. recipes/align/dpo-smollm2.yaml")
+    al.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. align.beta=0.2")
+    al.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    al.set_defaults(func=_align)
 
     merge = sub.add_parser("merge", help="fold a LoRA adapter (lmlab's or peft's) into its base: one checkpoint")
     merge.add_argument("base", help="the base checkpoint (directory, .gguf or packaged name)")

@@ -7,10 +7,12 @@ adapter_model.safetensors), so transformers/peft users load it with `PeftModel.f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,10 +86,11 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.merged = False
+        self.disabled = False  # adapters_disabled(): the base layer alone (DPO/PPO's reference model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
@@ -168,6 +171,21 @@ def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     """Every LoRA-wrapped layer of a model."""
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model inside the block: every (unmerged) adapter is skipped, nothing is copied."""
+    layers = lora_layers(model)
+    if any(m.merged for m in layers):
+        raise LmlabError("cannot disable merged adapters", hint="unmerge_lora first")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def merge_lora(model: Transformer) -> None:

@@ -96,13 +96,14 @@ class Recipe:
     source: str | None = None
     finetune: dict[str, Any] = field(default_factory=dict)  # task, method, lora, freeze, remedies
     tune: dict[str, Any] = field(default_factory=dict)  # hyperparameter search: metric, space
+    align: dict[str, Any] = field(default_factory=dict)  # method (rm, dpo, ppo, grpo), beta, loss_type, ...
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as saved beside every checkpoint."""
         train = dataclasses.asdict(self.train)
         train["betas"] = list(train["betas"])
         out = {"model": self.model, "data": self.data, "train": train}
-        out.update({k: v for k, v in (("finetune", self.finetune), ("tune", self.tune)) if v})
+        out.update({k: v for k, v in (("finetune", self.finetune), ("tune", self.tune), ("align", self.align)) if v})
         return out
 
 
@@ -167,10 +168,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
 def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> Recipe:
     """Validate a recipe given as a dict (as read from YAML): sections, every train setting."""
     path = source
-    unknown = set(raw) - {"model", "data", "train", "finetune", "tune"}
+    unknown = set(raw) - {"model", "data", "train", "finetune", "tune", "align"}
     if unknown:
         raise LmlabError(
-            "unknown section (sections: model, data, train, finetune, tune)", file=path, field=sorted(unknown)[0]
+            "unknown section (sections: model, data, train, finetune, tune, align)", file=path, field=sorted(unknown)[0]
         )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     train = raw.get("train") or {}
@@ -189,4 +190,5 @@ def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> Recipe:
         source=path,
         finetune=raw.get("finetune") or {},
         tune=raw.get("tune") or {},
+        align=raw.get("align") or {},
     )

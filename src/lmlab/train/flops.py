@@ -120,6 +120,8 @@ def batch_counts(model: nn.Module, batch: Any) -> StepCounts:
         ids = batch[0] if isinstance(batch, (tuple, list)) else batch
         targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
         labels = mask = docs = None
+    ids = ids.reshape(-1, ids.shape[-1])  # preference pairs come as (B, 2, T): every sequence counts
+    mask = mask.reshape(-1, mask.shape[-1]) if mask is not None else None
     B, T = ids.shape
     window = cfg.sliding_window
     if docs is not None:  # packed rows: each document attends within itself

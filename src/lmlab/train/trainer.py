@@ -383,6 +383,8 @@ class Trainer:
                 window_tokens = window_flops = 0
                 t_last = time.perf_counter()
                 record = {"step": step, **info, "tokens_per_s": rate, "mfu": mfu, "tokens": self.state.tokens}
+                if hasattr(self.loss_fn, "log_metrics"):  # an aligner's own means (rewards, KL, margins)
+                    record.update(self.loss_fn.log_metrics(d))
                 self._log(record)
                 bar.set_postfix(
                     loss=f"{info['loss']:.3f}", lr=f"{info['lr']:.2e}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.0%}"
