@@ -129,13 +129,13 @@ def serve_stage() -> None:
     print(f"to chat in a browser: lmlab serve --model {MODEL}, then open http://127.0.0.1:8000/")
 
 
-def peak_rss_mb() -> tuple[float, float]:
-    """Peak resident memory of this process and of its largest finished child (the server), in MB."""
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MB. (Not its children's: Linux carries ru_maxrss over fork
+    and exec, so RUSAGE_CHILDREN would repeat this process's own peak.)"""
     import resource
 
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024**2  # ru_maxrss: KB on Linux, bytes on macOS
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    return own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def main() -> int:
@@ -188,9 +188,7 @@ def main() -> int:
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 1
-    own, child = peak_rss_mb()
-    print(f"\ndemo done in {time.perf_counter() - start:.0f} s; peak memory (RSS) {own:,.0f} MB, "
-          f"server process {child:,.0f} MB")  # fmt: skip
+    print(f"\ndemo done in {time.perf_counter() - start:.0f} s; peak memory (RSS) {peak_rss_mb():,.0f} MB")
     return 0
 
 
