@@ -40,6 +40,28 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from lmlab.compress.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(
+        args.model,
+        args.out,
+        method=args.method,
+        bits=args.bits,
+        group_size=args.group,
+        sym={"sym": True, "asym": False}.get(args.scheme),
+        desc_act=args.act_order,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
+    )
+    before, after = summary["size_mb_before"], summary["size_mb_after"]
+    print(f"{before:,.1f} MB -> {after:,.1f} MB ({before / after:.1f}x smaller)")
+    if "gptq_error_vs_rtn_median" in summary:
+        print(f"GPTQ output error vs round-to-nearest, median over layers: {summary['gptq_error_vs_rtn_median']:.3f}")
+    print(f"wrote {args.out}")
+
+
 def _data_fetch(args: argparse.Namespace) -> None:
     from lmlab.data.registry import fetch
 
@@ -416,6 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     convert.set_defaults(func=_convert)
+
+    qz = sub.add_parser("quantize", help="int8/int4 weight-only quantization (round-to-nearest or GPTQ)")
+    qz.add_argument("model", help="a checkpoint directory, .gguf file or packaged name")
+    qz.add_argument("out", help="the quantized checkpoint's directory (load_pretrained reads it)")
+    qz.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    qz.add_argument("--bits", type=int, default=8, help="8 or 4")
+    qz.add_argument("--group", type=int, default=None,
+                    help="weights per scale (a multiple of 32); default: per output channel for int8, 32 for int4")  # fmt: skip
+    qz.add_argument("--scheme", choices=("sym", "asym"), default=None,
+                    help="int4 codes around zero (Q4_0-like) or with an offset (Q4_1-like); default sym for int8, asym for int4")  # fmt: skip
+    qz.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy")
+    qz.add_argument("--calib", default="kjv", help="GPTQ calibration: a corpus name (lmlab data fetch) or a text file")
+    qz.add_argument("--calib-samples", type=int, default=128, help="GPTQ: calibration windows")
+    qz.add_argument("--calib-len", type=int, default=512, help="GPTQ: tokens per calibration window")
+    qz.set_defaults(func=_quantize)
 
     data = sub.add_parser("data", help="fetch, clean and tokenize corpora").add_subparsers(
         dest="data_command", required=True

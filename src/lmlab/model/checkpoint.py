@@ -166,6 +166,9 @@ def load_pretrained(
         raise LmlabError("no config.json in this directory", file=str(path))
     d = _read_json(config_file)
     get = _tensor_getter(path)
+    if "quantization_config" in d:
+        model = _load_quantized(d, get, str(config_file), overrides).to(device)
+        return model, load_tokenizer(path) if (path / "tokenizer.json").exists() else None
     if d.get("model_type") == "lmlab":
         cfg = _override(ModelConfig.from_dict(d.get("lmlab", {}), source=str(config_file)), overrides, str(path))
         with torch.device("meta"):
@@ -180,6 +183,31 @@ def load_pretrained(
     model = build_model(cfg, sd, dtype, str(path), new_head=bool(overrides)).to(device)
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
     return model, tokenizer
+
+
+def _load_quantized(d: dict, get: Callable, source: str, overrides: dict[str, Any]) -> Transformer:
+    """A model whose linear layers hold int8/int4 codes (model/quantized.py), as save_pretrained wrote it."""
+    from lmlab.model.quantized import QuantConfig, empty_quantized
+
+    qcfg = QuantConfig.from_dict(d["quantization_config"], source)
+    cfg = _override(ModelConfig.from_dict(d.get("lmlab", {}), source=source), overrides, source)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        empty_quantized(model, qcfg)
+    state = model.state_dict(keep_vars=True)
+    sd = {}
+    for name, t in state.items():
+        stored = get(name)
+        if stored is None:
+            raise LmlabError(f"tensor {name!r} (shape {tuple(t.shape)}) is missing", file=source)
+        if stored.shape != t.shape or stored.dtype.is_floating_point != t.dtype.is_floating_point:
+            raise LmlabError(f"tensor {name!r} is {stored.dtype} {tuple(stored.shape)}, expected {t.dtype} "
+                             f"{tuple(t.shape)}", file=source)  # fmt: skip
+        sd[name] = stored if not stored.dtype.is_floating_point else stored.float()
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    model.init_buffers()
+    return model.eval()
 
 
 def _override(cfg: ModelConfig, overrides: dict[str, Any], source: str) -> ModelConfig:
@@ -211,8 +239,32 @@ def save_pretrained(
 ) -> Path:
     """Write a Hugging Face directory (config.json, safetensors, tokenizer); transformers loads it when
     the architecture is one of its families, lmlab always."""
+    if getattr(model, "quant_config", None) is not None:
+        return _save_quantized(model, tokenizer, Path(directory))
     params = {n: p.detach().cpu() for n, p in model.named_parameters()}  # tied weights once
     return save_state(model.cfg, params, tokenizer, directory, max_shard_bytes=max_shard_bytes)
+
+
+def _save_quantized(model: Transformer, tokenizer: Tokenizer | None, directory: Path) -> Path:
+    """lmlab's own format: our tensor names, codes and scales as stored in memory, the settings in
+    config.json's quantization_config (transformers' quantized formats pack codes differently)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    config = {
+        "model_type": "lmlab",
+        "dtype": "float32",
+        "lmlab": {**model.cfg.to_dict(), "extra": {}},
+        "quantization_config": model.quant_config.to_dict(),
+    }
+    write_json(directory / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
 
 
 def save_state(
