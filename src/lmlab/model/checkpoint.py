@@ -140,9 +140,14 @@ def load_pretrained(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    dequantize: bool = True,
     **overrides: Any,
 ) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a Hugging Face directory or a .gguf file; tokenizer is None if none is stored.
+
+    dequantize=False keeps a GGUF file's Q8_0/Q4_0/Q4_1 linear weights as they are stored: the layers
+    become QuantLinear (model/quantized.py) and run on the quantized kernels (other block types are
+    dequantized). A checkpoint written by `lmlab quantize` always loads quantized.
 
     overrides change config fields before the weights load, e.g. `head="seq_cls", num_labels=3` puts a
     freshly initialized classifier on a pretrained trunk (as transformers' AutoModelFor... does), or
@@ -156,8 +161,14 @@ def load_pretrained(
     if path.suffix == ".gguf":
         from lmlab.model.gguf import load_gguf
 
-        cfg, sd, tokenizer = load_gguf(path, dtype)
+        cfg, sd, tokenizer = load_gguf(path, dtype, keep_quantized=not dequantize)
         cfg = _override(cfg, overrides, str(path))
+        if any(name.endswith(".qweight") for name in sd):
+            from lmlab.model.quantized import QuantConfig, build_quantized
+
+            bits = 4 if any(t.dtype == torch.uint8 for t in sd.values()) else 8
+            qcfg = QuantConfig(bits=bits, group_size=32, method="gguf")
+            return build_quantized(cfg, sd.get, qcfg, str(path)).to(device), tokenizer
         return build_model(cfg, sd, dtype, str(path), new_head=bool(overrides)).to(device), tokenizer
     if not path.is_dir():
         raise LmlabError("expected a Hugging Face model directory or a .gguf file", file=str(path))
@@ -187,27 +198,11 @@ def load_pretrained(
 
 def _load_quantized(d: dict, get: Callable, source: str, overrides: dict[str, Any]) -> Transformer:
     """A model whose linear layers hold int8/int4 codes (model/quantized.py), as save_pretrained wrote it."""
-    from lmlab.model.quantized import QuantConfig, empty_quantized
+    from lmlab.model.quantized import QuantConfig, build_quantized
 
     qcfg = QuantConfig.from_dict(d["quantization_config"], source)
     cfg = _override(ModelConfig.from_dict(d.get("lmlab", {}), source=source), overrides, source)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-        empty_quantized(model, qcfg)
-    state = model.state_dict(keep_vars=True)
-    sd = {}
-    for name, t in state.items():
-        stored = get(name)
-        if stored is None:
-            raise LmlabError(f"tensor {name!r} (shape {tuple(t.shape)}) is missing", file=source)
-        if stored.shape != t.shape or stored.dtype.is_floating_point != t.dtype.is_floating_point:
-            raise LmlabError(f"tensor {name!r} is {stored.dtype} {tuple(stored.shape)}, expected {t.dtype} "
-                             f"{tuple(t.shape)}", file=source)  # fmt: skip
-        sd[name] = stored if not stored.dtype.is_floating_point else stored.float()
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.tie_weights()
-    model.init_buffers()
-    return model.eval()
+    return build_quantized(cfg, get, qcfg, source)
 
 
 def _override(cfg: ModelConfig, overrides: dict[str, Any], source: str) -> ModelConfig:

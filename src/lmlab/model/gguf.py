@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,34 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# llama.cpp block formats that lmlab's quantized layers run as stored (kernels/quant.py): bytes per
+# block of 32 weights. Q8_0: fp16 scale, 32 int8. Q4_0: fp16 scale, 16 bytes of nibbles (code - 8).
+# Q4_1: fp16 scale, fp16 minimum, 16 bytes of nibbles.
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+_LINEAR = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight", "mlp.gate.weight", "mlp.up.weight",
+           "mlp.down.weight", "lm_head.weight")  # fmt: skip
+
+
+def gguf_blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A Q8_0/Q4_0/Q4_1 tensor's raw rows (rows, bytes) -> (codes, scales, offsets) as QuantLinear holds
+    them: int8 codes (rows, K) or the nibble bytes unchanged (rows, K / 2), float32 (rows, K / 32)."""
+    rows = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(rows, -1, BLOCK_BYTES[kind])
+    scale = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    if kind == "Q8_0":
+        return torch.from_numpy(blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)), scale, None
+    if kind == "Q4_0":
+        return torch.from_numpy(blocks[..., 2:].reshape(rows, -1).copy()), scale, -8 * scale
+    offset = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    return torch.from_numpy(blocks[..., 4:].reshape(rows, -1).copy()), scale, offset
+
+
 def gguf_state_dict(
-    reader: Any, cfg: ModelConfig, dtype: torch.dtype, source: str | None = None
+    reader: Any, cfg: ModelConfig, dtype: torch.dtype, source: str | None = None, keep_quantized: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Dequantized tensors under our names, Q/K rows put back in Hugging Face order."""
+    """Tensors under our names, Q/K rows put back in Hugging Face order: all dequantized, or with
+    keep_quantized, linear weights in a block format the kernels run (BLOCK_BYTES) as
+    `<layer>.qweight/.scales/.offsets` (a tied head gets its own, from the embedding's blocks)."""
     from gguf.quants import dequantize
 
     out = {}
@@ -98,6 +123,18 @@ def gguf_state_dict(
             if parts[0] != "blk" or parts[2] not in _NAMES:
                 continue  # e.g. rope_freqs: recomputed from metadata
             ours = f"layers.{parts[1]}.{_NAMES[parts[2]]}.{parts[3]}"
+        kind = t.tensor_type.name
+        head_from_embed = ours == "embed.weight" and cfg.tie_embeddings
+        if keep_quantized and kind in BLOCK_BYTES and (ours.endswith(_LINEAR) or head_from_embed):
+            layer = "lm_head" if head_from_embed else ours.removesuffix(".weight")
+            heads = cfg.n_head if ours.endswith("attn.q.weight") else cfg.n_kv_head
+            for part, x in zip(("qweight", "scales", "offsets"), gguf_blocks(t.data, kind)):
+                if x is not None:
+                    out[f"{layer}.{part}"] = (
+                        _unpermute(x, heads) if ours.endswith(("attn.q.weight", "attn.k.weight")) else x
+                    )
+            if not head_from_embed:
+                continue  # the embedding itself is also needed as floats, for the lookup
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -113,9 +150,14 @@ def gguf_state_dict(
     return out
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict, Tokenizer]:
-    """(config, state dict under our names, tokenizer) of a GGUF file."""
+def load_gguf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
+) -> tuple[ModelConfig, dict, Tokenizer]:
+    """(config, state dict under our names, tokenizer) of a GGUF file; see gguf_state_dict."""
     path = Path(path)
     reader = _reader(path)
     cfg = gguf_config(reader, str(path))
-    return cfg, gguf_state_dict(reader, cfg, dtype, str(path)), read_gguf_tokenizer(reader)
+    sd = gguf_state_dict(reader, cfg, dtype, str(path), keep_quantized)
+    if "lm_head.qweight" in sd:
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)  # the head has its own (quantized) weight now
+    return cfg, sd, read_gguf_tokenizer(reader)

@@ -14,6 +14,7 @@ the tensors are `<layer>.qweight`, `<layer>.scales` and, for int4, `<layer>.offs
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from lmlab.errors import LmlabError
 from lmlab.kernels import quant
+from lmlab.model.config import ModelConfig
 
 
 @dataclass
@@ -143,6 +145,39 @@ def empty_quantized(model: nn.Module, config: QuantConfig) -> list[str]:
         names.append(name)
     model.quant_config = config
     return names
+
+
+def build_quantized(
+    cfg: ModelConfig, get: Callable[[str], torch.Tensor | None], config: QuantConfig, source: str | None = None
+) -> nn.Module:
+    """A Transformer from stored tensors under our names, where each linear layer with a
+    `<name>.qweight` becomes a QuantLinear (int8 codes: 8 bits, uint8: packed int4; groups from the
+    scales' shape) and every other tensor loads as float32."""
+    from lmlab.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        for name, m in quantizable(model, QuantConfig()):
+            q = get(f"{name}.qweight")
+            if q is None:
+                continue
+            bits = 8 if q.dtype == torch.int8 else 4
+            groups = get(f"{name}.scales").shape[1]
+            set_module(model, name, QuantLinear(m.in_features, m.out_features, bits, groups, m.bias is not None))
+    sd = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        stored = get(name)
+        if stored is None:
+            raise LmlabError(f"tensor {name!r} (shape {tuple(t.shape)}) is missing", file=source)
+        if stored.shape != t.shape or stored.dtype.is_floating_point != t.dtype.is_floating_point:
+            raise LmlabError(f"tensor {name!r} is {stored.dtype} {tuple(stored.shape)}, expected {t.dtype} "
+                             f"{tuple(t.shape)}", file=source)  # fmt: skip
+        sd[name] = stored.float() if stored.dtype.is_floating_point else stored
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    model.init_buffers()
+    model.quant_config = config
+    return model.eval()
 
 
 def quantized_bytes(model: nn.Module) -> int:
