@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -397,7 +398,7 @@ def _report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(args.run_dir, args.out)}")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+def _add_generation_flags(p: argparse.ArgumentParser, temperature: float, compile_default: bool | str) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")
     p.add_argument("--system", default=None, help="a system prompt (chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -414,9 +415,15 @@ def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> Non
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--compile", action="store_true", help="decode steps as one torch.compile graph (slow start, faster steps)"
-    )
+    # a one-shot command ends before a compile (tens of seconds cold) pays; a chat session lives long
+    # enough: it compiles in the background while eager steps answer (GenerationConfig.compile "auto")
+    compile_ = p.add_mutually_exclusive_group()
+    compile_.add_argument("--compile", dest="compile", action="store_const", const=True, default=compile_default,
+                          help="decode steps as one torch.compile graph, compiled before the first step"
+                               + (" (default: compiled in the background, eager steps until it is ready)"
+                                  if compile_default == "auto" else " (slow start, faster steps)"))  # fmt: skip
+    compile_.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                          help="eager decode steps only, never compile")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -501,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_tokenizer_eval)
     gen = sub.add_parser("generate", help="generate text (streamed), with any decoding strategy")
     gen.add_argument("--device", default=None, help=DEVICE_HELP)
-    _add_generation_flags(gen, temperature=0.0)
+    _add_generation_flags(gen, temperature=0.0, compile_default=False)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     gen.add_argument("--explain", action="store_true", help="show how each warper reshapes the first steps")
@@ -528,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal (/reset, /system, /set)")
     chat.add_argument("--device", default=None, help=DEVICE_HELP)
-    _add_generation_flags(chat, temperature=0.7)
+    _add_generation_flags(chat, temperature=0.7, compile_default="auto")
     chat.set_defaults(func=_chat)
 
     ev = sub.add_parser("eval", help="perplexity and benchmarks (mmlu) with bootstrap error bars; or: eval compare A B")
@@ -683,19 +690,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user mistakes print one line and exit 1, never a traceback."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # steps re-allocate the same tensors: keep them off the page-fault path
+    rc = 0
     try:
         args.func(args)
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
-        return 1
+        rc = 1
     except KeyboardInterrupt:
-        return 130
+        rc = 130
     finally:
         if "torch.distributed" in sys.modules:  # a torchrun command: leave the process group cleanly
             from lmlab.train.distributed import teardown
 
             teardown()
-    return 0
+    _leave_background_compiles(rc, own_process=argv is None)
+    return rc
+
+
+def _leave_background_compiles(rc: int, own_process: bool) -> None:
+    """A chat that ends while its decode graph still compiles in a background thread: the process
+    cannot exit normally (the C++ compile in that thread would abort it), so it ends at once with
+    its exit code; called from Python (tests, a notebook), wait for the compile instead."""
+    decode = sys.modules.get("lmlab.generate.decode")
+    if decode is None or not decode.compiles_pending():
+        return
+    if own_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    decode.wait_for_compiles()
 
 
 if __name__ == "__main__":

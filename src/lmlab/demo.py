@@ -13,7 +13,9 @@ Stage 5 (fine-tuning): LoRA SFT of SmolLM2 on chatterbot conversations for a cou
 the same questions answered before and after; the adapter merged into one checkpoint.
 Stage 6 (evaluation): perplexity and a 100-question MMLU slice of SmolLM2 before and after that
 fine-tuning, with a paired-bootstrap comparison table.
-Stage 7 (serving): `lmlab serve` starts on SmolLM2, the official `openai` client asks it a question.
+Stage 7 (compression): the fine-tuned model quantized to int8, answering the same questions, with its
+size and decode speed before and after.
+Stage 8 (serving): `lmlab serve` starts on SmolLM2, the official `openai` client asks it a question.
 """
 
 from __future__ import annotations
@@ -113,6 +115,37 @@ def eval_stage(merged: Path) -> None:
     print(f"(results.json and report.md under {OUT / 'eval'})")
 
 
+def quantize_stage(merged: Path) -> None:
+    """The fine-tuned model quantized to int8 (per output channel, round-to-nearest): size and decode
+    speed before and after, and its answers to the same questions."""
+    from lmlab.compress.quantize import quantize_model
+    from lmlab.model.quantized import QuantConfig, quantized_bytes
+
+    _stage("compression: the fine-tuned SmolLM2 quantized to int8 (lmlab quantize MODEL OUT --bits 8)")
+    runs = {}
+    for name in ("float32", "int8"):
+        release_freed_memory()
+        model, tokenizer = load_pretrained(merged)
+        if name == "int8":
+            quantize_model(model, QuantConfig(bits=8))
+        size = quantized_bytes(model) / 1e6
+        answers, tokens, seconds = [], 0, 0.0
+        for question in QUESTIONS:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+            t = time.perf_counter()
+            pieces = list(stream(model, tokenizer, prompt, max_new_tokens=48))
+            seconds += time.perf_counter() - t
+            tokens += len(pieces)
+            answers.append("".join(pieces).strip())
+        runs[name] = (size, tokens / seconds, answers)
+        del model
+    for name, (size, speed, answers) in runs.items():
+        print(f"{name:>8}: {size:6.0f} MB in memory, {speed:5.1f} tokens/s (greedy, batch 1)")
+        for question, answer in zip(QUESTIONS, answers):
+            print(f"          Q: {question}\n          A: {answer[:160]}")
+    print("(the float32 embedding stays: a lookup reads one row per token; every linear layer is int8)")
+
+
 def serve_stage() -> None:
     """Start the OpenAI-compatible server, send one request with the official client."""
     import openai
@@ -176,7 +209,9 @@ def main() -> int:
         print(format_explanation(steps))
         print(f"plot: {plot_explanation(steps, OUT / 'explain.png')}")
         del model
-        eval_stage(finetune_stage())
+        merged = finetune_stage()
+        eval_stage(merged)
+        quantize_stage(merged)
         serve_stage()
         from lmlab.viz.report import write_combined_report
 
