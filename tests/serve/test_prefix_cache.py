@@ -22,7 +22,7 @@ def test_lookup_budget_and_lru():
     cache.add(a, *_kv(30))
     cache.add(b, *_kv(30))
     assert cache.lookup([0, 1, 2]) is None  # shorter than min_match
-    n, k, _ = cache.lookup(a + [7, 7])
+    n, k, _ = cache.lookup([*a, 7, 7])
     assert n == 30 and k.shape[2] == 30
     n, _, _ = cache.lookup(a)  # the whole prompt cached: its last token must still run
     assert n == 29
