@@ -17,8 +17,9 @@ from lmlab.tokenizer.gguf import read_gguf_tokenizer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.progress import progress_bar
 
-SUPPORTED_ARCHS = ("llama",)
-_NAMES = {
+SUPPORTED_ARCHS = ("llama", "qwen2")
+# llama.cpp's tensor names -> ours (compress/gguf_export.py writes with the same tables)
+BLOCK_NAMES = {
     "attn_q": "attn.q",
     "attn_k": "attn.k",
     "attn_v": "attn.v",
@@ -29,7 +30,7 @@ _NAMES = {
     "attn_norm": "norm1",
     "ffn_norm": "norm2",
 }
-_TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
 
 
 def gguf_config(reader: Any, source: str | None = None) -> ModelConfig:
@@ -72,7 +73,8 @@ def gguf_config(reader: Any, source: str | None = None) -> ModelConfig:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-        family="llama",
+        qkv_bias="blk.0.attn_q.bias" in names,
+        family=arch,
     )
 
 
@@ -88,16 +90,19 @@ def gguf_state_dict(
     """Dequantized tensors under our names, Q/K rows put back in Hugging Face order."""
     from gguf.quants import dequantize
 
+    # llama.cpp's converter interleaves Q/K rows for "llama" (its RoPE rotates adjacent pairs); "qwen2" keeps
+    # Hugging Face's order (NEOX-style RoPE rotates the two halves)
+    interleaved = _field(reader, "general.architecture") == "llama"
     out = {}
     # dequantizing a large file takes a while: show it (a line per interval in a log)
     for t in progress_bar(reader.tensors, desc=f"load {Path(source).name if source else 'GGUF'}", unit="tensor"):
-        if t.name in _TOP:
-            ours = _TOP[t.name]
+        if t.name in TOP_NAMES:
+            ours = TOP_NAMES[t.name]
         else:
             parts = t.name.split(".")  # blk.N.attn_q.weight
-            if parts[0] != "blk" or parts[2] not in _NAMES:
+            if parts[0] != "blk" or parts[2] not in BLOCK_NAMES:
                 continue  # e.g. rope_freqs: recomputed from metadata
-            ours = f"layers.{parts[1]}.{_NAMES[parts[2]]}.{parts[3]}"
+            ours = f"layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -105,9 +110,9 @@ def gguf_state_dict(
                 f"tensor {t.name}: quantization {t.tensor_type.name} is not supported", file=source
             ) from None
         w = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
-        if ours.endswith("attn.q.weight"):
+        if interleaved and ours.endswith(("attn.q.weight", "attn.q.bias")):
             w = _unpermute(w, cfg.n_head)
-        elif ours.endswith("attn.k.weight"):
+        elif interleaved and ours.endswith(("attn.k.weight", "attn.k.bias")):
             w = _unpermute(w, cfg.n_kv_head)
         out[ours] = w.to(dtype)
     return out
