@@ -110,7 +110,9 @@ def _tensor_type(name: str, w: torch.Tensor, quant: str, tied: bool) -> str:
     return "q8_0" if quant == "q4_0" and is_output else quant
 
 
-def gguf_tensors(cfg: ModelConfig, params: dict[str, torch.Tensor], quant: str) -> Iterator[tuple[str, np.ndarray, str]]:
+def gguf_tensors(
+    cfg: ModelConfig, params: dict[str, torch.Tensor], quant: str
+) -> Iterator[tuple[str, np.ndarray, str]]:
     """(GGUF name, data to write, storage type) for each parameter, in llama.cpp's usual order."""
     arch = gguf_arch(cfg)
     for ours, w in params.items():
@@ -142,9 +144,9 @@ def _pre_tokenizer_name(tokenizer: Tokenizer) -> str:
         return "gpt-2"
     if norm is None and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"  # digits one by one, then GPT-2's split
-    if norm is None and kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        if (steps[0].get("pattern") or {}).get("Regex") == _SPLITS["llama-bpe"]:
-            return "llama-bpe"  # Llama 3's split, the name llama.cpp's converter writes for it
+    split = (steps[0].get("pattern") or {}).get("Regex")
+    if norm is None and kinds == ["Split", "ByteLevel"] and split == _SPLITS["llama-bpe"]:
+        return "llama-bpe"  # Llama 3's split, the name llama.cpp's converter writes for it
     raise LmlabError(
         f"the tokenizer's pre-tokenizer ({'+'.join(map(str, kinds)) or 'none'}) is not one the GGUF exporter "
         "names for llama.cpp (gpt-2, smollm, llama-bpe); llama.cpp would split text differently",
@@ -225,7 +227,9 @@ def export_gguf(
     arch = gguf_arch(cfg)
     if cfg.sliding_window is not None:
         # llama.cpp's converter drops it too: outputs agree up to a context of sliding_window tokens
-        warnings.warn(f"sliding_window={cfg.sliding_window} is not stored: llama.cpp attends to the whole context")
+        warnings.warn(
+            f"sliding_window={cfg.sliding_window} is not stored: llama.cpp attends to the whole context", stacklevel=2
+        )
     params = dict(model.named_parameters())
     # quantize everything before opening the file, so a bad tensor leaves no partial output behind
     tensors = list(gguf_tensors(cfg, params, quant))

@@ -30,7 +30,11 @@ BLOCK_NAMES = {
     "attn_norm": "norm1",
     "ffn_norm": "norm2",
 }
-TOP_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+TOP_NAMES = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def gguf_config(reader: Any, source: str | None = None) -> ModelConfig:

@@ -1,0 +1,304 @@
+"""GGUF export: lmlab's own loader reads back exactly what was written, and llama.cpp (the format's reference
+implementation, run through node-llama-cpp) computes the same tokens as lmlab from the exported file."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lmlab.cli import main
+from lmlab.compress.ggml_blocks import dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0
+from lmlab.compress.gguf_export import export_gguf
+from lmlab.model.checkpoint import load_pretrained, save_pretrained
+from lmlab.model.config import ModelConfig
+from lmlab.model.transformer import Transformer
+from lmlab.tokenizer.gguf import open_gguf, read_gguf_tokenizer
+from tests.llamacpp import run_llamacpp
+
+TEXTS = [
+    "Hello world! The year 2024 had 366 days.",
+    "你好，世界。今天天气很好，我们去公园散步吧。",
+    "def add(a, b):\n    return a + b  # <|im_end|> in code",
+    "  leading spaces, tabs\tand émojis 🙂 mixed with 中文 and numbers 3.14159",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    """A 400-token byte-level BPE (GPT-2's split) with special tokens, a plain added token and a chat
+    template: the real SmolLM2 vocabulary makes every GGUF read take seconds, so it is left to (b) and (c)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lmlab.tokenizer.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(TEXTS * 10, trainer)
+    backend.add_tokens(["<think>"])  # an added token that is not special (GGUF type USER_DEFINED)
+    config = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|im_end|>",
+    }
+    return Tokenizer(backend, config, CHAT_TEMPLATE)
+
+
+def _tiny(preset: str, tokenizer, **overrides) -> Transformer:
+    """A random tiny model; 8 embedding rows past the tokenizer's end test the vocabulary padding; weights
+    drawn wide so that a wrong row order shows."""
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = ModelConfig.from_preset(
+        preset, vocab_size=tokenizer.vocab_size + 8, pad_token_id=tokenizer.pad_token_id, **ids, **overrides
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 if p.ndim == 2 else 1.0)
+    return model
+
+
+def _tensor_types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
+
+
+# ---- (a) export -> lmlab's GGUF loader is the identity ----------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])
+def test_f32_round_trip_is_identity(preset, small_tokenizer, tmp_path):
+    model = _tiny(preset, small_tokenizer)
+    path = export_gguf(model, small_tokenizer, tmp_path / "m.gguf", "f32")
+    back, tok = load_pretrained(path)
+    arch = "qwen2" if preset == "qwen2-tiny" else "llama"
+    assert open_gguf(path).fields["general.architecture"].contents() == arch
+    # config: every field survives (the RMSNorm epsilon as the float32 GGUF stores)
+    want = model.cfg.to_dict() | {"norm_eps": float(torch.tensor(model.cfg.norm_eps, dtype=torch.float32))}
+    assert back.cfg.to_dict() == want
+    mine, theirs = model.state_dict(), back.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+    names = set(_tensor_types(path))
+    assert ("output.weight" in names) == (not model.cfg.tie_embeddings)
+    assert ("blk.0.attn_q.bias" in names) == (preset == "qwen2-tiny")
+    # tokenizer: same ids (special tokens too), specials and chat template; the padded ids are placeholders
+    for text in TEXTS:
+        assert tok.encode(text) == small_tokenizer.encode(text)
+    assert tok.special == small_tokenizer.special
+    assert tok.chat_template == small_tokenizer.chat_template
+    n = model.cfg.vocab_size
+    assert tok.vocab_size == n and tok.id_to_token(n - 1) == f"[PAD{n - 1}]"
+    assert tok.encode("<think>") == small_tokenizer.encode("<think>") == [small_tokenizer.token_id("<think>")]
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_0"])
+def test_quantized_round_trip(quant, small_tokenizer, tmp_path):
+    """lmlab reads back exactly the dequantized blocks: quantization is per row, so llama's Q/K row
+    permutation commutes with it."""
+    model = _tiny("llama-tiny", small_tokenizer, d_ff=192, tie_embeddings=True)
+    path = export_gguf(model, small_tokenizer, tmp_path / "m.gguf", quant)
+    back, _ = load_pretrained(path)
+    types = _tensor_types(path)
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+    assert types["blk.1.ffn_down.weight"] == quant.upper()
+    # q4_0: the (tied) output matrix stays at 8 bits, as llama-quantize keeps it at higher precision
+    assert types["token_embd.weight"] == ("Q8_0" if quant == "q4_0" else quant.upper())
+    roundtrip = {
+        "F16": lambda w: w.half().float(),
+        "Q8_0": lambda w: dequantize_q8_0(*quantize_q8_0(w)),
+        "Q4_0": lambda w: dequantize_q4_0(*quantize_q4_0(w)),
+    }
+    ours = {n: p for n, p in model.named_parameters()}
+    gguf_names = {"embed.weight": "token_embd.weight", "layers.1.mlp.down.weight": "blk.1.ffn_down.weight"}
+    gguf_names |= {"layers.0.attn.q.weight": "blk.0.attn_q.weight", "layers.0.attn.k.weight": "blk.0.attn_k.weight"}
+    for name, gname in gguf_names.items():
+        expected = roundtrip[types[gname]](ours[name].detach())
+        assert torch.equal(back.state_dict()[name], expected), name
+    assert torch.equal(back.state_dict()["norm.weight"], model.state_dict()["norm.weight"])
+
+
+# ---- the command and its errors -----------------------------------------------------------------------------
+
+
+def test_cli_convert_to_gguf(small_tokenizer, tmp_path, capsys):
+    model = _tiny("qwen2-tiny", small_tokenizer, d_ff=192)
+    save_pretrained(model, small_tokenizer, tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out.gguf"), "--quant", "q8_0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert _tensor_types(tmp_path / "out.gguf")["blk.0.attn_q.weight"] == "Q8_0"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temp file left
+    # default f16 (llama.cpp's converter default); --to gguf without the suffix
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out.bin"), "--to", "gguf"]) == 0
+    assert _tensor_types(tmp_path / "out.bin")["blk.0.attn_q.weight"] == "F16"
+
+
+@pytest.mark.parametrize(
+    ("preset", "quant", "message"),
+    [
+        ("gpt2-tiny", "f16", "gpt2 has pos='learned'"),
+        ("bert-tiny", "f16", "bert has causal=False"),
+        ("chatglm-tiny", "f16", "prefix_lm=True"),
+        ("llama-tiny", "q8_0", "tensor blk.0.ffn_down.weight has rows of 176 values, not divisible by 32"),
+        ("llama-tiny", "q4_0", "not divisible by 32 as q4_0 needs"),
+    ],
+)
+def test_cli_refuses_what_it_cannot_export(preset, quant, message, small_tokenizer, tmp_path, capsys):
+    cfg = ModelConfig.from_preset(preset, vocab_size=small_tokenizer.vocab_size)
+    save_pretrained(Transformer(cfg), small_tokenizer, tmp_path / "hf")
+    out = tmp_path / "out.gguf"
+    assert main(["convert", str(tmp_path / "hf"), str(out), "--quant", quant]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".out.gguf*")) == []
+
+
+# ---- (b), (c) llama.cpp computes what lmlab computes from the exported file --------------------------------
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers greater than 10.",
+    "请用一句话介绍一下北京。",
+    "天空为什么是蓝色的？",
+]
+CHATS = [
+    {"messages": [{"role": "user", "content": "Hi there"}], "add_generation_prompt": True},
+    {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "你好！有什么可以帮你？"},
+            {"role": "user", "content": "Tell me a joke."},
+        ],
+        "add_generation_prompt": True,
+    },
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+]
+# teacher forcing: ordinary prose and code, English and Chinese, 40-90 tokens each
+FORCED = [
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
+    "metal type, oil-based ink and a wooden press adapted from wine making. Books became cheaper, and literacy spread.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. Plants store the sugar as starch "
+    "and release the oxygen into the air, which is why forests matter for the atmosphere.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "print([fibonacci(i) for i in range(10)])\n",
+    "长城是中国古代的军事防御工程，修建历史可以追溯到西周时期。今天它是世界上最著名的旅游景点之一，每年吸引数百万游客。",
+    "<|im_start|>user\nExplain gravity to a child.<|im_end|>\n<|im_start|>assistant\nGravity is an invisible pull "
+    "that makes things fall down to the ground and keeps the Moon going around the Earth.<|im_end|>\n",
+]
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    """SmolLM2-135M-Instruct (the packaged Q4_1 file, dequantized by lmlab) and its tokenizer."""
+    return load_pretrained(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2, tmp_path_factory):
+    """Export SmolLM2 once per quant type for the module; (path, lmlab model reloaded from that file)."""
+    cache = {}
+
+    def get(quant: str):
+        if quant not in cache:
+            path = tmp_path_factory.mktemp(quant) / f"smollm2-{quant}.gguf"
+            t = time.perf_counter()
+            export_gguf(*smollm2, path, quant)
+            print(f"export {quant}: {time.perf_counter() - t:.1f} s, {path.stat().st_size / 2**20:.0f} MiB")
+            cache[quant] = path, load_pretrained(path)[0]
+        return cache[quant]
+
+    return get
+
+
+def _lmlab_greedy(model, ids: list[int], n: int) -> list[int]:
+    """n argmax tokens, no stopping at EOS (llama.cpp's side does not stop either)."""
+    from lmlab.generate.config import GenerationConfig
+    from lmlab.generate.decode import generate_ids
+
+    out = generate_ids(model, torch.tensor([ids]), config=GenerationConfig(max_new_tokens=n), eos=[])
+    return out[0, len(ids) :].tolist()
+
+
+@torch.no_grad()
+def _lmlab_argmax(model, ids: list[int]) -> list[int]:
+    return model(torch.tensor([ids])).argmax(-1)[0].tolist()
+
+
+def test_smollm2_f32_matches_llamacpp(smollm2, exported):
+    """Tokenization, chat template and greedy continuations: identical in llama.cpp and lmlab."""
+    _, tokenizer = smollm2
+    path, model = exported("f32")
+    # the real vocabulary (49152 tokens, SmolLM2's digit-splitting pre-tokenizer) survives the round trip
+    back = read_gguf_tokenizer(path)
+    assert [back.encode(t) for t in TEXTS] == [tokenizer.encode(t) for t in TEXTS]
+    assert back.chat_template == tokenizer.chat_template and back.special == tokenizer.special
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS
+    ]
+    prompt_ids = [tokenizer.encode(c, add_special_tokens=False) for c in chats]
+    t = time.perf_counter()
+    got = run_llamacpp(
+        path,
+        [
+            {"mode": "tokenize", "texts": TEXTS[:4] + PROMPTS, "special": False},
+            {"mode": "tokenize", "texts": chats + TEXTS, "special": True},
+            {"mode": "chat_template", "conversations": CHATS},
+            {"mode": "greedy", "prompts": prompt_ids, "n": N_NEW},
+        ],
+    )
+    print(f"llama.cpp: {time.perf_counter() - t:.1f} s; {got['info']}")
+    plain, special, rendered, greedy = got["results"]
+    # tokenization: plain text, and text with special tokens in it (parsed as special)
+    assert plain == [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS[:4] + PROMPTS]
+    assert special == [tokenizer.encode(t, add_special_tokens=False) for t in chats + TEXTS]
+    # no BOS twice: the file says not to add one, llama.cpp reads it so, and lmlab's encode agrees
+    assert got["info"]["add_bos"] is False and tokenizer.encode("Hi") == tokenizer.encode(
+        "Hi", add_special_tokens=False
+    )
+    # the chat template read back from the file renders as lmlab renders it
+    ours = [tokenizer.apply_chat_template(c["messages"], add_generation_prompt=c.get("add_generation_prompt", False))
+            for c in CHATS]  # fmt: skip
+    assert rendered == ours
+    t = time.perf_counter()
+    mine = [_lmlab_greedy(model, ids, N_NEW) for ids in prompt_ids]
+    print(f"lmlab greedy: {time.perf_counter() - t:.1f} s")
+    for prompt, a, b in zip(PROMPTS, mine, greedy):
+        print(f"{prompt!r} -> {tokenizer.decode(a)!r}")
+        assert a == b, f"{prompt!r}: lmlab {tokenizer.decode(a)!r} vs llama.cpp {tokenizer.decode(b)!r}"
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_smollm2_quantized_argmax_agrees_with_llamacpp(quant, smollm2, exported):
+    """Teacher forcing on 5 texts: lmlab (the file dequantized to fp32) and llama.cpp (quantized kernels,
+    8-bit activations) pick the same next token at >= 95% of positions."""
+    _, tokenizer = smollm2
+    path, model = exported(quant)
+    sequences = [tokenizer.encode(t, add_special_tokens=False) for t in FORCED]
+    theirs = run_llamacpp(path, [{"mode": "teacher", "sequences": sequences}])["results"][0]
+    same = total = 0
+    for ids, b in zip(sequences, theirs):
+        a = _lmlab_argmax(model, ids)
+        same += sum(x == y for x, y in zip(a, b, strict=True))
+        total += len(ids)
+    print(f"{quant}: next-token argmax agreement lmlab vs llama.cpp {same}/{total} = {same / total:.1%}")
+    assert same / total >= 0.95
