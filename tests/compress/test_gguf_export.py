@@ -24,6 +24,7 @@ TEXTS = [
     "  leading spaces, tabs\tand émojis 🙂 mixed with 中文 and numbers 3.14159",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
 ]
+PLAIN = [t for t in TEXTS if "<|" not in t]  # no special-token strings: tokenized the same with or without parsing
 
 
 CHAT_TEMPLATE = (
@@ -192,17 +193,27 @@ CHATS = [
     },
     {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
 ]
-# teacher forcing: ordinary prose and code, English and Chinese, 40-90 tokens each
+# teacher forcing: prose, code, Chinese and a chat, 80-190 tokens each (593 positions in all)
 FORCED = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
-    "metal type, oil-based ink and a wooden press adapted from wine making. Books became cheaper, and literacy spread.",
+    "metal type, oil-based ink and a wooden press adapted from wine making. Books became cheaper, and literacy "
+    "spread across Europe. Within fifty years, printers in more than two hundred cities had produced millions of "
+    "copies, and ideas that once travelled slowly from one monastery to another now reached thousands of readers "
+    "in a few months. Scholars could compare identical copies of a text, which made science more cumulative.",
     "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. Plants store the sugar as starch "
-    "and release the oxygen into the air, which is why forests matter for the atmosphere.",
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
-    "print([fibonacci(i) for i in range(10)])\n",
-    "长城是中国古代的军事防御工程，修建历史可以追溯到西周时期。今天它是世界上最著名的旅游景点之一，每年吸引数百万游客。",
+    "and release the oxygen into the air, which is why forests matter for the atmosphere. The process happens in "
+    "chloroplasts, small green structures inside leaf cells. Chlorophyll absorbs red and blue light and reflects "
+    "green light, which is why most plants look green to us. Without photosynthesis, there would be no food chains.",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n    for _ in range(n):\n'
+    "        a, b = b, a + b\n    return a\n\n\ndef is_prime(n):\n    if n < 2:\n        return False\n"
+    "    for i in range(2, int(n ** 0.5) + 1):\n        if n % i == 0:\n            return False\n    return True\n\n"
+    "print([fibonacci(i) for i in range(10)])\nprint([n for n in range(30) if is_prime(n)])\n",
+    "长城是中国古代的军事防御工程，修建历史可以追溯到西周时期。今天它是世界上最著名的旅游景点之一，每年吸引数百万游客。"
+    "北京是中国的首都，也是政治和文化中心。这座城市有三千多年的历史，故宫、天坛和颐和园都是著名的古迹。",
     "<|im_start|>user\nExplain gravity to a child.<|im_end|>\n<|im_start|>assistant\nGravity is an invisible pull "
-    "that makes things fall down to the ground and keeps the Moon going around the Earth.<|im_end|>\n",
+    "that makes things fall down to the ground and keeps the Moon going around the Earth. When you jump, gravity "
+    "pulls you back down. The bigger something is, the stronger it pulls, so the Earth pulls on you much more "
+    "than a ball does.<|im_end|>\n<|im_start|>user\nWhy doesn't the Moon fall down?<|im_end|>\n",
 ]
 N_NEW = 24
 
@@ -260,7 +271,7 @@ def test_smollm2_f32_matches_llamacpp(smollm2, exported):
     got = run_llamacpp(
         path,
         [
-            {"mode": "tokenize", "texts": TEXTS[:4] + PROMPTS, "special": False},
+            {"mode": "tokenize", "texts": PLAIN + PROMPTS, "special": False},
             {"mode": "tokenize", "texts": chats + TEXTS, "special": True},
             {"mode": "chat_template", "conversations": CHATS},
             {"mode": "greedy", "prompts": prompt_ids, "n": N_NEW},
@@ -269,7 +280,7 @@ def test_smollm2_f32_matches_llamacpp(smollm2, exported):
     print(f"llama.cpp: {time.perf_counter() - t:.1f} s; {got['info']}")
     plain, special, rendered, greedy = got["results"]
     # tokenization: plain text, and text with special tokens in it (parsed as special)
-    assert plain == [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS[:4] + PROMPTS]
+    assert plain == [tokenizer.encode(t, add_special_tokens=False) for t in PLAIN + PROMPTS]
     assert special == [tokenizer.encode(t, add_special_tokens=False) for t in chats + TEXTS]
     # no BOS twice: the file says not to add one, llama.cpp reads it so, and lmlab's encode agrees
     assert got["info"]["add_bos"] is False and tokenizer.encode("Hi") == tokenizer.encode(
@@ -283,22 +294,30 @@ def test_smollm2_f32_matches_llamacpp(smollm2, exported):
     mine = [_lmlab_greedy(model, ids, N_NEW) for ids in prompt_ids]
     print(f"lmlab greedy: {time.perf_counter() - t:.1f} s")
     for prompt, a, b in zip(PROMPTS, mine, greedy):
-        print(f"{prompt!r} -> {tokenizer.decode(a)!r}")
-        assert a == b, f"{prompt!r}: lmlab {tokenizer.decode(a)!r} vs llama.cpp {tokenizer.decode(b)!r}"
+        print(f"{prompt!r} -> {tokenizer.decode(a)!r} (smallest llama.cpp top-2 logit gap {min(b['margins']):.3f})")
+        assert a == b["tokens"], (
+            f"{prompt!r}: lmlab {tokenizer.decode(a)!r} vs llama.cpp {tokenizer.decode(b['tokens'])!r}"
+        )
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
 def test_smollm2_quantized_argmax_agrees_with_llamacpp(quant, smollm2, exported):
     """Teacher forcing on 5 texts: lmlab (the file dequantized to fp32) and llama.cpp (quantized kernels,
-    8-bit activations) pick the same next token at >= 95% of positions."""
+    8-bit activations) pick the same next token at >= 95% of positions. Measured (one CPU): q8_0 96.5%,
+    q4_0 95.3%, while lmlab's own q4_0 vs f32 agree at 67%, so the two read the same quantized model."""
     _, tokenizer = smollm2
     path, model = exported(quant)
     sequences = [tokenizer.encode(t, add_special_tokens=False) for t in FORCED]
     theirs = run_llamacpp(path, [{"mode": "teacher", "sequences": sequences}])["results"][0]
     same = total = 0
+    gaps = []  # llama.cpp's top-2 logit gap where the two disagree: near-ties, or a real difference?
     for ids, b in zip(sequences, theirs):
         a = _lmlab_argmax(model, ids)
-        same += sum(x == y for x, y in zip(a, b, strict=True))
+        same += sum(x == y for x, y in zip(a, b["tokens"], strict=True))
+        gaps += [round(g, 3) for x, y, g in zip(a, b["tokens"], b["margins"]) if x != y]
         total += len(ids)
-    print(f"{quant}: next-token argmax agreement lmlab vs llama.cpp {same}/{total} = {same / total:.1%}")
+    print(f"{quant}: next-token argmax agreement lmlab vs llama.cpp {same}/{total} = {same / total:.1%}; gaps {gaps}")
     assert same / total >= 0.95
+    # where they differ, llama.cpp's own top two were nearly tied: rounding, not a misread tensor (a wrong
+    # scale or nibble order moves logits by whole units and drops agreement to a few percent)
+    assert max(gaps, default=0.0) < 1.0

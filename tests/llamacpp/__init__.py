@@ -16,8 +16,13 @@ HERE = Path(__file__).resolve().parent
 SETUP = "run `make setup` (it runs `npm ci` in tests/llamacpp)"
 
 
-def run_llamacpp(model: str | os.PathLike, requests: list[dict[str, Any]], threads: int = 2) -> dict[str, Any]:
-    """llama.cpp's answers ({"info": ..., "results": [...]}) to `requests` on one model (see run.mjs)."""
+def run_llamacpp(model: str | os.PathLike, requests: list[dict[str, Any]], threads: int = 1) -> dict[str, Any]:
+    """llama.cpp's answers ({"info": ..., "results": [...]}) to `requests` on one model (see run.mjs).
+
+    One thread by default, as conftest gives torch one per xdist worker under `make test`: ggml's threads spin at
+    each barrier, so on a busy 2-core machine two threads waited on each other (48 greedy steps of
+    SmolLM2-135M: 37 s with 2 threads, 4 s with 1).
+    """
     # CI runs `make setup` first: a missing reference is a broken setup, so fail loudly rather than skip
     if shutil.which("node") is None:
         pytest.fail(f"node is not installed; llama.cpp reference tests need Node.js 20+ and {SETUP}")

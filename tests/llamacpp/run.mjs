@@ -1,10 +1,13 @@
 // llama.cpp as a reference for lmlab's tests: one GGUF model, a list of requests on stdin, JSON on stdout.
 //
-// Request: {"model": path, "threads": 2, "requests": [
+// Request: {"model": path, "threads": 1, "requests": [
 //   {"mode": "tokenize", "texts": [str], "special": bool}            -> [[id]] (never adds BOS: llama.cpp's
 //                                                                        common_tokenize(add_special=false))
-//   {"mode": "greedy", "prompts": [[id]], "n": int}                  -> [[id]]: n new tokens, argmax each step
-//   {"mode": "teacher", "sequences": [[id]]}                         -> [[id]]: argmax after each position
+//   (optional "context_size": default llama.cpp/node-llama-cpp's own, the model's training context if memory allows)
+//   {"mode": "greedy", "prompts": [[id]], "n": int}                  -> [{tokens, margins}]: n new tokens, argmax
+//                                                                        each step (margin: top-1 minus top-2 logit)
+//   {"mode": "teacher", "sequences": [[id]]}                         -> [{tokens, margins}]: argmax after each
+//                                                                        position
 //   {"mode": "chat_template", "conversations": [{"messages": [...], "add_generation_prompt": bool}]}
 //                                                                     -> [str]: the file's template rendered by
 //                                                                        llama.cpp's own Jinja engine
@@ -21,29 +24,39 @@ const input = JSON.parse(await new Promise((resolve) => {
 
 const llama = await getLlama({gpu: false, build: "never", skipDownload: true, logLevel: "error"});
 const model = await llama.loadModel({modelPath: input.model});
-// default context and batch sizes; threads pinned so a shared CI machine is not oversubscribed
-const context = await model.createContext({threads: input.threads ?? 2});
+// default context and batch sizes; threads pinned so a shared CI machine is not oversubscribed (see __init__.py)
+const context = await model.createContext({threads: input.threads ?? 1, ...(input.context_size ? {contextSize: input.context_size} : {})});
 
 const sequence = context.getSequence();  // one sequence, emptied before each text
-const greedy = {token: true, options: {temperature: 0}};  // temperature 0: llama.cpp's greedy sampler
+// argmax from the two largest raw logits: asking node-llama-cpp to sample a token (even at temperature 0)
+// costs about a second per call on a small CPU, reading the top logits a few milliseconds
+const top2 = {generateNext: {logits: {filter: {includeTop: 2}}}};
+
+function best(output) {
+    // [token, margin]: the argmax and how far ahead of the runner-up it is (small margins flip on rounding)
+    const [[token, first], [, second]] = [...output.next.logits.entries()].sort((a, b) => b[1] - a[1]);
+    return [token, first - second];
+}
 
 async function argmaxAfterEach(tokens) {
     await sequence.clearHistory();
-    const out = await sequence.controlledEvaluate(tokens.map((t) => [t, {generateNext: greedy}]));
-    return out.map((o) => o.next.token);
+    const out = await sequence.controlledEvaluate(tokens.map((t) => [t, top2]));
+    const picks = out.map(best);
+    return {tokens: picks.map((p) => p[0]), margins: picks.map((p) => p[1])};
 }
 
 async function generate(prompt, n) {
     await sequence.clearHistory();
-    const out = [];
-    let input = prompt.map((t, i) => (i === prompt.length - 1 ? [t, {generateNext: greedy}] : t));
+    const tokens = [], margins = [];
+    let input = prompt.map((t, i) => (i === prompt.length - 1 ? [t, top2] : t));
     for (let step = 0; step < n; step++) {
         const result = await sequence.controlledEvaluate(input);
-        const next = result[input.length - 1].next.token;
-        out.push(next);
-        input = [[next, {generateNext: greedy}]];
+        const [next, margin] = best(result[input.length - 1]);
+        tokens.push(next);
+        margins.push(margin);
+        input = [[next, top2]];
     }
-    return out;
+    return {tokens, margins};
 }
 
 function renderChat(template, conversation) {
