@@ -321,3 +321,21 @@ def test_smollm2_quantized_argmax_agrees_with_llamacpp(quant, smollm2, exported)
     # where they differ, llama.cpp's own top two were nearly tied: rounding, not a misread tensor (a wrong
     # scale or nibble order moves logits by whole units and drops agreement to a few percent)
     assert max(gaps, default=0.0) < 1.0
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])
+def test_tiny_models_match_llamacpp(preset, small_tokenizer, tmp_path):
+    """Both architectures in llama.cpp: llama (untied head, GQA, Q/K rows interleaved) and qwen2 (biases, tied
+    head, rows as they are). Every argmax agrees except at near-ties: llama.cpp keeps K and V in float16, which
+    moves logits by ~1e-2 (a wrong row order or a missing bias changes most of them)."""
+    model = _tiny(preset, small_tokenizer)
+    path = export_gguf(model, small_tokenizer, tmp_path / "m.gguf", "f32")
+    sequences = [small_tokenizer.encode(t) for t in TEXTS]
+    theirs = run_llamacpp(path, [{"mode": "teacher", "sequences": sequences}])["results"][0]
+    decisive = 0
+    for ids, b in zip(sequences, theirs):
+        for pos, (x, y, gap) in enumerate(zip(_lmlab_argmax(model, ids), b["tokens"], b["margins"], strict=True)):
+            if gap >= 0.1:  # llama.cpp's top two logits at least 0.1 apart
+                decisive += 1
+                assert x == y, f"position {pos} of {ids}: lmlab {x}, llama.cpp {y} (top-2 gap {gap:.3f})"
+    assert decisive >= 0.8 * sum(map(len, sequences))
