@@ -136,6 +136,16 @@ def test_quantized_round_trip(quant, small_tokenizer, tmp_path):
     assert torch.equal(back.state_dict()["norm.weight"], model.state_dict()["norm.weight"])
 
 
+def test_mistral_exports_as_llama_without_its_window(small_tokenizer, tmp_path):
+    """llama.cpp runs Mistral as "llama" and has no sliding window there: dropped, with a warning."""
+    model = _tiny("mistral-tiny", small_tokenizer)
+    with pytest.warns(UserWarning, match="sliding_window=8 is not stored"):
+        path = export_gguf(model, small_tokenizer, tmp_path / "m.gguf", "f32")
+    back, _ = load_pretrained(path)
+    assert back.cfg.sliding_window is None and back.cfg.family == "llama"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
 # ---- the command and its errors -----------------------------------------------------------------------------
 
 

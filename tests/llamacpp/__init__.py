@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SETUP = "run `make setup` (it runs `npm ci` in tests/llamacpp)"
+SETUP = "run `make setup` (it installs the pinned node-llama-cpp into tests/llamacpp/node_modules)"
 
 
 def run_llamacpp(model: str | os.PathLike, requests: list[dict[str, Any]], threads: int = 1) -> dict[str, Any]:
