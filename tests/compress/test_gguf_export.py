@@ -14,7 +14,7 @@ from lmlab.compress.gguf_export import export_gguf
 from lmlab.model.checkpoint import load_pretrained, save_pretrained
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.tokenizer.gguf import open_gguf, read_gguf_tokenizer
+from lmlab.tokenizer.gguf import open_gguf
 from tests.llamacpp import run_llamacpp
 
 TEXTS = [
@@ -236,7 +236,7 @@ def smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def exported(smollm2, tmp_path_factory):
-    """Export SmolLM2 once per quant type for the module; (path, lmlab model reloaded from that file)."""
+    """Export SmolLM2 once per quant type for the module; (path, lmlab model and tokenizer reloaded from it)."""
     cache = {}
 
     def get(quant: str):
@@ -245,7 +245,7 @@ def exported(smollm2, tmp_path_factory):
             t = time.perf_counter()
             export_gguf(*smollm2, path, quant)
             print(f"export {quant}: {time.perf_counter() - t:.1f} s, {path.stat().st_size / 2**20:.0f} MiB")
-            cache[quant] = path, load_pretrained(path)[0]
+            cache[quant] = path, *load_pretrained(path)
         return cache[quant]
 
     return get
@@ -268,9 +268,8 @@ def _lmlab_argmax(model, ids: list[int]) -> list[int]:
 def test_smollm2_f32_matches_llamacpp(smollm2, exported):
     """Tokenization, chat template and greedy continuations: identical in llama.cpp and lmlab."""
     _, tokenizer = smollm2
-    path, model = exported("f32")
+    path, model, back = exported("f32")
     # the real vocabulary (49152 tokens, SmolLM2's digit-splitting pre-tokenizer) survives the round trip
-    back = read_gguf_tokenizer(path)
     assert [back.encode(t) for t in TEXTS] == [tokenizer.encode(t) for t in TEXTS]
     assert back.chat_template == tokenizer.chat_template and back.special == tokenizer.special
     chats = [
@@ -316,7 +315,7 @@ def test_smollm2_quantized_argmax_agrees_with_llamacpp(quant, smollm2, exported)
     8-bit activations) pick the same next token at >= 95% of positions. Measured (one CPU): q8_0 96.5%,
     q4_0 95.3%, while lmlab's own q4_0 vs f32 agree at 67%, so the two read the same quantized model."""
     _, tokenizer = smollm2
-    path, model = exported(quant)
+    path, model, _ = exported(quant)
     sequences = [tokenizer.encode(t, add_special_tokens=False) for t in FORCED]
     theirs = run_llamacpp(path, [{"mode": "teacher", "sequences": sequences}])["results"][0]
     same = total = 0
@@ -333,13 +332,17 @@ def test_smollm2_quantized_argmax_agrees_with_llamacpp(quant, smollm2, exported)
     assert max(gaps, default=0.0) < 1.0
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "qwen2-tiny"])
-def test_tiny_models_match_llamacpp(preset, small_tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    ("preset", "quant"), [("llama-tiny", "f32"), ("qwen2-tiny", "f32"), ("llama-tiny", "f16"), ("qwen2-tiny", "f16")]
+)
+def test_tiny_models_match_llamacpp(preset, quant, small_tokenizer, tmp_path):
     """Both architectures in llama.cpp: llama (untied head, GQA, Q/K rows interleaved) and qwen2 (biases, tied
-    head, rows as they are). Every argmax agrees except at near-ties: llama.cpp keeps K and V in float16, which
-    moves logits by ~1e-2 (a wrong row order or a missing bias changes most of them)."""
-    model = _tiny(preset, small_tokenizer)
-    path = export_gguf(model, small_tokenizer, tmp_path / "m.gguf", "f32")
+    head, rows as they are), f32 and f16. Every argmax agrees except at near-ties: llama.cpp keeps K and V (and,
+    for f16 weights, activations) in float16, which moves logits by ~1e-2; a wrong row order or a missing bias
+    changes most of them (without the Q/K permutation 21 of 100 agreed)."""
+    model = _tiny(preset, small_tokenizer, d_ff=192)
+    path = export_gguf(model, small_tokenizer, tmp_path / "m.gguf", quant)
+    model = load_pretrained(path)[0]  # the weights as stored (f16: rounded)
     sequences = [small_tokenizer.encode(t) for t in TEXTS]
     theirs = run_llamacpp(path, [{"mode": "teacher", "sequences": sequences}])["results"][0]
     decisive = 0
