@@ -33,17 +33,23 @@ CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def small_tokenizer():
-    """A 400-token byte-level BPE (GPT-2's split) with special tokens, a plain added token and a chat
-    template: the real SmolLM2 vocabulary makes every GGUF read take seconds, so it is left to (b) and (c)."""
+def _train_small(split: str | None = None):
+    """A 400-token byte-level BPE with special tokens, a plain added token and a chat template; GPT-2's split,
+    or `split` (a regex) before a byte-level step, as Llama 3 does."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from lmlab.tokenizer.tokenizer import Tokenizer
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -59,6 +65,12 @@ def small_tokenizer():
         "pad_token": "<|im_end|>",
     }
     return Tokenizer(backend, config, CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    """GPT-2's split; the real SmolLM2 vocabulary makes every GGUF read take seconds, so it is left to (b), (c)."""
+    return _train_small()
 
 
 def _tiny(preset: str, tokenizer, **overrides) -> Transformer:
@@ -352,3 +364,16 @@ def test_tiny_models_match_llamacpp(preset, quant, small_tokenizer, tmp_path):
                 decisive += 1
                 assert x == y, f"position {pos} of {ids}: lmlab {x}, llama.cpp {y} (top-2 gap {gap:.3f})"
     assert decisive >= 0.8 * sum(map(len, sequences))
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_pre_tokenizer_names_split_as_llamacpp_does(pre, tmp_path):
+    """The pre-tokenizer name written to the file makes llama.cpp split text as lmlab does ("smollm": (b))."""
+    from lmlab.tokenizer.gguf import _SPLITS
+
+    tokenizer = _train_small(None if pre == "gpt-2" else _SPLITS[pre])
+    path = export_gguf(_tiny("llama-tiny", tokenizer), tokenizer, tmp_path / "m.gguf", "f32")
+    assert open_gguf(path).fields["tokenizer.ggml.pre"].contents() == pre
+    texts = [*TEXTS, "I'm sure they'll say 1234567 isn't    2 much\n\n\tok?", "ÀÉÎõü ñ 日本語のテキスト"]
+    got = run_llamacpp(path, [{"mode": "tokenize", "texts": texts, "special": True}])["results"][0]
+    assert got == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
