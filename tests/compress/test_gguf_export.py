@@ -377,3 +377,21 @@ def test_pre_tokenizer_names_split_as_llamacpp_does(pre, tmp_path):
     texts = [*TEXTS, "I'm sure they'll say 1234567 isn't    2 much\n\n\tok?", "ÀÉÎõü ñ 日本語のテキスト"]
     got = run_llamacpp(path, [{"mode": "tokenize", "texts": texts, "special": True}])["results"][0]
     assert got == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_add_bos_is_stored_once(tmp_path):
+    """A tokenizer that prepends BOS: the file says so (llama.cpp then prepends it itself), and lmlab reading
+    the file back prepends exactly one, so a prompt never starts with two."""
+    from tokenizers import processors
+
+    tokenizer = _train_small()
+    bos = tokenizer.bos_token_id
+    tokenizer.backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
+    assert tokenizer.encode("hi")[0] == bos
+    path = export_gguf(_tiny("llama-tiny", tokenizer), tokenizer, tmp_path / "m.gguf", "f32")
+    assert open_gguf(path).fields["tokenizer.ggml.add_bos_token"].contents() is True
+    _, back = load_pretrained(path)
+    assert back.encode("hi") == tokenizer.encode("hi") and back.encode("hi").count(bos) == 1
+    assert run_llamacpp(path, [])["info"]["add_bos"] is True
