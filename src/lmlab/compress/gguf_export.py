@@ -113,7 +113,7 @@ def _tensor_type(name: str, w: torch.Tensor, quant: str, tied: bool) -> str:
 def gguf_tensors(
     cfg: ModelConfig, params: dict[str, torch.Tensor], quant: str
 ) -> Iterator[tuple[str, np.ndarray, str]]:
-    """(GGUF name, data to write, storage type) for each parameter, in llama.cpp's usual order."""
+    """(GGUF name, data to write, storage type) for each parameter, in the model's order."""
     arch = gguf_arch(cfg)
     for ours, w in params.items():
         if cfg.tie_embeddings and ours == "lm_head.weight":
