@@ -35,6 +35,15 @@ def _convert(args: argparse.Namespace) -> None:
 
     from lmlab.model.checkpoint import load_pretrained, save_pretrained
 
+    to = args.to or ("gguf" if str(args.dst).endswith(".gguf") else "hf")
+    if to == "gguf":
+        from lmlab.compress.gguf_export import DEFAULT_QUANT, export_gguf
+
+        model, tokenizer = load_pretrained(args.src)
+        print(f"wrote {export_gguf(model, tokenizer, args.dst, args.quant or DEFAULT_QUANT)}")
+        return
+    if args.quant:
+        raise LmlabError("--quant applies to GGUF output", hint="add --to gguf or name DST *.gguf")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model, tokenizer = load_pretrained(args.src, dtype=dtype)
     out = save_pretrained(model, tokenizer, args.dst)
@@ -439,11 +448,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_model_info)
 
     convert = sub.add_parser(
-        "convert", help="convert a checkpoint (.gguf or HF directory) to a HF safetensors directory"
+        "convert", help="convert a checkpoint (.gguf or HF directory) to a HF safetensors directory or a GGUF file"
     )
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    convert.add_argument(
+        "--to",
+        choices=("hf", "gguf"),
+        default=None,
+        help="output format (default: gguf when DST ends in .gguf, else hf)",
+    )
+    convert.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf output dtype"
+    )
+    convert.add_argument(
+        "--quant",
+        choices=("f32", "f16", "q8_0", "q4_0"),
+        default=None,
+        help="gguf weight type (default f16, as llama.cpp's converter); norms and biases stay f32",
+    )
     convert.set_defaults(func=_convert)
 
     qz = sub.add_parser("quantize", help="int8/int4 weight-only quantization (round-to-nearest or GPTQ)")

@@ -1,1 +1,1 @@
-"""Model compression: quantization (int8/int4, GPTQ, GGUF blocks), pruning, distillation, GGUF export."""
+"""Making models smaller: quantization (int8/int4, GPTQ, llama.cpp's GGUF blocks), pruning, distillation, GGUF export."""

@@ -18,8 +18,9 @@ from lmlab.tokenizer.gguf import read_gguf_tokenizer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.progress import progress_bar
 
-SUPPORTED_ARCHS = ("llama",)
-_NAMES = {
+SUPPORTED_ARCHS = ("llama", "qwen2")
+# llama.cpp's tensor names -> ours (compress/gguf_export.py writes with the same tables)
+BLOCK_NAMES = {
     "attn_q": "attn.q",
     "attn_k": "attn.k",
     "attn_v": "attn.v",
@@ -30,7 +31,11 @@ _NAMES = {
     "attn_norm": "norm1",
     "ffn_norm": "norm2",
 }
-_TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+TOP_NAMES = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def gguf_config(reader: Any, source: str | None = None) -> ModelConfig:
@@ -73,7 +78,8 @@ def gguf_config(reader: Any, source: str | None = None) -> ModelConfig:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-        family="llama",
+        qkv_bias="blk.0.attn_q.bias" in names,
+        family=arch,
     )
 
 
@@ -113,16 +119,19 @@ def gguf_state_dict(
     `<layer>.qweight/.scales/.offsets` (a tied head gets its own, from the embedding's blocks)."""
     from gguf.quants import dequantize
 
+    # llama.cpp's converter interleaves Q/K rows for "llama" (its RoPE rotates adjacent pairs); "qwen2" keeps
+    # Hugging Face's order (NEOX-style RoPE rotates the two halves)
+    interleaved = _field(reader, "general.architecture") == "llama"
     out = {}
     # dequantizing a large file takes a while: show it (a line per interval in a log)
     for t in progress_bar(reader.tensors, desc=f"load {Path(source).name if source else 'GGUF'}", unit="tensor"):
-        if t.name in _TOP:
-            ours = _TOP[t.name]
+        if t.name in TOP_NAMES:
+            ours = TOP_NAMES[t.name]
         else:
             parts = t.name.split(".")  # blk.N.attn_q.weight
-            if parts[0] != "blk" or parts[2] not in _NAMES:
+            if parts[0] != "blk" or parts[2] not in BLOCK_NAMES:
                 continue  # e.g. rope_freqs: recomputed from metadata
-            ours = f"layers.{parts[1]}.{_NAMES[parts[2]]}.{parts[3]}"
+            ours = f"layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
         kind = t.tensor_type.name
         head_from_embed = ours == "embed.weight" and cfg.tie_embeddings
         if keep_quantized and kind in BLOCK_BYTES and (ours.endswith(_LINEAR) or head_from_embed):
@@ -131,7 +140,7 @@ def gguf_state_dict(
             for part, x in zip(("qweight", "scales", "offsets"), gguf_blocks(t.data, kind)):
                 if x is not None:
                     out[f"{layer}.{part}"] = (
-                        _unpermute(x, heads) if ours.endswith(("attn.q.weight", "attn.k.weight")) else x
+                        _unpermute(x, heads) if interleaved and ours.endswith(("attn.q.weight", "attn.k.weight")) else x
                     )
             if not head_from_embed:
                 continue  # the embedding itself is also needed as floats, for the lookup
@@ -142,9 +151,9 @@ def gguf_state_dict(
                 f"tensor {t.name}: quantization {t.tensor_type.name} is not supported", file=source
             ) from None
         w = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
-        if ours.endswith("attn.q.weight"):
+        if interleaved and ours.endswith(("attn.q.weight", "attn.q.bias")):
             w = _unpermute(w, cfg.n_head)
-        elif ours.endswith("attn.k.weight"):
+        elif interleaved and ours.endswith(("attn.k.weight", "attn.k.bias")):
             w = _unpermute(w, cfg.n_kv_head)
         out[ours] = w.to(dtype)
     return out
