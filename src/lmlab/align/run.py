@@ -170,6 +170,10 @@ def _finish(summary: dict[str, Any], trainer: Trainer, out: Path) -> dict[str, A
             path = plot_metric_panels(records, keys, out / "align_curves.png", f"lmlab align {method}")
             summary["curves"] = str(path)
         summary["out_dir"], summary["model"] = str(out), str(out / "final")
+        if summary["method"] != "rm" and summary.get("before") and summary.get("after"):
+            from lmlab.align.evaluate import paired_change
+
+            summary["change"] = paired_change(summary["before"], summary["after"])
         from lmlab.finetune.run import _jsonable
 
         write_json(out / "summary.json", _jsonable(summary))
