@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lmlab.cli import main
-from lmlab.rag.evaluate import auroc, coverage_curve, retrieval_scores, tune_threshold
+from lmlab.rag.evaluate import answer_scores, auroc, coverage_curve, retrieval_scores, strip_markup, tune_threshold
 
 from .conftest import write_jsonl
 
@@ -20,6 +20,17 @@ def test_retrieval_scores_by_hand():
     assert got["recall@1"] == 0 and got["recall@5"] == 1.0
     assert got["mrr"] == 0.5  # pages in order: b, a, c, d
     assert got["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3)))
+
+
+def test_answer_scores_see_through_rest_markup():
+    # SQuAD normalization deletes punctuation: ":mod:`json`" used to become "modjson" and score 0 against "json"
+    assert strip_markup(":mod:`json` and ``json.dumps``") == " json  and   json.dumps  "
+    got = answer_scores("It is the :mod:`json` module.", ["json"])
+    assert got["contains"] == 1.0 and got["f1"] == pytest.approx(
+        2 * (1 / 4) / (1 / 4 + 1)
+    )  # "it is json module": 4 tokens
+    assert answer_scores("Use ``json.dumps``", ["json.dumps"])["contains"] == 1.0
+    assert answer_scores("The pickle module", ["json"]) == {"em": 0.0, "f1": 0.0, "contains": 0.0}
 
 
 def test_auroc_threshold_and_curve():

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,14 +86,27 @@ def tune_threshold(scores: Sequence[float], answerable: Sequence[int]) -> float:
     return float(cuts[int(np.argmax(acc))])
 
 
+# reST and Markdown code markup: ":mod:`json`", "``json.dumps``", "`json`". SQuAD normalization deletes
+# punctuation without a space, so ":class:`json`" became "classjson" and a correct answer scored 0; answers quote
+# the sources' markup, so the markup goes first (for every system alike, and for the gold answers)
+_ROLE = re.compile(r":[\w.+-]+:`([^`]*)`")
+
+
+def strip_markup(text: str) -> str:
+    """Text with reST roles reduced to their target and backquotes made spaces, before SQuAD normalization."""
+    return _ROLE.sub(r" \1 ", text).replace("`", " ")
+
+
 def contains_answer(prediction: str, answers: Sequence[str]) -> float:
     """1.0 when a normalized gold answer appears in the normalized prediction (for sentence-long answers)."""
-    p = f" {_squad_normalize(prediction)} "
-    return float(any(f" {_squad_normalize(a)} " in p for a in answers if _squad_normalize(a)))
+    p = f" {_squad_normalize(strip_markup(prediction))} "
+    gold = [_squad_normalize(strip_markup(a)) for a in answers]
+    return float(any(f" {g} " in p for g in gold if g))
 
 
 def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
-    """Exact match, token F1 and containment against the best of several gold answers."""
+    """Exact match, token F1 and containment against the best of several gold answers (markup stripped first)."""
+    prediction, answers = strip_markup(prediction), [strip_markup(a) for a in answers]
     return {
         "em": max(exact_match(prediction, a) for a in answers),
         "f1": max(token_f1(prediction, a) for a in answers),
