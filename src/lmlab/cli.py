@@ -229,7 +229,7 @@ def _rag_eval(args: argparse.Namespace) -> None:
 
     model = None if args.model in (None, "extract") else args.model
     r = evaluate_rag(args.index, args.qa, args.out, model, args.dev, args.k, args.generate_k, args.limit, args.labels,
-                     args.save_threshold, args.consistency)  # fmt: skip
+                     args.save_threshold, args.consistency, args.replay)  # fmt: skip
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}/results.json, report.md, retrieval.png, coverage.png ({r['seconds']} s)")
 
@@ -701,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--labels", default=None, help="hand-labelled (sentence, source, supported) rows to validate")
     re_.add_argument("--save-threshold", action="store_true", help="store the tuned threshold in the index")
     re_.add_argument("--consistency", type=int, default=0, metavar="N", help="SelfCheck detector AUROC, N samples")
+    re_.add_argument("--replay", default=None, metavar="RESULTS_JSON",
+                     help="re-score an earlier --model run's generations (its results.json) instead of generating")  # fmt: skip
     re_.set_defaults(func=_rag_eval)
     mq = rag.add_parser("make-qa", help="build the Python-docs QA set (templates, cloze, paraphrases, unanswerable)")
     mq.add_argument("--out", default="data/rag")
