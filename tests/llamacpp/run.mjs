@@ -8,6 +8,9 @@
 //                                                                        each step (margin: top-1 minus top-2 logit)
 //   {"mode": "teacher", "sequences": [[id]]}                         -> [{tokens, margins}]: argmax after each
 //                                                                        position
+//   {"mode": "speed", "prompt": [id], "n": int, "repeats": int}    -> {prefill_s: [..], decode_s: [..]}: the prompt's
+//                                                                        forward, then n - 1 greedy steps (one token
+//                                                                        each, llama.cpp's own sampler), per repeat
 //   {"mode": "chat_template", "conversations": [{"messages": [...], "add_generation_prompt": bool}]}
 //                                                                     -> [str]: the file's template rendered by
 //                                                                        llama.cpp's own Jinja engine
@@ -71,6 +74,24 @@ function renderChat(template, conversation) {
     });
 }
 
+async function speed(prompt, n, repeats) {
+    // decode speed as a user of llama.cpp sees it: its greedy sampler, one token per step, no logits read back
+    const prefill = [], decode = [];
+    for (let r = 0; r < repeats; r++) {
+        await sequence.clearHistory();
+        const t0 = performance.now();
+        let t1 = 0, count = 0;
+        for await (const token of sequence.evaluate(prompt, {temperature: 0})) {
+            if (count === 0) t1 = performance.now();
+            if (++count >= n) break;
+        }
+        const t2 = performance.now();
+        prefill.push((t1 - t0) / 1000);
+        decode.push((t2 - t1) / 1000);
+    }
+    return {prefill_s: prefill, decode_s: decode, tokens: n};
+}
+
 const results = [];
 for (const r of input.requests) {
     if (r.mode === "tokenize")
@@ -83,6 +104,8 @@ for (const r of input.requests) {
         const rows = [];
         for (const s of r.sequences) rows.push(await argmaxAfterEach(s));
         results.push(rows);
+    } else if (r.mode === "speed") {
+        results.push(await speed(r.prompt, r.n, r.repeats ?? 3));
     } else if (r.mode === "chat_template") {
         const template = model.fileInfo.metadata?.tokenizer?.chat_template;
         if (template == null) throw new Error("the GGUF file has no tokenizer.chat_template");

@@ -25,6 +25,8 @@ METHODS = ("rtn", "gptq")
 @torch.no_grad()
 def quantize_rtn_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Every layer `quantizable` names, rounded to the nearest code (in place)."""
+    for name, m in quantizable(model, config):  # every width checked before any layer changes
+        config.groups(m.in_features, name)
     untie_head(model)
     for name, m in quantizable(model, config):
         qweight, scales, offsets = quantize_rtn(m.weight.detach().float().cpu(), config, name)
