@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from lmlab.compress.rtn import dequantize_with, group_params, quantize_with
 from lmlab.kernels import quant
-from lmlab.model.quantized import QuantConfig, QuantLinear, quantizable, set_module, untie_head
+from lmlab.model.quantized import QuantConfig, quantizable, replace_linear, untie_head
 from lmlab.utils.progress import progress_bar
 
 BLOCK_COLUMNS = 128
@@ -134,18 +134,6 @@ def _record(modules: dict[str, nn.Linear], run: Callable[[], None]) -> dict[str,
     return hessians
 
 
-def _swap(model: nn.Module, name: str, linear: nn.Linear, q: tuple, config: QuantConfig) -> None:
-    qweight, scales, offsets = q
-    layer = QuantLinear(linear.in_features, linear.out_features, config.bits, scales.shape[1], linear.bias is not None)
-    layer.qweight.copy_(qweight)
-    layer.scales.copy_(scales)
-    if offsets is not None:
-        layer.offsets.copy_(offsets)
-    if linear.bias is not None:
-        layer.bias.data.copy_(linear.bias.detach().float())
-    set_module(model, name, layer.to(linear.weight.device))
-
-
 @torch.no_grad()
 def gptq_quantize_model(
     model: nn.Module, batches: list[torch.Tensor], config: QuantConfig, damp: float = 0.01
@@ -169,7 +157,7 @@ def gptq_quantize_model(
             w_gptq = _dequant(q)
             w_rtn = _dequant(quantize_rtn(w, config, name))
             ratios[name] = layer_error(w, w_gptq, H) / max(layer_error(w, w_rtn, H), 1e-30)
-            _swap(model, name, m, q, config)
+            replace_linear(model, name, m, q)
 
     bar = progress_bar(total=len(model.layers) + 1, desc="GPTQ", unit="layer")
     for i, block in enumerate(model.layers):

@@ -17,7 +17,7 @@ import torch.nn as nn
 from lmlab.compress.gptq import calibration_batches, gptq_quantize_model
 from lmlab.compress.rtn import quantize_rtn
 from lmlab.errors import LmlabError
-from lmlab.model.quantized import QuantConfig, QuantLinear, quantizable, quantized_bytes, set_module, untie_head
+from lmlab.model.quantized import QuantConfig, quantizable, quantized_bytes, replace_linear, untie_head
 
 METHODS = ("rtn", "gptq")
 
@@ -29,15 +29,7 @@ def quantize_rtn_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         config.groups(m.in_features, name)
     untie_head(model)
     for name, m in quantizable(model, config):
-        qweight, scales, offsets = quantize_rtn(m.weight.detach().float().cpu(), config, name)
-        layer = QuantLinear(m.in_features, m.out_features, config.bits, scales.shape[1], m.bias is not None)
-        layer.qweight.copy_(qweight)
-        layer.scales.copy_(scales)
-        if offsets is not None:
-            layer.offsets.copy_(offsets)
-        if m.bias is not None:
-            layer.bias.data.copy_(m.bias.detach().float())
-        set_module(model, name, layer.to(m.weight.device))
+        replace_linear(model, name, m, quantize_rtn(m.weight.detach().float().cpu(), config, name))
     model.quant_config = config
     return model
 

@@ -105,6 +105,21 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group={self.in_features // groups}"
 
 
+def replace_linear(model: nn.Module, name: str, linear: nn.Linear, q: tuple) -> QuantLinear:
+    """Put a QuantLinear holding `q` = (qweight, scales, offsets or None) where `linear` was (its bias kept)."""
+    qweight, scales, offsets = q
+    bits = 8 if qweight.dtype == torch.int8 else 4
+    layer = QuantLinear(linear.in_features, linear.out_features, bits, scales.shape[1], linear.bias is not None)
+    layer.qweight.copy_(qweight)
+    layer.scales.copy_(scales)
+    if offsets is not None:
+        layer.offsets.copy_(offsets)
+    if linear.bias is not None:
+        layer.bias.data.copy_(linear.bias.detach().float())
+    set_module(model, name, layer.to(linear.weight.device))
+    return layer
+
+
 def quantizable(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
     """The linear layers a QuantConfig converts: every nn.Linear of the decoder stack and the LM head,
     except those named in modules_not_to_convert (classifier heads and poolers stay float)."""

@@ -64,18 +64,6 @@ struct Int4Row {
   inline void prefetch(int64_t k) const { _mm_prefetch(reinterpret_cast<const char*>(q + k / 2 + kPrefetchBytes), _MM_HINT_T1); }
 };
 
-// Writes acc sums: y[m * N + n + j] = sum of lanes of acc[2m + j].
-template <int M>
-inline void store(const __m512 (&acc)[16], float* y, int64_t n, int64_t N) {
-  alignas(64) float out[16];
-  _mm512_store_ps(out, lmlab::sum16(acc));
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < 2; ++j) {
-      const int i = 2 * m + j;
-      y[int64_t(m) * N + n + j] = out[4 * (i % 4) + i / 4];
-    }
-}
-
 // Output rows n, n + 1 against M <= 8 rows of x (K a multiple of 16).
 template <int M>
 inline void int8_pair(const float* x, const Int8Row& r0, const Int8Row& r1, float* y, int64_t n, int64_t N, int64_t K) {
@@ -94,7 +82,7 @@ inline void int8_pair(const float* x, const Int8Row& r0, const Int8Row& r1, floa
       }
     }
   }
-  store<M>(acc, y, n, N);
+  lmlab::store_pairs<M>(acc, y, n, N);
 }
 
 // Output rows n, n + 1 against M <= 8 rows of x (K a multiple of 32).
@@ -118,7 +106,7 @@ inline void int4_pair(const float* x, const Int4Row& r0, const Int4Row& r1, floa
       }
     }
   }
-  store<M>(acc, y, n, N);
+  lmlab::store_pairs<M>(acc, y, n, N);
 }
 
 template <class Row>
