@@ -138,7 +138,7 @@ def first_layers(teacher: Transformer, n_layers: int) -> Transformer:
         setattr(student, name, torch.nn.ModuleList(list(child)[:n_layers]) if name == "layers" else child)
     student = copy.deepcopy(student)  # its own weights (the tie between embedding and head survives the copy)
     student.init_buffers(next(teacher.parameters()).device)
-    return student
+    return student.requires_grad_(True)  # a frozen teacher's flags must not freeze the student
 
 
 def _first(cfg: ModelConfig, n: int) -> dict[str, Any]:
