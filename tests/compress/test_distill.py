@@ -134,16 +134,16 @@ def test_vocabulary_mismatch_is_named():
     target = _target()
     torch.manual_seed(0)
     other = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=256)).eval()
-    with pytest.raises(LmlabError, match="draft.*vocabulary \\(256 tokens\\) is not the target's \\(512\\)"):
+    with pytest.raises(LmlabError, match=r"draft.*vocabulary \(256 tokens\) is not the target's \(512\)"):
         speculative_generate(target, other, None, [1, 2, 3], GenerationConfig(max_new_tokens=4))
     student = build_student({"preset": "llama-tiny", "n_layer": 1}, target)
     assert student.cfg.vocab_size == 512  # a preset student takes the teacher's vocabulary
-    with pytest.raises(LmlabError, match="layers 9 is outside 1..2"):
+    with pytest.raises(LmlabError, match=r"layers 9 is outside 1\.\.2"):
         build_student({"layers": 9}, target)
 
 
 def test_bad_distill_settings_are_named():
-    with pytest.raises(LmlabError, match="distill.kl"):
+    with pytest.raises(LmlabError, match=r"distill\.kl"):
         DistillConfig(kl="sideways")
     with pytest.raises(LmlabError, match="reverse KL needs the teacher's full distribution"):
         DistillConfig(kl="reverse", teacher_logits="cache")

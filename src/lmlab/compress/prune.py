@@ -35,8 +35,11 @@ def token_windows(tokenizer: Tokenizer, files: list[Path], block_size: int, max_
     in a seeded order (mixed corpora interleave)."""
     eos = tokenizer.eos_token_id or 0
     stream: list[int] = []
+    enough = max_windows * (block_size + 1) if max_windows else None
     for file in files:
         for line in file.read_text(encoding="utf-8").splitlines():
+            if enough and len(stream) >= enough * len(files):
+                break  # each file may fill the quota: large corpora are not tokenized to the end
             if line.strip():
                 stream += [*tokenizer.encode(records_text(tokenizer, json.loads(line)), add_special_tokens=False), eos]
     n = len(stream) // (block_size + 1)
