@@ -147,3 +147,28 @@ def test_bad_distill_settings_are_named():
         DistillConfig(kl="sideways")
     with pytest.raises(LmlabError, match="reverse KL needs the teacher's full distribution"):
         DistillConfig(kl="reverse", teacher_logits="cache")
+
+
+def test_distill_recipe_runs_end_to_end(smollm2_gguf, tmp_path):
+    """`lmlab distill` on a tiny teacher with SmolLM2's tokenizer: a student checkpoint that loads and
+    has the teacher's vocabulary, and a top-k cache on disk."""
+    from lmlab.compress.distill import distill
+    from lmlab.model.checkpoint import load_pretrained, save_pretrained
+    from lmlab.train.config import recipe_from_dict
+
+    _, tokenizer = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    teacher = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, tie_embeddings=True))
+    save_pretrained(teacher, tokenizer, tmp_path / "teacher")
+    recipe = recipe_from_dict({
+        "distill": {"teacher": str(tmp_path / "teacher"), "student": {"layers": 1}, "teacher_logits": "cache",
+                    "top_k": 8},
+        "data": {"datasets": ["kjv"], "max_windows": 8, "max_val_windows": 2},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2, "block_size": 16, "micro_batch_size": 2,
+                  "warmup_steps": 0, "eval_every": 1000, "eval_batches": 1},
+    })  # fmt: skip
+    summary = distill(recipe, progress=False)
+    student, tok = load_pretrained(summary["model"])
+    assert student.cfg.n_layer == 1 and student.cfg.vocab_size == 49152 and tok is not None
+    assert (tmp_path / "run" / "teacher_topk.safetensors").exists()
+    assert summary["steps"] == 2 and math.isfinite(summary["val_after"])
