@@ -57,29 +57,33 @@ def _gate_hooks(model: Transformer, what: str) -> tuple[list[torch.Tensor], list
     return gates, handles
 
 
+def _head_norms(m: nn.Linear, args: tuple, s: torch.Tensor, n: int) -> None:
+    """Add each head's squared contribution: its slice of o's input through its columns of o's weight."""
+    y = args[0].detach().float().reshape(-1, m.in_features)  # (tokens, heads * head_dim)
+    w = m.weight.detach().float()  # (d, heads * head_dim)
+    width = m.in_features // n
+    for u in range(n):
+        part = y[:, u * width : (u + 1) * width] @ w[:, u * width : (u + 1) * width].T  # (tokens, d)
+        s[u] += float(part.pow(2).sum())
+
+
+def _neuron_norms(m: nn.Linear, args: tuple, s: torch.Tensor) -> None:
+    """One column per neuron: its contribution's squared norm is ||h_j||^2 * ||W_down[:, j]||^2."""
+    y = args[0].detach().float().reshape(-1, m.in_features)  # (tokens, d_ff)
+    s += (y.pow(2).sum(0) * m.weight.detach().float().pow(2).sum(0)).double().cpu()
+
+
 def _output_norm_hooks(model: Transformer, what: str) -> tuple[list[torch.Tensor], list]:
     """Forward pre-hooks adding up, per unit, the squared norm of its contribution to the residual stream."""
     sums, handles = [], []
     for block in model.layers:
-        lin = block.attn.o if what == "heads" else block.mlp.down
-        n = block.attn.n_head if what == "heads" else lin.in_features
-        s = torch.zeros(n, dtype=torch.float64)
-
-        def hook(m, args, s=s, n=n):
-            y = args[0].detach().float().reshape(-1, m.in_features)  # (tokens, units * width)
-            w = m.weight.detach().float()  # (d, units * width)
-            width = m.in_features // n
-            for u in range(n):  # unit u's output: its slice of the input through its columns of the weight
-                part = y[:, u * width : (u + 1) * width] @ w[:, u * width : (u + 1) * width].T
-                s[u] += float(part.pow(2).sum())
-
-        if what == "neurons":  # one column per neuron: ||h_j|| * ||W_down[:, j]|| computed without a loop
-
-            def hook(m, args, s=s):
-                y = args[0].detach().float().reshape(-1, m.in_features)
-                s += (y.pow(2).sum(0) * m.weight.detach().float().pow(2).sum(0)).double().cpu()
-
-        handles.append(lin.register_forward_pre_hook(hook))
+        if what == "heads":
+            s = torch.zeros(block.attn.n_head, dtype=torch.float64)
+            hook = lambda m, args, s=s, n=block.attn.n_head: _head_norms(m, args, s, n)
+            handles.append(block.attn.o.register_forward_pre_hook(hook))
+        else:
+            s = torch.zeros(block.mlp.down.in_features, dtype=torch.float64)
+            handles.append(block.mlp.down.register_forward_pre_hook(lambda m, args, s=s: _neuron_norms(m, args, s)))
         sums.append(s)
     return sums, handles
 
