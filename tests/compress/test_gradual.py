@@ -83,3 +83,23 @@ def test_pretraining_with_a_prune_section_needs_its_callback(tmp_path):
     recipe = recipe_from_dict({"prune": {"final_sparsity": 0.5}, "data": {"tokens": str(tmp_path)}})
     with pytest.raises(LmlabError, match="prune: section"):
         pretrain(recipe)
+
+
+def test_lmlab_pretrain_with_a_prune_section_ends_at_the_final_sparsity(tmp_path, request):
+    from lmlab.cli import main
+    from lmlab.data import tokenize_files
+    from lmlab.model.checkpoint import load_pretrained
+    from lmlab.tokenizer.train import train_tokenizer_files
+
+    sample = request.config.rootpath / "data" / "samples"
+    train_tokenizer_files([sample], 600, tmp_path / "tokenizer", progress=False)
+    tokenize_files(tmp_path / "tokenizer", [sample], tmp_path / "tokens", val_fraction=0.1, progress=False)
+    sets = [f"data.tokens={tmp_path / 'tokens'}", "model.preset=llama-tiny", f"train.out_dir={tmp_path / 'run'}",
+            "train.max_steps=12", "train.micro_batch_size=4", "train.block_size=32", "train.warmup_steps=2",
+            "train.eval_every=6", "train.eval_batches=1", "prune.final_sparsity=0.6", "prune.start_step=2",
+            "prune.every=2", "prune.updates=4"]  # fmt: skip
+    argv = ["pretrain", "--config", str(request.config.rootpath / "recipes" / "pretrain" / "tiny.yaml")]
+    assert main([*argv, *[x for s in sets for x in ("--set", s)]]) == 0
+    model, _ = load_pretrained(tmp_path / "run" / "final")
+    for layer in prunable(model).values():
+        assert int((layer.weight == 0).sum()) == round(0.6 * layer.weight.numel())
