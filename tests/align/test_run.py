@@ -61,6 +61,10 @@ def test_each_method_writes_metrics_and_a_loadable_model(method, tmp_path, tiny_
     else:
         model, _ = load_pretrained(out / "final")
         assert model.cfg.head == ("seq_cls" if method == "rm" else "lm")
+    summary = json.loads((out / "summary.json").read_text())
+    for key in {"grpo": ["pass_rate"], "ppo": ["rm_score"]}.get(method, []):  # paired before/after, same prompts
+        c = summary["change"][key]
+        assert c["a"] == pytest.approx(summary["before"][key]) and c["b"] == pytest.approx(summary["after"][key])
     if method == "grpo":
         sample = json.loads((out / "completions.jsonl").read_text().splitlines()[0])
         assert set(sample) >= {"step", "prompt", "completion", "rewards"}

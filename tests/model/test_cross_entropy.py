@@ -221,3 +221,30 @@ def test_gpu_policy_traces_the_loss_into_the_compiled_graph():
     assert torch.allclose(compiled, loss, rtol=1e-5, atol=1e-6)
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad, eager_grads[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_gpu_policy_keeps_ignored_rows_without_a_host_sync(monkeypatch):
+    """On a GPU the causal LM loss does not look for -100 labels on the host (that would stall the
+    queued step); the ignored rows go through the projection and are skipped by the loss, with the
+    same value and gradients. Forced here on the CPU; an MLM head still drops them."""
+    from lmlab.utils.device import forced_policy, policy
+
+    torch.manual_seed(0)
+    m = lmlab.Transformer(lmlab.ModelConfig.from_preset("llama-tiny"))
+    x, y = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
+    y[0, :7] = -100
+    cpu_loss = m(x, targets=y)
+    cpu_loss.backward()
+    cpu_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or real_bool(t))
+    with forced_policy(policy("cuda")):
+        gpu_loss = m(x, targets=y)
+    monkeypatch.undo()
+    assert not reads  # no tensor was read as a Python bool on the way
+    gpu_loss.backward()
+    torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-6, atol=1e-6)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, cpu_grads[n], rtol=1e-5, atol=1e-7)

@@ -36,6 +36,12 @@ def test_citations_and_sentences():
     assert lexical_support("Mauna Loa erupts", "green tea") == 0.0
 
 
+def test_a_sentence_without_content_words_is_never_supported(setup):
+    _, checker = setup
+    (lex, sem), (lex2, _) = checker.scores(["* [1]", "Green tea [1]."], [["* Green tea."], ["* Green tea."]])
+    assert (lex, sem) == (0.0, 0.0) and lex2 == 1.0
+
+
 def test_prompt_numbers_the_sources(setup):
     retriever, _ = setup
     hits = retriever.search(Q, 3)

@@ -191,3 +191,46 @@ def test_index_built_with_another_encoder_is_refused(tmp_path, encoder, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tiny.sqlite: built with embedding model" in err
     assert out.read_bytes() == before
+
+
+def _index(path, docs, encoder):
+    index = Index.create(path, encoder)
+    index.add(docs, encoder)
+    return index
+
+
+def test_in_memory_bm25_equals_fts5(small_index, tmp_path, encoder):
+    """The in-memory postings (rag/sparse.py) give FTS5's own scores and order, ties by row included."""
+    with Index(small_index) as index:
+        index.warm()
+        n = index.counts()[1]
+        for q in [*QUERIES, "tea tea water", "the", "zzz unknownword"]:
+            want = index.bm25(q, n, engine="fts5")
+            got = index.bm25(q, n)
+            assert [r for r, _ in got] == [r for r, _ in want], q
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-12, atol=0)
+            assert index.bm25(q, 3) == got[:3]
+        assert index._sparse  # the mirror agreed with FTS5: the in-memory path was the one measured
+    # ties: identical chunks score the same and come back by row, also when k cuts inside the tie
+    docs = [Document(f"d{i}", "green tea water" if i % 2 else "black coffee water", "t") for i in range(9)]
+    with _index(tmp_path / "ties.sqlite", docs, encoder).warm() as index:
+        for k in (1, 2, 4, 9):
+            assert index.bm25("water tea", k) == index.bm25("water tea", k, engine="fts5")
+
+
+def test_bm25_falls_back_to_fts5_where_python_tokens_differ(tmp_path, encoder):
+    """A private-use character is a token character to FTS5's unicode61 but a separator to the Python mirror:
+    the document lengths disagree, so BM25 stays FTS5's."""
+    docs = [Document("a", "kettle\ue000steam boils water", "t"), Document("b", "cold water from the tap", "t")]
+    with _index(tmp_path / "pua.sqlite", docs, encoder).warm() as index:
+        assert index.bm25("water", 5) == index.bm25("water", 5, engine="fts5")
+        assert index._sparse is False
+
+
+def test_another_writer_invalidates_the_in_memory_copies(tmp_path, encoder):
+    path = tmp_path / "kb.sqlite"
+    _index(path, [Document("a", "green tea with hot water", "t")], encoder).close()
+    with Index(path).warm() as reader:
+        assert len(reader.bm25("water", 5)) == 1 and len(reader.vectors()[0]) == 1
+        _index(path, [Document("b", "boiling water for pasta", "t")], encoder).close()  # another connection
+        assert len(reader.bm25("water", 5)) == 2 and len(reader.vectors()[0]) == 2

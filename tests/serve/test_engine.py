@@ -105,6 +105,28 @@ def test_staggered_arrivals_match_generate(tiny):
         engine.close()
 
 
+def test_a_burst_is_prefilled_together_and_matches_generate(tiny):
+    """Requests that arrive together share prefill forwards (left-padded, grouped by length), and each
+    greedy answer still equals lmlab.generate on its own."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=8, max_queue=64)
+    prompts = _prompts(tok, 8)
+    cols = [Collector() for _ in prompts]
+    for p, c in zip(prompts, cols):  # queued before the scheduler runs: one burst
+        engine.submit(Request(p, GenerationConfig(max_new_tokens=20), c, ignore_eos=True))
+    engine.start()
+    try:
+        for c in cols:
+            assert c.done.wait(120), "a request never finished"
+        forwards = engine.m_prefills.value()
+        assert 1 <= forwards < len(prompts)  # batched: fewer forwards than prompts
+        for p, c in zip(prompts, cols):
+            ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=20, stop_token_ids=[]))[0]
+            assert c.failed is None and c.texts[0] == ref.text
+    finally:
+        engine.close()
+
+
 def test_n_choices_seeds_stops_and_penalties(tiny):
     """n rows share one prefill; choice j samples with seed + j; stop strings cut the text; penalties apply per row."""
     model, tok = tiny

@@ -15,7 +15,7 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.train import Trainer
-from lmlab.train.config import TrainConfig, apply_overrides, load_recipe
+from lmlab.train.config import TrainConfig, apply_overrides, load_recipe, section_config
 from lmlab.train.optim import param_groups
 from lmlab.train.schedule import lr_at
 from tests.train.helpers import RandomTokens, config, tiny_model
@@ -208,6 +208,23 @@ def test_recipe_overrides_and_errors(tmp_path):
     with pytest.raises(LmlabError, match=r"bad\.yaml:\d+: invalid YAML"):
         load_recipe(tmp_path / "bad.yaml")
     assert apply_overrides({}, ["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_section_config_names_unknown_keys_and_reads_yaml_numbers():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Section:
+        rate: float = 0.1
+        n: int = 2
+        cap: float | None = None
+
+    got = section_config(Section, {"rate": "1e-3", "n": "4", "cap": "2e-2"}, "sec", "x.yaml", optional_floats=("cap",))
+    assert got == Section(rate=1e-3, n=4, cap=2e-2)
+    with pytest.raises(LmlabError, match=r"x\.yaml: sec\.rat: unknown setting; known: cap, n, rate"):
+        section_config(Section, {"rat": 1}, "sec", "x.yaml")
+    with pytest.raises(LmlabError, match=r"x\.yaml: sec\.cap: 'big' is not a number"):
+        section_config(Section, {"cap": "big"}, "sec", "x.yaml", optional_floats=("cap",))
 
 
 def _gpu_policy_on_cpu():

@@ -48,9 +48,23 @@ def policy_report(
     checked = [float(is_correct(a, p.answer)) for a, p in zip(answers, prompts) if p.answer is not None]
     if checked:
         out["pass_rate"], out["pass_rate_se"] = float(np.mean(checked)), bootstrap_se(checked)
+        out["per_prompt_pass"] = checked  # kept for a paired comparison of before and after (`paired_change`)
     if scorer is not None:
-        scores = scorer.score_texts([p.messages for p in prompts], answers)
+        scores = [float(x) for x in scorer.score_texts([p.messages for p in prompts], answers)]
         out["rm_score"], out["rm_score_se"] = float(np.mean(scores)), bootstrap_se(scores)
+        out["per_prompt_rm_score"] = scores
     out["samples"] = [{"prompt": p.messages[-1]["content"], "answer": a}
                       for p, a in zip(prompts[:keep_answers], answers)]  # fmt: skip
+    return out
+
+
+def paired_change(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """after - before of each per-prompt measurement both hold (the same prompts), with a paired-bootstrap 95% CI."""
+    from lmlab.eval.bootstrap import paired_bootstrap
+
+    out = {}
+    for key, per_prompt in (("pass_rate", "per_prompt_pass"), ("rm_score", "per_prompt_rm_score")):
+        a, b = before.get(per_prompt), after.get(per_prompt)
+        if a and b and len(a) == len(b):
+            out[key] = paired_bootstrap(a, b)
     return out

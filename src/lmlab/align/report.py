@@ -25,6 +25,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  {k:22s} before {a or '-':>20s}   after {b or '-':>20s}")
     if summary["method"] == "rm":
         lines.append("  (chance accuracy: 0.5)")
+    for key, c in (summary.get("change") or {}).items():
+        lines.append(f"  {key} after - before (same prompts): {c['diff']:+.4f}, paired-bootstrap 95% CI "
+                     f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")  # fmt: skip
     for title, m in (("before", before), ("after", after)):
         for s in (m.get("samples") or [])[:3]:
             lines.append(f"  [{title}] {s['prompt'][:60]!r} -> {s['answer'][:80]!r}")

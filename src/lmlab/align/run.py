@@ -6,7 +6,6 @@ policy (or reward model) before and after; the summary goes to OUT/summary.json.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from lmlab.errors import LmlabError
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
-from lmlab.train.config import Recipe, coerce
+from lmlab.train.config import Recipe, coerce, section_config
 from lmlab.train.trainer import Trainer
 from lmlab.utils.atomic import write_json
 
@@ -91,23 +90,8 @@ class AlignConfig:
 
 def align_config(recipe: Recipe) -> AlignConfig:
     """The recipe's `align:` section, validated (unknown keys named)."""
-    known = {f.name for f in dataclasses.fields(AlignConfig)}
-    for key in recipe.align:
-        if key not in known:
-            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=recipe.source,
-                             field=f"align.{key}")  # fmt: skip
-    values = dict(recipe.align)
-    for key in ("beta", "epsilon_high", "kl_target"):  # optional floats: YAML 1.1 reads 1e-3 as text
-        if isinstance(values.get(key), str):
-            try:
-                values[key] = float(values[key])
-            except ValueError:
-                raise LmlabError(f"{values[key]!r} is not a number", file=recipe.source, field=f"align.{key}") from None
-    try:
-        return AlignConfig(**coerce(AlignConfig, values, "align", recipe.source))
-    except LmlabError as e:
-        e.file = e.file or recipe.source
-        raise
+    return section_config(AlignConfig, recipe.align, "align", recipe.source,
+                          optional_floats=("beta", "epsilon_high", "kl_target"))  # fmt: skip
 
 
 # -- shared steps -----------------------------------------------------------------------------------
@@ -186,6 +170,10 @@ def _finish(summary: dict[str, Any], trainer: Trainer, out: Path) -> dict[str, A
             path = plot_metric_panels(records, keys, out / "align_curves.png", f"lmlab align {method}")
             summary["curves"] = str(path)
         summary["out_dir"], summary["model"] = str(out), str(out / "final")
+        if summary["method"] != "rm" and summary.get("before") and summary.get("after"):
+            from lmlab.align.evaluate import paired_change
+
+            summary["change"] = paired_change(summary["before"], summary["after"])
         from lmlab.finetune.run import _jsonable
 
         write_json(out / "summary.json", _jsonable(summary))

@@ -25,6 +25,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.model.hf import hf_name
+from lmlab.model.quantized import QuantLinear
 from lmlab.model.transformer import Transformer
 from lmlab.utils.atomic import atomic_path, write_json
 
@@ -68,16 +69,26 @@ class LoraConfig:
 
 
 class LoRALinear(nn.Linear):
-    """A linear layer that keeps its own weight and bias (frozen) and adds scaling * B(A(dropout(x)))."""
+    """A linear layer that keeps its own weight and bias (frozen) and adds scaling * B(A(dropout(x))).
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
+    The base may be a quantized layer (model/quantized.py's QuantLinear: QLoRA-style fine-tuning, the
+    frozen base held as int8/int4 codes and the adapter in float32); it then stays a submodule,
+    `quantized_base`, and the adapter cannot be merged into it (merge into the float base instead)."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0) -> None:
         nn.Module.__init__(self)  # adopt the base layer's parameters instead of allocating new ones
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        dev, dtype = self.weight.device, self.weight.dtype
+        if isinstance(base, QuantLinear):
+            self.quantized_base = base
+            self.weight, self.bias = None, None
+            dev, dtype = base.scales.device, torch.float32
+        else:
+            self.quantized_base = None
+            self.weight, self.bias = base.weight, base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            dev, dtype = self.weight.device, self.weight.dtype
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)
         # as peft: A like nn.Linear's default init, B zero, so training starts from the base model exactly
@@ -89,7 +100,7 @@ class LoRALinear(nn.Linear):
         self.disabled = False  # adapters_disabled(): the base layer alone (DPO/PPO's reference model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quantized_base is None else self.quantized_base(x)
         if self.merged or self.disabled:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -101,6 +112,11 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the weight (inference without the extra matmuls)."""
+        if self.quantized_base is not None:
+            raise LmlabError(
+                "a LoRA adapter on a quantized base cannot be merged into its int8/int4 codes",
+                hint="merge it into the float base (lmlab merge BASE ADAPTER OUT), then quantize the result",
+            )
         if not self.merged:
             self.weight += self.delta().to(self.weight.dtype)
             self.merged = True
@@ -113,12 +129,13 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
 
-def _linear_modules(model: Transformer, targets: list[str]) -> list[tuple[str, nn.Linear]]:
+def _linear_modules(model: Transformer, targets: list[str]) -> list[tuple[str, nn.Module]]:
     out = []
     for name, m in model.named_modules():
         parts = name.split(".")
         # layers.{i}.attn.{q,k,v,o} and layers.{i}.mlp.{gate,up,down}
-        if len(parts) == 4 and parts[0] == "layers" and parts[3] in targets and isinstance(m, nn.Linear):
+        linear = isinstance(m, (nn.Linear, QuantLinear))
+        if len(parts) == 4 and parts[0] == "layers" and parts[3] in targets and linear:
             out.append((name, m))
     return out
 

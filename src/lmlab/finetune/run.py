@@ -29,7 +29,7 @@ from lmlab.finetune.objectives import classification_loss, model_inputs
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
-from lmlab.train.config import Recipe, coerce
+from lmlab.train.config import Recipe, coerce, section_config
 from lmlab.train.trainer import Trainer, to_device
 from lmlab.utils.atomic import write_json, write_text
 
@@ -80,16 +80,7 @@ class FinetuneConfig:
 
 def finetune_config(recipe: Recipe) -> FinetuneConfig:
     """The recipe's `finetune:` section, validated (unknown keys named)."""
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    for key in recipe.finetune:
-        if key not in known:
-            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=recipe.source,
-                             field=f"finetune.{key}")  # fmt: skip
-    try:
-        return FinetuneConfig(**coerce(FinetuneConfig, recipe.finetune, "finetune", recipe.source))
-    except LmlabError as e:
-        e.file = e.file or recipe.source
-        raise
+    return section_config(FinetuneConfig, recipe.finetune, "finetune", recipe.source)
 
 
 # -- data -------------------------------------------------------------------------------------------

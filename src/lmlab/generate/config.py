@@ -31,8 +31,11 @@ class GenerationConfig:
     seed: int | None = None
     logprobs: bool = False  # record each chosen token's log-probability under the model
     # decode steps as one torch.compile graph over a static KV cache: a compile (tens of seconds on
-    # a small CPU) per new batch size or capacity, then faster steps; pays off for long or repeated runs
-    compile: bool = False
+    # a small CPU, a few with inductor's warm on-disk cache) per new batch size or capacity, then
+    # faster steps. True waits for it; "auto" compiles in a background thread while eager steps
+    # over the same static cache produce the first tokens, and switches once the graph is ready
+    # (what the CLI, chat and serve use); False never compiles.
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +51,7 @@ class GenerationConfig:
             ("num_beams", self.num_beams >= 1, "must be >= 1"),
             ("num_return_sequences", self.num_return_sequences >= 1, "must be >= 1"),
             ("early_stopping", self.early_stopping in (True, False, "never"), "must be true, false or 'never'"),
+            ("compile", self.compile in (True, False, "auto"), "must be true, false or 'auto'"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -98,7 +100,7 @@ class DecodeState:
 
 
 def new_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> DecodeState:
-    """The decode state for a batch; with `config.compile`, sized for a shared compiled graph."""
+    """The decode state for a batch; with `config.compile` (True or "auto"), sized for a shared compiled graph."""
     end = input_ids.shape[1] + config.max_new_tokens
     return DecodeState(input_ids, attention_mask, config.max_new_tokens, capacity_for(end) if config.compile else 0)
 
@@ -173,6 +175,62 @@ _compiled: collections.OrderedDict[tuple[int, int, int], Callable] = collections
 _KEEP = 16
 
 
+class _Warmup:
+    """A compile of one decode graph running in a background thread: `ready` once the graph is built
+    (by one call on a scratch cache of the same shapes), `failed` if building it raised."""
+
+    def __init__(self, forward: Callable, batch: int, capacity: int, mask: torch.Tensor, model: Transformer) -> None:
+        self.ready = threading.Event()
+        self.failed: BaseException | None = None
+        self._args = (forward, batch, capacity, torch.ones_like(mask), model)
+        threading.Thread(target=self._run, name="lmlab-compile", daemon=True).start()
+
+    def _run(self) -> None:
+        forward, batch, capacity, mask, model = self._args
+        try:
+            with torch.inference_mode():
+                cache = StaticKVCache.for_model(model, batch, capacity)
+                cache.advance(1)
+                token = torch.zeros(batch, dtype=torch.long, device=mask.device)
+                forward(token[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+        except BaseException as e:  # a failed compile leaves the eager steps running: say why, once
+            self.failed = e
+            warnings.warn(f"lmlab: compiling the decode step failed, decoding stays eager: {e}", stacklevel=1)
+        finally:
+            self._args = ()
+            self.ready.set()
+
+
+def warmup(model: Transformer, batch: int, capacity: int, mask: torch.Tensor) -> _Warmup:
+    """The background compile of (model, batch, capacity)'s decode graph, started on first request."""
+    key = (id(model), batch, capacity)
+    with _warm_lock:
+        w = _warming.get(key)
+        if w is None or (w.ready.is_set() and key not in _compiled):
+            w = _warming[key] = _Warmup(compiled(model, batch, capacity), batch, capacity, mask, model)
+            while len(_warming) > _KEEP:
+                _warming.pop(next(iter(_warming)))
+    return w
+
+
+_warming: dict[tuple[int, int, int], _Warmup] = {}
+_warm_lock = threading.Lock()
+
+
+def compiles_pending() -> bool:
+    """Whether a background decode-graph compile is still running."""
+    with _warm_lock:
+        return any(not w.ready.is_set() for w in _warming.values())
+
+
+def wait_for_compiles() -> None:
+    """Block until every background compile has finished."""
+    with _warm_lock:
+        pending = list(_warming.values())
+    for w in pending:
+        w.ready.wait()
+
+
 def _compile_options() -> dict:
     """Inductor options for decode steps.
 
@@ -223,16 +281,20 @@ def decode_steps(
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=state.ids.device).manual_seed(config.seed)
     eos_t = torch.tensor(eos, device=state.ids.device)
+    background = config.compile == "auto"
+    kernels = cpu_kernels.for_rows(B, state.ids.device)
     if config.compile:
         # a static cache over all of the state's columns; the prompt runs eagerly (its length varies),
-        # every decode step through one compiled graph
+        # every decode step through one compiled graph ("auto": eager steps over the same cache until
+        # the graph, compiling in the background, is ready)
         cache = static_cache(model, B, state.ids.shape[1])
+        warm = warmup(model, B, state.ids.shape[1], state.mask) if background else None
         forward = compiled(model, B, state.ids.shape[1])
         cache.advance(state.length)
         logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
+        first_compiled = None  # the step at which the graph was first used (its guards are checked then)
     else:
         cache, forward = KVCache.for_model(model, B, state.end), model
-        kernels = cpu_kernels.for_rows(B, state.ids.device)
         mask = state.mask[:, : state.length] if state.padded else None
         logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
     logits = logits[:, -1]
@@ -257,9 +319,15 @@ def decode_steps(
                 return
             if config.compile:
                 cache.advance(1)
-                # after the first step the graph is known to fit (same model, cache and shapes), so its
-                # guards, ~1 ms of checks over every weight and cache tensor, need not run again
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=step > 0):
+                if background and (not warm.ready.is_set() or warm.failed is not None):
+                    with kernels:  # the graph is not ready (or failed): this step runs eagerly
+                        logits = model(nxt[:, None], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
+                    logits = logits[:, -1]
+                    continue
+                first_compiled = step if first_compiled is None else first_compiled
+                # after the first compiled step the graph is known to fit (same model, cache and shapes), so
+                # its guards, ~1 ms of checks over every weight and cache tensor, need not run again
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=step > first_compiled):
                     logits = forward(nxt[:, None], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
             else:
                 mask = state.mask[:, : state.length] if state.padded else None

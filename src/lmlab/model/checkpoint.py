@@ -140,9 +140,14 @@ def load_pretrained(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    dequantize: bool = True,
     **overrides: Any,
 ) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a Hugging Face directory or a .gguf file; tokenizer is None if none is stored.
+
+    dequantize=False keeps a GGUF file's Q8_0/Q4_0/Q4_1 linear weights as they are stored: the layers
+    become QuantLinear (model/quantized.py) and run on the quantized kernels (other block types are
+    dequantized). A checkpoint written by `lmlab quantize` always loads quantized.
 
     overrides change config fields before the weights load, e.g. `head="seq_cls", num_labels=3` puts a
     freshly initialized classifier on a pretrained trunk (as transformers' AutoModelFor... does), or
@@ -156,8 +161,14 @@ def load_pretrained(
     if path.suffix == ".gguf":
         from lmlab.model.gguf import load_gguf
 
-        cfg, sd, tokenizer = load_gguf(path, dtype)
+        cfg, sd, tokenizer = load_gguf(path, dtype, keep_quantized=not dequantize)
         cfg = _override(cfg, overrides, str(path))
+        if any(name.endswith(".qweight") for name in sd):
+            from lmlab.model.quantized import QuantConfig, build_quantized
+
+            bits = 4 if any(t.dtype == torch.uint8 for t in sd.values()) else 8
+            qcfg = QuantConfig(bits=bits, group_size=32, method="gguf")
+            return build_quantized(cfg, sd.get, qcfg, str(path)).to(device), tokenizer
         return build_model(cfg, sd, dtype, str(path), new_head=bool(overrides)).to(device), tokenizer
     if not path.is_dir():
         raise LmlabError("expected a Hugging Face model directory or a .gguf file", file=str(path))
@@ -166,6 +177,9 @@ def load_pretrained(
         raise LmlabError("no config.json in this directory", file=str(path))
     d = _read_json(config_file)
     get = _tensor_getter(path)
+    if "quantization_config" in d:
+        model = _load_quantized(d, get, str(config_file), overrides).to(device)
+        return model, load_tokenizer(path) if (path / "tokenizer.json").exists() else None
     if d.get("model_type") == "lmlab":
         cfg = _override(ModelConfig.from_dict(d.get("lmlab", {}), source=str(config_file)), overrides, str(path))
         with torch.device("meta"):
@@ -180,6 +194,15 @@ def load_pretrained(
     model = build_model(cfg, sd, dtype, str(path), new_head=bool(overrides)).to(device)
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
     return model, tokenizer
+
+
+def _load_quantized(d: dict, get: Callable, source: str, overrides: dict[str, Any]) -> Transformer:
+    """A model whose linear layers hold int8/int4 codes (model/quantized.py), as save_pretrained wrote it."""
+    from lmlab.model.quantized import QuantConfig, build_quantized
+
+    qcfg = QuantConfig.from_dict(d["quantization_config"], source)
+    cfg = _override(ModelConfig.from_dict(d.get("lmlab", {}), source=source), overrides, source)
+    return build_quantized(cfg, get, qcfg, source)
 
 
 def _override(cfg: ModelConfig, overrides: dict[str, Any], source: str) -> ModelConfig:
@@ -211,8 +234,32 @@ def save_pretrained(
 ) -> Path:
     """Write a Hugging Face directory (config.json, safetensors, tokenizer); transformers loads it when
     the architecture is one of its families, lmlab always."""
+    if getattr(model, "quant_config", None) is not None:
+        return _save_quantized(model, tokenizer, Path(directory))
     params = {n: p.detach().cpu() for n, p in model.named_parameters()}  # tied weights once
     return save_state(model.cfg, params, tokenizer, directory, max_shard_bytes=max_shard_bytes)
+
+
+def _save_quantized(model: Transformer, tokenizer: Tokenizer | None, directory: Path) -> Path:
+    """lmlab's own format: our tensor names, codes and scales as stored in memory, the settings in
+    config.json's quantization_config (transformers' quantized formats pack codes differently)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    config = {
+        "model_type": "lmlab",
+        "dtype": "float32",
+        "lmlab": {**model.cfg.to_dict(), "extra": {}},
+        "quantization_config": model.quant_config.to_dict(),
+    }
+    write_json(directory / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
 
 
 def save_state(

@@ -21,6 +21,7 @@ from lmlab.model.mask import build_mask
 from lmlab.model.mlp import ACTIVATIONS, MLP
 from lmlab.model.norm import make_norm
 from lmlab.model.rope import RotaryEmbedding
+from lmlab.utils.device import policy
 
 
 class Block(nn.Module):
@@ -277,7 +278,9 @@ class Transformer(nn.Module):
         """Cross-entropy of the LM/MLM head on hidden states h (B, T, d) against targets (B, T)."""
         if self.lm_head is None and self.mlm_head is None:
             raise ValueError("targets need a model with an LM or MLM head")
-        if not torch.compiler.is_compiling():  # a data-dependent shape: kept out of compiled graphs
+        # a data-dependent shape: kept out of compiled graphs, and off a GPU's causal LM steps (a host sync)
+        drop = self.mlm_head is not None or policy(h.device).drop_ignored_rows
+        if drop and not torch.compiler.is_compiling():
             keep = targets != -100
             if not bool(keep.all()):
                 h, targets = h[keep], targets[keep]  # BERT predicts 15% of tokens: project only those

@@ -17,6 +17,7 @@ class Asker:
     def __init__(self, index_path: str | os.PathLike, model: str | None = "smollm2-135m-instruct", config=None) -> None:
         self.index = Index(index_path)
         self.index.require_chunks()
+        self.index.warm()  # many questions: BM25 postings and vectors in memory
         self.retriever = IndexRetriever(self.index)
         self.checker = SupportChecker(self.retriever.encoder)
         self.generator, self.lm, self.tokenizer = None, None, None

@@ -24,6 +24,7 @@ class ChatGrounder:
         check_mode(mode, k)
         self.index = Index(index_path, threads=True)
         self.index.require_chunks()
+        self.index.warm()  # a server: BM25 postings and vectors in memory before the first request
         self.retriever = IndexRetriever(self.index)
         self.retriever.encoder  # noqa: B018 - load and check the encoder now, not on the first request
         self.k, self.mode = k, mode

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,14 +86,27 @@ def tune_threshold(scores: Sequence[float], answerable: Sequence[int]) -> float:
     return float(cuts[int(np.argmax(acc))])
 
 
+# reST and Markdown code markup: ":mod:`json`", "``json.dumps``", "`json`". SQuAD normalization deletes
+# punctuation without a space, so ":class:`json`" became "classjson" and a correct answer scored 0; answers quote
+# the sources' markup, so the markup goes first (for every system alike, and for the gold answers)
+_ROLE = re.compile(r":[\w.+-]+:`([^`]*)`")
+
+
+def strip_markup(text: str) -> str:
+    """Text with reST roles reduced to their target and backquotes made spaces, before SQuAD normalization."""
+    return _ROLE.sub(r" \1 ", text).replace("`", " ")
+
+
 def contains_answer(prediction: str, answers: Sequence[str]) -> float:
     """1.0 when a normalized gold answer appears in the normalized prediction (for sentence-long answers)."""
-    p = f" {_squad_normalize(prediction)} "
-    return float(any(f" {_squad_normalize(a)} " in p for a in answers if _squad_normalize(a)))
+    p = f" {_squad_normalize(strip_markup(prediction))} "
+    gold = [_squad_normalize(strip_markup(a)) for a in answers]
+    return float(any(f" {g} " in p for g in gold if g))
 
 
 def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
-    """Exact match, token F1 and containment against the best of several gold answers."""
+    """Exact match, token F1 and containment against the best of several gold answers (markup stripped first)."""
+    prediction, answers = strip_markup(prediction), [strip_markup(a) for a in answers]
     return {
         "em": max(exact_match(prediction, a) for a in answers),
         "f1": max(token_f1(prediction, a) for a in answers),
@@ -142,6 +156,7 @@ def evaluate_rag(
     labels_path: str | os.PathLike | None = None,
     save_threshold: bool = False,
     consistency: int = 0,
+    replay: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate retrieval, answers, citations and abstention on `qa_path`; write results.json, report.md and PNGs.
 
@@ -149,13 +164,20 @@ def evaluate_rag(
     evenly spaced questions with retrieval (`generate_k` sources) and without; with `consistency` N > 0 the
     SelfCheck detector scores each closed-book answer from N samples (AUROC against the answer being wrong). dev_path: questions to tune the abstention
     threshold on (else it is tuned on the evaluation questions themselves and the report says so).
+    replay: an earlier run's results.json; its generations (greedy drafts with and without retrieval, and the
+    detector's samples) are re-scored with the current retrieval, support check and metrics, no model loaded.
     """
     from lmlab.rag.ask import Asker
 
     t0 = time.time()
     rows = read_qa(qa_path)
     dev = read_qa(dev_path) if dev_path else None
-    asker = Asker(index_path, model)
+    stored = _stored_generations(replay) if replay else None
+    if stored is not None:
+        model = stored["model"]
+    asker = Asker(index_path, None if stored is not None else model)
+    if stored is not None:
+        asker.generator = _Replay(stored["records"])
     retriever, checker = asker.retriever, asker.checker
     records: list[dict[str, Any]] = []
     for row in rows:
@@ -186,6 +208,8 @@ def evaluate_rag(
     gen_records = records[:: max(1, len(records) // limit)][:limit] if limit else records  # evenly spaced: every type
     if asker.generator is not None:
         for rec in gen_records:
+            if stored is not None:
+                asker.generator.question = rec["question"]
             g = answer_question(rec["question"], retriever, asker.generator, checker, generate_k, "hybrid", -1.0)
             rec["rag_draft"] = g.draft
             rec["rag_answer"] = clean_citations(g.draft, len(g.sources))[0]
@@ -203,6 +227,7 @@ def evaluate_rag(
             "k": k,
             "generate_k": generate_k,
             "limit": limit,
+            "replay": str(replay) if replay else None,
             "encoder": asker.index.meta["encoder"],
             "chunks": asker.index.counts()[1],
         },
@@ -217,7 +242,7 @@ def evaluate_rag(
     if asker.generator is not None:
         results["citations"] = _citation_summary(gen_records, checker)
     if asker.generator is not None and consistency > 0:
-        results["detector"] = _detector(asker, gen_records, consistency)
+        results["detector"] = _detector(asker, gen_records, consistency, stored)
     if labels_path:
         results["support_validation"] = validate_support(checker, labels_path)
     results["seconds"] = round(time.time() - t0, 1)
@@ -275,19 +300,27 @@ def _answer_summary(records, gen_records, generated: bool) -> dict[str, Any]:
     return out
 
 
-def _detector(asker, gen_records, n_samples: int) -> dict[str, Any]:
+def _detector(asker, gen_records, n_samples: int, stored: dict | None = None) -> dict[str, Any]:
     """SelfCheck on closed-book answers to answerable questions: does inconsistency flag the wrong ones?"""
     from lmlab.generate.config import GenerationConfig
-    from lmlab.rag.consistency import check_consistency
+    from lmlab.rag.consistency import ConsistencyReport, check_consistency, score_sentences
 
     scores, wrong = [], []
     for r in gen_records:
         if not r["answerable"]:
             continue
-        prompt = asker.tokenizer.apply_chat_template([*CLOSED_BOOK, {"role": "user", "content": r["question"]}],
-                                                     add_generation_prompt=True)  # fmt: skip
-        rep = check_consistency(asker.lm, asker.tokenizer, prompt, asker.checker.encoder,
-                                GenerationConfig(max_new_tokens=64, top_p=0.95, seed=0), n_samples, 1.0)  # fmt: skip
+        if stored is not None:  # the stored answer and samples, scored again
+            old = stored["records"][r["question"]].get("consistency")
+            if not old or len(old["samples"]) != n_samples:
+                raise LmlabError(f"the replayed run has no {n_samples}-sample detector record for {r['question']!r}",
+                                 field="consistency", hint="use the earlier run's --consistency N")  # fmt: skip
+            enc = asker.checker.encoder
+            rep = ConsistencyReport(old["answer"], old["samples"], score_sentences(old["answer"], old["samples"], enc))
+        else:
+            prompt = asker.tokenizer.apply_chat_template([*CLOSED_BOOK, {"role": "user", "content": r["question"]}],
+                                                         add_generation_prompt=True)  # fmt: skip
+            rep = check_consistency(asker.lm, asker.tokenizer, prompt, asker.checker.encoder,
+                                    GenerationConfig(max_new_tokens=64, top_p=0.95, seed=0), n_samples, 1.0)  # fmt: skip
         s = answer_scores(rep.answer, r["answers"])
         r["consistency"] = rep.to_dict()
         scores.append(rep.score)
@@ -296,6 +329,34 @@ def _detector(asker, gen_records, n_samples: int) -> dict[str, Any]:
     return {"n": len(scores), "n_wrong": sum(wrong), "samples": n_samples, "auroc": auroc(scores, wrong),
             "auroc_se": bootstrap_se(pairs, lambda xs: auroc([a for a, _ in xs], [b for _, b in xs]), 200),
             "label": "closed-book answer wrong: gold answer not contained and token F1 < 0.5"}  # fmt: skip
+
+
+def _stored_generations(path: str | os.PathLike) -> dict[str, Any]:
+    """An earlier `rag eval --model` run's generations by question, and its model."""
+    try:
+        prev = json.loads(Path(path).read_text(encoding="utf-8"))
+        records = {r["question"]: r for r in prev["records"] if "rag_draft" in r}
+        model = prev["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LmlabError(f"not an earlier `rag eval` results.json ({e})", file=str(path), field="replay") from None
+    if not records or not model:
+        raise LmlabError("this run generated no answers (it ran without --model)", file=str(path), field="replay")
+    return {"model": model, "records": records}
+
+
+class _Replay:
+    """A Generator that returns what the earlier run's model wrote for the current question (set `question`):
+    its draft for the prompt with sources, its closed-book answer for the one without."""
+
+    def __init__(self, records: dict[str, dict[str, Any]]) -> None:
+        self.records, self.question = records, ""
+
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        rec = self.records.get(self.question)
+        if rec is None:
+            raise LmlabError(f"the replayed run did not answer {self.question!r}", field="replay",
+                             hint="use the same --qa and --limit as that run")  # fmt: skip
+        return rec["closed_book"] if messages[0]["content"] == CLOSED_BOOK[0]["content"] else rec["rag_draft"]
 
 
 def _citation_summary(gen_records, checker: SupportChecker) -> dict[str, Any]:
@@ -327,7 +388,9 @@ def format_report(results: dict[str, Any]) -> str:
     lines = [f"# RAG evaluation: `{c['qa']}` on `{c['index']}`", "",
              f"- {results['n_questions']} questions ({results['n_answerable']} answerable); index: {c['chunks']} chunks, "
              f"encoder {c['encoder']}; model: {c['model'] or 'none (retrieval and extractive baseline only)'}",
-             f"- ± is one bootstrap standard error over questions; {results['seconds']} s", "",
+             f"- ± is one bootstrap standard error over questions; {results['seconds']} s", *(
+             [f"- generations replayed from `{c['replay']}` (greedy drafts and detector samples of that run), "
+              "re-scored with this code"] if c.get("replay") else []), "",
              "## Retrieval (page-level relevance)", "", "| mode | " + " | ".join(results["retrieval"]["hybrid"]) + " |",
              "|---|" + "---:|" * len(results["retrieval"]["hybrid"])]  # fmt: skip
     for mode in MODES:

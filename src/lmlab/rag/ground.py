@@ -142,6 +142,9 @@ class SupportChecker:
             if not srcs:
                 out.append((0.0, 0.0))
                 continue
+            if not content_words(texts[i]):  # "*", "::", "```": no claim, so nothing to support (MiniLM still
+                out.append((0.0, 0.0))  # found such marks 0.6-0.7 "similar" to source text with the same marks)
+                continue
             lex = max(lexical_support(texts[i], s) for s in srcs)
             idx = [where[p] for s in srcs for p in split_sentences(s)]
             sem = float((piece_vecs[idx] @ sent_vecs[i]).max()) if idx else 0.0

@@ -141,6 +141,9 @@ class Index:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self._vectors: np.ndarray | None = None
         self._rows: np.ndarray | None = None
+        self._sparse = None  # SparseBM25, or False when FTS5's tokens differ from the mirror (then FTS5 scores)
+        self._warm = False  # warm(): keep BM25 postings in memory (a process that answers many queries)
+        self._version = None  # PRAGMA data_version when the caches were read: another writer's commit changes it
         if not _create:
             self._check_schema()
 
@@ -275,7 +278,7 @@ class Index:
                     (c.chunk_id, c.doc_id, c.ord, c.heading, c.text, c.start, c.end, c.n_tokens, v.tobytes()),
                 )
                 self.db.execute("INSERT INTO fts(rowid, body) VALUES (?, ?)", (cur.lastrowid, c.indexed_text))
-        self._vectors = None
+        self._vectors = self._sparse = None
 
     def _delete_chunks(self, doc_id: str) -> None:
         rows = [r for (r,) in self.db.execute("SELECT id FROM chunks WHERE doc_id = ?", (doc_id,))]
@@ -292,7 +295,7 @@ class Index:
                                      field="delete")  # fmt: skip
                 self._delete_chunks(doc_id)
                 self.db.execute("DELETE FROM docs WHERE doc_id = ?", (doc_id,))
-        self._vectors = None
+        self._vectors = self._sparse = None
         return len(doc_ids)
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -317,17 +320,51 @@ class Index:
                 out[r[0]] = ChunkRow(*r)
         return out
 
-    def bm25(self, query: str, n: int) -> list[tuple[int, float]]:
-        """(row, score) of the n best chunks by FTS5's BM25 (k1 1.2, b 0.75), higher is better."""
+    def _fresh(self) -> None:
+        """Drop the in-memory copies (vectors, BM25 postings) when the file changed since they were read."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._vectors = self._rows = self._sparse = None
+            self._version = version
+
+    def warm(self) -> Index:
+        """Keep the vectors and BM25 postings in memory, for a process that answers many queries (server,
+        evaluation): BM25 then costs a few ms at 100k chunks instead of FTS5's tens (docs/rag.md). Reading them
+        takes ~1 s per 10k chunks, once, and again after the file changes."""
+        self._warm = True
+        self.vectors()
+        self._sparse_postings()
+        return self
+
+    def _sparse_postings(self):
+        from lmlab.rag.sparse import SparseBM25
+
+        self._fresh()
+        if self._sparse is None:
+            self._sparse = SparseBM25.from_db(self.db, fts_tokens) or False
+        return self._sparse
+
+    def bm25(self, query: str, n: int, engine: str = "auto") -> list[tuple[int, float]]:
+        """(row, score) of the n best chunks by FTS5's BM25 (k1 1.2, b 0.75), higher is better.
+
+        `auto`: after `warm()`, the in-memory postings (`rag/sparse.py`: FTS5's scores and order, computed in
+        numpy), unless the Python tokens do not mirror FTS5's; else FTS5 itself. `fts5` forces FTS5."""
+        if engine not in ("auto", "fts5"):
+            raise LmlabError(f"unknown BM25 engine {engine!r}; choose auto or fts5", field="engine")
         terms = query_terms(query)
         if not terms:
             return []
+        if engine == "auto" and self._warm:
+            sparse = self._sparse_postings()
+            if sparse:
+                return sparse.search(terms, n)
         match = " OR ".join(f'"{t}"' for t in terms)  # quoted: no word of the question is read as FTS syntax
         q = "SELECT rowid, -bm25(fts) AS s FROM fts WHERE fts MATCH ? ORDER BY s DESC, rowid LIMIT ?"
         return [(r, s) for r, s in self.db.execute(q, (match, n))]
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(row ids (N,), float32 matrix (N, d)), read once and kept until the index changes."""
+        self._fresh()
         if self._vectors is None:
             rows, blobs = [], []
             for r, b in self.db.execute("SELECT id, vector FROM chunks ORDER BY id"):

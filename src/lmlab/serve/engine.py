@@ -41,9 +41,13 @@ from lmlab.generate.stream import IncrementalDecoder, StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.serve.batch_cache import SlotKVCache
 from lmlab.serve.metrics import Counter, Gauge, Histogram, Registry
+from lmlab.serve.prefix_cache import PrefixCache
 from lmlab.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("lmlab.serve")
+
+PREFILL_TOKENS = 4096
+"""Padded prompt tokens prefilled in one forward at most (a longer burst is split by length)."""
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -161,6 +165,7 @@ class Engine:
         max_queue: int = 64,
         max_context: int | None = None,
         cache_columns: int = 256,
+        prefix_cache_tokens: int = 4096,
         registry: Registry | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
@@ -175,6 +180,7 @@ class Engine:
         self.pad_id = pad_token_id(model, tokenizer, self.eos)
         self.cache_columns = cache_columns  # the shared cache's first (and after each idle spell, only) width
         self.cache = self._new_cache() if model.cfg.causal else None
+        self.prefixes = PrefixCache(prefix_cache_tokens)  # recent prompts' K/V (prefix_cache_tokens=0: off)
         self._rows: list[_Sequence] = []  # row i of the cache holds self._rows[i]
         self._active: set[Request] = set()
         self._completed: list[Request] = []  # finished, Done not sent yet
@@ -191,6 +197,10 @@ class Engine:
         self.m_generated = r.add(Counter("lmlab_generated_tokens_total", "Tokens generated"))
         self.m_prompt = r.add(Counter("lmlab_prompt_tokens_total", "Prompt tokens prefilled"))
         self.m_steps = r.add(Counter("lmlab_decode_steps_total", "Batched decode forwards"))
+        self.m_prefills = r.add(Counter("lmlab_prefill_forwards_total", "Prompt forwards (a burst shares one)"))
+        self.m_prefix_tokens = r.add(
+            Counter("lmlab_prefix_cache_tokens_total", "Prompt tokens reused from the prefix cache")
+        )
         self.m_stopped = r.add(Counter("lmlab_requests_aborted_total", "Requests stopped early, by reason", ["reason"]))
         self.m_rows = r.add(
             Histogram("lmlab_batch_rows_per_step", "Rows decoded together per step", buckets=(1, 2, 4, 8, 16, 32, 64))
@@ -367,28 +377,59 @@ class Engine:
         self._free_finished()
 
     def _admit(self) -> None:
-        while True:
-            with self._cv:
-                if not self._waiting or len(self._rows) + self._waiting[0].n > self.max_batch:
-                    return
+        """Admit waiting requests while rows are free. A burst of arrivals is prefilled together:
+        prompts sorted by length, in groups of up to PREFILL_TOKENS padded tokens, each group one
+        left-padded forward (one matmul per weight for all of them instead of one per prompt, so the
+        last of 16 simultaneous requests gets its first token about as soon as the first)."""
+        admitted, rows = [], len(self._rows)
+        with self._cv:
+            while self._waiting and rows + self._waiting[0].n <= self.max_batch:
                 req = self._waiting.popleft()
-            self._prefill(req)
+                admitted.append(req)
+                rows += req.n
+        admitted.sort(key=lambda r: len(r.prompt_ids))
+        group: list[Request] = []
+        for req in admitted:
+            hit = self.prefixes.lookup(req.prompt_ids)
+            if hit is not None:  # a known prefix: run only the rest, on its own
+                self._prefill([req], hit)
+                continue
+            if group and (len(group) + 1) * len(req.prompt_ids) > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(req)
+        if group:
+            self._prefill(group)
 
-    def _prefill(self, req: Request) -> None:
-        """Prompt forward on its own, first token(s), then the prompt's K/V into free rows."""
-        P = len(req.prompt_ids)
-        tmp = KVCache.for_model(self.model, 1, P)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        logits = self.model(ids, kv_cache=tmp, logits_to_keep=1)[:, -1].float()  # (1, V)
-        self.m_prompt.inc(P)
-        self._active.add(req)
-        logp = logits.log_softmax(-1) if req.top_logprobs is not None else None
-        for j in range(req.n):
-            seq = _Sequence(req, j, self.tokenizer)
-            row = self.cache.add_row(tmp.k[:, 0, :, :P], tmp.v[:, 0, :, :P])
-            assert row == len(self._rows)
-            self._rows.append(seq)
-            self._accept(seq, self._select(seq, logits), logp)
+    def _prefill(self, reqs: list[Request], prefix: tuple[int, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """The prompts' forward (one left-padded batch, or one prompt after its cached prefix), first
+        token(s), then each prompt's K/V into free rows (and the prefix cache)."""
+        lengths = [len(r.prompt_ids) for r in reqs]
+        ids, mask = left_pad([r.prompt_ids for r in reqs], 0)
+        ids, mask, W = ids.to(self.device), mask.to(self.device), ids.shape[1]
+        tmp = KVCache.for_model(self.model, len(reqs), W)
+        self.m_prefills.inc()
+        done = 0
+        if prefix is not None:  # one request: its first `done` tokens' K/V come from the cache
+            done, k, v = prefix
+            tmp.k[:, 0, :, :done], tmp.v[:, 0, :, :done] = k, v
+            tmp.length = done
+            self.m_prefix_tokens.inc(done)
+        with cpu_kernels.for_rows(len(reqs), self.device):
+            logits = self.model(ids[:, done:], attention_mask=None if len(reqs) == 1 else mask, kv_cache=tmp,
+                                logits_to_keep=1)[:, -1].float()  # (R, V)  # fmt: skip
+        for i, (req, P) in enumerate(zip(reqs, lengths)):
+            self.m_prompt.inc(P)
+            self.prefixes.add(req.prompt_ids, tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W])
+            self._active.add(req)
+            row_logits = logits[i : i + 1]
+            logp = row_logits.log_softmax(-1) if req.top_logprobs is not None else None
+            for j in range(req.n):
+                seq = _Sequence(req, j, self.tokenizer)
+                row = self.cache.add_row(tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W])
+                assert row == len(self._rows)
+                self._rows.append(seq)
+                self._accept(seq, self._select(seq, row_logits), logp)
         self._free_finished()
 
     def _decode_step(self) -> None:

@@ -126,6 +126,32 @@ def coerce(cls: type, values: dict[str, Any], section: str, source: str | None =
     return out
 
 
+def section_config(
+    cls: type, values: dict[str, Any], section: str, source: str | None = None, optional_floats: tuple[str, ...] = ()
+) -> Any:
+    """A recipe section as `cls`: unknown keys named, YAML text turned into numbers, errors carry the recipe's file.
+
+    `optional_floats` are fields that default to None but take a float when set (YAML 1.1 reads 1e-3 as text).
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=source,
+                             field=f"{section}.{key}")  # fmt: skip
+    values = dict(values)
+    for key in optional_floats:
+        if isinstance(values.get(key), str):
+            try:
+                values[key] = float(values[key])
+            except ValueError:
+                raise LmlabError(f"{values[key]!r} is not a number", file=source, field=f"{section}.{key}") from None
+    try:
+        return cls(**coerce(cls, values, section, source))
+    except LmlabError as e:
+        e.file = e.file or source
+        raise
+
+
 def _parse_value(text: str) -> Any:
     """A command-line value as YAML reads it: 3e-4 -> float, true -> bool, [1, 2] -> list."""
     try:
@@ -175,16 +201,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> Recipe:
     unknown = set(raw) - set(sections)
     if unknown:
         raise LmlabError(f"unknown section (sections: {', '.join(sections)})", file=path, field=sorted(unknown)[0])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = raw.get("train") or {}
-    for key in train:
-        if key not in known:
-            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=path, field=f"train.{key}")
-    try:
-        cfg = TrainConfig(**coerce(TrainConfig, train, "train", path))
-    except LmlabError as e:
-        e.file = e.file or path
-        raise
+    cfg = section_config(TrainConfig, raw.get("train") or {}, "train", path)
     return Recipe(
         model=raw.get("model") or {},
         data=raw.get("data") or {},

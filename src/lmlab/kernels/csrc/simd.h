@@ -24,4 +24,17 @@ inline __m512 sum16(const __m512 v[16]) {
 
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 
+// The decode matmuls' epilogue: acc[2m + j] holds x[m] · W[n + j] in 16 partial sums; writes
+// y[m * N + n + j], their totals, for m < M.
+template <int M>
+inline void store_pairs(const __m512 (&acc)[16], float* y, int64_t n, int64_t N) {
+  alignas(64) float out[16];
+  _mm512_store_ps(out, sum16(acc));
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < 2; ++j) {
+      const int i = 2 * m + j;
+      y[int64_t(m) * N + n + j] = out[4 * (i % 4) + i / 4];
+    }
+}
+
 }  // namespace lmlab

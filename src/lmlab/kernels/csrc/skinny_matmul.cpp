@@ -53,13 +53,7 @@ inline void two_rows(const float* x, const float* w, float* y, int64_t n, int64_
       acc[2 * m + 1] = _mm512_fmadd_ps(xv, b, acc[2 * m + 1]);
     }
   }
-  alignas(64) float out[16];
-  _mm512_store_ps(out, lmlab::sum16(acc));
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < 2; ++j) {
-      const int i = 2 * m + j;
-      y[int64_t(m) * N + n + j] = out[4 * (i % 4) + i / 4];
-    }
+  lmlab::store_pairs<M>(acc, y, n, N);
 }
 
 using Pair = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, __mmask16);

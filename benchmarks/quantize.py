@@ -1,0 +1,216 @@
+"""Quantization: quality and decode speed of SmolLM2-135M-Instruct at fp32, int8, int4 (RTN, GPTQ)
+and GGUF blocks, beside llama.cpp on the same GGUF files.
+
+Quality (--ppl): perplexity on the KJV and Python-docs test splits (the first --ppl-chars characters
+of each). The packaged SmolLM2 is itself a Q4_1 GGUF (the only real decoder weights that install
+offline), so its "fp32" weights already sit on a 4-bit grid of groups of 32: int4 with groups of 32
+and offsets would reproduce them exactly. The int4 rows therefore use groups of 64 (128, GPTQ's usual
+setting, does not divide SmolLM2's width of 576), where rounding is real; the gap GPTQ closes is
+measured there.
+
+Speed (--speed): tokens/s at batch 1 and 8 (128 new tokens, greedy, EOS off), eager and compiled,
+and prefill of 512 tokens, with the weight bytes each step streams and GB/s; llama.cpp
+(node-llama-cpp, 2 threads) on the GGUF files where the test set-up installed it. Runs are
+interleaved and the median of --repeats taken (a shared machine drifts).
+
+    .venv/bin/python benchmarks/quantize.py [--ppl] [--speed] [--ppl-chars 60000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmlab.compress.gptq import calibration_batches
+from lmlab.compress.quantize import calibration_texts, quantize_model
+from lmlab.eval.harness import load_texts
+from lmlab.eval.perplexity import perplexity
+from lmlab.generate import GenerationConfig, generate_ids
+from lmlab.generate.decode import left_pad
+from lmlab.model.checkpoint import load_pretrained
+from lmlab.model.quantized import QuantConfig, quantized_bytes
+from lmlab.utils.packaged import packaged_path
+
+MODEL = "smollm2-135m-instruct"
+
+
+def variants(gptq_samples: int) -> dict[str, object]:
+    """name -> a function returning the model (built when needed: each holds its own weights)."""
+
+    def rtn(cfg: QuantConfig):
+        def build():
+            m, _ = load_pretrained(MODEL)
+            quantize_model(m, cfg)
+            return m
+
+        return build
+
+    def gptq(cfg: QuantConfig):
+        def build():
+            m, tok = load_pretrained(MODEL)
+            texts = calibration_texts("kjv", gptq_samples * 512 * 8)
+            quantize_model(m, cfg, calibration_batches(tok, texts, gptq_samples, 512))
+            return m
+
+        return build
+
+    return {
+        "fp32": lambda: load_pretrained(MODEL)[0],
+        "int8 (per channel)": rtn(QuantConfig(bits=8)),
+        "int4 RTN g64": rtn(QuantConfig(bits=4, group_size=64, sym=False)),
+        "int4 GPTQ g64": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq")),
+        "int4 RTN g32 sym": rtn(QuantConfig(bits=4, group_size=32, sym=True)),
+        "GGUF Q4_1 as stored": lambda: load_pretrained(MODEL, dequantize=False)[0],
+    }
+
+
+def quality(args: argparse.Namespace) -> None:
+    _, tok = load_pretrained(MODEL)
+    sets = {}
+    for name in ("kjv", "python-docs"):
+        text, n = [], 0
+        for t in load_texts(name, "test"):
+            text.append(t)
+            n += len(t)
+            if n >= args.ppl_chars:
+                break
+        sets[name] = text
+    print(f"perplexity, first {args.ppl_chars:,} characters of each test split, windows of 512, stride 256")
+    print(f"{'model':<22}{'MB':>8}" + "".join(f"{n:>14}{'vs fp32':>9}" for n in sets))
+    base = {}
+    for name, build in variants(args.gptq_samples).items():
+        t = time.perf_counter()
+        model = build()
+        made = time.perf_counter() - t
+        row = f"{name:<22}{quantized_bytes(model) / 1e6:>8.0f}"
+        for data, texts in sets.items():
+            with torch.inference_mode():
+                ppl = perplexity(model, tok, texts, max_length=512, stride=256)["perplexity"]
+            base.setdefault(data, ppl)
+            row += f"{ppl:>14.3f}{ppl / base[data] - 1:>+9.2%}"
+        print(row + (f"   (built in {made:.0f} s)" if made > 5 else ""), flush=True)
+        del model
+
+
+def gguf_files(out: Path) -> dict[str, Path]:
+    """SmolLM2 as GGUF: the packaged Q4_1 file, and F32/Q8_0/Q4_0 exports of its float32 weights."""
+    from lmlab.compress.gguf_export import export_gguf
+
+    files = {"Q4_1": Path(packaged_path(MODEL))}
+    model, tok = load_pretrained(MODEL)
+    for quant in ("f32", "q8_0", "q4_0"):
+        path = out / f"smollm2-{quant}.gguf"
+        if not path.exists():
+            export_gguf(model, tok, path, quant)
+        files[quant.upper()] = path
+    return files
+
+
+def llamacpp_speed(path: Path, prompt: list[int], long_prompt: list[int], n: int, repeats: int, threads: int):
+    """(decode tok/s, prefill tok/s) of llama.cpp on one GGUF file; None where it is not installed."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.llamacpp import run_llamacpp
+    except ImportError:
+        return None
+    try:
+        decode, prefill = run_llamacpp(path, [
+            {"mode": "speed", "prompt": prompt, "n": n, "repeats": repeats},
+            {"mode": "speed", "prompt": long_prompt, "n": 2, "repeats": repeats},
+        ], threads=threads)["results"]  # fmt: skip
+    except BaseException as e:  # pytest.fail raises outside BaseException's Exception branch
+        print(f"  (llama.cpp not run: {str(e).splitlines()[0][:120]})")
+        return None
+    return (n - 1) / statistics.median(decode["decode_s"]), len(long_prompt) / statistics.median(prefill["prefill_s"])
+
+
+def speed(args: argparse.Namespace) -> None:
+    _, tok = load_pretrained(MODEL)
+    files = gguf_files(Path(args.out))
+    builds = variants(args.gptq_samples)
+    rows = {  # name -> (lmlab model builder, the GGUF file llama.cpp runs beside it)
+        "fp32 / F32": (builds["fp32"], files["F32"]),
+        "int8 per channel": (builds["int8 (per channel)"], None),
+        "GGUF Q8_0 (blocks)": (lambda: load_pretrained(files["Q8_0"], dequantize=False)[0], files["Q8_0"]),
+        "int4 g32 asym": (lambda: _rtn(QuantConfig(bits=4, group_size=32, sym=False)), None),
+        "GGUF Q4_0 (blocks)": (lambda: load_pretrained(files["Q4_0"], dequantize=False)[0], files["Q4_0"]),
+        "GGUF Q4_1 (blocks)": (lambda: load_pretrained(files["Q4_1"], dequantize=False)[0], files["Q4_1"]),
+    }
+    prompts = ["Write a short story about a robot.", "中国的四大发明是什么？", "List five colors.", "What is 2+2?"] * 2
+    chat = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            for p in prompts]  # fmt: skip
+    long_prompt = tok.encode(" ".join(load_texts("kjv", "test")[:200]))[:512]
+    threads = torch.get_num_threads()
+    print(f"{threads} threads (llama.cpp too); {args.new_tokens} new tokens; median of {args.repeats}; "
+          "MB/step: weight bytes one decode step streams")  # fmt: skip
+    print(f"{'model':<20}{'MB/step':>8}{'batch':>6}{'eager':>8}{'compiled':>10}{'GB/s':>6}{'prefill 512':>12}"
+          f"{'llama.cpp':>11}{'its prefill':>12}{'ours/llama.cpp':>16}")  # fmt: skip
+    for name, (build, gguf) in rows.items():
+        model = build()
+        nbytes = quantized_bytes(model) - model.embed.weight.numel() * model.embed.weight.element_size()
+        ref = llamacpp_speed(gguf, chat[0], long_prompt, args.new_tokens, args.repeats, threads) if gguf else None
+        with torch.inference_mode():
+            pre = torch.tensor([long_prompt])
+            model(pre[:, :64])
+            t = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                model(pre, logits_to_keep=1)
+                t.append(time.perf_counter() - start)
+            prefill = pre.shape[1] / statistics.median(t)
+            for batch in args.batches:
+                ids, mask = left_pad(chat[:batch], tok.pad_token_id)
+                res = {}
+                for mode, compile_ in (("eager", False), ("compiled", True)):
+                    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=compile_)
+                    generate_ids(model, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)  # warm-up / compile
+                    t = []
+                    for _ in range(args.repeats):
+                        start = time.perf_counter()
+                        generate_ids(model, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)
+                        t.append(time.perf_counter() - start)
+                    res[mode] = batch * args.new_tokens / statistics.median(t)
+                gbs = res["compiled"] / batch * nbytes / 1e9
+                theirs = (
+                    f"{ref[0]:>11.1f}{ref[1]:>12.0f}{res['compiled'] / ref[0]:>15.2f}x" if ref and batch == 1 else ""
+                )
+                print(f"{name:<20}{nbytes / 1e6:>8.0f}{batch:>6}{res['eager']:>8.1f}{res['compiled']:>10.1f}{gbs:>6.1f}"
+                      f"{prefill:>12.0f}{theirs}", flush=True)  # fmt: skip
+        del model
+
+
+def _rtn(cfg: QuantConfig):
+    m, _ = load_pretrained(MODEL)
+    quantize_model(m, cfg)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ppl", action="store_true", help="perplexity table")
+    ap.add_argument("--speed", action="store_true", help="decode and prefill speed table")
+    ap.add_argument("--ppl-chars", type=int, default=60_000)
+    ap.add_argument("--gptq-samples", type=int, default=64, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="out/bench-quantize", help="where the exported GGUF files are kept")
+    args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if not (args.ppl or args.speed):
+        args.ppl = args.speed = True
+    if not Path(packaged_path(MODEL)).exists():
+        sys.exit("SmolLM2 is not installed: run make setup")
+    if args.ppl:
+        quality(args)
+    if args.speed:
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

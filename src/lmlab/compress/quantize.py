@@ -1,0 +1,114 @@
+"""`lmlab quantize`: a model's linear layers to int8 or int4, by round-to-nearest or GPTQ.
+
+The quantized model is an ordinary Transformer whose nn.Linear layers became QuantLinear
+(model/quantized.py); `save_pretrained` writes it and `load_pretrained` reads it back. The
+embedding stays float32 (a lookup reads one row per token); a head tied to it is given its own
+quantized copy, as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lmlab.compress.gptq import calibration_batches, gptq_quantize_model
+from lmlab.compress.rtn import quantize_rtn
+from lmlab.errors import LmlabError
+from lmlab.model.quantized import QuantConfig, quantizable, quantized_bytes, replace_linear, untie_head
+
+METHODS = ("rtn", "gptq")
+
+
+@torch.no_grad()
+def quantize_rtn_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Every layer `quantizable` names, rounded to the nearest code (in place)."""
+    for name, m in quantizable(model, config):  # every width checked before any layer changes
+        config.groups(m.in_features, name)
+    untie_head(model)
+    for name, m in quantizable(model, config):
+        replace_linear(model, name, m, quantize_rtn(m.weight.detach().float().cpu(), config, name))
+    model.quant_config = config
+    return model
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Quantize `model` in place by config.method; GPTQ needs `calibration` batches of token ids.
+    Returns GPTQ's per-layer error relative to round-to-nearest (empty for RTN)."""
+    if getattr(model, "quant_config", None) is not None:
+        raise LmlabError("this model is already quantized")
+    model.float()
+    if config.method == "rtn":
+        quantize_rtn_model(model, config)
+        return {}
+    if config.method == "gptq":
+        if not calibration:
+            raise LmlabError("GPTQ needs calibration text (--calib)", field="calib")
+        return gptq_quantize_model(model, calibration, config)
+    raise LmlabError(f"unknown method {config.method!r} (choose from {', '.join(METHODS)})", field="method")
+
+
+def calibration_texts(source: str, n_chars: int) -> list[str]:
+    """Texts for calibration: a registered corpus name (fetched; its train split) or a .txt/.jsonl file."""
+    from lmlab.data.readers import iter_texts
+    from lmlab.data.registry import DATASETS, fetch
+
+    path = fetch(source) / "train.jsonl" if source in DATASETS else Path(source)
+    if not path.exists():
+        raise LmlabError("no such calibration file or corpus name", file=str(path))
+    texts, total = [], 0
+    for t in iter_texts([path]):
+        texts.append(t)
+        total += len(t)
+        if total >= n_chars:
+            break
+    return texts
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "rtn",
+    bits: int = 8,
+    group_size: int | None = None,
+    sym: bool | None = None,
+    desc_act: bool = False,
+    calib: str = "kjv",
+    calib_samples: int = 128,
+    calib_len: int = 512,
+) -> dict[str, float]:
+    """Load `src`, quantize it, write `out`; sizes before and after (MB) and GPTQ's error ratio."""
+    from lmlab.model.checkpoint import load_pretrained, save_pretrained
+
+    if bits not in (4, 8):
+        raise LmlabError(f"--bits must be 8 or 4, not {bits}", field="bits")
+    config = QuantConfig(
+        bits=bits,
+        group_size=group_size if group_size is not None else (32 if bits == 4 else None),
+        sym=sym if sym is not None else bits == 8,
+        method=method,
+        desc_act=desc_act,
+    )
+    model, tokenizer = load_pretrained(src)
+    for name, m in quantizable(model, config):  # a width the group does not divide: say so before any work
+        config.groups(m.in_features, name)
+    before = quantized_bytes(model)
+    calibration = None
+    if method == "gptq":
+        if tokenizer is None:
+            raise LmlabError("GPTQ calibration needs the model's tokenizer", file=str(src))
+        texts = calibration_texts(calib, calib_samples * calib_len * 8)
+        calibration = calibration_batches(tokenizer, texts, calib_samples, calib_len)
+    ratios = quantize_model(model, config, calibration)
+    save_pretrained(model, tokenizer, out)
+    summary = {"size_mb_before": before / 1e6, "size_mb_after": quantized_bytes(model) / 1e6}
+    if ratios:
+        summary["gptq_error_vs_rtn_median"] = float(torch.tensor(list(ratios.values())).median())
+    return summary

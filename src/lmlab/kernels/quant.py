@@ -1,0 +1,103 @@
+"""Weight-only quantized matmuls: int8 and int4 codes with float32 scales, float32 activations.
+
+The layouts are the kernels' (csrc/quant_matmul.cpp) and GGUF's:
+
+- int8: codes (N, K) int8; weight = code * scale[n, k // G]. G = K is per output channel; G = 32 is
+  llama.cpp's Q8_0.
+- int4: codes packed two per byte (N, K / 2) uint8 in blocks of 32 weights: byte j of a block holds
+  weight j in its low nibble and weight j + 16 in its high nibble (Q4_0/Q4_1's order, so their
+  blocks load unchanged); weight = code * scale[n, k // G] + offset[n, k // G]. Symmetric int4 (Q4_0)
+  has offset = -8 * scale.
+
+`int8_linear` and `int4_linear` run the C++ operators where they apply (float32 CPU activations
+without autograd, on an AVX-512 build) and otherwise dequantize and call F.linear (a GPU, a
+gradient through the activations for QLoRA-style training, another CPU), so callers never check.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.kernels import build
+
+BLOCK = 32
+"""int4 weights are packed in blocks of 32; int4 groups are multiples of it."""
+
+
+@functools.cache
+def _load() -> bool:
+    if not (build.has("int8_linear") and build.has("int4_linear")):
+        return False
+
+    @torch.library.register_fake("lmlab::int8_linear")
+    def _(x, q, scale, bias):
+        return x.new_empty(*x.shape[:-1], q.shape[0])
+
+    @torch.library.register_fake("lmlab::int4_linear")
+    def _(x, q, scale, offset, bias):
+        return x.new_empty(*x.shape[:-1], q.shape[0])
+
+    return True
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the quantized C++ operators run here (built on first call)."""
+    return _load()
+
+
+def _plain(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..15 -> (N, K / 2) uint8 in the kernels' block order."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).reshape(n, k // BLOCK, 2, BLOCK // 2)  # (N, blocks, low/high, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) uint8 -> (N, K) codes in 0..15 (int16)."""
+    n, half = packed.shape
+    b = packed.reshape(n, half // (BLOCK // 2), BLOCK // 2).to(torch.int16)
+    return torch.stack((b & 0xF, b >> 4), dim=2).reshape(n, 2 * half)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 (N, K) weights from int8 codes and (N, groups) scales."""
+    n, k = q.shape
+    groups = scale.shape[1]
+    return (q.float().reshape(n, groups, k // groups) * scale.float()[:, :, None]).reshape(n, k)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """float32 (N, K) weights from packed int4 codes and (N, groups) scales and offsets."""
+    codes = unpack_int4(q).float()
+    n, k = codes.shape
+    groups = scale.shape[1]
+    w = torch.addcmul(offset.float()[:, :, None], codes.reshape(n, groups, k // groups), scale.float()[:, :, None])
+    return w.reshape(n, k)
+
+
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ dequantize_int8(q, scale).T + bias."""
+    if _plain(x) and q.device.type == "cpu" and available():
+        return torch.ops.lmlab.int8_linear(x, q, scale, bias)
+    w = dequantize_int8(q, scale).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def int4_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ dequantize_int4(q, scale, offset).T + bias."""
+    if _plain(x) and q.device.type == "cpu" and available():
+        return torch.ops.lmlab.int4_linear(x, q, scale, offset, bias)
+    w = dequantize_int4(q, scale, offset).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))

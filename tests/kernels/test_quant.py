@@ -1,0 +1,88 @@
+"""The int8/int4 quantized matmuls equal F.linear on the dequantized weights, for decode-sized and
+prefill-sized inputs, odd shapes, with and without bias, eagerly and under torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.kernels import quant
+
+TOL = 1e-5  # relative to the largest output: float32 sums in another order
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def _int8(n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    return q, torch.rand(n, k // group, generator=g) * 0.02
+
+
+def _int4(n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    packed = quant.pack_int4(torch.randint(0, 16, (n, k), generator=g))
+    return packed, torch.rand(n, k // group, generator=g) * 0.02, -torch.rand(n, k // group, generator=g) * 0.16
+
+
+def test_kernels_are_built_here():
+    # the quantized decode path is the point of int8/int4 on this machine (AVX-512): it must not
+    # silently fall back to dequantize + F.linear
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        pytest.skip("no AVX-512 on this CPU: the torch fallback runs (tested below)")
+    assert quant.available()
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 64, 64), (33, 48, 16), (7, 32, 32), (130, 96, 32), (2, 160, 32)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_equals_dequantized(n, k, group, rows, bias):
+    q, scale = _int8(n, k, group)
+    b = torch.randn(n) if bias else None
+    x = torch.randn(rows, k)
+    ref = F.linear(x, quant.dequantize_int8(q, scale), b)
+    assert _rel(quant.int8_linear(x, q, scale, b), ref) <= TOL
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 64, 64), (33, 64, 32), (7, 32, 32), (130, 192, 64), (3, 96, 96)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 16, 17, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_linear_equals_dequantized(n, k, group, rows, bias):
+    q, scale, offset = _int4(n, k, group)
+    b = torch.randn(n) if bias else None
+    x = torch.randn(2, rows, k)[1]  # a view: the kernels read strided x too
+    ref = F.linear(x, quant.dequantize_int4(q, scale, offset), b)
+    assert _rel(quant.int4_linear(x, q, scale, offset, b), ref) <= TOL
+
+
+def test_batched_leading_dims_and_fallback_with_grad():
+    q, scale, offset = _int4(64, 64, 32)
+    x = torch.randn(3, 2, 64, requires_grad=True)  # a gradient wanted: the torch path, with autograd
+    y = quant.int4_linear(x, q, scale, offset)
+    ref = F.linear(x.detach(), quant.dequantize_int4(q, scale, offset))
+    assert y.shape == (3, 2, 64) and _rel(y.detach(), ref) <= TOL
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, quant.dequantize_int4(q, scale, offset).sum(0).expand(3, 2, 64))
+
+
+def test_pack_unpack_round_trip_and_nibble_order():
+    codes = torch.randint(0, 16, (5, 64))
+    packed = quant.pack_int4(codes)
+    assert packed.shape == (5, 32) and packed.dtype == torch.uint8
+    assert torch.equal(quant.unpack_int4(packed), codes.to(torch.int16))
+    # GGUF's Q4_0 order: byte j of a block holds weight j (low nibble) and j + 16 (high nibble)
+    assert int(packed[0, 3]) == int(codes[0, 3]) | (int(codes[0, 19]) << 4)
+    assert int(packed[0, 16 + 3]) == int(codes[0, 32 + 3]) | (int(codes[0, 32 + 19]) << 4)
+
+
+def test_under_torch_compile():
+    q, scale = _int8(64, 64, 32)
+    q4, s4, o4 = _int4(64, 64, 32)
+    fn = torch.compile(lambda x: quant.int4_linear(quant.int8_linear(x, q, scale), q4, s4, o4), dynamic=False)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = F.linear(F.linear(x, quant.dequantize_int8(q, scale)), quant.dequantize_int4(q4, s4, o4))
+        assert _rel(fn(x), ref) <= TOL

@@ -1,0 +1,63 @@
+"""Prefix caching: a prompt that starts like an earlier one prefills only the rest, and its answer is
+still what lmlab.generate gives; the cache keeps its token budget, least recently used out first."""
+
+from __future__ import annotations
+
+import torch
+
+import lmlab
+from lmlab.generate import GenerationConfig
+from lmlab.serve.engine import Engine, Request
+from lmlab.serve.prefix_cache import PrefixCache, common_prefix
+from tests.serve.test_engine import Collector
+
+
+def _kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(2, 1, n, 4), torch.randn(2, 1, n, 4)
+
+
+def test_lookup_budget_and_lru():
+    cache = PrefixCache(max_tokens=60, min_match=4)
+    a, b = list(range(30)), list(range(100, 130))
+    cache.add(a, *_kv(30))
+    cache.add(b, *_kv(30))
+    assert cache.lookup([0, 1, 2]) is None  # shorter than min_match
+    n, k, _ = cache.lookup([*a, 7, 7])
+    assert n == 30 and k.shape[2] == 30
+    n, _, _ = cache.lookup(a)  # the whole prompt cached: its last token must still run
+    assert n == 29
+    cache.add(list(range(200, 230)), *_kv(30))  # over budget: b (least recently used) goes
+    assert cache.tokens == 60 and cache.lookup(b) is None and cache.lookup(a) is not None
+    assert common_prefix((1, 2, 3), [1, 2, 4]) == 2
+
+
+def test_shared_prefix_is_reused_and_answers_equal_generate(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=4).start()
+    system = tok.encode("You are a helpful assistant who answers briefly and politely, always. " * 3)
+    prompts = [system + tok.encode(q) for q in ("What is two plus two?", "Name a color.", "Say hello.")]
+    try:
+        for p in prompts:  # one after another: each later one finds the first's prefix
+            c = Collector()
+            engine.submit(Request(p, GenerationConfig(max_new_tokens=16), c, ignore_eos=True))
+            assert c.done.wait(120) and c.failed is None
+            ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=16, stop_token_ids=[]))[0]
+            assert c.texts[0] == ref.text
+        assert engine.m_prefix_tokens.value() >= 2 * len(system)
+    finally:
+        engine.close()
+
+
+def test_prefix_kv_equals_a_fresh_prefill(tiny):
+    model, tok = tiny
+    from lmlab.generate.kv_cache import KVCache
+
+    ids = torch.tensor([tok.encode("the quick brown fox jumps over the lazy dog " * 4)])
+    full, part = KVCache.for_model(model, 1, ids.shape[1]), KVCache.for_model(model, 1, ids.shape[1])
+    n = ids.shape[1] // 2
+    with torch.inference_mode():
+        model(ids, kv_cache=full)
+        model(ids[:, :n], kv_cache=part)
+        model(ids[:, n:], kv_cache=part)  # the second half with the first as its past
+    torch.testing.assert_close(part.k, full.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(part.v, full.v, rtol=1e-5, atol=1e-5)
