@@ -260,10 +260,12 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
+    from lmlab.compress.gradual import recipe_callbacks
     from lmlab.train.config import load_recipe
     from lmlab.train.pretrain import pretrain
 
-    summary = pretrain(load_recipe(args.config, args.set), resume=args.resume)
+    recipe = load_recipe(args.config, args.set)
+    summary = pretrain(recipe, resume=args.resume, callbacks=recipe_callbacks(recipe))  # a prune: section
     if not summary["samples_after"]:
         return  # not the main process
     for title, texts in (("before", summary["samples_before"]), ("after", summary["samples_after"])):
@@ -405,6 +407,31 @@ def _report(args: argparse.Namespace) -> None:
     from lmlab.viz.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
+
+
+# -- compress: pruning and distillation ---------------------------------------------------------------
+def _prune(args: argparse.Namespace) -> None:
+    from lmlab.compress.prune import prune_checkpoint
+    from lmlab.compress.sparsity import format_report
+
+    info = prune_checkpoint(args.model, args.out, args.method, args.sparsity, args.pattern, args.scope, args.calib,
+                            args.calib_samples, args.calib_len, args.importance)  # fmt: skip
+    print(format_report(info["report"], every=args.report_every))
+    if "removed_fraction" in info:
+        print(f"parameters {info['parameters_before']:,} -> {info['parameters_after']:,} "
+              f"({info['removed_fraction']:.1%} removed)")  # fmt: skip
+    print(f"wrote {args.out} (prune.json: per-layer sparsity)")
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from lmlab.compress.distill import distill
+    from lmlab.train.config import load_recipe
+
+    s = distill(load_recipe(args.config, args.set))
+    print(f"student {s['student_parameters']:,} parameters (teacher {s['teacher_parameters']:,}); "
+          f"{s['steps']} steps on {s['train_windows']} windows")  # fmt: skip
+    print(f"validation distillation loss {s['val_before']:.4f} -> {s['val_after']:.4f}")
+    print(f"wrote {s['model']}; use it as a draft: lmlab generate --model TEACHER --draft {s['model']}")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, temperature: float, compile_default: bool | str) -> None:
@@ -708,6 +735,25 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--out", default="data/rag")
     mq.add_argument("--seed", type=int, default=0)
     mq.set_defaults(func=_rag_make_qa)
+
+    # compress: pruning and distillation
+    pr = sub.add_parser("prune", help="prune a checkpoint: magnitude, Wanda, N:M, or whole heads / MLP neurons")
+    pr.add_argument("model", help="a Hugging Face directory, a .gguf file or a packaged name")
+    pr.add_argument("out", help="output directory")
+    pr.add_argument("--method", required=True, choices=["magnitude", "wanda", "heads", "neurons"])
+    pr.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights (heads: KV groups; neurons)")
+    pr.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (magnitude, wanda)")
+    pr.add_argument("--scope", default=None, choices=["row", "layer", "global"], help="where fractions apply")
+    pr.add_argument("--calib", default="kjv", help="calibration text: a data set name or a .jsonl file")
+    pr.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+    pr.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
+    pr.add_argument("--importance", default="activation", choices=["activation", "gradient"], help="heads/neurons")
+    pr.add_argument("--report-every", type=int, default=7, help="show every n-th layer's sparsity")
+    pr.set_defaults(func=_prune)
+    ds = sub.add_parser("distill", help="knowledge distillation from a recipe: a smaller student learns the teacher")
+    ds.add_argument("--config", required=True, help="a recipe, e.g. recipes/compress/distill-smollm2-draft.yaml")
+    ds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
+    ds.set_defaults(func=_distill)
     return p
 
 

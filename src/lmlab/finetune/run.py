@@ -429,8 +429,11 @@ def run_records(
             summary["before"].update(data.eval_fn(model))
         if prompts:
             summary["before"]["answers"] = answer(model, tokenizer, prompts, ft.sample_tokens)
+    from lmlab.compress.gradual import recipe_callbacks
+
     trainer = Trainer(model, data.train, cfg, val_data=data.val, tokenizer=tokenizer, loss_fn=data.loss_fn,
-                      recipe=recipe.to_dict(), progress=progress, eval_fn=data.eval_fn, on_eval=on_eval)  # fmt: skip
+                      recipe=recipe.to_dict(), progress=progress, eval_fn=data.eval_fn, on_eval=on_eval,
+                      callbacks=recipe_callbacks(recipe))  # fmt: skip
     summary["train"] = trainer.fit(resume=resume)
     if not trainer.dist.main:
         return summary

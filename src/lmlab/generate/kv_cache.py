@@ -33,18 +33,20 @@ class KVCache:
         """A cache shaped for `model`, holding up to `max_len` tokens per row."""
         cfg = model.cfg
         p = next(model.parameters())
-        return cls(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, p.dtype, p.device)
+        # a structurally pruned model may keep fewer KV heads in some layers: size for the widest
+        n_kv = max(cfg.heads(i)[1] for i in range(cfg.n_layer))
+        return cls(cfg.n_layer, batch, n_kv, max_len, cfg.head_dim, p.dtype, p.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values (B, H_kv, T, hd) for `layer`; return all cached ones."""
-        start, end = self.length, self.length + k.shape[2]
+        start, end, h = self.length, self.length + k.shape[2], k.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        self.k[layer, :, :h, start:end] = k
+        self.v[layer, :, :h, start:end] = v
         if layer == self.n_layer - 1:
             self.length = end
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :h, :end], self.v[layer, :, :h, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search: each surviving beam takes its parent's past)."""
@@ -68,13 +70,16 @@ class StaticKVCache:
     static = True
 
     def __init__(
-        self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device
-    ) -> None:
-        shape = (batch, n_kv_head, max_len, head_dim)
+        self, n_layer: int, batch: int, n_kv_head: int | list[int], max_len: int, head_dim: int, dtype: torch.dtype,
+        device,
+    ) -> None:  # fmt: skip
+        # n_kv_head: one count, or one per layer (a structurally pruned model)
+        heads = n_kv_head if isinstance(n_kv_head, list) else [n_kv_head] * n_layer
+        shapes = [(batch, h, max_len, head_dim) for h in heads]
         # one tensor per layer: an in-place write to a graph input compiles to an in-place write,
         # where a write through a view of one big buffer would copy the layer's whole cache
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.n_layer, self.max_len, self.length = n_layer, max_len, 0
         self.slots = torch.zeros(1, dtype=torch.long, device=device)
         self.in_use = False  # a kept cache (CUDA graphs) serves one decode at a time
@@ -84,7 +89,8 @@ class StaticKVCache:
         """A cache shaped for `model`, holding up to `max_len` tokens per row."""
         cfg = model.cfg
         p = next(model.parameters())
-        return cls(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, p.dtype, p.device)
+        heads = [cfg.heads(i)[1] for i in range(cfg.n_layer)]
+        return cls(cfg.n_layer, batch, heads, max_len, cfg.head_dim, p.dtype, p.device)
 
     def advance(self, n: int) -> None:
         """The next call writes `n` tokens after those already cached."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
@@ -79,6 +80,9 @@ def speculative_generate(
 ) -> tuple[Generation, SpeculativeStats]:
     """Generate for one prompt with a draft model; returns the generation and acceptance statistics."""
     config = config or GenerationConfig()
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise LmlabError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the target's "
+                         f"({target.cfg.vocab_size})", field="draft", hint="use a draft with the same tokenizer")  # fmt: skip
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
     eos = stop_token_ids(target, tokenizer, config)
     device = next(target.parameters()).device

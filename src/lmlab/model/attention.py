@@ -32,11 +32,12 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        n_head, n_kv_head = cfg.heads(layer)  # per layer once structured pruning removed some
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, n_head, n_kv_head, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.d_model, n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.d_model, n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(n_head * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.dropout = cfg.attn_dropout
 
     def forward(

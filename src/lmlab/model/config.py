@@ -74,6 +74,10 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     family: str | None = None  # the Hugging Face model_type this config mirrors, if any
     extra: dict[str, Any] = field(default_factory=dict)  # source-format fields kept for round trips
+    # structured pruning: per-layer widths (None: every layer has n_head / n_kv_head / d_ff)
+    layer_n_head: list[int] | None = None
+    layer_n_kv_head: list[int] | None = None
+    layer_d_ff: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -102,6 +106,24 @@ class ModelConfig:
                 raise LmlabError("cls_pooling 'pooler' needs pooler: true", field="cls_pooling")
         if self.prefix_lm and not self.causal:
             raise LmlabError("prefix_lm needs a causal model", field="prefix_lm")
+        for name in ("layer_n_head", "layer_n_kv_head", "layer_d_ff"):
+            widths = getattr(self, name)
+            if widths is not None and (len(widths) != self.n_layer or min(widths) < 1):
+                raise LmlabError(f"needs {self.n_layer} entries (one per layer), each >= 1", field=name)
+        for i in range(self.n_layer):
+            h, kv = self.heads(i)
+            if h % kv:
+                raise LmlabError(f"layer {i}: {h} heads is not a multiple of {kv} KV heads", field="layer_n_head")
+
+    def heads(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) of one layer: per-layer after structured pruning, else uniform."""
+        h = self.layer_n_head[layer] if self.layer_n_head is not None else self.n_head
+        kv = self.layer_n_kv_head[layer] if self.layer_n_kv_head is not None else self.n_kv_head
+        return h, kv
+
+    def ff(self, layer: int) -> int:
+        """The MLP width of one layer."""
+        return self.layer_d_ff[layer] if self.layer_d_ff is not None else self.d_ff
 
     @property
     def is_encoder(self) -> bool:

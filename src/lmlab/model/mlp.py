@@ -20,12 +20,13 @@ ACTIVATIONS = {
 class MLP(nn.Module):
     """down(act(up(x))), or with SwiGLU down(act(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.act = ACTIVATIONS[cfg.act]
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        d_ff = cfg.ff(layer)  # per layer once structured pruning removed neurons
+        self.gate = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
+        self.up = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.down = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:

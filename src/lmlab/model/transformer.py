@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
         self.drop = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x: torch.Tensor, **attn_args) -> torch.Tensor:

@@ -97,13 +97,16 @@ class Recipe:
     finetune: dict[str, Any] = field(default_factory=dict)  # task, method, lora, freeze, remedies
     tune: dict[str, Any] = field(default_factory=dict)  # hyperparameter search: metric, space
     align: dict[str, Any] = field(default_factory=dict)  # method (rm, dpo, ppo, grpo), beta, loss_type, ...
+    prune: dict[str, Any] = field(default_factory=dict)  # gradual pruning (compress/gradual.py): final_sparsity, ...
+    distill: dict[str, Any] = field(default_factory=dict)  # knowledge distillation (compress/distill.py): teacher, ...
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as saved beside every checkpoint."""
         train = dataclasses.asdict(self.train)
         train["betas"] = list(train["betas"])
         out = {"model": self.model, "data": self.data, "train": train}
-        out.update({k: v for k, v in (("finetune", self.finetune), ("tune", self.tune), ("align", self.align)) if v})
+        sections = ("finetune", self.finetune), ("tune", self.tune), ("align", self.align), ("prune", self.prune)
+        out.update({k: v for k, v in (*sections, ("distill", self.distill)) if v})
         return out
 
 
@@ -194,11 +197,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
 def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> Recipe:
     """Validate a recipe given as a dict (as read from YAML): sections, every train setting."""
     path = source
-    unknown = set(raw) - {"model", "data", "train", "finetune", "tune", "align"}
+    sections = ("model", "data", "train", "finetune", "tune", "align", "prune", "distill")
+    unknown = set(raw) - set(sections)
     if unknown:
-        raise LmlabError(
-            "unknown section (sections: model, data, train, finetune, tune, align)", file=path, field=sorted(unknown)[0]
-        )
+        raise LmlabError(f"unknown section (sections: {', '.join(sections)})", file=path, field=sorted(unknown)[0])
     cfg = section_config(TrainConfig, raw.get("train") or {}, "train", path)
     return Recipe(
         model=raw.get("model") or {},
@@ -208,4 +210,6 @@ def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> Recipe:
         finetune=raw.get("finetune") or {},
         tune=raw.get("tune") or {},
         align=raw.get("align") or {},
+        prune=raw.get("prune") or {},
+        distill=raw.get("distill") or {},
     )

@@ -77,7 +77,7 @@ def step_flops(model: nn.Module, counts: StepCounts, backward: bool = True) -> i
         f, b, t = _group([attn.q, attn.k, attn.v], upstream)
         per_token, upstream = per_token + f + b * backward, upstream or t
         # scores q.k and the weighted sum of values: 2 FLOPs x head_dim each, per head and pair
-        f = 2 * 2 * cfg.n_head * cfg.head_dim
+        f = 2 * 2 * attn.n_head * cfg.head_dim  # per layer: structured pruning may remove heads
         per_pair += f + 2 * f * (backward and upstream)
         f, b, t = _linear(attn.o, upstream)
         per_token, upstream = per_token + f + b * backward, upstream or t

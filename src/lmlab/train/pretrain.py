@@ -14,7 +14,7 @@ from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from lmlab.train.config import Recipe, coerce
-from lmlab.train.trainer import Trainer
+from lmlab.train.trainer import Callback, Trainer
 
 SAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "中国", "The "]
 
@@ -74,10 +74,19 @@ def samples(model: Transformer, tokenizer: Tokenizer, prompts: list[str], max_ne
     return [p + g.text for p, g in zip(prompts, outs)]
 
 
-def pretrain(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a pretraining recipe end to end; returns the Trainer's summary plus samples before and after."""
+def pretrain(
+    recipe: Recipe, resume: bool = False, progress: bool = True, callbacks: list[Callback] | None = None
+) -> dict[str, Any]:
+    """Run a pretraining recipe end to end; returns the Trainer's summary plus samples before and after.
+
+    callbacks: told every step; a `prune:` section needs lmlab.compress.gradual.recipe_callbacks(recipe)
+    (compress sits above train, so the pruning callback is passed in rather than built here).
+    """
     from lmlab.data import TokenDataset
 
+    if recipe.prune and not callbacks:
+        raise LmlabError("the recipe has a prune: section but no pruning callback was passed", file=recipe.source,
+                         field="prune", hint="pass callbacks=lmlab.compress.gradual.recipe_callbacks(recipe)")  # fmt: skip
     cfg = recipe.train
     tokens = prepare_tokens(recipe.data, progress)
     meta = TokenDataset(tokens, "train", block_size=cfg.block_size, batch_size=1).meta
@@ -93,7 +102,7 @@ def pretrain(recipe: Recipe, resume: bool = False, progress: bool = True) -> dic
     prompts = recipe.data.get("sample_prompts", SAMPLE_PROMPTS)
     before = samples(model, tokenizer, prompts) if not resume else []
     trainer = Trainer(model, train, cfg, val_data=val, tokenizer=tokenizer, recipe=recipe.to_dict(),
-                      bytes_per_token=bytes_per_token, progress=progress)  # fmt: skip
+                      bytes_per_token=bytes_per_token, progress=progress, callbacks=callbacks)  # fmt: skip
     summary = trainer.fit(resume=resume)
     summary["samples_before"] = before
     summary["samples_after"] = samples(trainer.raw, tokenizer, prompts) if trainer.dist.main else []

@@ -40,6 +40,16 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 LOWER_IS_BETTER = ("loss", "ppl", "bpb", "ece", "error")
 
 
+class Callback:
+    """Something the Trainer tells before training and after every optimizer step (pruning masks)."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Called once by fit(), after any resume, before the first step."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """Called after each optimizer step; trainer.state.step counts the steps done."""
+
+
 def lower_is_better(metric: str) -> bool:
     """Whether a smaller value of this metric is better (losses, perplexity, bits per byte, calibration error)."""
     return metric.endswith(LOWER_IS_BETTER)
@@ -106,9 +116,11 @@ class Trainer:
         progress: bool = True,
         eval_fn: EvalFn | None = None,
         on_eval: Callable[[int, dict[str, float]], None] | None = None,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         """eval_fn(model) adds metrics (accuracy, F1, ...) to each evaluation; on_eval(step, metrics) is
-        told every evaluation (a hyperparameter search prunes trials from it)."""
+        told every evaluation (a hyperparameter search prunes trials from it); callbacks hear every step."""
+        self.callbacks = list(callbacks or [])
         self.cfg, self.train_data, self.val_data = config, train_data, val_data
         self.tokenizer, self.recipe, self.bytes_per_token = tokenizer, recipe, bytes_per_token
         self.eval_fn, self.on_eval = eval_fn, on_eval
@@ -144,7 +156,13 @@ class Trainer:
         return self.cfg.micro_batch_size * self.cfg.grad_accum * self.dist.world
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimizer step on one global batch; returns loss, grad norm, lr."""
+        """One optimizer step on one global batch, then the callbacks; returns loss, grad norm, lr."""
+        info = self._step(batch)
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+        return info
+
+    def _step(self, batch: Batch) -> dict[str, float]:
         cfg, d = self.cfg, self.dist
         if _batch_rows(batch) != self.global_batch_size():
             raise LmlabError(
@@ -359,6 +377,8 @@ class Trainer:
             self._writer = SummaryWriter(str(self.out / "tensorboard"))
         if not resume:  # dropout draws from here; a resumed run restores the saved RNG state instead
             torch.manual_seed(cfg.seed + d.rank)
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
         peak = measure_matmul_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32) * d.world
         bar = progress_bar(total=cfg.max_steps, initial=self.state.step, disable=not self.progress, unit="step")
         stopped_early, t_last = False, time.perf_counter()

@@ -1,0 +1,285 @@
+"""Knowledge distillation (Hinton et al. 2015): a small student learns the teacher's softened distribution.
+
+    loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, next token)
+
+T > 1 softens both distributions so the student sees which wrong tokens the teacher finds plausible;
+T^2 keeps the KL's gradient on the scale of the CE's as T changes. Forward KL (teacher first) makes the
+student cover everything the teacher allows; reverse KL (student first, as in MiniLLM) makes it pick
+the teacher's main modes. Teacher logits come from the teacher on the fly, or from a cache of its top-k
+logits per token written once to disk (the student then matches the teacher on those k tokens).
+
+The student: the teacher's first N layers with its embeddings, final norm and head (a ready draft for
+speculative decoding), a smaller preset, or any checkpoint (a pruned copy). One Trainer runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lmlab.compress.prune import token_windows
+from lmlab.errors import LmlabError
+from lmlab.model.checkpoint import load_pretrained
+from lmlab.model.config import ModelConfig
+from lmlab.model.transformer import Transformer
+from lmlab.train.config import Recipe, coerce
+from lmlab.train.trainer import Trainer
+from lmlab.utils.atomic import atomic_path, write_json
+from lmlab.utils.progress import progress_bar
+
+KL_KINDS = ("forward", "reverse")
+
+
+# -- the loss -----------------------------------------------------------------------------------------
+def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                 kind: str = "forward") -> torch.Tensor:  # fmt: skip
+    """KL between the temperature-softened distributions at each position (..., V) -> (...)."""
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    if kind == "forward":  # KL(teacher || student) = sum p_t (log p_t - log p_s)
+        return (t.exp() * (t - s)).sum(-1)
+    if kind == "reverse":  # KL(student || teacher)
+        return (s.exp() * (s - t)).sum(-1)
+    raise LmlabError(f"kl {kind!r} is not one of {', '.join(KL_KINDS)}", field="distill.kl")
+
+
+def topk_kl_per_token(student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Forward KL restricted to the teacher's top-k tokens: sum_k p_k (log p_k - log q_k), with p the
+    teacher's softened distribution renormalized over its k tokens and q the student's full softmax."""
+    s = F.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_indices.long())  # (..., k)
+    t = F.log_softmax(top_values.float() / temperature, -1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    targets: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    kind: str = "forward",
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """alpha * T^2 * mean KL + (1 - alpha) * mean CE over positions whose target is not -100 (all
+    positions without targets). Pass teacher logits (B, T, V), or top=(values, indices) (B, T, k)."""
+    kl = (
+        topk_kl_per_token(student_logits, *top, temperature)
+        if top is not None
+        else kl_per_token(student_logits, teacher_logits, temperature, kind)
+    )
+    keep = targets != -100 if targets is not None else torch.ones_like(kl, dtype=torch.bool)
+    loss = alpha * temperature**2 * kl[keep].mean()
+    if alpha < 1 and targets is not None:
+        ce = F.cross_entropy(student_logits.float()[keep], targets[keep])
+        loss = loss + (1 - alpha) * ce
+    return loss
+
+
+# -- the recipe ---------------------------------------------------------------------------------------
+@dataclass
+class DistillConfig:
+    """The `distill:` section of a recipe."""
+
+    teacher: str = "smollm2-135m-instruct"
+    student: dict[str, Any] = field(default_factory=lambda: {"layers": 4})  # layers: N | preset: .. | init_from: ..
+    temperature: float = 2.0
+    alpha: float = 0.9  # weight of the KL term; 1 - alpha goes to the next-token cross-entropy
+    kl: str = "forward"
+    teacher_logits: str = "online"  # online: run the teacher each step; cache: top-k logits on disk
+    top_k: int = 64
+    freeze_embeddings: bool = True  # a student sharing the teacher's vocabulary keeps its embeddings (and tied head)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature > 0, "> 0"),
+            ("alpha", 0 <= self.alpha <= 1, "in [0, 1]"),
+            ("kl", self.kl in KL_KINDS, f"one of {', '.join(KL_KINDS)}"),
+            ("teacher_logits", self.teacher_logits in ("online", "cache"), "online or cache"),
+            ("top_k", self.top_k >= 1, ">= 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise LmlabError(f"{getattr(self, name)!r} must be {want}", field=f"distill.{name}")
+        if self.teacher_logits == "cache" and self.kl == "reverse":
+            raise LmlabError("reverse KL needs the teacher's full distribution", field="distill.kl",
+                             hint="use teacher_logits: online")  # fmt: skip
+
+
+def distill_config(recipe: Recipe) -> DistillConfig:
+    """The recipe's `distill:` section, validated (unknown keys named)."""
+    known = {f.name for f in dataclasses.fields(DistillConfig)}
+    for key in recipe.distill:
+        if key not in known:
+            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=recipe.source,
+                             field=f"distill.{key}")  # fmt: skip
+    try:
+        return DistillConfig(**coerce(DistillConfig, recipe.distill, "distill", recipe.source))
+    except LmlabError as e:
+        e.file = e.file or recipe.source
+        raise
+
+
+def first_layers(teacher: Transformer, n_layers: int) -> Transformer:
+    """An independent copy of the teacher's first n layers with its embeddings, final norm and head."""
+    if not 1 <= n_layers <= teacher.cfg.n_layer:
+        raise LmlabError(f"layers {n_layers} is outside 1..{teacher.cfg.n_layer}", field="distill.student.layers")
+    cfg = dataclasses.replace(teacher.cfg, n_layer=n_layers, **_first(teacher.cfg, n_layers))
+    with torch.device("meta"):
+        student = Transformer(cfg)
+    for name, child in teacher.named_children():
+        setattr(student, name, torch.nn.ModuleList(list(child)[:n_layers]) if name == "layers" else child)
+    student = copy.deepcopy(student)  # its own weights (the tie between embedding and head survives the copy)
+    student.init_buffers(next(teacher.parameters()).device)
+    return student.requires_grad_(True)  # a frozen teacher's flags must not freeze the student
+
+
+def _first(cfg: ModelConfig, n: int) -> dict[str, Any]:
+    return {k: v[:n] for k in ("layer_n_head", "layer_n_kv_head", "layer_d_ff") if (v := getattr(cfg, k)) is not None}
+
+
+def build_student(spec: dict[str, Any], teacher: Transformer, source: str | None = None) -> Transformer:
+    """The student a recipe names; its vocabulary must be the teacher's."""
+    if "layers" in spec:
+        student = first_layers(teacher, int(spec["layers"]))
+    elif "init_from" in spec:
+        student = load_pretrained(spec["init_from"])[0]
+    elif "preset" in spec:
+        rest = {k: v for k, v in spec.items() if k != "preset"}
+        t = teacher.cfg
+        ids = dict(vocab_size=t.vocab_size, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
+                   pad_token_id=t.pad_token_id)  # fmt: skip
+        student = Transformer(
+            ModelConfig.from_preset(spec["preset"], **{**ids, **coerce(ModelConfig, rest, "student")})
+        )
+    else:
+        raise LmlabError("name the student: layers: N, preset: NAME or init_from: PATH", file=source,
+                         field="distill.student")  # fmt: skip
+    check_vocab(teacher, student, "distill.student")
+    return student
+
+
+def check_vocab(target: Transformer, other: Transformer, what: str) -> None:
+    """Teacher and student (or target and draft) must share one vocabulary, token for token."""
+    if other.cfg.vocab_size != target.cfg.vocab_size:
+        raise LmlabError(f"vocabulary mismatch: {other.cfg.vocab_size} tokens vs the teacher's "
+                         f"{target.cfg.vocab_size}", field=what, hint="use a model with the same tokenizer")  # fmt: skip
+
+
+# -- data -------------------------------------------------------------------------------------------
+class Windows:
+    """Batches (x, y, index) over fixed token windows, in a seeded order each epoch."""
+
+    def __init__(self, windows: torch.Tensor, rows: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.windows, self.rows, self.shuffle, self.seed = windows, rows, shuffle, seed
+        self.steps_per_epoch = max(len(windows) // rows, 1)
+
+    def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.windows), generator=g) if self.shuffle else torch.arange(len(self.windows))
+        idx = order[i * self.rows : (i + 1) * self.rows]
+        w = self.windows[idx]
+        return w[:, :-1], w[:, 1:], idx
+
+
+@torch.no_grad()
+def cache_teacher_topk(teacher: Transformer, windows: torch.Tensor, k: int, path: Path, batch: int = 4,
+                       progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The teacher's top-k logits at every position of every window, written once to a safetensors file
+    (values float16, indices int32) and read back on later runs over the same windows."""
+    if path.exists():
+        cached = load_file(str(path))
+        if torch.equal(cached["windows"], windows) and cached["values"].shape[-1] == k:
+            return cached
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    values, indices = [], []
+    for start in progress_bar(range(0, len(windows), batch), desc="teacher top-k", disable=not progress):
+        logits = teacher(windows[start : start + batch, :-1].to(device)).float()
+        top = logits.topk(k, dim=-1)
+        values.append(top.values.half().cpu())
+        indices.append(top.indices.int().cpu())
+    out = {"values": torch.cat(values), "indices": torch.cat(indices), "windows": windows.contiguous()}
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp))
+    return out
+
+
+class DistillLoss:
+    """The Trainer's loss function: the student's logits against the teacher's (live or cached)."""
+
+    def __init__(self, cfg: DistillConfig, teacher: Transformer | None, cache: dict[str, torch.Tensor] | None):
+        self.cfg, self.teacher, self.cache = cfg, teacher, cache
+
+    def __call__(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        x, y, idx = batch
+        logits = model(x)
+        cfg = self.cfg
+        if self.cache is not None and model.training:  # evaluation batches are not in the cache
+            top = (self.cache["values"][idx.cpu()].to(x.device), self.cache["indices"][idx.cpu()].to(x.device))
+            return distill_loss(logits, None, y, cfg.alpha, cfg.temperature, top=top)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return distill_loss(logits, teacher_logits, y, cfg.alpha, cfg.temperature, cfg.kl)
+
+
+def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """Run a distillation recipe: teacher and student, token windows, the Trainer; returns a summary."""
+    from lmlab.data import fetch
+
+    dc, cfg = distill_config(recipe), recipe.train
+    teacher, tokenizer = load_pretrained(dc.teacher)
+    if tokenizer is None:
+        raise LmlabError("the teacher has no tokenizer", field="distill.teacher")
+    teacher.eval().requires_grad_(False)
+    student = build_student(dict(dc.student), teacher, recipe.source)
+    if dc.freeze_embeddings:
+        student.embed.weight.requires_grad_(False)
+    data = recipe.data
+    names = data.get("datasets") or []
+    if not names:
+        raise LmlabError("the recipe names no data: set data.datasets (fetched sets)", file=recipe.source,
+                         field="data.datasets")  # fmt: skip
+
+    def split(name: str) -> list[Path]:
+        return [p for d in names if (p := Path(fetch(d)) / f"{name}.jsonl").exists()]
+
+    train_w = token_windows(tokenizer, split("train"), cfg.block_size, data.get("max_windows"), cfg.seed)
+    val_w = token_windows(tokenizer, split("validation"), cfg.block_size, data.get("max_val_windows", 64), cfg.seed)
+    rows = cfg.micro_batch_size * cfg.grad_accum
+    cache = None
+    if dc.teacher_logits == "cache":
+        out = Path(cfg.out_dir)
+        cache = cache_teacher_topk(teacher, train_w, dc.top_k, out / "teacher_topk.safetensors", progress=progress)
+    loss = DistillLoss(dc, teacher, cache)
+    # validation always compares with the live teacher, so cached and online runs report the same thing
+    val_loss = DistillLoss(dataclasses.replace(dc, teacher_logits="online"), teacher, None)
+    trainer = Trainer(student, Windows(train_w, rows, seed=cfg.seed), cfg, val_data=Windows(val_w, rows, False),
+                      tokenizer=tokenizer, loss_fn=loss, recipe=recipe.to_dict(), progress=progress)  # fmt: skip
+    teacher.to(trainer.dist.device)
+    before = _val(trainer, val_loss)
+    summary = trainer.fit()
+    summary.update(val_before=before, val_after=_val(trainer, val_loss), train_windows=len(train_w),
+                   student_parameters=sum(p.numel() for p in student.parameters()),
+                   teacher_parameters=sum(p.numel() for p in teacher.parameters()),
+                   out_dir=str(trainer.out), model=str(trainer.out / "final"))  # fmt: skip
+    write_json(trainer.out / "summary.json", summary)
+    return summary
+
+
+@torch.no_grad()
+def _val(trainer: Trainer, loss: DistillLoss) -> float:
+    """Mean distillation loss (live teacher) over the validation windows."""
+    model, data = trainer.raw, trainer.val_data
+    model.eval()
+    device = next(model.parameters()).device
+    vals = [float(loss(model, tuple(t.to(device) for t in data.get_batch(i)))) for i in range(data.steps_per_epoch)]
+    return sum(vals) / len(vals)
