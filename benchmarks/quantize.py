@@ -39,7 +39,7 @@ from lmlab.utils.packaged import packaged_path
 MODEL = "smollm2-135m-instruct"
 
 
-def variants(gptq_samples: int) -> dict[str, object]:
+def variants(gptq_samples: int, out: Path | None = None) -> dict[str, object]:
     """name -> a function returning the model (built when needed: each holds its own weights)."""
 
     def rtn(cfg: QuantConfig):
@@ -66,6 +66,14 @@ def variants(gptq_samples: int) -> dict[str, object]:
         "int4 GPTQ g64": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq")),
         "int4 RTN g32 sym": rtn(QuantConfig(bits=4, group_size=32, sym=True)),
         "GGUF Q4_1 as stored": lambda: load_pretrained(MODEL, dequantize=False)[0],
+        **(
+            {
+                "GGUF Q8_0 export": lambda: load_pretrained(gguf_files(out)["Q8_0"], dequantize=False)[0],
+                "GGUF Q4_0 export": lambda: load_pretrained(gguf_files(out)["Q4_0"], dequantize=False)[0],
+            }
+            if out is not None
+            else {}
+        ),
     }
 
 
@@ -83,7 +91,9 @@ def quality(args: argparse.Namespace) -> None:
     print(f"perplexity, first {args.ppl_chars:,} characters of each test split, windows of 512, stride 256")
     print(f"{'model':<22}{'MB':>8}" + "".join(f"{n:>14}{'vs fp32':>9}" for n in sets))
     base = {}
-    for name, build in variants(args.gptq_samples).items():
+    for name, build in variants(args.gptq_samples, Path(args.out)).items():
+        if args.only and name not in args.only:
+            continue
         t = time.perf_counter()
         model = build()
         made = time.perf_counter() - t
@@ -91,7 +101,7 @@ def quality(args: argparse.Namespace) -> None:
         for data, texts in sets.items():
             with torch.inference_mode():
                 ppl = perplexity(model, tok, texts, max_length=512, stride=256)["perplexity"]
-            base.setdefault(data, ppl)
+            base.setdefault(data, ppl)  # the first row (fp32 unless --only leaves it out)
             row += f"{ppl:>14.3f}{ppl / base[data] - 1:>+9.2%}"
         print(row + (f"   (built in {made:.0f} s)" if made > 5 else ""), flush=True)
         del model
@@ -200,6 +210,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="out/bench-quantize", help="where the exported GGUF files are kept")
+    ap.add_argument("--only", nargs="*", help="--ppl: only these rows (names as printed)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not (args.ppl or args.speed):
