@@ -129,7 +129,7 @@ def llamacpp_speed(path: Path, prompt: list[int], long_prompt: list[int], n: int
     except ImportError:
         return None
     try:
-        decode, prefill = run_llamacpp(path, [
+        decode, prefill = run_llamacpp(path.resolve(), [
             {"mode": "speed", "prompt": prompt, "n": n, "repeats": repeats},
             {"mode": "speed", "prompt": long_prompt, "n": 2, "repeats": repeats},
         ], threads=threads)["results"]  # fmt: skip
@@ -147,7 +147,6 @@ def speed(args: argparse.Namespace) -> None:
         "fp32 / F32": (builds["fp32"], files["F32"]),
         "int8 per channel": (builds["int8 (per channel)"], None),
         "GGUF Q8_0 (blocks)": (lambda: load_pretrained(files["Q8_0"], dequantize=False)[0], files["Q8_0"]),
-        "int4 g32 asym": (lambda: _rtn(QuantConfig(bits=4, group_size=32, sym=False)), None),
         "GGUF Q4_0 (blocks)": (lambda: load_pretrained(files["Q4_0"], dequantize=False)[0], files["Q4_0"]),
         "GGUF Q4_1 (blocks)": (lambda: load_pretrained(files["Q4_1"], dequantize=False)[0], files["Q4_1"]),
     }
@@ -162,7 +161,10 @@ def speed(args: argparse.Namespace) -> None:
           f"{'llama.cpp':>11}{'its prefill':>12}{'ours/llama.cpp':>16}")  # fmt: skip
     for name, (build, gguf) in rows.items():
         model = build()
-        nbytes = quantized_bytes(model) - model.embed.weight.numel() * model.embed.weight.element_size()
+        nbytes = quantized_bytes(model)
+        tied = type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
+        if not tied:
+            nbytes -= model.embed.weight.numel() * model.embed.weight.element_size()  # a lookup reads one row
         ref = llamacpp_speed(gguf, chat[0], long_prompt, args.new_tokens, args.repeats, threads) if gguf else None
         with torch.inference_mode():
             pre = torch.tensor([long_prompt])
@@ -192,12 +194,6 @@ def speed(args: argparse.Namespace) -> None:
                 print(f"{name:<20}{nbytes / 1e6:>8.0f}{batch:>6}{res['eager']:>8.1f}{res['compiled']:>10.1f}{gbs:>6.1f}"
                       f"{prefill:>12.0f}{theirs}", flush=True)  # fmt: skip
         del model
-
-
-def _rtn(cfg: QuantConfig):
-    m, _ = load_pretrained(MODEL)
-    quantize_model(m, cfg)
-    return m
 
 
 def main() -> None:
