@@ -37,6 +37,7 @@ from lmlab.model.quantized import QuantConfig, quantized_bytes
 from lmlab.utils.packaged import packaged_path
 
 MODEL = "smollm2-135m-instruct"
+CALIB = "kjv,python-docs"  # GPTQ's calibration: train splits, an equal share of each (the test splits are scored)
 
 
 def variants(gptq_samples: int, out: Path | None = None) -> dict[str, object]:
@@ -53,7 +54,7 @@ def variants(gptq_samples: int, out: Path | None = None) -> dict[str, object]:
     def gptq(cfg: QuantConfig):
         def build():
             m, tok = load_pretrained(MODEL)
-            texts = calibration_texts("kjv", gptq_samples * 512 * 8)
+            texts = calibration_texts(CALIB, gptq_samples * 512 * 8)
             quantize_model(m, cfg, calibration_batches(tok, texts, gptq_samples, 512))
             return m
 
@@ -197,11 +198,13 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    global CALIB
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ppl", action="store_true", help="perplexity table")
     ap.add_argument("--speed", action="store_true", help="decode and prefill speed table")
     ap.add_argument("--ppl-chars", type=int, default=60_000)
     ap.add_argument("--gptq-samples", type=int, default=64, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--calib", default=CALIB, help="GPTQ calibration corpora, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
@@ -213,6 +216,7 @@ def main() -> None:
         args.ppl = args.speed = True
     if not Path(packaged_path(MODEL)).exists():
         sys.exit("SmolLM2 is not installed: run make setup")
+    CALIB = args.calib
     if args.ppl:
         quality(args)
     if args.speed:

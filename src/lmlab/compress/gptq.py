@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from lmlab.compress.rtn import dequantize_with, group_params, quantize_with
+from lmlab.errors import LmlabError
 from lmlab.kernels import quant
 from lmlab.model.quantized import QuantConfig, quantizable, replace_linear, untie_head
 from lmlab.utils.progress import progress_bar
@@ -195,14 +196,14 @@ def _dequant(q: tuple) -> torch.Tensor:
 
 
 def calibration_batches(tokenizer, texts: list[str], n: int, length: int, batch: int = 8) -> list[torch.Tensor]:
-    """`n` windows of `length` tokens cut from the concatenated `texts`, in batches of `batch`."""
+    """`n` windows of `length` tokens spread evenly over the concatenated `texts` (so every source of a
+    mix is sampled), in batches of `batch`."""
     ids: list[int] = []
     for t in texts:
         ids.extend(tokenizer.encode(t))
-        if len(ids) >= n * length:
-            break
     n = min(n, len(ids) // length)
     if n == 0:
-        raise ValueError(f"the calibration texts hold fewer than {length} tokens")
-    windows = torch.tensor(ids[: n * length]).reshape(n, length)
+        raise LmlabError(f"the calibration texts hold fewer than {length} tokens", field="calib")
+    step = len(ids) // n  # >= length
+    windows = torch.tensor([ids[i * step : i * step + length] for i in range(n)])
     return [windows[i : i + batch] for i in range(0, n, batch)]

@@ -55,19 +55,23 @@ def quantize_model(
 
 
 def calibration_texts(source: str, n_chars: int) -> list[str]:
-    """Texts for calibration: a registered corpus name (fetched; its train split) or a .txt/.jsonl file."""
+    """Texts for calibration: registered corpus names (fetched; their train splits) or .txt/.jsonl files,
+    comma-separated to mix several (an equal share of characters from each)."""
     from lmlab.data.readers import iter_texts
     from lmlab.data.registry import DATASETS, fetch
 
-    path = fetch(source) / "train.jsonl" if source in DATASETS else Path(source)
-    if not path.exists():
-        raise LmlabError("no such calibration file or corpus name", file=str(path))
-    texts, total = [], 0
-    for t in iter_texts([path]):
-        texts.append(t)
-        total += len(t)
-        if total >= n_chars:
-            break
+    sources = [s for s in source.split(",") if s]
+    texts = []
+    for name in sources:
+        path = fetch(name) / "train.jsonl" if name in DATASETS else Path(name)
+        if not path.exists():
+            raise LmlabError("no such calibration file or corpus name", file=str(path), field="calib")
+        total = 0
+        for t in iter_texts([path]):
+            texts.append(t)
+            total += len(t)
+            if total >= n_chars // len(sources):
+                break
     return texts
 
 
