@@ -179,35 +179,34 @@ class _Warmup:
     """A compile of one decode graph running in a background thread: `ready` once the graph is built
     (by one call on a scratch cache of the same shapes), `failed` if building it raised."""
 
-    def __init__(self, forward: Callable, batch: int, capacity: int, mask: torch.Tensor, model: Transformer) -> None:
+    def __init__(self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device) -> None:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
-        self._args = (forward, batch, capacity, torch.ones_like(mask), model)
-        threading.Thread(target=self._run, name="lmlab-compile", daemon=True).start()
+        args = (forward, model, batch, capacity, device)
+        threading.Thread(target=self._run, args=args, name="lmlab-compile", daemon=True).start()
 
-    def _run(self) -> None:
-        forward, batch, capacity, mask, model = self._args
+    def _run(self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device) -> None:
         try:
             with torch.inference_mode():
                 cache = StaticKVCache.for_model(model, batch, capacity)
                 cache.advance(1)
-                token = torch.zeros(batch, dtype=torch.long, device=mask.device)
-                forward(token[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+                token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+                mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
+                forward(token, attention_mask=mask, kv_cache=cache, logits_to_keep=1)
         except BaseException as e:  # a failed compile leaves the eager steps running: say why, once
             self.failed = e
             warnings.warn(f"lmlab: compiling the decode step failed, decoding stays eager: {e}", stacklevel=1)
         finally:
-            self._args = ()
             self.ready.set()
 
 
-def warmup(model: Transformer, batch: int, capacity: int, mask: torch.Tensor) -> _Warmup:
+def warmup(model: Transformer, batch: int, capacity: int, device: torch.device) -> _Warmup:
     """The background compile of (model, batch, capacity)'s decode graph, started on first request."""
     key = (id(model), batch, capacity)
     with _warm_lock:
         w = _warming.get(key)
         if w is None or (w.ready.is_set() and key not in _compiled):
-            w = _warming[key] = _Warmup(compiled(model, batch, capacity), batch, capacity, mask, model)
+            w = _warming[key] = _Warmup(compiled(model, batch, capacity), model, batch, capacity, device)
             while len(_warming) > _KEEP:
                 _warming.pop(next(iter(_warming)))
     return w
@@ -288,7 +287,7 @@ def decode_steps(
         # every decode step through one compiled graph ("auto": eager steps over the same cache until
         # the graph, compiling in the background, is ready)
         cache = static_cache(model, B, state.ids.shape[1])
-        warm = warmup(model, B, state.ids.shape[1], state.mask) if background else None
+        warm = warmup(model, B, state.ids.shape[1], state.ids.device) if background else None
         forward = compiled(model, B, state.ids.shape[1])
         cache.advance(state.length)
         logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)

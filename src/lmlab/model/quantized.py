@@ -149,19 +149,6 @@ def untie_head(model: nn.Module) -> None:
         model.cfg = dataclasses.replace(model.cfg, tie_embeddings=False)  # tie_weights() must not re-tie
 
 
-def empty_quantized(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Swap each layer `quantizable` names for an empty QuantLinear of the same shape (to load a
-    checkpoint into); the names swapped."""
-    untie_head(model)
-    names = []
-    for name, m in quantizable(model, config):
-        groups = config.groups(m.in_features, name)
-        set_module(model, name, QuantLinear(m.in_features, m.out_features, config.bits, groups, m.bias is not None))
-        names.append(name)
-    model.quant_config = config
-    return names
-
-
 def build_quantized(
     cfg: ModelConfig, get: Callable[[str], torch.Tensor | None], config: QuantConfig, source: str | None = None
 ) -> nn.Module:
