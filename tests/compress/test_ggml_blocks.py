@@ -15,14 +15,14 @@ from lmlab.compress.ggml_blocks import (
     pack_q8_0,
     quantize_q4_0,
     quantize_q8_0,
-    unpack_q4_0,
-    unpack_q8_0,
 )
 from lmlab.errors import LmlabError
+from lmlab.kernels.quant import unpack_int4
+from lmlab.model.gguf import gguf_blocks
 
 FORMATS = {
-    "q8_0": (GGMLQuantizationType.Q8_0, quantize_q8_0, dequantize_q8_0, pack_q8_0, unpack_q8_0),
-    "q4_0": (GGMLQuantizationType.Q4_0, quantize_q4_0, dequantize_q4_0, pack_q4_0, unpack_q4_0),
+    "q8_0": (GGMLQuantizationType.Q8_0, quantize_q8_0, dequantize_q8_0, pack_q8_0),
+    "q4_0": (GGMLQuantizationType.Q4_0, quantize_q4_0, dequantize_q4_0, pack_q4_0),
 }
 
 
@@ -45,7 +45,7 @@ def _cases() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", ["random", "edge", "3-d"])
 def test_bytes_match_gguf_reference(fmt, case):
-    qtype, quant, dequant, pack, unpack = FORMATS[fmt]
+    qtype, quant, dequant, pack = FORMATS[fmt]
     w = _cases()[case]
     q, d = quant(w)
     assert q.shape == w.shape and d.shape == (*w.shape[:-1], w.shape[-1] // 32)
@@ -56,14 +56,19 @@ def test_bytes_match_gguf_reference(fmt, case):
     assert np.array_equal(raw, ref), f"{int((raw != ref).sum())} of {ref.size} bytes differ"
     # dequantized values: exactly the reference's (same float32 products)
     assert torch.equal(dequant(q, d), torch.from_numpy(dequantize(ref, qtype)))
-    q2, d2 = unpack(raw, w.shape)
-    assert torch.equal(q2, q) and torch.equal(d2.view(torch.int16), d.view(torch.int16))
+    # and the loader reads back what was written (codes, scales; Q4_0's offset is -8 scales)
+    rows, k = raw.reshape(-1, raw.shape[-1]).shape[0], w.shape[-1]
+    codes, scale, offset = gguf_blocks(raw.reshape(rows, -1), fmt.upper())
+    if fmt == "q4_0":
+        codes = unpack_int4(codes).to(torch.uint8)
+        assert torch.equal(offset, -8 * scale)
+    assert torch.equal(codes, q.reshape(rows, k)) and torch.equal(scale, d.float().reshape(rows, -1))
 
 
 def test_q4_0_codes_and_error_bound():
     w = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
     q, d = quantize_q4_0(w)
-    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    assert int(q.max()) <= 15  # uint8 codes: 16 levels
     err = (dequantize_q4_0(q, d) - w).abs().reshape(4, -1, 32)
     # nearest of 16 levels spaced |d| apart: at most half a step (plus float16 rounding of the scale), except
     # at the end opposite the block's extreme, where code 16 does not exist and 15 stands in (a full step)
@@ -77,9 +82,3 @@ def test_row_length_not_multiple_of_32(fmt):
     _, quant, *_ = FORMATS[fmt]
     with pytest.raises(LmlabError, match="divisible by 32, got 48"):
         quant(torch.randn(2, 48))
-
-
-def test_unpack_rejects_wrong_size():
-    raw = pack_q8_0(*quantize_q8_0(torch.randn(2, 64)))
-    with pytest.raises(LmlabError, match="do not hold"):
-        unpack_q8_0(raw, (3, 64))

@@ -29,7 +29,7 @@ from lmlab.errors import LmlabError
 from lmlab.model.checkpoint import load_pretrained
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.train.config import Recipe, coerce
+from lmlab.train.config import Recipe, coerce, section_config
 from lmlab.train.trainer import Trainer
 from lmlab.utils.atomic import atomic_path, write_json
 from lmlab.utils.progress import progress_bar
@@ -75,10 +75,13 @@ def distill_loss(
         if top is not None
         else kl_per_token(student_logits, teacher_logits, temperature, kind)
     )
-    keep = targets != -100 if targets is not None else torch.ones_like(kl, dtype=torch.bool)
-    loss = alpha * temperature**2 * kl[keep].mean()
+    if targets is None:
+        loss = alpha * temperature**2 * kl.mean()
+    else:  # masked means, not boolean indexing: no host sync and no copy of the (B, T, V) logits
+        keep = (targets != -100).to(kl.dtype)
+        loss = alpha * temperature**2 * (kl * keep).sum() / keep.sum()
     if alpha < 1 and targets is not None:
-        ce = F.cross_entropy(student_logits.float()[keep], targets[keep])
+        ce = F.cross_entropy(student_logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
         loss = loss + (1 - alpha) * ce
     return loss
 
@@ -115,16 +118,7 @@ class DistillConfig:
 
 def distill_config(recipe: Recipe) -> DistillConfig:
     """The recipe's `distill:` section, validated (unknown keys named)."""
-    known = {f.name for f in dataclasses.fields(DistillConfig)}
-    for key in recipe.distill:
-        if key not in known:
-            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=recipe.source,
-                             field=f"distill.{key}")  # fmt: skip
-    try:
-        return DistillConfig(**coerce(DistillConfig, recipe.distill, "distill", recipe.source))
-    except LmlabError as e:
-        e.file = e.file or recipe.source
-        raise
+    return section_config(DistillConfig, recipe.distill, "distill", recipe.source)
 
 
 def first_layers(teacher: Transformer, n_layers: int) -> Transformer:

@@ -8,7 +8,8 @@ Both cut each row into blocks of 32 weights that share one float16 scale `d`:
 On disk a block is the float16 scale then the codes: 2 + 32 = 34 bytes (Q8_0) or 2 + 16 = 18 bytes (Q4_0,
 two codes a byte: element j in the low nibble, element j + 16 in the high one). The arithmetic follows
 ggml-quants.c's reference quantizer step by step in float32 (the scale is computed in float32 and only
-stored as float16), so the bytes equal `gguf.quants.quantize`'s and llama.cpp's own.
+stored as float16), so the bytes equal `gguf.quants.quantize`'s and llama.cpp's own. Reading blocks
+back is the loader's job (`model/gguf.py`'s `gguf_blocks`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch
 from lmlab.errors import LmlabError
 
 BLOCK = 32  # weights per block (QK8_0 = QK4_0 = 32)
-Q8_0_BYTES = 2 + BLOCK  # bytes per block on disk
-Q4_0_BYTES = 2 + BLOCK // 2
 
 
 def _blocks(w: torch.Tensor, name: str) -> torch.Tensor:
@@ -87,14 +86,6 @@ def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     return raw.reshape(*q.shape[:-1], -1)
 
 
-def unpack_q8_0(raw: np.ndarray, shape: tuple[int, ...] | torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8, d float16) of a tensor of `shape` (..., K) from its Q8_0 bytes."""
-    blocks = _raw_blocks(raw, shape, Q8_0_BYTES, "Q8_0")  # (..., nb, 34)
-    d = np.ascontiguousarray(blocks[..., :2]).view("<f2")[..., 0]
-    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-    return torch.from_numpy(q.reshape(tuple(shape)).copy()), torch.from_numpy(d.astype(np.float16))
-
-
 def pack_q4_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     """GGUF bytes of Q4_0 blocks: (..., K // 32 * 18) uint8, each block = d (float16) + 16 bytes of codes
     (element j in the low nibble of byte j, element j + 16 in the high nibble)."""
@@ -102,24 +93,3 @@ def pack_q4_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     nibbles = codes[..., 0, :] | (codes[..., 1, :] << 4)  # (..., nb, 16)
     raw = np.concatenate([_scale_bytes(d), nibbles], axis=-1)  # (..., nb, 18)
     return raw.reshape(*q.shape[:-1], -1)
-
-
-def unpack_q4_0(raw: np.ndarray, shape: tuple[int, ...] | torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q uint8 codes 0..15, d float16) of a tensor of `shape` (..., K) from its Q4_0 bytes."""
-    blocks = _raw_blocks(raw, shape, Q4_0_BYTES, "Q4_0")  # (..., nb, 18)
-    d = np.ascontiguousarray(blocks[..., :2]).view("<f2")[..., 0]
-    packed = blocks[..., 2:]
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-2)  # (..., nb, 2, 16): low nibbles first
-    return torch.from_numpy(q.reshape(tuple(shape)).copy()), torch.from_numpy(d.astype(np.float16))
-
-
-def _raw_blocks(raw: np.ndarray, shape: tuple[int, ...] | torch.Size, block_bytes: int, name: str) -> np.ndarray:
-    """Bytes viewed as (..., nb, block_bytes), after checking they fit `shape`."""
-    shape = tuple(shape)
-    if not shape or shape[-1] % BLOCK:
-        raise LmlabError(f"{name} needs a row length divisible by {BLOCK}, got shape {shape}", field="shape")
-    raw = np.asarray(raw, dtype=np.uint8)
-    n_blocks = int(np.prod(shape)) // BLOCK
-    if raw.size != n_blocks * block_bytes:
-        raise LmlabError(f"{name}: {raw.size} bytes do not hold a tensor of shape {shape}", field="shape")
-    return raw.reshape(*shape[:-1], shape[-1] // BLOCK, block_bytes)

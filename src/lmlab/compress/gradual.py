@@ -11,15 +11,22 @@ every optimizer step so pruned weights stay zero.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from lmlab.compress.magnitude import magnitude_scores
-from lmlab.compress.sparsity import Masks, apply_masks, check_sparsity, masks_from_scores, masks_from_zeros
+from lmlab.compress.sparsity import (
+    Masks,
+    apply_masks,
+    check_sparsity,
+    masks_from_scores,
+    masks_from_zeros,
+    weight_masks,
+)
 from lmlab.errors import LmlabError
+from lmlab.train.config import section_config
 from lmlab.train.trainer import Callback, Trainer
 
 
@@ -51,16 +58,8 @@ class PruneConfig:
 
 
 def prune_config(section: dict[str, Any], source: str | None = None) -> PruneConfig:
-    """A recipe's `prune:` section, validated (unknown keys named)."""
-    known = {f.name for f in dataclasses.fields(PruneConfig)}
-    for key in section:
-        if key not in known:
-            raise LmlabError(f"unknown setting; known: {', '.join(sorted(known))}", file=source, field=f"prune.{key}")
-    try:
-        return PruneConfig(**section)
-    except LmlabError as e:
-        e.file = e.file or source
-        raise
+    """A recipe's `prune:` section, validated (unknown keys named, YAML text turned into numbers)."""
+    return section_config(PruneConfig, section, "prune", source)
 
 
 def cubic_sparsity(step: int, cfg: PruneConfig) -> float:
@@ -86,9 +85,9 @@ class GradualPruning(Callback):
 
     def start(self, model: nn.Module, step: int = 0) -> None:
         """Take the masks the model implies (a pruned checkpoint's zeros stay zero); prune if t0 is now."""
-        self.masks = masks_from_zeros(model) if self.cfg.keep_zeros else {}
-        if step > self.cfg.start_step:  # resumed mid-schedule: the zeros already hold the last masks
-            self.masks = masks_from_zeros(model)
+        # a resumed run (past t0): the zeros already hold the last masks
+        keep = self.cfg.keep_zeros or step > self.cfg.start_step
+        self.masks = weight_masks(model, masks_from_zeros(model)) if keep else {}
         if is_update_step(step, self.cfg):
             self._update(model, step)
 
@@ -97,7 +96,7 @@ class GradualPruning(Callback):
         scores = magnitude_scores(model)
         for name, mask in self.masks.items():
             scores[name] = scores[name] * mask.to(scores[name].device)  # pruned weights score 0: masks only grow
-        self.masks = masks_from_scores(scores, s, self.cfg.scope)
+        self.masks = weight_masks(model, masks_from_scores(scores, s, self.cfg.scope))
         apply_masks(model, self.masks)
         self.history.append((step, s))
 

@@ -118,6 +118,13 @@ def apply_masks(model: nn.Module, masks: Masks) -> None:
         params[name].mul_(mask.to(params[name]))  # the weight's dtype and device
 
 
+def weight_masks(model: nn.Module, masks: Masks) -> Masks:
+    """`masks` in their weights' dtype and device, all-ones masks dropped: converted once, so re-applying
+    them after every optimizer step allocates nothing and touches only weights that are pruned."""
+    params = dict(model.named_parameters())
+    return {name: m.to(params[name]) for name, m in masks.items() if not bool(m.all())}
+
+
 def masks_from_zeros(model: nn.Module) -> Masks:
     """The masks a pruned checkpoint implies: its zero weights stay zero (fine-tuning a pruned model)."""
     return {name: m.weight.detach() != 0 for name, m in prunable(model).items()}
@@ -150,6 +157,9 @@ class KeepMasks(Callback):
 
     def __init__(self, masks: Masks) -> None:
         self.masks = masks
+        self._weights: Masks | None = None  # the masks as weights, made at the first step
 
     def on_step_end(self, trainer: Trainer) -> None:
-        apply_masks(trainer.raw, self.masks)
+        if self._weights is None:
+            self._weights = weight_masks(trainer.raw, self.masks)
+        apply_masks(trainer.raw, self._weights)

@@ -184,11 +184,15 @@ def evaluate_rag(
         rec: dict[str, Any] = {"question": row["question"], "answers": row["answers"], "doc_ids": row["doc_ids"],
                                "type": row.get("type", ""), "answerable": bool(row["answers"])}  # fmt: skip
         for mode in MODES:
-            hits = retriever.search(row["question"], max(KS), mode)
+            # the k best are the first k of the max(k, KS) best: one search per mode serves both
+            found = retriever.search(row["question"], max(k, *KS), mode)
+            hits = found[: max(KS)]
             rec[f"retrieved_{mode}"] = [h.doc_id for h in hits]
             if row["answers"] and row["doc_ids"]:
                 rec[mode] = retrieval_scores([h.doc_id for h in hits], row["doc_ids"])
-        hits = retriever.search(row["question"], k, "hybrid")
+            if mode == "hybrid":
+                hybrid = found
+        hits = hybrid[:k]
         rec["confidence"] = max(retriever.relevance(row["question"], hits), default=0.0)
         sentence, _ = best_sentence(row["question"], hits[:generate_k], checker.encoder)
         rec["extract"] = sentence
@@ -362,19 +366,17 @@ class _Replay:
 def _citation_summary(gen_records, checker: SupportChecker) -> dict[str, Any]:
     """ALCE-style proxies over generated answers: a sentence's citations recall it when they support it together;
     a citation is precise when its source alone supports its sentence."""
-    recall, precision, n_cited = [], [], 0
+    recall, pairs = [], []  # pairs: (sentence, the one source it cites), scored in one batch below
     for r in gen_records:
         for s in r.get("support", []):
             if s["added"]:
                 continue  # attributed by lmlab, not cited by the model
             recall.append(float(s["supported"]))
-            if s["cited"]:
-                n_cited += len(s["cited"])
-                for n in s["cited"]:
-                    lex, sem = checker.scores([s["text"]], [[r["sources"][n - 1]]])[0]
-                    precision.append(float(checker.supported(lex, sem)))
+            pairs += [(s["text"], r["sources"][n - 1]) for n in s["cited"]]
+    scored = checker.scores([t for t, _ in pairs], [[src] for _, src in pairs]) if pairs else []
+    precision = [float(checker.supported(lex, sem)) for lex, sem in scored]
     return {"recall": _mean_se(recall), "precision": _mean_se(precision), "sentences": len(recall),
-            "citations": n_cited}  # fmt: skip
+            "citations": len(pairs)}  # fmt: skip
 
 
 # -- outputs ---------------------------------------------------------------------------------------------

@@ -219,8 +219,9 @@ class Index:
         return _Transaction(self.db)
 
     # -- writing -----------------------------------------------------------------------------------------
-    def _doc_hash(self, doc: Document) -> str:
-        m = self.meta
+    @staticmethod
+    def _doc_hash(doc: Document, m: dict) -> str:
+        """What decides whether a document must be re-indexed: its text and the chunking/encoder settings `m`."""
         key = json.dumps([doc.text, m["chunk_tokens"], m["overlap"], m["encoder"]])
         return hashlib.sha256(key.encode()).hexdigest()
 
@@ -238,7 +239,7 @@ class Index:
         stats = IndexStats()
         batch: list[tuple[Document, str, list[Chunk]]] = []
         for doc in docs:
-            sha = self._doc_hash(doc)
+            sha = self._doc_hash(doc, m)
             if known.get(doc.doc_id) == sha:
                 stats.unchanged += 1
                 continue
@@ -306,7 +307,7 @@ class Index:
 
     def require_chunks(self) -> None:
         """An empty index cannot answer anything: say so rather than return nothing."""
-        if self.counts()[1] == 0:
+        if self.db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is None:  # not count(*): a table scan
             raise LmlabError("the index is empty", file=str(self.path), hint="add documents with `lmlab rag index`")
 
     def chunks(self, rows: Iterable[int]) -> dict[int, ChunkRow]:

@@ -64,6 +64,7 @@ class IndexRetriever:
         self.index, self.rrf_k, self.depth = index, rrf_k, depth
         self._encoder, self._checked = encoder, False
         self._encoder_cls = Encoder
+        self._last_query: tuple[str, Any] | None = None
 
     @property
     def encoder(self):
@@ -75,6 +76,13 @@ class IndexRetriever:
             self._checked = True
         return self._encoder
 
+    def query_vector(self, query: str):
+        """The query's embedding; the last one is kept, since a question is searched, then scored for
+        relevance (and, in evaluation, searched in several modes) with the same vector."""
+        if self._last_query is None or self._last_query[0] != query:
+            self._last_query = (query, self.encoder.encode([query])[0])
+        return self._last_query[1]
+
     def search(self, query: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
         """The k best chunks for `query`, best first."""
         check_mode(mode, k)
@@ -84,7 +92,7 @@ class IndexRetriever:
         if mode in ("bm25", "hybrid"):
             lists["bm25"] = self.index.bm25(query, n)
         if mode in ("dense", "hybrid"):
-            lists["dense"] = self.index.dense(self.encoder.encode([query])[0], n)
+            lists["dense"] = self.index.dense(self.query_vector(query), n)
         why: dict[int, dict[str, dict[str, float]]] = {}
         for name, ranked in lists.items():
             for rank, (row, score) in enumerate(ranked, 1):
@@ -107,7 +115,7 @@ class IndexRetriever:
             return []
         import numpy as np
 
-        q = self.encoder.encode([query])[0]
+        q = self.query_vector(query)
         ids = {cid: i for i, cid in enumerate(h.chunk_id for h in hits)}
         placeholders = ",".join("?" * len(ids))
         out = [0.0] * len(hits)
