@@ -82,7 +82,13 @@ def _data_clean(args: argparse.Namespace) -> None:
     from lmlab.data.clean import clean, load_config
 
     overrides = {"workers": args.workers} if args.workers else {}
-    report = clean(args.inputs, args.out, load_config(args.config, **overrides), on_error=args.on_error)
+    config = load_config(args.config, **overrides)
+    if args.engine == "ray":
+        from lmlab.data.ray_clean import clean_ray
+
+        report, _ = clean_ray(args.inputs, args.out, config, on_error=args.on_error, address=args.address)
+    else:
+        report = clean(args.inputs, args.out, config, on_error=args.on_error)
     print(report.table())
     print(f"wrote {args.out}/report.json")
 
@@ -90,7 +96,14 @@ def _data_clean(args: argparse.Namespace) -> None:
 def _data_tokenize(args: argparse.Namespace) -> None:
     from lmlab.data.shards import tokenize_files
 
-    meta = tokenize_files(args.tokenizer, args.inputs, args.out, args.val_fraction, args.seed, args.workers)
+    if args.engine == "ray":
+        from lmlab.data.ray_tokenize import tokenize_ray
+
+        meta = tokenize_ray(
+            args.tokenizer, args.inputs, args.out, args.val_fraction, args.seed, args.workers, address=args.address
+        )
+    else:
+        meta = tokenize_files(args.tokenizer, args.inputs, args.out, args.val_fraction, args.seed, args.workers)
     s = meta["splits"]
     print(
         f"wrote {args.out}: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens ({meta['dtype']})"
@@ -530,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-error", choices=("fail", "skip"), default="fail", help="bad input: stop, or skip and count"
     )
     clean.add_argument("--workers", type=int, default=None, help="processes (default: the config's)")
+    clean.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="local: a process pool on this machine; ray: a Ray cluster (pip install 'lmlab[ray]')",
+    )  # fmt: skip
+    clean.add_argument(
+        "--address", default=None,
+        help="--engine ray: the cluster to join ('auto', or HOST:PORT); default: start one here with --workers CPUs",
+    )  # fmt: skip
     clean.set_defaults(func=_data_clean)
     tokenize = data.add_parser("tokenize", help="encode text into train.bin/val.bin token shards + meta.json")
     tokenize.add_argument("--tokenizer", required=True, help="a tokenizer folder (tokenizer.json)")
@@ -538,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--val-fraction", type=float, default=0.01)
     tokenize.add_argument("--seed", type=int, default=0)
     tokenize.add_argument("--workers", type=int, default=2)
+    tokenize.add_argument("--engine", choices=("local", "ray"), default="local", help="as for `data clean`")
+    tokenize.add_argument("--address", default=None, help="--engine ray: the cluster to join (default: start one)")
     tokenize.set_defaults(func=_data_tokenize)
 
     tok = sub.add_parser("tokenizer", help="train and evaluate tokenizers").add_subparsers(

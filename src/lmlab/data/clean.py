@@ -32,6 +32,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "workers": 2,
     "batch_docs": 64,  # documents per task sent to a worker
     "shard_docs": 50_000,  # documents per output shard
+    "block_mb": 64,  # --engine ray: input split into blocks of this size (smaller when the input is small)
     "nfkc": True,
     "control_chars": True,
     "html": True,
@@ -138,6 +139,43 @@ def clean_text(text: str, config: dict[str, Any]) -> tuple[str | None, list[tupl
     return text, events
 
 
+def record_events(report: Report, events: list, where: str, text: str) -> None:
+    """Count what clean_text did to one document (both engines)."""
+    for rule, action, chars, reason, counts in events:
+        stats = report.rule(rule, action)
+        stats.add(chars, where, reason, text)
+        for kind, n in (counts or {}).items():
+            stats.counts[kind] = stats.counts.get(kind, 0) + n
+
+
+def near_reason(kept_where: str) -> str:
+    return f"near-duplicate of {kept_where}"
+
+
+def output_record(text: str, where: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A kept document as written: its cleaned text, a stable id (FILE:LINE of its source, unless the record has its
+    own `id`), and the record's other fields."""
+    return {"text": text, "id": where, **fields}
+
+
+def start_report(config: dict[str, Any]) -> Report:
+    """An empty report with every enabled rule in pipeline order, so rules that removed nothing still appear."""
+    report = Report()
+    for name in NORMALIZERS:
+        if config.get(name):
+            report.rule(name, "changed")
+    for name in ("length", "language", "repetition", "symbols", "bad_words"):
+        if config.get(name):
+            report.rule(name)
+    if config.get("pii"):
+        report.rule("pii", "masked").counts = {}
+    if config.get("exact_dedup"):
+        report.rule("exact_dedup")
+    if config.get("near_dedup"):
+        report.rule("near_dedup")
+    return report
+
+
 def _process_batch(texts: list[str]) -> list[tuple[str | None, list, bytes | None, np.ndarray | None]]:
     out = []
     near = _CFG.get("near_dedup")
@@ -233,23 +271,11 @@ def clean(
     out.mkdir(parents=True, exist_ok=True)
     files = list_files(inputs)
     total_bytes = sum(f.stat().st_size for f in files)
-    report = Report()
-    # rules appear in the report in pipeline order, even when they removed nothing
-    for name in NORMALIZERS:
-        if config.get(name):
-            report.rule(name, "changed")
-    for name in ("length", "language", "repetition", "symbols", "bad_words"):
-        if config.get(name):
-            report.rule(name)
-    if config.get("pii"):
-        report.rule("pii", "masked").counts = {}
+    report = start_report(config)
     exact = ExactDedup() if config.get("exact_dedup") else None
     near_cfg = config.get("near_dedup")
     near = NearDedup(near_cfg["threshold"], near_cfg["num_perm"], near_cfg["seed"]) if near_cfg else None
-    if exact:
-        report.rule("exact_dedup")
-    if near:
-        report.rule("near_dedup")
+    kept_where: list[str] = []  # file:line of each document NearDedup kept, to name it in the report
     writer = ShardWriter(out, int(config["shard_docs"]))
     pending: deque[Doc] = deque()  # documents read but not yet written, in order (at most a few batches)
     start = time.perf_counter()
@@ -263,11 +289,7 @@ def clean(
                 doc = pending.popleft()
                 bar.update(len(doc.text.encode("utf-8")) if progress else 0)
                 where = f"{doc.file}:{doc.line}"
-                for rule, action, chars, reason, counts in events:
-                    stats = report.rule(rule, action)
-                    stats.add(chars, where, reason, doc.text)
-                    for kind, n in (counts or {}).items():
-                        stats.counts[kind] = stats.counts.get(kind, 0) + n
+                record_events(report, events, where, doc.text)
                 if text is None:
                     continue
                 if exact is not None and exact.is_duplicate(key):
@@ -278,11 +300,10 @@ def clean(
                 if near is not None:
                     kept = near.check(sig)
                     if kept is not None:
-                        report.rule("near_dedup").add(
-                            len(text), where, f"near-duplicate of kept document #{kept}", text
-                        )
+                        report.rule("near_dedup").add(len(text), where, near_reason(kept_where[kept]), text)
                         continue
-                writer.write({"text": text, **doc.fields})
+                    kept_where.append(where)
+                writer.write(output_record(text, where, doc.fields))
                 report.docs_out += 1
                 report.chars_out += len(text)
     except BaseException:

@@ -49,12 +49,24 @@ def list_files(inputs: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | LmlabError]]:
-    """Numbered lines of a UTF-8 (optionally gzipped) file; a line that is not UTF-8 comes as an error."""
+def _lines(
+    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[tuple[int, str | LmlabError]]:
+    """Numbered lines of a UTF-8 (optionally gzipped) file; a line that is not UTF-8 comes as an error.
+
+    start/end: only the lines that begin in this byte range (start must be a line start), numbered from first_line;
+    how the Ray engine reads one large file in parallel pieces.
+    """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     n = 0
     with opener(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        if start:
+            f.seek(start)
+        pos = start
+        for n, raw in enumerate(f, first_line):
+            if end is not None and pos >= end:
+                break
+            pos += len(raw)
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -64,7 +76,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str | LmlabError]]:
                         f"invalid UTF-8 (byte {e.start} of the line)", file=str(path), line=n, hint="re-encode as UTF-8"
                     ),
                 )
-    if n == 0:
+    if n == 0 and start == 0 and end is None:
         yield 1, LmlabError("empty file", file=str(path), line=1, hint="remove it or give it content")
 
 
@@ -105,8 +117,8 @@ def _read_txt(path: Path, unit: str) -> Iterator[Doc | LmlabError]:
         yield Doc("".join(buf), str(path), start)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Doc | LmlabError]:
-    for n, line in _lines(path):
+def _read_jsonl(path: Path, text_field: str, lines: Iterator | None = None) -> Iterator[Doc | LmlabError]:
+    for n, line in lines if lines is not None else _lines(path):
         if isinstance(line, LmlabError):
             yield line
             continue
@@ -120,7 +132,9 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Doc | LmlabError]:
         yield _record(obj, text_field, path, n)
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Doc | LmlabError]:
+def _read_parquet(
+    path: Path, text_field: str, row_groups: list[int] | None = None, first_row: int = 0
+) -> Iterator[Doc | LmlabError]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -133,8 +147,8 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Doc | LmlabError]:
         raise LmlabError(f"cannot read parquet: {e}", file=str(path)) from None
     if pf.metadata.num_rows == 0:
         yield LmlabError("empty file", file=str(path), line=1)
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024):  # row groups stream: memory stays flat
+    row = first_row
+    for batch in pf.iter_batches(batch_size=1024, row_groups=row_groups):  # row groups stream: memory stays flat
         for obj in batch.to_pylist():
             row += 1
             yield _record(obj, text_field, path, row)

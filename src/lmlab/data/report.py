@@ -49,6 +49,23 @@ class Report:
         if len(self.error_examples) < 10:
             self.error_examples.append(message)
 
+    def merge(self, part: dict[str, Any]) -> None:
+        """Add the counts of a report made on a later part of the input (its `to_dict`): totals add up, examples
+        keep the first ones in input order, as one report over the whole input would. Merge parts in input order."""
+        self.docs_in += part["docs_in"]
+        self.chars_in += part["chars_in"]
+        self.docs_out += part["docs_out"]
+        self.chars_out += part["chars_out"]
+        self.errors += part["errors_skipped"]
+        self.error_examples.extend(part["error_examples"][: 10 - len(self.error_examples)])
+        for name, r in part["rules"].items():
+            stats = self.rule(name, r["action"])
+            stats.docs += r["docs"]
+            stats.chars += r["chars"]
+            stats.examples.extend(r["examples"][: MAX_EXAMPLES - len(stats.examples)])
+            for kind, n in r.get("counts", {}).items():
+                stats.counts[kind] = stats.counts.get(kind, 0) + n
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written as report.json."""
         return {
