@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 import ray  # a dev dependency: these tests must run, not skip
 
 from lmlab.data import ray_clean
