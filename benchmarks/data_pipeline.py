@@ -2,6 +2,9 @@
 
 .venv/bin/python benchmarks/data_pipeline.py            # 500 MB input (a few minutes on 2 cores)
 .venv/bin/python benchmarks/data_pipeline.py --mb 50    # quicker
+.venv/bin/python benchmarks/data_pipeline.py --engine ray --mb 100 [--datatrove-python /work/dtvenv/bin/python]
+    # the Ray engine with 1 and 2 workers vs the local engine (and datatrove) on the same input, its kept documents
+    # checked against the local engine's; then 4x the input as many small files: dedup memory per task, driver CPU
 """
 
 from __future__ import annotations
@@ -60,12 +63,122 @@ def peak_rss_mb() -> tuple[float, float]:
     return self_kb / 1024, child_kb / 1024
 
 
+class RayWorkerMemory:
+    """Peak resident memory of any one Ray worker process, sampled every 0.2 s while a run lasts."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = proc.info["cmdline"] or []
+                if cmd and cmd[0].startswith("ray::") and proc.info["memory_info"]:
+                    self.peak = max(self.peak, proc.info["memory_info"].rss)
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> RayWorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _ids(folder: Path) -> list[str]:
+    return [json.loads(line)["id"] for p in sorted(folder.glob("part-*.jsonl")) for line in p.open(encoding="utf-8")]
+
+
+def _ray_run(inputs: list[Path], out: Path, workers: int) -> tuple[float, dict, float, int]:
+    """One Ray run on a fresh local cluster of `workers` CPUs: (seconds, engine stats, driver CPU s, worker peak RSS)."""
+    import ray
+
+    from lmlab.data.ray_clean import clean_ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.get([ray.remote(lambda: 0).remote() for _ in range(workers)])  # workers up before the clock starts
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        t = time.perf_counter()
+        with RayWorkerMemory() as mem:
+            _, engine = clean_ray(inputs, out, load_config(None, workers=workers), progress=False)
+        secs = time.perf_counter() - t
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        driver_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    finally:
+        ray.shutdown()
+    return secs, engine, driver_cpu, mem.peak
+
+
+def ray_main(args: argparse.Namespace) -> None:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = tmp / "input.jsonl"
+        n_bytes = generate(src, args.mb)
+        mb = n_bytes / 1e6
+        print(f"input: {mb:.0f} MB, one JSONL file (English + Chinese, 5% exact and 5% near copies, PII)")
+
+        t = time.perf_counter()
+        clean([src], tmp / "local", load_config(None, workers=args.workers), progress=False)
+        local_mbs = mb / (time.perf_counter() - t)
+        local_ids = _ids(tmp / "local")
+        print(f"local engine, {args.workers} workers: {local_mbs:.2f} MB/s ({local_mbs / args.workers:.2f} per core), "
+              f"{len(local_ids):,} documents kept")  # fmt: skip
+        rows = []
+        for workers in (1, 2):
+            secs, engine, driver_cpu, peak = _ray_run([src], tmp / f"ray{workers}", workers)
+            same = _ids(tmp / f"ray{workers}") == local_ids
+            rows.append((workers, mb / secs, engine, driver_cpu, peak))
+            print(f"ray engine, {workers} worker(s): {mb / secs:.2f} MB/s ({mb / secs / workers:.2f} per core), "
+                  f"same kept ids as local: {same}; stages {engine['stage_seconds']}; blocks {engine['blocks']}, "
+                  f"partitions {engine['partitions']}, largest dedup partition {engine['max_partition_bytes'] / 1e6:.1f} MB, "
+                  f"worker peak RSS {peak / 1e6:.0f} MB, driver CPU {driver_cpu:.1f} s of {secs:.0f} s")  # fmt: skip
+        ray2 = rows[-1][1]
+        print(f"per-core throughput, ray (2 workers) / local (2 workers): {ray2 / local_mbs:.2f}x (goal >= 0.8x)")
+        if args.datatrove_python:
+            res = subprocess.run(
+                [args.datatrove_python, str(Path(__file__).parent / "datatrove_ref.py"), str(src),
+                 "--workers", str(args.workers), "--workdir", str(tmp / "dt")],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            dt = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"datatrove {dt['datatrove_version']}, {args.workers} workers: {dt['mb_per_s']:.2f} MB/s, "
+                  f"{dt['docs_out']:,} kept; ray (2 workers) / datatrove: {ray2 / dt['mb_per_s']:.2f}x (goal >= 3x)")  # fmt: skip
+        if args.scale:
+            many = tmp / "many"
+            many.mkdir()
+            total, i = 0, 0
+            while total < args.scale * n_bytes:  # the same generator, many small files with other seeds
+                total += generate(many / f"part-{i:04d}.jsonl", max(1, args.mb // 25), seed=i + 1)
+                i += 1
+            secs, engine, driver_cpu, peak = _ray_run([many], tmp / "ray-many", 2)
+            print(f"{args.scale}x input ({total / 1e6:.0f} MB in {i} files), ray 2 workers: {total / 1e6 / secs:.2f} MB/s; "
+                  f"blocks {engine['blocks']}, partitions {engine['partitions']}, largest dedup partition "
+                  f"{engine['max_partition_bytes'] / 1e6:.1f} MB (1x: {rows[-1][2]['max_partition_bytes'] / 1e6:.1f} MB), "
+                  f"worker peak RSS {peak / 1e6:.0f} MB (1x: {rows[-1][4] / 1e6:.0f} MB), driver CPU {driver_cpu:.1f} s "
+                  f"of {secs:.0f} s; stages {engine['stage_seconds']}")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=500, help="size of the generated input")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tokenize-mb", type=int, default=50, help="how much of the cleaned text to tokenize")
+    p.add_argument("--engine", choices=("local", "ray"), default="local")
+    p.add_argument("--datatrove-python", default=None, help="--engine ray: a venv's python with datatrove installed")
+    p.add_argument("--scale", type=int, default=4, help="--engine ray: then this many times the input (0: skip)")
     args = p.parse_args()
+    if args.engine == "ray":
+        ray_main(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = tmp / "input.jsonl"
