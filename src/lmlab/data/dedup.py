@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import zlib
@@ -41,6 +42,7 @@ def minhash_signature(text: str, num_perm: int = 128, ngram: int = 3, seed: int 
     return m.hashvalues
 
 
+@functools.cache  # the optimizer integrates over every split (~10 ms); the Ray engine makes a NearDedup per component
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) from datasketch's optimizer, weighted 9:1 toward recall (see NearDedup)."""
     return _optimal_param(threshold, num_perm, 0.1, 0.9)
