@@ -199,3 +199,19 @@ def test_unknown_setting_is_an_error():
 
     with pytest.raises(LmlabError, match="near_dedupe"):
         load_config(None, near_dedupe={"threshold": 0.5})
+
+
+def test_package_names_are_the_functions_and_no_torch():
+    """`from lmlab.data import clean, fetch` gives the functions even after their same-named submodules were
+    imported, and importing lmlab.data (what every cleaning worker does) does not import torch."""
+    import subprocess
+    import sys
+
+    import lmlab.data.clean
+    import lmlab.data.fetch  # noqa: F401
+    from lmlab.data import TokenDataset, clean, fetch
+
+    assert callable(clean) and callable(fetch) and isinstance(TokenDataset, type)
+    code = "import sys, lmlab.data.ray_clean, lmlab.data.shards; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-# loaded on first use: the cleaning workers (local pool or Ray) never import torch
-_LAZY = {
-    "clean": "lmlab.data.clean",
-    "load_config": "lmlab.data.clean",
-    "Doc": "lmlab.data.readers",
-    "read_documents": "lmlab.data.readers",
-    "DATASETS": "lmlab.data.registry",
-    "fetch": "lmlab.data.registry",
-    "Report": "lmlab.data.report",
-    "tokenize_files": "lmlab.data.shards",
-    "TokenDataset": "lmlab.data.token_dataset",
-}
+# eager: these functions share names with submodules (data/clean.py, data/fetch.py), and the package attribute must
+# be the function whatever was imported first; none of them imports torch
+from lmlab.data.clean import clean, load_config
+from lmlab.data.readers import Doc, read_documents
+from lmlab.data.registry import DATASETS, fetch
+from lmlab.data.report import Report
+from lmlab.data.shards import tokenize_files
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lmlab.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    # TokenDataset imports torch: loaded on first use, so cleaning workers (local pool or Ray) never import it
+    if name == "TokenDataset":
+        from lmlab.data.token_dataset import TokenDataset
+
+        return TokenDataset
+    raise AttributeError(f"module 'lmlab.data' has no attribute {name!r}")
 
 
 __all__ = [
