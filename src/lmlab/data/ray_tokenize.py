@@ -19,9 +19,9 @@ import numpy as np
 from lmlab.data.blocks import Block, count_lines, default_block_bytes, number_blocks, plan_blocks, read_block
 from lmlab.data.ray_shuffle import connect, remote
 from lmlab.data.readers import list_files
-from lmlab.data.shards import TOKENIZER_DIR, is_validation, token_dtype
+from lmlab.data.shards import finish_shards, is_validation, shard_tokenizer, token_dtype
 from lmlab.errors import LmlabError
-from lmlab.utils.atomic import atomic_path, write_json
+from lmlab.utils.atomic import atomic_path
 from lmlab.utils.progress import progress_bar
 
 BATCH_DOCS = 256
@@ -100,13 +100,8 @@ def tokenize_ray(
     address: str | None = None,
 ) -> dict[str, Any]:
     """`tokenize_files` on Ray: the same files and meta (but "seconds"); returns meta."""
-    from lmlab.tokenizer.tokenizer import load_tokenizer
-
     start = time.perf_counter()
-    tok = load_tokenizer(tokenizer)
-    if tok.eos_token_id is None:
-        raise LmlabError("the tokenizer has no eos_token to separate documents", file=str(tokenizer), field="eos_token")
-    dtype = token_dtype(tok.vocab_size)
+    tok, dtype = shard_tokenizer(tokenizer)
     files = list_files(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,18 +144,4 @@ def tokenize_ray(
         "train": {"file": "train.bin", "tokens": train_off[-1], "docs": sum(c[2] for c in counts)},
         "val": {"file": "val.bin", "tokens": val_off[-1], "docs": sum(c[3] for c in counts)},
     }
-    meta = {
-        "dtype": dtype.name,
-        "vocab_size": tok.vocab_size,
-        "eos_token_id": tok.eos_token_id,
-        "tokenizer": TOKENIZER_DIR,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "splits": stats,
-        "inputs": [str(f) for f in files],
-        "input_bytes": sum(d["bytes"] for d in done),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    tok.save(out / TOKENIZER_DIR)
-    write_json(out / "meta.json", meta)  # last: a folder with meta.json is complete
-    return meta
+    return finish_shards(out, tok, dtype, val_fraction, seed, stats, files, sum(d["bytes"] for d in done), start)

@@ -77,12 +77,7 @@ def tokenize_files(
 
     Bad input raises (clean the data first with `lmlab data clean`). Files appear only when complete.
     """
-    from lmlab.tokenizer.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
-    if tok.eos_token_id is None:
-        raise LmlabError("the tokenizer has no eos_token to separate documents", file=str(tokenizer), field="eos_token")
-    dtype = token_dtype(tok.vocab_size)
+    tok, dtype = shard_tokenizer(tokenizer)
     files = list_files(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +100,24 @@ def tokenize_files(
                     bar.update(sizes[doc_index])
                     doc_index += 1
     bar.close()
-    seconds = time.perf_counter() - start
+    return finish_shards(out, tok, dtype, val_fraction, seed, stats, files, sum(sizes), start)
+
+
+def shard_tokenizer(tokenizer: str | os.PathLike) -> tuple[Any, np.dtype]:
+    """The tokenizer of a shards run (it must have an EOS to separate documents) and the token dtype."""
+    from lmlab.tokenizer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    if tok.eos_token_id is None:
+        raise LmlabError("the tokenizer has no eos_token to separate documents", file=str(tokenizer), field="eos_token")
+    return tok, token_dtype(tok.vocab_size)
+
+
+def finish_shards(
+    out: Path, tok: Any, dtype: np.dtype, val_fraction: float, seed: int, stats: dict, files: list[Path],
+    input_bytes: int, start: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Copy the tokenizer into the shards folder and write meta.json (last: a folder with meta.json is complete)."""
     meta = {
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
@@ -116,11 +128,11 @@ def tokenize_files(
         "seed": seed,
         "splits": stats,
         "inputs": [str(f) for f in files],
-        "input_bytes": sum(sizes),
-        "seconds": round(seconds, 3),
+        "input_bytes": input_bytes,
+        "seconds": round(time.perf_counter() - start, 3),
     }
     tok.save(out / TOKENIZER_DIR)
-    write_json(out / "meta.json", meta)  # last: a folder with meta.json is complete
+    write_json(out / "meta.json", meta)
     return meta
 
 
