@@ -122,3 +122,18 @@ def test_bad_inputs_give_one_line(tmp_path, tiny_chat_llama, capsys):
         assert main(["align", method, "--config", str(recipe), *args]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_kl_is_zero_before_the_first_update_at_any_temperature(method, tmp_path, tiny_chat_llama, tiny_rm):
+    """The reference's log-probs are taken at the sampling temperature, as the policy's are: with LoRA (policy ==
+    reference until the first update) the first rollout's KL is 0, not the gap between two temperatures."""
+    extra = {"lora": {"r": 4, "alpha": 8}, "temperature": 0.6}
+    if method == "ppo":
+        extra |= {"reward_model": str(tiny_rm), "minibatches": 1, "epochs": 1}
+    else:
+        extra |= {"num_generations": 2, "beta": 0.1}
+    recipe = load_recipe(_recipe(tmp_path, tiny_chat_llama, method, **extra), ["train.max_steps=1"])
+    align(recipe, progress=False)
+    first = _rows(tmp_path / method)[0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)

@@ -172,7 +172,7 @@ class GRPORollouts(Rollouts):
             batch["old_logps"] = completion_logprobs(self.policy, *args, temperature=self.temperature)[0]
             self.policy.train(was)
         if self.reference is not None:
-            batch["ref_logps"] = self.reference.logps(*args)
+            batch["ref_logps"] = self.reference.logps(*args, self.temperature)
         groups = rewards.view(-1, self.G)
         lengths = batch["completion_mask"].sum(1).float()
         stats = {f"reward/{name}": per_func[:, j].mean() for j, name in enumerate(self.reward_funcs)}

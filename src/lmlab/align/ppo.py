@@ -211,7 +211,7 @@ class PPORollouts(Rollouts):
         ac.eval()
         logp, _, values = ac(ids, attn, comp, self.temperature)
         ac.train(was)
-        ref = self.reference.logps(ids, attn, comp)
+        ref = self.reference.logps(ids, attn, comp, self.temperature)
         m = comp.to(logp.dtype)
         kl = kl_estimate(logp, ref, self.kl_estimator) * m  # (R, T)
         score = self.scorer.score(ids, attn).to(logp.device)  # (R,)

@@ -101,9 +101,11 @@ class OnlineReference:
 
     @torch.no_grad()
     def logps(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-token reference log-probs (B, T), 0 outside the completion."""
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:  # fmt: skip
+        """Per-token reference log-probs (B, T), 0 outside the completion, at the temperature the policy's are
+        taken at (else KL(policy || reference) is not 0 at the start: TRL divides both by it too)."""
         model = self.frozen if self.frozen is not None else self.policy
         with as_reference(model):
-            return completion_logprobs(model, input_ids, attention_mask, completion_mask)[0]
+            return completion_logprobs(model, input_ids, attention_mask, completion_mask, temperature=temperature)[0]
