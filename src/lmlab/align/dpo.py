@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.align.data import PairDataset
-from lmlab.align.logprobs import completion_logprobs
+from lmlab.align.logprobs import pair_logprobs
 from lmlab.align.metrics import AlignLoss
 from lmlab.errors import LmlabError
 
@@ -74,11 +74,10 @@ class DPOLoss(AlignLoss):
         """(loss per pair, chosen log-ratio, rejected log-ratio) of a batch."""
         if "ref_logps" not in batch:
             raise LmlabError("DPO batches need cached reference log-probs", hint="call reference.pair_reference")
-        B = batch["input_ids"].shape[0]
-        ids, attn, comp = (batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "completion_mask"))
-        logps = completion_logprobs(model, ids, attn, comp)[0].sum(-1).view(B, 2)  # (B, 2): chosen, rejected
+        ids, attn, comp = (batch[k] for k in ("input_ids", "attention_mask", "completion_mask"))
+        logps = pair_logprobs(model, ids, attn, comp)  # (B, 2): chosen, rejected; each prompt run once
         ratios = logps - batch["ref_logps"].to(logps.dtype)
-        tokens = comp.sum(-1).view(B, 2).to(logps.dtype)
+        tokens = comp.sum(-1).to(logps.dtype)
         loss = dpo_loss(ratios[:, 0], ratios[:, 1], self.beta, self.loss_type, self.label_smoothing,
                         tokens[:, 0], tokens[:, 1])  # fmt: skip
         return loss, ratios[:, 0], ratios[:, 1]

@@ -16,6 +16,7 @@ def build_mask(
     device: torch.device,
     document_ids: torch.Tensor | None = None,
     q_idx: torch.Tensor | None = None,
+    branch_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, S), True where a query may attend; None means "no restriction".
 
@@ -23,6 +24,8 @@ def build_mask(
     cache holds the first S - T). `attention_mask` (B, S) marks real tokens with 1, padding with 0.
     `document_ids` (B, S): packed sequences; a token sees only tokens of its own document.
     `q_idx` (T,): where the queries sit among the keys when not the last T (a static KV cache).
+    `branch_ids` (B, S): a shared trunk (0) and branches after it (1, 2, ...) in one row, e.g. a prompt and two
+    replies: a token sees the trunk and its own branch, never another branch.
     """
     sliced = q_idx is None
     if sliced:
@@ -43,6 +46,11 @@ def build_mask(
         q_docs = docs[:, k_len - q_len :] if sliced else docs.index_select(1, q_idx)
         same = q_docs[:, None, :, None] == docs[:, None, None, :]  # (B, 1, T, S)
         mask = same if mask is None else mask & same
+    if branch_ids is not None:
+        br = branch_ids.to(device)
+        q_br = br[:, k_len - q_len :] if sliced else br.index_select(1, q_idx)
+        seen = (br[:, None, None, :] == 0) | (q_br[:, None, :, None] == br[:, None, None, :])  # (B, 1, T, S)
+        mask = seen if mask is None else mask & seen
     if attention_mask is not None:
         keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
         mask = keep if mask is None else mask & keep

@@ -135,6 +135,7 @@ class Transformer(nn.Module):
         prefix_len: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
+        branch_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, d_model).
 
@@ -145,6 +146,9 @@ class Transformer(nn.Module):
         With a static cache (generate.kv_cache.StaticKVCache), attention_mask covers all its slots.
         document_ids (B, past_len + T): packed training rows; attention stays inside each document
         (pass position_ids that restart at 0 for each document too).
+        branch_ids (B, past_len + T): a trunk (0) shared by branches (1, 2, ...) packed after it, each branch
+        seeing the trunk and itself (a prompt and its replies in one row; pass position_ids that restart at
+        the trunk's end for each branch).
         """
         cfg = self.cfg
         B, T = input_ids.shape
@@ -183,13 +187,13 @@ class Transformer(nn.Module):
         x = self.drop(x)
 
         window_matters = cfg.sliding_window is not None and cfg.sliding_window < S
-        plain = attention_mask is None and prefix_len is None and document_ids is None
+        plain = attention_mask is None and prefix_len is None and document_ids is None and branch_ids is None
         plain = plain and not window_matters and cfg.pos != "alibi"
         # SDPA's causal fast path needs no mask tensor; a single decode step with no padding sees every key
         is_causal = cfg.causal and plain and T == S and T > 1
         mask = None
         if not is_causal and not (plain and T == 1):
-            mask = build_mask(cfg, T, S, attention_mask, prefix_len, device, document_ids, q_idx)
+            mask = build_mask(cfg, T, S, attention_mask, prefix_len, device, document_ids, q_idx, branch_ids)
         if cfg.pos == "alibi":
             queries = torch.arange(S - T, S, device=device) if q_idx is None else q_idx
             bias = alibi_bias(self.alibi_slopes, queries, torch.arange(S, device=device))
