@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmlab.align.data import PairDataset
-from lmlab.align.logprobs import completion_logprobs
+from lmlab.align.logprobs import completion_logprobs, pair_logprobs
 from lmlab.finetune.lora import adapters_disabled
 from lmlab.train import distributed
 from lmlab.utils.atomic import atomic_path
@@ -49,10 +49,8 @@ def pair_logps(model: nn.Module, data: PairDataset, batch_size: int = 8) -> torc
     device = next(model.parameters()).device
     out = torch.zeros(len(data), 2)
     for idx, batch in data.batches(batch_size):
-        B = len(idx)
-        flat = {k: batch[k].flatten(0, 1).to(device) for k in ("input_ids", "attention_mask", "completion_mask")}
-        logp = completion_logprobs(model, flat["input_ids"], flat["attention_mask"], flat["completion_mask"])[0]
-        out[idx] = logp.sum(-1).view(B, 2).float().cpu()
+        ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
+        out[idx] = pair_logprobs(model, ids, attn, comp).float().cpu()  # as DPOLoss scores them
     return out
 
 
