@@ -80,3 +80,22 @@ def test_block_size_policy():
     assert default_block_bytes(100_000_000, 2, 64) == 12_500_001  # small: four blocks per worker
     assert default_block_bytes(1000, 2, 64) == 1 << 16  # tiny: not below 64 KB
     assert default_block_bytes(10**6, 2, 0.001) == 1000  # unless asked
+
+
+def test_a_file_given_twice_restarts_its_line_numbers(tmp_path):
+    path = tmp_path / "a.jsonl"
+    _jsonl(path, n=120)
+    blocks = plan_blocks([path, path], 900)
+    blocks = number_blocks(blocks, [count_lines(b) for b in blocks])
+    got = _docs(x for b in blocks for x in read_block(b, on_error="skip"))
+    once = _docs(read_file(path, on_error="skip"))
+    assert got == once + once
+
+
+def test_a_broken_parquet_file_is_left_whole_for_the_reader_to_name(tmp_path):
+    bad = tmp_path / "b.parquet"
+    bad.write_bytes(b"PAR1" + bytes(range(256)) * 400)
+    blocks = plan_blocks([bad], 1000)
+    assert len(blocks) == 1 and blocks[0].whole
+    with pytest.raises(LmlabError, match="cannot read parquet"):
+        list(read_block(blocks[0]))

@@ -241,3 +241,12 @@ def test_missing_ray_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(LmlabError, match=r"pip install 'lmlab\[ray\]'"):
         import_ray()
+
+
+def test_staging_is_not_shared_between_fail_and_skip(tmp_path):
+    from lmlab.data.blocks import plan_blocks
+
+    src = make_corpus(tmp_path / "in", n_docs=100, bad=False)
+    blocks = plan_blocks(sorted(p for p in src.rglob("*") if p.is_file()), 10**6)
+    config = load_config(None)
+    assert ray_clean._fingerprint(blocks, config, "skip") != ray_clean._fingerprint(blocks, config, "fail")

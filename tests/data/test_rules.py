@@ -215,3 +215,11 @@ def test_package_names_are_the_functions_and_no_torch():
     code = "import sys, lmlab.data.ray_clean, lmlab.data.shards; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_output_record_keeps_the_cleaned_text_and_the_records_own_id():
+    from lmlab.data.clean import output_record
+
+    rec = output_record("clean", "f.jsonl:3", {"text": "raw other field", "id": "doc-7", "lang": "en"})
+    assert rec == {"text": "clean", "id": "doc-7", "lang": "en"}
+    assert output_record("clean", "f.jsonl:3", {}) == {"text": "clean", "id": "f.jsonl:3"}

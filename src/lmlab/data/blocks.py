@@ -49,6 +49,18 @@ def _line_start_after(f, offset: int) -> int:
             return f.tell() - len(chunk) + i + 1
 
 
+def _parquet_meta(path: Path):
+    """A Parquet file's metadata when it has rows to cut; None sends it to `read_file` whole, which raises the
+    reader's own error for a broken file (in input order, as the local engine does) or reports an empty one once."""
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata
+    except Exception:
+        return None
+    return meta if meta.num_rows > 0 and meta.num_row_groups > 1 else None
+
+
 def plan_blocks(files: list[Path], block_bytes: int) -> list[Block]:
     """Cut files into blocks of about block_bytes. JSONL ranges still need their first line numbers: `count_lines`
     gives each range's line count, and `number_blocks` turns the counts into first lines."""
@@ -62,10 +74,7 @@ def plan_blocks(files: list[Path], block_bytes: int) -> list[Block]:
             for a, b in itertools.pairwise(edges):
                 if b > a:
                     blocks.append(Block(len(blocks), str(path), a, b, bytes=b - a))
-        elif kind == ".parquet" and size > block_bytes:
-            import pyarrow.parquet as pq
-
-            meta = pq.ParquetFile(path).metadata
+        elif kind == ".parquet" and size > block_bytes and (meta := _parquet_meta(path)) is not None:
             group: list[int] = []
             first = row = group_bytes = 0
             for g in range(meta.num_row_groups):
@@ -76,8 +85,6 @@ def plan_blocks(files: list[Path], block_bytes: int) -> list[Block]:
                     blocks.append(Block(len(blocks), str(path), first_line=first + 1, row_groups=tuple(group),
                                         bytes=group_bytes))  # fmt: skip
                     group, first, group_bytes = [], row, 0
-            if meta.num_row_groups == 0:
-                blocks.append(Block(len(blocks), str(path), bytes=size))
         else:
             blocks.append(Block(len(blocks), str(path), bytes=size))
     return blocks
@@ -101,10 +108,10 @@ def count_lines(block: Block) -> int:
 
 def number_blocks(blocks: list[Block], counts: list[int]) -> list[Block]:
     """First line numbers of the JSONL ranges, from each range's newline count (a prefix sum per file)."""
-    out, line, file = [], 1, None
+    out, line = [], 1
     for block, count in zip(blocks, counts):
-        if block.file != file:
-            file, line = block.file, 1
+        if block.start == 0:  # a file's first range (also when a file is given twice)
+            line = 1
         if block.end is not None:
             block = replace(block, first_line=line)
             line += count

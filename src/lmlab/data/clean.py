@@ -155,7 +155,7 @@ def near_reason(kept_where: str) -> str:
 def output_record(text: str, where: str, fields: dict[str, Any]) -> dict[str, Any]:
     """A kept document as written: its cleaned text, a stable id (FILE:LINE of its source, unless the record has its
     own `id`), and the record's other fields."""
-    return {"text": text, "id": where, **fields}
+    return {"text": text, "id": where, **{k: v for k, v in fields.items() if k != "text"}}
 
 
 def start_report(config: dict[str, Any]) -> Report:

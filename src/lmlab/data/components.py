@@ -97,6 +97,8 @@ def connected_components(
         if now == previous:
             break
         previous = now
+    else:  # labels of an unconverged graph would split components: never hand them on
+        raise RuntimeError(f"connected components did not converge in {MAX_ROUNDS} rounds")
     label = remote(labels)
     out = [as_list(label.options(num_returns=groups).remote(groups, group_of, *[r[p] for r in refs]), groups)
            for p in range(parts)]  # fmt: skip

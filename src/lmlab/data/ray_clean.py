@@ -268,7 +268,7 @@ def write_block(
 # --- the driver ---
 
 
-def _fingerprint(blocks: list[Block], config: dict[str, Any]) -> str:
+def _fingerprint(blocks: list[Block], config: dict[str, Any], on_error: str) -> str:
     """Names the staging folder: a resumed run reuses finished blocks only for the same input, blocks and rules."""
     h = hashlib.sha256()
     for path in dict.fromkeys(b.file for b in blocks):
@@ -276,6 +276,7 @@ def _fingerprint(blocks: list[Block], config: dict[str, Any]) -> str:
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     h.update(json.dumps([(b.file, b.start, b.end, b.row_groups) for b in blocks]).encode())
     h.update(json.dumps({k: v for k, v in config.items() if k != "workers"}, sort_keys=True, default=str).encode())
+    h.update(on_error.encode())  # a block cleaned with skipped errors must not serve a run that should fail
     return h.hexdigest()[:16]
 
 
@@ -336,7 +337,7 @@ def clean_ray(
     if any(b.end is not None for b in blocks):  # line numbers of JSONL pieces: newline counts, in parallel
         counts = ray.get([remote(count_lines).remote(b) for b in blocks])
         blocks = number_blocks(blocks, counts)
-    stage = out / STAGING / _fingerprint(blocks, config)
+    stage = out / STAGING / _fingerprint(blocks, config, on_error)
     (stage / "final").mkdir(parents=True, exist_ok=True)
     n = len(blocks)
     lap("plan")

@@ -82,7 +82,9 @@ def write_block(
         if data:
             fd = os.open(path, os.O_WRONLY)
             try:
-                os.pwrite(fd, data, offset * ids.itemsize)
+                done, at = 0, offset * ids.itemsize
+                while done < len(data):  # one call writes at most ~2 GiB on Linux
+                    done += os.pwrite(fd, memoryview(data)[done:], at + done)
             finally:
                 os.close(fd)
 
