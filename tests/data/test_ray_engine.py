@@ -1,4 +1,7 @@
-"""The Ray engine on a local 2-CPU cluster: the local engine's kept documents, report, errors and token files."""
+"""The Ray engine on a local 2-CPU cluster: the local engine's kept documents, report, errors and token files.
+
+The local engine runs with workers=1 here (no fork pool): forking a process whose Ray client threads are running
+is unsafe (gRPC), and its results do not depend on the worker count."""
 
 import gzip
 import itertools
@@ -94,7 +97,7 @@ def _report(folder: Path) -> dict:
 
 def test_same_documents_and_report_as_local(tmp_path):
     src = make_corpus(tmp_path / "in")
-    config = load_config(None, block_mb=0.02, txt_unit="paragraph")
+    config = load_config(None, workers=1, block_mb=0.02, txt_unit="paragraph")
     clean([src], tmp_path / "local", config, on_error="skip", progress=False)
     _, engine = clean_ray([src], tmp_path / "ray", config, on_error="skip", progress=False)
     assert engine["blocks"] > 8  # the large JSONL file and the Parquet file were cut
@@ -112,7 +115,7 @@ def test_dedup_only_and_no_dedup_configs(tmp_path):
     for i, overrides in enumerate(
         [{"near_dedup": False}, {"exact_dedup": False}, {"exact_dedup": False, "near_dedup": False}]
     ):
-        config = load_config(None, block_mb=0.02, **overrides)
+        config = load_config(None, workers=1, block_mb=0.02, **overrides)
         clean([src], tmp_path / f"l{i}", config, progress=False)
         clean_ray([src], tmp_path / f"r{i}", config, progress=False)
         assert _ids(tmp_path / f"r{i}") == _ids(tmp_path / f"l{i}")
@@ -121,7 +124,7 @@ def test_dedup_only_and_no_dedup_configs(tmp_path):
 
 def test_bad_input_same_error_as_local(tmp_path):
     src = make_corpus(tmp_path / "in", n_docs=400)
-    config = load_config(None, block_mb=0.02)
+    config = load_config(None, workers=1, block_mb=0.02)
     with pytest.raises(LmlabError) as local:
         clean([src], tmp_path / "local", config, progress=False)
     with pytest.raises(LmlabError) as distributed:
@@ -137,7 +140,7 @@ def _block_marks(out: Path) -> dict[str, int]:
 
 def test_interrupted_run_resumes_without_redoing_blocks(tmp_path, monkeypatch):
     src = make_corpus(tmp_path / "in", n_docs=400, bad=False)
-    config = load_config(None, block_mb=0.02)
+    config = load_config(None, workers=1, block_mb=0.02)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -176,7 +179,7 @@ def _kill_first_worker(name: str, killed: list, stop: threading.Event) -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="finds Ray workers by process title")
 def test_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path):
     src = make_corpus(tmp_path / "in", n_docs=1500, seed=5, bad=False)
-    config = load_config(None, block_mb=0.05)
+    config = load_config(None, workers=1, block_mb=0.05)
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_first_worker, args=("clean_block", killed, stop), daemon=True)
@@ -248,5 +251,5 @@ def test_staging_is_not_shared_between_fail_and_skip(tmp_path):
 
     src = make_corpus(tmp_path / "in", n_docs=100, bad=False)
     blocks = plan_blocks(sorted(p for p in src.rglob("*") if p.is_file()), 10**6)
-    config = load_config(None)
+    config = load_config(None, workers=1)
     assert ray_clean._fingerprint(blocks, config, "skip") != ray_clean._fingerprint(blocks, config, "fail")
