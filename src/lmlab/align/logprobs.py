@@ -82,42 +82,41 @@ def pair_logprobs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, comp:
     runs through the model once and the rows are ~1 / (1 + prompt share) as long. Equal to scoring the two
     rows whole, gradients included (tested). Pairs that do not share a prompt fall back to that.
     """
-    B = ids.shape[0]
-    starts = _shared_prompts(ids, attn, comp)
+    B, dev = ids.shape[0], ids.device
+    # the layout is a few small integer tensors: worked out on the CPU (no device syncs on a GPU), moved once
+    ids_c, attn_c, comp_c = ids.cpu(), attn.cpu(), comp.cpu()
+    starts = _shared_prompts(ids_c, attn_c, comp_c)
     if starts is None:
         flat = (x.flatten(0, 1) for x in (ids, attn, comp))
         return completion_logprobs(model, *flat)[0].sum(-1).view(B, 2)
-    lengths = comp.sum(-1)  # (B, 2): reply lengths
-    P, C = starts.tolist(), lengths.tolist()
+    P, C = starts.tolist(), comp_c.sum(-1).tolist()  # prompt lengths (B,), reply lengths (B, 2)
     L = max(p + c + r for p, (c, r) in zip(P, C))
-    dev = ids.device
-    row = torch.zeros((B, L), dtype=ids.dtype, device=dev)
-    mask = torch.zeros((B, L), dtype=attn.dtype, device=dev)
-    pos = torch.zeros((B, L), dtype=torch.long, device=dev)
-    branch = torch.zeros((B, L), dtype=torch.long, device=dev)
-    want = torch.zeros((B, L), dtype=torch.bool, device=dev)  # positions whose logits are needed
+    row = torch.zeros((B, L), dtype=ids.dtype)
+    mask = torch.zeros((B, L), dtype=attn.dtype)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    branch = torch.zeros((B, L), dtype=torch.long)
+    want = torch.zeros((B, L), dtype=torch.bool)  # positions whose logits are needed
     for b, (p, (c, r)) in enumerate(zip(P, C)):
-        row[b, : p + c] = ids[b, 0, : p + c]
-        row[b, p + c : p + c + r] = ids[b, 1, p : p + r]
+        row[b, : p + c] = ids_c[b, 0, : p + c]
+        row[b, p + c : p + c + r] = ids_c[b, 1, p : p + r]
         mask[b, : p + c + r] = 1
-        pos[b, : p + c] = torch.arange(p + c, device=dev)
-        pos[b, p + c : p + c + r] = torch.arange(p, p + r, device=dev)
+        pos[b, : p + c] = torch.arange(p + c)
+        pos[b, p + c : p + c + r] = torch.arange(p, p + r)
         branch[b, p : p + c], branch[b, p + c : p + c + r] = 1, 2
         want[b, p - 1 : p + c - 1] = True  # the last prompt position predicts both replies' first token
         want[b, p + c : p + c + r - 1] = True
-    h = model.hidden_states(row, attention_mask=mask, position_ids=pos, branch_ids=branch)
-    logits = model.lm_head(h[want]).float()  # (N, V): one row per wanted position, row-major
-    logp_all = logits.log_softmax(-1)
-    at = torch.full((B, L), -1, dtype=torch.long, device=dev)
-    at[want] = torch.arange(int(want.sum()), device=dev)  # (b, position) -> logits row
+    at = torch.full((B, L), -1, dtype=torch.long)
+    at[want] = torch.arange(int(want.sum()))  # (b, position) -> row of the logits
     rows, targets, owner = [], [], []
     for b, (p, (c, r)) in enumerate(zip(P, C)):
-        for j, (first, n, tok) in enumerate(((p, c, ids[b, 0, p : p + c]), (p + c, r, ids[b, 1, p : p + r]))):
+        for j, (first, n) in enumerate(((p, c), (p + c, r))):
             # reply token 0 is predicted at the prompt's last position, token t at the reply's position t - 1
-            where = torch.cat([at[b, p - 1 : p], at[b, first : first + n - 1]])
-            rows.append(where)
-            targets.append(tok)
-            owner.append(torch.full((n,), 2 * b + j, device=dev))
-    rows, targets, owner = torch.cat(rows), torch.cat(targets), torch.cat(owner)
+            rows.append(torch.cat([at[b, p - 1 : p], at[b, first : first + n - 1]]))
+            targets.append(row[b, first : first + n])
+            owner.append(torch.full((n,), 2 * b + j))
+    row, mask, pos, branch, want = (x.to(dev) for x in (row, mask, pos, branch, want))
+    rows, targets, owner = (torch.cat(x).to(dev) for x in (rows, targets, owner))
+    h = model.hidden_states(row, attention_mask=mask, position_ids=pos, branch_ids=branch)
+    logp_all = model.lm_head(h[want]).float().log_softmax(-1)  # (N, V): one row per wanted position, row-major
     token = logp_all[rows, targets]  # (tokens,)
     return torch.zeros(2 * B, dtype=token.dtype, device=dev).index_add(0, owner, token).view(B, 2)

@@ -42,7 +42,7 @@ from lmlab.data.clean import (
 )
 from lmlab.data.components import connected_components
 from lmlab.data.dedup import NearDedup, band_keys, band_multipliers, exact_key, lsh_params, minhash_signature
-from lmlab.data.ray_shuffle import as_list, connect, gather, held_bytes, partition_of, remote, scatter
+from lmlab.data.ray_shuffle import as_list, connect, error_dict, gather, held_bytes, partition_of, remote, scatter
 from lmlab.data.readers import list_files
 from lmlab.data.report import Report
 from lmlab.errors import LmlabError
@@ -62,10 +62,6 @@ def _staged(stage: Path, block: int, suffix: str) -> Path:
 def block_group(groups: int, orders: np.ndarray) -> np.ndarray:
     """Which block group (the partition results are sent back by) each document order belongs to."""
     return (orders >> ROW_BITS) % groups
-
-
-def _error_dict(e: LmlabError) -> dict[str, Any]:
-    return {"message": e.message, "file": e.file, "line": e.line, "field": e.field, "hint": e.hint}
 
 
 # --- stage 1: the per-document rules, on one block (cached on disk: a resumed run skips finished blocks) ---
@@ -103,7 +99,7 @@ def clean_block(block: Block, config: dict[str, Any], on_error: str, stage: Path
                     sigs.append(minhash_signature(text, near["num_perm"], near["ngram"], near["seed"]))
     except LmlabError as e:
         tmp.unlink(missing_ok=True)
-        return {"error": _error_dict(e)}
+        return {"error": error_dict(e)}
     num_perm = near["num_perm"] if near else 0
     arrays = {
         "lines": np.array(lines, dtype=np.int64),
@@ -329,10 +325,11 @@ def clean_ray(
     blocks = plan_blocks(files, default_block_bytes(total, cpus, float(config["block_mb"])))
     timings: dict[str, float] = {}
 
-    def lap(name: str, t0: list[float] = [start]) -> None:  # noqa: B006 (a clock shared across calls)
-        now = time.perf_counter()
-        timings[name] = round(now - t0[0], 3)
-        t0[0] = now
+    clock = [start]  # when the previous stage ended
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - clock[0], 3)
+        clock[0] = time.perf_counter()
 
     if any(b.end is not None for b in blocks):  # line numbers of JSONL pieces: newline counts, in parallel
         counts = ray.get([remote(count_lines).remote(b) for b in blocks])

@@ -31,6 +31,11 @@ def import_ray() -> Any:
     return ray
 
 
+def error_dict(e: LmlabError) -> dict[str, Any]:
+    """A bad-input error as a task's return value; the driver raises `LmlabError(**it)` in input order."""
+    return {"message": e.message, "file": e.file, "line": e.line, "field": e.field, "hint": e.hint}
+
+
 def connect(address: str | None = None, workers: int | None = None) -> Any:
     """Join the Ray cluster at `address` ('auto': the one this machine belongs to), or start a local one with
     `workers` CPUs; an already-initialised Ray (a test's, a notebook's) is used as it is."""

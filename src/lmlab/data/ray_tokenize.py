@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from lmlab.data import shards
 from lmlab.data.blocks import Block, count_lines, default_block_bytes, number_blocks, plan_blocks, read_block
-from lmlab.data.ray_shuffle import connect, remote
+from lmlab.data.ray_shuffle import connect, error_dict, remote
 from lmlab.data.readers import list_files
-from lmlab.data.shards import finish_shards, is_validation, shard_tokenizer, token_dtype
+from lmlab.data.shards import finish_shards, is_validation, shard_tokenizer
 from lmlab.errors import LmlabError
 from lmlab.utils.atomic import atomic_path
 from lmlab.utils.progress import progress_bar
@@ -29,11 +30,7 @@ BATCH_DOCS = 256
 
 def tokenize_block(block: Block, tokenizer: str, text_field: str, stage: Path) -> dict[str, Any]:
     """Ids of every document of the block, each followed by EOS, staged as one array plus per-document lengths."""
-    from lmlab.tokenizer.tokenizer import load_tokenizer
-
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Ray workers are the parallelism
-    tok = load_tokenizer(tokenizer)
-    dtype, eos = token_dtype(tok.vocab_size), tok.eos_token_id
+    shards._init_worker(tokenizer)  # the local engine's worker set-up and encoder: the same ids by construction
     pieces: list[np.ndarray] = []
     n_bytes, batch = 0, []
     try:
@@ -41,30 +38,29 @@ def tokenize_block(block: Block, tokenizer: str, text_field: str, stage: Path) -
             batch.append(doc.text)
             n_bytes += len(doc.text.encode("utf-8"))
             if len(batch) == BATCH_DOCS:
-                pieces += [
-                    np.array([*ids, eos], dtype=dtype) for ids in tok.encode_batch(batch, add_special_tokens=False)
-                ]
+                pieces += shards._encode_batch(batch)
                 batch = []
     except LmlabError as e:
-        return {"error": {"message": e.message, "file": e.file, "line": e.line, "field": e.field, "hint": e.hint}}
+        return {"error": error_dict(e)}
     if batch:
-        pieces += [np.array([*ids, eos], dtype=dtype) for ids in tok.encode_batch(batch, add_special_tokens=False)]
+        pieces += shards._encode_batch(batch)
     lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=shards._TOK["dtype"])
     np.save(stage / f"block-{block.index:06d}.ids.npy", ids)
     np.save(stage / f"block-{block.index:06d}.len.npy", lengths)
     return {"docs": len(lengths), "bytes": n_bytes}
 
 
-def _splits(stage: Path, block: int, first_doc: int, val_fraction: float, seed: int) -> np.ndarray:
+def _splits(stage: Path, block: int, first_doc: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block's per-document token counts and which documents go to val (by global document index)."""
     lengths = np.load(stage / f"block-{block:06d}.len.npy")
-    return np.array([is_validation(first_doc + i, val_fraction, seed) for i in range(len(lengths))], dtype=bool)
+    val = np.array([is_validation(first_doc + i, val_fraction, seed) for i in range(len(lengths))], dtype=bool)
+    return lengths, val
 
 
 def count_splits(stage: Path, block: int, first_doc: int, val_fraction: float, seed: int) -> tuple[int, int, int, int]:
     """(train tokens, val tokens, train docs, val docs) of one block."""
-    lengths = np.load(stage / f"block-{block:06d}.len.npy")
-    val = _splits(stage, block, first_doc, val_fraction, seed)
+    lengths, val = _splits(stage, block, first_doc, val_fraction, seed)
     return int(lengths[~val].sum()), int(lengths[val].sum()), int((~val).sum()), int(val.sum())
 
 
@@ -74,8 +70,7 @@ def write_block(
 ) -> None:  # fmt: skip
     """Write a block's documents into train/val at its offsets (in tokens), in document order."""
     ids = np.load(stage / f"block-{block:06d}.ids.npy")
-    lengths = np.load(stage / f"block-{block:06d}.len.npy")
-    val = _splits(stage, block, first_doc, val_fraction, seed)
+    lengths, val = _splits(stage, block, first_doc, val_fraction, seed)
     doc_of_token = np.repeat(val, lengths)
     for split, (path, offset) in enumerate(zip(paths, offsets)):
         data = ids[doc_of_token == bool(split)].tobytes()
