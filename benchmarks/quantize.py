@@ -13,7 +13,7 @@ and prefill of 512 tokens, with the weight bytes each step streams and GB/s; lla
 (node-llama-cpp, 2 threads) on the GGUF files where the test set-up installed it. Runs are
 interleaved and the median of --repeats taken (a shared machine drifts).
 
-    .venv/bin/python benchmarks/quantize.py [--ppl] [--speed] [--ppl-chars 60000] [--repeats 3]
+    .venv/bin/python benchmarks/quantize.py [--ppl [--mmlu 500]] [--speed] [--ppl-chars 60000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -89,8 +89,16 @@ def quality(args: argparse.Namespace) -> None:
             if n >= args.ppl_chars:
                 break
         sets[name] = text
-    print(f"perplexity, first {args.ppl_chars:,} characters of each test split, windows of 512, stride 256")
-    print(f"{'model':<22}{'MB':>8}" + "".join(f"{n:>14}{'vs fp32':>9}" for n in sets))
+    mmlu = None
+    if args.mmlu:
+        from lmlab.eval.harness import run_multiple_choice, task_docs
+        from lmlab.eval.tasks import load_task
+
+        task = load_task("mmlu")
+        mmlu = (task, task_docs(task, task.split, args.mmlu))  # lmlab eval's seeded sample: the same questions
+    print(f"perplexity, first {args.ppl_chars:,} characters of each test split, windows of 512, stride 256"
+          + (f"; MMLU: {args.mmlu} questions, 0-shot, acc ± SE" if mmlu else ""))  # fmt: skip
+    print(f"{'model':<22}{'MB':>8}" + "".join(f"{n:>14}{'vs fp32':>9}" for n in sets) + ("   MMLU" if mmlu else ""))
     base = {}
     for name, build in variants(args.gptq_samples, Path(args.out)).items():
         if args.only and name not in args.only:
@@ -104,6 +112,10 @@ def quality(args: argparse.Namespace) -> None:
                 ppl = perplexity(model, tok, texts, max_length=512, stride=256)["perplexity"]
             base.setdefault(data, ppl)  # the first row (fp32 unless --only leaves it out)
             row += f"{ppl:>14.3f}{ppl / base[data] - 1:>+9.2%}"
+        if mmlu:
+            with torch.inference_mode():
+                r = run_multiple_choice(model, tok, mmlu[0], mmlu[1], batch_size=8)
+            row += f"   {r['acc']:.3f} ± {r['acc_se']:.3f}"
         print(row + (f"   (built in {made:.0f} s)" if made > 5 else ""), flush=True)
         del model
 
@@ -209,6 +221,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="out/bench-quantize", help="where the exported GGUF files are kept")
+    ap.add_argument("--mmlu", type=int, default=0, help="--ppl: also MMLU accuracy on this many questions (0: none)")
     ap.add_argument("--only", nargs="*", help="--ppl: only these rows (names as printed)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)

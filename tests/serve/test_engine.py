@@ -127,6 +127,32 @@ def test_a_burst_is_prefilled_together_and_matches_generate(tiny):
         engine.close()
 
 
+def test_an_idle_engine_lets_a_burst_gather_into_one_prefill(tiny):
+    """Requests reaching an idle engine a few milliseconds apart (as 16 HTTP clients' do) share one
+    prefill forward; with gather_ms=0 the first is prefilled alone as soon as it comes."""
+    import time
+
+    model, tok = tiny
+    prompts = [tok.encode(t) for t in ("the quick brown fox", "seven wizards", "judge boxing matches today", "dog")]
+    for gather_ms, forwards in ((250.0, 1), (0.0, None)):
+        engine = Engine(model, tok, max_batch=8, prefix_cache_tokens=0, gather_ms=gather_ms).start()
+        try:
+            cols = [Collector() for _ in prompts]
+            for p, c in zip(prompts, cols):
+                engine.submit(Request(p, GenerationConfig(max_new_tokens=4), c, ignore_eos=True))
+                time.sleep(0.02)
+            for p, c in zip(prompts, cols):
+                assert c.done.wait(120) and c.failed is None
+                ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=4, stop_token_ids=[]))[0]
+                assert c.texts[0] == ref.text
+            if forwards is not None:
+                assert engine.m_prefills.value() == forwards
+            else:
+                assert engine.m_prefills.value() > 1
+        finally:
+            engine.close()
+
+
 def test_n_choices_seeds_stops_and_penalties(tiny):
     """n rows share one prefill; choice j samples with seed + j; stop strings cut the text; penalties apply per row."""
     model, tok = tiny

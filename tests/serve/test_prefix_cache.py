@@ -61,3 +61,58 @@ def test_prefix_kv_equals_a_fresh_prefill(tiny):
         model(ids[:, n:], kv_cache=part)  # the second half with the first as its past
     torch.testing.assert_close(part.k, full.k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(part.v, full.v, rtol=1e-5, atol=1e-5)
+
+
+def test_a_burst_sharing_a_system_prompt_prefills_it_once(tiny):
+    """Prompts that arrive together and share a system prompt: the shared part runs once, the rest of
+    every prompt in one forward (rows right-aligned, cached prefixes of different lengths, one prompt
+    with nothing shared), and every greedy answer equals lmlab.generate on its own."""
+    model, tok = tiny
+    system = tok.encode("You are a helpful assistant who answers briefly and politely, always. " * 3)
+    questions = ["What is two plus two?", "Name a color.", "Say hello to everybody in the room, one by one."]
+    first = system + tok.encode("Tell me a story.")
+    engine = Engine(model, tok, max_batch=8)
+    c0 = Collector()
+    engine.submit(Request(first, GenerationConfig(max_new_tokens=12), c0, ignore_eos=True))
+    engine.start()
+    try:
+        assert c0.done.wait(120)  # `first` is now in the prefix cache
+        prefills, reused = engine.m_prefills.value(), engine.m_prefix_tokens.value()
+        prompts = [system + tok.encode(q) for q in questions] + [first + tok.encode(" More.")]
+        prompts.append(tok.encode("Unrelated words with no system prompt in front of them at all."))
+        cols = [Collector() for _ in prompts]
+        with engine._cv:  # queued while the scheduler waits on the lock: one burst
+            for p, c in zip(prompts, cols):
+                engine.submit(Request(p, GenerationConfig(max_new_tokens=12), c, ignore_eos=True))
+        for p, c in zip(prompts, cols):
+            assert c.done.wait(120) and c.failed is None
+            ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=12, stop_token_ids=[]))[0]
+            assert c.texts[0] == ref.text
+        assert engine.m_prefills.value() - prefills == 1  # every prompt in one forward
+        assert engine.m_prefix_tokens.value() - reused >= 3 * len(system)
+    finally:
+        engine.close()
+
+
+def test_a_first_burst_caches_its_shared_prefix_first(tiny):
+    """Nothing cached yet: the prefix the burst shares is prefilled once on its own, then the rest of
+    every prompt in one forward; answers equal lmlab.generate."""
+    model, tok = tiny
+    system = tok.encode("You are a helpful assistant who answers briefly and politely, always. " * 3)
+    prompts = [system + tok.encode(q) for q in ("Hi.", "Name a color, any color you like.", "Count to three.")]
+    engine = Engine(model, tok, max_batch=4)
+    cols = [Collector() for _ in prompts]
+    for p, c in zip(prompts, cols):  # queued before the scheduler runs: one burst
+        engine.submit(Request(p, GenerationConfig(max_new_tokens=12), c, ignore_eos=True))
+    engine.start()
+    try:
+        for p, c in zip(prompts, cols):
+            assert c.done.wait(120) and c.failed is None
+            ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=12, stop_token_ids=[]))[0]
+            assert c.texts[0] == ref.text
+        assert engine.m_prefills.value() == 2  # the shared prefix, then the three rests together
+        n = min(common_prefix(tuple(prompts[0]), p) for p in prompts[1:])
+        rest = max(len(p) for p in prompts) - n  # the longest uncached part: every row computes that many
+        assert n >= len(system) - 1 and engine.m_prefix_tokens.value() == sum(len(p) - rest for p in prompts)
+    finally:
+        engine.close()

@@ -2,10 +2,12 @@
 
 Each scheduler step:
 1. drops cancelled (client gone) and timed-out requests, freeing their rows at once;
-2. admits waiting requests, first come first served, while free rows remain: each prompt is
-   prefilled on its own (batch 1, exactly the computation `lmlab.generate` does), its first token
-   is chosen from that forward, and its keys/values are copied into a free row of the shared
-   `SlotKVCache` (see batch_cache.py for the layout);
+2. admits waiting requests, first come first served, while free rows remain (an idle engine first
+   lets a burst of arrivals gather for a few milliseconds). Prompts are prefilled together: the
+   part they share with a cached prompt (a system prompt) comes from the prefix cache, a prefix a
+   new burst shares is computed once, and the rest of every prompt goes through one left-padded
+   forward per group; each prompt's first token is chosen from it, and its keys/values are copied
+   into a free row of the shared `SlotKVCache` (see batch_cache.py for the layout);
 3. runs ONE forward over all live rows, one new token each;
 4. chooses each row's token with the row's own processors and random generator (per-request
    temperature, top-p, top-k, penalties and seed), turns tokens into text deltas
@@ -41,7 +43,7 @@ from lmlab.generate.stream import IncrementalDecoder, StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.serve.batch_cache import SlotKVCache
 from lmlab.serve.metrics import Counter, Gauge, Histogram, Registry
-from lmlab.serve.prefix_cache import PrefixCache
+from lmlab.serve.prefix_cache import PrefixCache, common_prefix
 from lmlab.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("lmlab.serve")
@@ -166,6 +168,7 @@ class Engine:
         max_context: int | None = None,
         cache_columns: int = 256,
         prefix_cache_tokens: int = 4096,
+        gather_ms: float = 5.0,
         registry: Registry | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
@@ -181,6 +184,10 @@ class Engine:
         self.cache_columns = cache_columns  # the shared cache's first (and after each idle spell, only) width
         self.cache = self._new_cache() if model.cfg.causal else None
         self.prefixes = PrefixCache(prefix_cache_tokens)  # recent prompts' K/V (prefix_cache_tokens=0: off)
+        # an idle engine lets a burst gather before its prefill: until no request has come for gather_ms
+        # (at most 4 x gather_ms), as dynamic batchers' queue delay (Triton) does; 0: admit at once
+        self.gather_s = gather_ms / 1000
+        self._last_arrival = 0.0
         self._rows: list[_Sequence] = []  # row i of the cache holds self._rows[i]
         self._active: set[Request] = set()
         self._completed: list[Request] = []  # finished, Done not sent yet
@@ -263,6 +270,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(req)
+            self._last_arrival = req.submitted
             self._cv.notify()
         return req
 
@@ -324,6 +332,8 @@ class Engine:
                 with self._cv:
                     while not self._closed and not self._waiting and not self._rows and not self._jobs:
                         self._cv.wait()
+                    if not self._rows:
+                        self._gather()
                     if self._closed:
                         break
                     jobs, self._jobs = self._jobs, []
@@ -348,6 +358,18 @@ class Engine:
             self._emit(req, Failed("the server is shutting down", 503, "server_error"))
         for _, fut in jobs:
             fut.set_exception(RuntimeError("the engine is closed"))
+
+    def _gather(self) -> None:
+        """(Lock held, nothing running.) Wait while requests are still arriving, so that 16 clients
+        sending at once (their requests reach the engine over a few milliseconds) share one prefill
+        instead of the first one or two running alone while the rest wait for them."""
+        end = time.monotonic() + 4 * self.gather_s
+        while self._waiting and not self._closed and len(self._waiting) < self.max_batch:
+            now = time.monotonic()
+            wait = min(self._last_arrival + self.gather_s, end) - now
+            if wait <= 0:
+                return
+            self._cv.wait(wait)
 
     def _emit(self, req: Request, event: Event) -> None:
         try:
@@ -377,46 +399,83 @@ class Engine:
         self._free_finished()
 
     def _admit(self) -> None:
-        """Admit waiting requests while rows are free. A burst of arrivals is prefilled together:
-        prompts sorted by length, in groups of up to PREFILL_TOKENS padded tokens, each group one
-        left-padded forward (one matmul per weight for all of them instead of one per prompt, so the
-        last of 16 simultaneous requests gets its first token about as soon as the first)."""
+        """Admit waiting requests while rows are free, prefilling a burst of arrivals together.
+
+        A prompt's first tokens may already have K/V in the prefix cache (an earlier prompt with the
+        same system prompt); when several new prompts share a prefix that is not cached yet, it is
+        prefilled once, on its own, and cached first. Only what each prompt has beyond its cached
+        prefix is then computed: prompts sorted by that length, in groups of up to PREFILL_TOKENS
+        padded tokens, each group one forward (one matmul per weight for all of them instead of one
+        per prompt, so the last of 16 simultaneous requests gets its first token about as soon as
+        the first)."""
         admitted, rows = [], len(self._rows)
         with self._cv:
             while self._waiting and rows + self._waiting[0].n <= self.max_batch:
                 req = self._waiting.popleft()
                 admitted.append(req)
                 rows += req.n
-        admitted.sort(key=lambda r: len(r.prompt_ids))
-        group: list[Request] = []
-        for req in admitted:
-            hit = self.prefixes.lookup(req.prompt_ids)
-            if hit is not None:  # a known prefix: run only the rest, on its own
-                self._prefill([req], hit)
-                continue
-            if group and (len(group) + 1) * len(req.prompt_ids) > PREFILL_TOKENS:
+        if not admitted:
+            return
+        hits = [self.prefixes.lookup(r.prompt_ids) for r in admitted]
+        new = [r.prompt_ids for r, h in zip(admitted, hits) if h is None]
+        if len(new) > 1 and self._cache_shared_prefix(new):
+            hits = [h or self.prefixes.lookup(r.prompt_ids) for r, h in zip(admitted, hits)]
+        todo = sorted(zip(admitted, hits), key=lambda rh: len(rh[0].prompt_ids) - (rh[1][0] if rh[1] else 0))
+        group: list[tuple[Request, tuple | None]] = []
+        for req, hit in todo:
+            rest = len(req.prompt_ids) - (hit[0] if hit else 0)  # the longest so far: sorted ascending
+            if group and (len(group) + 1) * rest > PREFILL_TOKENS:
                 self._prefill(group)
                 group = []
-            group.append(req)
-        if group:
-            self._prefill(group)
+            group.append((req, hit))
+        self._prefill(group)
 
-    def _prefill(self, reqs: list[Request], prefix: tuple[int, torch.Tensor, torch.Tensor] | None = None) -> None:
-        """The prompts' forward (one left-padded batch, or one prompt after its cached prefix), first
-        token(s), then each prompt's K/V into free rows (and the prefix cache)."""
-        lengths = [len(r.prompt_ids) for r in reqs]
-        ids, mask = left_pad([r.prompt_ids for r in reqs], 0)
-        ids, mask, W = ids.to(self.device), mask.to(self.device), ids.shape[1]
-        tmp = KVCache.for_model(self.model, len(reqs), W)
+    def _cache_shared_prefix(self, prompts: list[list[int]]) -> bool:
+        """Prefill the prefix that all of `prompts` share (short of each one's last token) once, into
+        the prefix cache; False when it is too short to be worth it or the cache is off."""
+        n = min(len(p) for p in prompts) - 1
+        first = tuple(prompts[0])
+        for p in prompts[1:]:
+            n = min(n, common_prefix(first, p))
+        if n < self.prefixes.min_match or n > self.prefixes.max_tokens:
+            return False
+        ids = torch.tensor([prompts[0][:n]], device=self.device)
+        tmp = KVCache.for_model(self.model, 1, n)
         self.m_prefills.inc()
-        done = 0
-        if prefix is not None:  # one request: its first `done` tokens' K/V come from the cache
-            done, k, v = prefix
-            tmp.k[:, 0, :, :done], tmp.v[:, 0, :, :done] = k, v
-            tmp.length = done
-            self.m_prefix_tokens.inc(done)
+        with cpu_kernels.for_rows(1, self.device):
+            self.model(ids, kv_cache=tmp, logits_to_keep=1)
+        self.prefixes.add(prompts[0][:n], tmp.k[:, 0], tmp.v[:, 0])
+        return True
+
+    def _prefill(self, group: list[tuple[Request, tuple[int, torch.Tensor, torch.Tensor] | None]]) -> None:
+        """One forward over the uncached part of each prompt in `group` (request, prefix-cache hit or
+        None), its first token(s), then each prompt's K/V into free rows (and the prefix cache).
+
+        Row layout, W = the longest prompt, T = the longest uncached part: row i is right-aligned, its
+        P_i prompt tokens in columns W-P_i..W-1 (padding before them, masked). Columns up to W-T come
+        from the row's cached prefix; a row whose cached prefix is longer than that recomputes the
+        difference, which is exact. Positions count real tokens, so padding changes nothing."""
+        reqs = [r for r, _ in group]
+        lengths = [len(r.prompt_ids) for r in reqs]
+        W = max(lengths)
+        T = max(P - (hit[0] if hit else 0) for P, (_, hit) in zip(lengths, group))
+        tmp = KVCache.for_model(self.model, len(reqs), W)
+        ids = torch.zeros(len(reqs), T, dtype=torch.long)
+        mask = torch.zeros(len(reqs), W, dtype=torch.long)
+        for i, ((req, hit), P) in enumerate(zip(group, lengths)):
+            mask[i, W - P :] = 1
+            tail = req.prompt_ids[-T:]
+            ids[i, T - len(tail) :] = torch.tensor(tail)
+            cached = P - T  # > 0 only where the row has a hit of at least that many tokens
+            if cached > 0:
+                _, k, v = hit
+                tmp.k[:, i, :, W - P : W - T], tmp.v[:, i, :, W - P : W - T] = k[:, :, :cached], v[:, :, :cached]
+                self.m_prefix_tokens.inc(cached)
+        tmp.length = W - T
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.m_prefills.inc()
         with cpu_kernels.for_rows(len(reqs), self.device):
-            logits = self.model(ids[:, done:], attention_mask=None if len(reqs) == 1 else mask, kv_cache=tmp,
+            logits = self.model(ids, attention_mask=None if bool(mask.all()) else mask, kv_cache=tmp,
                                 logits_to_keep=1)[:, -1].float()  # (R, V)  # fmt: skip
         for i, (req, P) in enumerate(zip(reqs, lengths)):
             self.m_prompt.inc(P)
