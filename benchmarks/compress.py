@@ -101,13 +101,20 @@ def stage_ppl(args, results: dict) -> None:
                         f"SmolLM2-135M-Instruct, KJV test ({rows['tokens']} tokens)")  # fmt: skip
 
 
-def decode_speed(pairs: list[tuple[str, object]], tok, prompts: list[str], new_tokens: int, repeats: int) -> dict:
-    """Median greedy decode time per model, runs interleaved (EOS off so every run does every step)."""
-    cfg = GenerationConfig(max_new_tokens=new_tokens)
+def decode_speed(
+    pairs: list[tuple[str, object]], tok, prompts: list[str], new_tokens: int, repeats: int, compile: bool = False
+) -> dict:
+    """Median greedy decode time per model, runs interleaved (EOS off so every run does every step).
+    compile=True: the compiled decode graph `lmlab generate` switches to once it is built (built
+    here first, outside the clock)."""
+    cfg = GenerationConfig(max_new_tokens=new_tokens, compile=compile)
+    for _, m in pairs:
+        m.cfg.eos_token_id = None
+        if compile:
+            generate(m, tok, prompts[0], cfg)
     times: dict[str, list[float]] = {name: [] for name, _ in pairs}
     for _ in range(repeats):
         for name, m in pairs:
-            m.cfg.eos_token_id = None
             t = time.perf_counter()
             for p in prompts:
                 generate(m, tok, p, cfg)
@@ -141,9 +148,11 @@ def stage_structured(args, results: dict) -> None:
     recovered, _ = load_pretrained(args.out / "recover" / "final")
     row["recovered_ppl"] = ppl(recovered.eval(), tok, texts, args.window)
     prompts = ["The king said", "In the beginning", "def fibonacci(n):"]
-    speed = decode_speed([("dense", model), ("pruned", recovered)], tok, prompts, args.new_tokens, args.repeats)
-    row["decode_seconds"] = speed
-    row["decode_speedup"] = round(speed["dense"] / speed["pruned"], 3)
+    pair = [("dense", model), ("pruned", recovered)]
+    for path, compile in (("compiled", True), ("eager", False)):  # compiled: what `lmlab generate` runs warm
+        speed = decode_speed(pair, tok, prompts, args.new_tokens, args.repeats, compile)
+        row[f"decode_seconds_{path}"] = speed
+        row[f"decode_speedup_{path}"] = round(speed["dense"] / speed["pruned"], 3)
     print(f"structured: {row}", flush=True)
     results["structured"] = row
 
