@@ -10,8 +10,10 @@ measured there.
 
 Speed (--speed): tokens/s at batch 1 and 8 (128 new tokens, greedy, EOS off), eager and compiled,
 and prefill of 512 tokens, with the weight bytes each step streams and GB/s; llama.cpp
-(node-llama-cpp, 2 threads) on the GGUF files where the test set-up installed it. Runs are
-interleaved and the median of --repeats taken (a shared machine drifts).
+(node-llama-cpp, 2 threads) on the GGUF files where the test set-up installed it. Each llama.cpp
+run alternates with one of lmlab's compiled batch-1 runs and the median of --repeats is taken (a
+shared machine drifts by 30% within minutes, so sequential blocks would compare different
+machines).
 
     .venv/bin/python benchmarks/quantize.py [--ppl [--mmlu 500]] [--speed] [--ppl-chars 60000] [--repeats 3]
 """
@@ -173,12 +175,14 @@ def speed(args: argparse.Namespace) -> None:
     print(f"{'model':<20}{'MB/step':>8}{'batch':>6}{'eager':>8}{'compiled':>10}{'GB/s':>6}{'prefill 512':>12}"
           f"{'llama.cpp':>11}{'its prefill':>12}{'ours/llama.cpp':>16}")  # fmt: skip
     for name, (build, gguf) in rows.items():
+        if args.only and name not in args.only:
+            continue
         model = build()
         nbytes = quantized_bytes(model)
         tied = type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
         if not tied:
             nbytes -= model.embed.weight.numel() * model.embed.weight.element_size()  # a lookup reads one row
-        ref = llamacpp_speed(gguf, chat[0], long_prompt, args.new_tokens, args.repeats, threads) if gguf else None
+        refs = []  # llama.cpp runs one at a time, interleaved with lmlab's compiled batch-1 runs below
         with torch.inference_mode():
             pre = torch.tensor([long_prompt])
             model(pre[:, :64])
@@ -196,11 +200,16 @@ def speed(args: argparse.Namespace) -> None:
                     generate_ids(model, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)  # warm-up / compile
                     t = []
                     for _ in range(args.repeats):
+                        if gguf and batch == 1 and compile_:  # side by side: a drifting machine hits both
+                            refs.append(llamacpp_speed(gguf, chat[0], long_prompt, args.new_tokens, 1, threads))
                         start = time.perf_counter()
                         generate_ids(model, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)
                         t.append(time.perf_counter() - start)
                     res[mode] = batch * args.new_tokens / statistics.median(t)
                 gbs = res["compiled"] / batch * nbytes / 1e9
+                ref = None
+                if refs and None not in refs:
+                    ref = (statistics.median(r[0] for r in refs), statistics.median(r[1] for r in refs))
                 theirs = (
                     f"{ref[0]:>11.1f}{ref[1]:>12.0f}{res['compiled'] / ref[0]:>15.2f}x" if ref and batch == 1 else ""
                 )
@@ -222,7 +231,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="out/bench-quantize", help="where the exported GGUF files are kept")
     ap.add_argument("--mmlu", type=int, default=0, help="--ppl: also MMLU accuracy on this many questions (0: none)")
-    ap.add_argument("--only", nargs="*", help="--ppl: only these rows (names as printed)")
+    ap.add_argument("--only", nargs="*", help="only these rows (names as printed)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not (args.ppl or args.speed):

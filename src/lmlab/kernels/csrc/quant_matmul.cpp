@@ -3,7 +3,7 @@
 //
 // A decode step streams every weight once per token, so fewer bytes per weight is more tokens per
 // second: int8 reads a quarter of fp32's bytes, int4 an eighth. Each weight chunk is turned into
-// float32 in registers (codes -> float, times its group's scale, plus its group's offset for int4)
+// float32 in registers (int8: code -> float, times its group's scale; int4: a 16-entry table per group)
 // and multiplied with up to 8 rows of x held in L1, as skinny_matmul.cpp does for float32 weights;
 // activations and accumulation stay float32, so the result equals F.linear on the dequantized
 // weights up to summation order.
@@ -53,13 +53,19 @@ struct Int4Row {
   const float* scale;
   const float* offset;
   int64_t group;
-  // weights [k, k + 16) and [k + 16, k + 32) of the 32-block starting at k; d, m: their group's
-  // scale and offset in every lane
-  inline void block(int64_t k, __m512 d, __m512 m, __m512& lo, __m512& hi) const {
+  // The 16 values a code can stand for in group g, code * scale + offset: a lookup table in one
+  // register. vpermps reads only the low 4 bits of each index, so a nibble needs no mask; one
+  // permute replaces converting the code to float and scaling it (the same fma, so the same
+  // values), ~20% fewer instructions per weight, which is what a batch-1 step is bound by.
+  inline __m512 table(int64_t g) const {
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_fmadd_ps(codes, _mm512_set1_ps(scale[g]), _mm512_set1_ps(offset[g]));
+  }
+  // weights [k, k + 16) and [k + 16, k + 32) of the 32-block starting at k; t: their group's table
+  inline void block(int64_t k, __m512 t, __m512& lo, __m512& hi) const {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
-    const __m512i mask = _mm512_set1_epi32(0xF);
-    lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, mask)), d, m);
-    hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), d, m);
+    lo = _mm512_permutexvar_ps(bytes, t);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), t);
   }
   inline void prefetch(int64_t k) const { _mm_prefetch(reinterpret_cast<const char*>(q + k / 2 + kPrefetchBytes), _MM_HINT_T1); }
 };
@@ -92,13 +98,12 @@ inline void int4_pair(const float* x, const Int4Row& r0, const Int4Row& r1, floa
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t G = r0.group;
   for (int64_t g = 0, k = 0; k < K; ++g) {
-    const __m512 d0 = _mm512_set1_ps(r0.scale[g]), m0 = _mm512_set1_ps(r0.offset[g]);
-    const __m512 d1 = _mm512_set1_ps(r1.scale[g]), m1 = _mm512_set1_ps(r1.offset[g]);
+    const __m512 t0 = r0.table(g), t1 = r1.table(g);
     for (const int64_t end = k + G; k < end; k += 32) {
       if ((k & 127) == 0) r0.prefetch(k), r1.prefetch(k);
       __m512 a0, a1, b0, b1;
-      r0.block(k, d0, m0, a0, a1);
-      r1.block(k, d1, m1, b0, b1);
+      r0.block(k, t0, a0, a1);
+      r1.block(k, t1, b0, b1);
       for (int m = 0; m < M; ++m) {
         const __m512 x0 = _mm512_loadu_ps(x + m * K + k), x1 = _mm512_loadu_ps(x + m * K + k + 16);
         acc[2 * m] = _mm512_fmadd_ps(x1, a1, _mm512_fmadd_ps(x0, a0, acc[2 * m]));
@@ -138,7 +143,7 @@ struct Int4Weight {
     const Int4Row r = row(n);
     for (int64_t k = 0; k < K; k += 32) {
       __m512 lo, hi;
-      r.block(k, _mm512_set1_ps(r.scale[k / r.group]), _mm512_set1_ps(r.offset[k / r.group]), lo, hi);
+      r.block(k, r.table(k / r.group), lo, hi);
       _mm512_storeu_ps(out + k, lo);
       _mm512_storeu_ps(out + k + 16, hi);
     }
