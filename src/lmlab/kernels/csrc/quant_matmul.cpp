@@ -40,10 +40,9 @@ struct Int8Row {
   const int8_t* q;
   const float* scale;
   int64_t group;
-  // weights [k, k + 16) (k a multiple of 16), d: their group's scale in every lane
-  inline __m512 chunk(int64_t k, __m512 d) const {
-    const __m512i codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(codes), d);
+  // codes [k, k + 16) (k a multiple of 16) as floats
+  inline __m512 codes(int64_t k) const {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
   }
   inline void prefetch(int64_t k) const { _mm_prefetch(reinterpret_cast<const char*>(q + k + kPrefetchBytes), _MM_HINT_T1); }
 };
@@ -70,17 +69,33 @@ struct Int4Row {
   inline void prefetch(int64_t k) const { _mm_prefetch(reinterpret_cast<const char*>(q + k / 2 + kPrefetchBytes), _MM_HINT_T1); }
 };
 
-// Output rows n, n + 1 against M <= 8 rows of x (K a multiple of 16).
+// Output rows n, n + 1 against M <= 8 rows of x (K a multiple of 16). With one scale per row
+// (per-channel int8, lmlab quantize's default) it is applied once to each sum, not to every weight:
+// a quarter fewer instructions per weight.
 template <int M>
 inline void int8_pair(const float* x, const Int8Row& r0, const Int8Row& r1, float* y, int64_t n, int64_t N, int64_t K) {
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t G = r0.group;
+  if (G == K) {
+    for (int64_t k = 0; k < K; k += 16) {
+      if ((k & 63) == 0) r0.prefetch(k), r1.prefetch(k);
+      const __m512 a = r0.codes(k), b = r1.codes(k);
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+        acc[2 * m] = _mm512_fmadd_ps(xv, a, acc[2 * m]);
+        acc[2 * m + 1] = _mm512_fmadd_ps(xv, b, acc[2 * m + 1]);
+      }
+    }
+    lmlab::store_pairs<M>(acc, y, n, N);
+    for (int m = 0; m < M; ++m) y[m * N + n] *= r0.scale[0], y[m * N + n + 1] *= r1.scale[0];
+    return;
+  }
   for (int64_t g = 0, k = 0; k < K; ++g) {
     const __m512 d0 = _mm512_set1_ps(r0.scale[g]), d1 = _mm512_set1_ps(r1.scale[g]);
     for (const int64_t end = k + G; k < end; k += 16) {
       if ((k & 63) == 0) r0.prefetch(k), r1.prefetch(k);
-      const __m512 a = r0.chunk(k, d0), b = r1.chunk(k, d1);
+      const __m512 a = _mm512_mul_ps(r0.codes(k), d0), b = _mm512_mul_ps(r1.codes(k), d1);
       for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_loadu_ps(x + m * K + k);
         acc[2 * m] = _mm512_fmadd_ps(xv, a, acc[2 * m]);
@@ -129,7 +144,7 @@ struct Int8Weight {
   Int8Row row(int64_t n) const { return {q + n * K, scale + n * groups, K / groups}; }
   void dequantize(int64_t n, float* out) const {
     const Int8Row r = row(n);
-    for (int64_t k = 0; k < K; k += 16) _mm512_storeu_ps(out + k, r.chunk(k, _mm512_set1_ps(r.scale[k / r.group])));
+    for (int64_t k = 0; k < K; k += 16) _mm512_storeu_ps(out + k, _mm512_mul_ps(r.codes(k), _mm512_set1_ps(r.scale[k / r.group])));
   }
 };
 
