@@ -182,7 +182,7 @@ def speed(args: argparse.Namespace) -> None:
         tied = type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
         if not tied:
             nbytes -= model.embed.weight.numel() * model.embed.weight.element_size()  # a lookup reads one row
-        refs = []  # llama.cpp runs one at a time, interleaved with lmlab's compiled batch-1 runs below
+        refs = []  # llama.cpp (3 runs in one process, their median) alternates with lmlab's compiled batch-1 runs
         with torch.inference_mode():
             pre = torch.tensor([long_prompt])
             model(pre[:, :64])
@@ -201,7 +201,7 @@ def speed(args: argparse.Namespace) -> None:
                     t = []
                     for _ in range(args.repeats):
                         if gguf and batch == 1 and compile_:  # side by side: a drifting machine hits both
-                            refs.append(llamacpp_speed(gguf, chat[0], long_prompt, args.new_tokens, 1, threads))
+                            refs.append(llamacpp_speed(gguf, chat[0], long_prompt, args.new_tokens, 3, threads))
                         start = time.perf_counter()
                         generate_ids(model, ids, mask, cfg, eos=[], pad_id=tok.pad_token_id)
                         t.append(time.perf_counter() - start)

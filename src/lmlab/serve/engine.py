@@ -472,11 +472,11 @@ class Engine:
                 tmp.k[:, i, :, W - P : W - T], tmp.v[:, i, :, W - P : W - T] = k[:, :, :cached], v[:, :, :cached]
                 self.m_prefix_tokens.inc(cached)
         tmp.length = W - T
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        padded = not bool(mask.all())  # read on the host, before the move (no device sync)
+        ids, mask = ids.to(self.device), mask.to(self.device) if padded else None
         self.m_prefills.inc()
         with cpu_kernels.for_rows(len(reqs), self.device):
-            logits = self.model(ids, attention_mask=None if bool(mask.all()) else mask, kv_cache=tmp,
-                                logits_to_keep=1)[:, -1].float()  # (R, V)  # fmt: skip
+            logits = self.model(ids, attention_mask=mask, kv_cache=tmp, logits_to_keep=1)[:, -1].float()  # (R, V)
         for i, (req, P) in enumerate(zip(reqs, lengths)):
             self.m_prompt.inc(P)
             self.prefixes.add(req.prompt_ids, tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W])
