@@ -134,13 +134,13 @@ def test_an_idle_engine_lets_a_burst_gather_into_one_prefill(tiny):
 
     model, tok = tiny
     prompts = [tok.encode(t) for t in ("the quick brown fox", "seven wizards", "judge boxing matches today", "dog")]
-    for gather_ms, forwards in ((250.0, 1), (0.0, None)):
+    for gather_ms, forwards in ((500.0, 1), (0.0, None)):
         engine = Engine(model, tok, max_batch=8, prefix_cache_tokens=0, gather_ms=gather_ms).start()
         try:
             cols = [Collector() for _ in prompts]
             for p, c in zip(prompts, cols):
                 engine.submit(Request(p, GenerationConfig(max_new_tokens=4), c, ignore_eos=True))
-                time.sleep(0.02)
+                time.sleep(0.05)
             for p, c in zip(prompts, cols):
                 assert c.done.wait(120) and c.failed is None
                 ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=4, stop_token_ids=[]))[0]
@@ -151,6 +151,35 @@ def test_an_idle_engine_lets_a_burst_gather_into_one_prefill(tiny):
                 assert engine.m_prefills.value() > 1
         finally:
             engine.close()
+
+
+def test_a_failed_prefill_fails_its_requests_instead_of_losing_them(tiny, monkeypatch):
+    """A prefill that raises (out of memory, say): every request of the burst gets a 500 Failed event
+    (none is left waiting forever), and the engine goes on serving the next one."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=4)
+    real = Engine._prefill
+    calls = []
+
+    def broken(self, group):
+        calls.append(len(group))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real(self, group)
+
+    monkeypatch.setattr(Engine, "_prefill", broken)
+    cols = [Collector() for _ in range(3)]
+    for i, c in enumerate(cols):  # queued before the scheduler runs: one burst, one failed forward
+        engine.submit(Request(tok.encode(f"request number {i}"), GenerationConfig(max_new_tokens=3), c))
+    engine.start()
+    try:
+        for c in cols:
+            assert c.done.wait(60) and c.failed is not None and c.failed.status == 500
+        after = Collector()
+        engine.submit(Request(tok.encode("and one more"), GenerationConfig(max_new_tokens=3), after, ignore_eos=True))
+        assert after.done.wait(60) and after.failed is None and after.usage.completion_tokens == 3
+    finally:
+        engine.close()
 
 
 def test_n_choices_seeds_stops_and_penalties(tiny):

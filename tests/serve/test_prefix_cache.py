@@ -95,24 +95,27 @@ def test_a_burst_sharing_a_system_prompt_prefills_it_once(tiny):
 
 
 def test_a_first_burst_caches_its_shared_prefix_first(tiny):
-    """Nothing cached yet: the prefix the burst shares is prefilled once on its own, then the rest of
-    every prompt in one forward; answers equal lmlab.generate."""
+    """Nothing cached yet: the prefix the burst shares is prefilled once on its own (an unrelated prompt
+    in the same burst does not stop the others from sharing), then the rest of every prompt in one
+    forward; answers equal lmlab.generate."""
     model, tok = tiny
     system = tok.encode("You are a helpful assistant who answers briefly and politely, always. " * 3)
     prompts = [system + tok.encode(q) for q in ("Hi.", "Name a color, any color you like.", "Count to three.")]
+    other = tok.encode("An unrelated prompt.")
     engine = Engine(model, tok, max_batch=4)
-    cols = [Collector() for _ in prompts]
-    for p, c in zip(prompts, cols):  # queued before the scheduler runs: one burst
+    cols = [Collector() for _ in range(4)]
+    for p, c in zip([*prompts, other], cols):  # queued before the scheduler runs: one burst
         engine.submit(Request(p, GenerationConfig(max_new_tokens=12), c, ignore_eos=True))
     engine.start()
     try:
-        for p, c in zip(prompts, cols):
+        for p, c in zip([*prompts, other], cols):
             assert c.done.wait(120) and c.failed is None
             ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=12, stop_token_ids=[]))[0]
             assert c.texts[0] == ref.text
-        assert engine.m_prefills.value() == 2  # the shared prefix, then the three rests together
+        assert engine.m_prefills.value() == 2  # the shared prefix, then the four rests together
         n = min(common_prefix(tuple(prompts[0]), p) for p in prompts[1:])
-        rest = max(len(p) for p in prompts) - n  # the longest uncached part: every row computes that many
-        assert n >= len(system) - 1 and engine.m_prefix_tokens.value() == sum(len(p) - rest for p in prompts)
+        rest = max(max(len(p) for p in prompts) - n, len(other))  # every row computes that many
+        assert n >= len(system) - 1
+        assert engine.m_prefix_tokens.value() == sum(max(0, len(p) - rest) for p in prompts)
     finally:
         engine.close()

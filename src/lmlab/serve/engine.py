@@ -364,7 +364,7 @@ class Engine:
         sending at once (their requests reach the engine over a few milliseconds) share one prefill
         instead of the first one or two running alone while the rest wait for them."""
         end = time.monotonic() + 4 * self.gather_s
-        while self._waiting and not self._closed and len(self._waiting) < self.max_batch:
+        while self._waiting and not self._closed and sum(r.n for r in self._waiting) < self.max_batch:
             now = time.monotonic()
             wait = min(self._last_arrival + self.gather_s, end) - now
             if wait <= 0:
@@ -416,9 +416,23 @@ class Engine:
                 rows += req.n
         if not admitted:
             return
+        try:
+            self._prefill_all(admitted)
+        except Exception:  # a failed forward (out of memory): requests without rows yet must hear of it too
+            for req in admitted:
+                if req not in self._active and not req.cancelled:
+                    self._emit(req, Failed("internal error while prefilling the prompt", 500, "server_error"))
+                    req.cancelled = True
+            raise
+
+    def _prefill_all(self, admitted: list[Request]) -> None:
         hits = [self.prefixes.lookup(r.prompt_ids) for r in admitted]
-        new = [r.prompt_ids for r, h in zip(admitted, hits) if h is None]
-        if len(new) > 1 and self._cache_shared_prefix(new):
+        by_start: dict[tuple[int, ...], list[list[int]]] = {}  # new prompts, by their first tokens
+        for r, h in zip(admitted, hits):
+            if h is None:
+                by_start.setdefault(tuple(r.prompt_ids[: self.prefixes.min_match]), []).append(r.prompt_ids)
+        shared = [self._cache_shared_prefix(ps) for ps in by_start.values() if len(ps) > 1]
+        if any(shared):
             hits = [h or self.prefixes.lookup(r.prompt_ids) for r, h in zip(admitted, hits)]
         todo = sorted(zip(admitted, hits), key=lambda rh: len(rh[0].prompt_ids) - (rh[1][0] if rh[1] else 0))
         group: list[tuple[Request, tuple | None]] = []
@@ -432,7 +446,9 @@ class Engine:
 
     def _cache_shared_prefix(self, prompts: list[list[int]]) -> bool:
         """Prefill the prefix that all of `prompts` share (short of each one's last token) once, into
-        the prefix cache; False when it is too short to be worth it or the cache is off."""
+        the prefix cache; False when it is too short to be worth it or the cache is off. (The
+        prompts are grouped by their first tokens first, so one unrelated prompt in a burst does not
+        stop the others from sharing.)"""
         n = min(len(p) for p in prompts) - 1
         first = tuple(prompts[0])
         for p in prompts[1:]:
@@ -472,7 +488,7 @@ class Engine:
                 tmp.k[:, i, :, W - P : W - T], tmp.v[:, i, :, W - P : W - T] = k[:, :, :cached], v[:, :, :cached]
                 self.m_prefix_tokens.inc(cached)
         tmp.length = W - T
-        padded = not bool(mask.all())  # read on the host, before the move (no device sync)
+        padded = not bool(mask.all())  # read on the host, before the move
         ids, mask = ids.to(self.device), mask.to(self.device) if padded else None
         self.m_prefills.inc()
         with cpu_kernels.for_rows(len(reqs), self.device):

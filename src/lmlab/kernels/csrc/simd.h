@@ -28,6 +28,11 @@ inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) 
 // y[m * N + n + j], their totals, for m < M.
 template <int M>
 inline void store_pairs(const __m512 (&acc)[16], float* y, int64_t n, int64_t N) {
+  if constexpr (M == 1) {  // a batch-1 step: two reductions, not the 16-way transpose (~45 instructions)
+    y[n] = _mm512_reduce_add_ps(acc[0]);
+    y[n + 1] = _mm512_reduce_add_ps(acc[1]);
+    return;
+  }
   alignas(64) float out[16];
   _mm512_store_ps(out, sum16(acc));
   for (int m = 0; m < M; ++m)
