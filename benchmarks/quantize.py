@@ -67,6 +67,7 @@ def variants(gptq_samples: int, out: Path | None = None) -> dict[str, object]:
         "int8 (per channel)": rtn(QuantConfig(bits=8)),
         "int4 RTN g64": rtn(QuantConfig(bits=4, group_size=64, sym=False)),
         "int4 GPTQ g64": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq")),
+        "int4 GPTQ g64 act-order": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq", desc_act=True)),
         "int4 RTN g32 sym": rtn(QuantConfig(bits=4, group_size=32, sym=True)),
         "GGUF Q4_1 as stored": lambda: load_pretrained(MODEL, dequantize=False)[0],
         **(
