@@ -291,3 +291,22 @@ def test_n_beyond_the_batch_is_refused(tiny, bad):
     engine = Engine(model, tok, max_batch=8)
     with pytest.raises(lmlab.LmlabError, match="n must be"):
         engine.submit(Request([1, 2], GenerationConfig(**bad), lambda ev: None))
+
+
+def test_serve_forever_runs_the_scheduler_in_the_calling_thread_until_closed(tiny):
+    """`lmlab serve` runs the scheduler in its main thread (OpenMP is fastest there) and HTTP beside it:
+    requests submitted from another thread are answered as by start(), and close() ends the loop."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=4)
+    prompt = tok.encode("the quick brown fox")
+    col, seen = Collector(), {}
+
+    def client():
+        engine.submit(Request(prompt, GenerationConfig(max_new_tokens=6), col, ignore_eos=True))
+        seen["done"] = col.done.wait(60)
+        engine.close()
+
+    threading.Thread(target=client).start()
+    engine.serve_forever()  # returns once the client closes the engine
+    ref = lmlab.generate(model, tok, prompt, GenerationConfig(max_new_tokens=6, stop_token_ids=[]))[0]
+    assert seen["done"] and col.failed is None and col.texts[0] == ref.text

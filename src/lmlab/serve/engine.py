@@ -248,12 +248,21 @@ class Engine:
         self._thread.start()
         return self
 
+    def serve_forever(self) -> None:
+        """Run the scheduler in the calling thread until `close()` (from another thread).
+
+        `lmlab serve` runs it in the process's main thread, with the HTTP server in a thread of its
+        own: ATen's OpenMP parallel regions run about 2x slower from any thread other than the first
+        one that used OpenMP (libgomp, measured here: a parallel add 52 vs 97 us, one decode row 30
+        vs 20 tokens/s), and the model was loaded, so OpenMP started, in the main thread."""
+        self._loop()
+
     def close(self) -> None:
         """Stop the scheduler; requests still waiting or running get a Failed event."""
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     def submit(self, req: Request) -> Request:

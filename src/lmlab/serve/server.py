@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,17 +55,39 @@ def serve(
         from lmlab.rag.chat import ChatGrounder
 
         grounder = ChatGrounder(rag)
-    engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context).start()
+    engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
     name = model_name(model)
     app = create_app(
         engine, name, aliases=(str(model),), api_key=api_key, request_timeout=request_timeout, rag=grounder
     )
     shown = f"[{host}]" if ":" in host else host
     print(f"lmlab: serving {name!r} on http://{shown}:{port} (chat page: http://{shown}:{port}/)", flush=True)
+    # the scheduler runs in this (the main) thread, where the model's OpenMP work is fastest (see
+    # Engine.serve_forever); HTTP in a thread of its own, which stops the engine when it ends
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.close()
+
+    def stop(signum, frame) -> None:  # SIGTERM as Ctrl-C: a clean shutdown
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    thread = threading.Thread(target=http, name="lmlab-http", daemon=True)
+    thread.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        engine.serve_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
+        server.should_exit = True
         engine.close()
+        thread.join(timeout=10)
+    if not server.started:
+        raise LmlabError(f"the HTTP server did not start on {shown}:{port} (see the error above)", field="port")
 
 
 def free_port() -> int:
