@@ -1,6 +1,8 @@
 """The quantized decode matmuls alone: lmlab::int8_linear (per channel) and lmlab::int4_linear (groups
 of 32) at one row of x, on SmolLM2-135M's shapes, with lmlab::skinny_linear on float32 weights beside
-them; billions of weights per second (Gw/s) at 1 and 2 threads, best of --repeats.
+them; billions of weights per second (Gw/s) at 1 and 2 threads, best of --repeats. Then the prefill
+side: one 512-row matmul (what int8/int4 prefill hands BLAS after dequantizing a tile) in float32 and
+in bfloat16, GFLOP/s at 2 threads, the bound on exact prefill and what bf16 activations would buy.
 
 At batch 1 these kernels are bound by the instructions that turn codes into floats, not by memory
 (the matrices below stay in cache), so Gw/s is what a kernel change moves. To compare two versions
@@ -60,6 +62,15 @@ def main() -> None:
             print(
                 f"{threads:>7}  {name:<24}{n * k / t8 / 1e9:>10.1f}{n * k / t4 / 1e9:>10.1f}{4 * n * k / t32 / 1e9:>10.1f}"
             )
+
+    torch.set_num_threads(2)
+    x, w = torch.randn(512, 576), torch.randn(1536, 576)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        t = best_s(torch.nn.functional.linear, (x.to(dtype), w.to(dtype)), 10, args.repeats)
+        rates[dtype] = 2 * 512 * 576 * 1536 / t / 1e9
+    print(f"prefill matmul (512 x 576 @ 576 x 1536), 2 threads: float32 {rates[torch.float32]:.0f} GFLOP/s, "
+          f"bfloat16 {rates[torch.bfloat16]:.0f} GFLOP/s")  # fmt: skip
 
 
 if __name__ == "__main__":

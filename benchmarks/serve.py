@@ -77,6 +77,30 @@ async def level(url: str, model: str, clients: int, rounds: int, max_tokens: int
     }
 
 
+def openmp_from_threads() -> tuple[float, float]:
+    """Microseconds of one parallel ATen op (an add over 1M floats) from the main thread and from a second
+    thread: why `lmlab serve` runs its scheduler in the main thread (libgomp is slower from any other)."""
+    import threading
+
+    import torch
+
+    big, out = torch.randn(1 << 20), {}
+
+    def run(key: str) -> None:
+        for _ in range(100):
+            big.add(1.0)
+        t = time.perf_counter()
+        for _ in range(2000):
+            big.add(1.0)
+        out[key] = (time.perf_counter() - t) / 2000 * 1e6
+
+    run("main")
+    thread = threading.Thread(target=run, args=("thread",))
+    thread.start()
+    thread.join()
+    return out["main"], out["thread"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -98,6 +122,8 @@ def main() -> int:
             f"{r['clients']:>8} {r['requests']:>9} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
             f"{r['tokens_per_s'] / base:>7.1f}x {r['ttft_p50']:>8.3f}s {r['ttft_p95']:>8.3f}s"
         )
+    main_us, thread_us = openmp_from_threads()
+    print(f"an OpenMP-parallel op: {main_us:.0f} us from the main thread, {thread_us:.0f} us from a second one")
     top = rows[-1]
     verdict = "meets" if top["tokens_per_s"] >= 5 * base else "misses"
     print(

@@ -253,8 +253,8 @@ class Engine:
 
         `lmlab serve` runs it in the process's main thread, with the HTTP server in a thread of its
         own: ATen's OpenMP parallel regions run about 2x slower from any thread other than the first
-        one that used OpenMP (libgomp, measured here: a parallel add 52 vs 97 us, one decode row 30
-        vs 20 tokens/s), and the model was loaded, so OpenMP started, in the main thread."""
+        one that used OpenMP (libgomp; `benchmarks/serve.py` prints both, and one client's tokens/s),
+        and the model was loaded, so OpenMP started, in the main thread."""
         self._loop()
 
     def close(self) -> None:

@@ -31,8 +31,6 @@ class PrefixCache:
         self.max_tokens, self.min_match = max_tokens, min_match
         self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.tokens = 0
-        self.hits = 0
-        self.reused_tokens = 0
 
     def lookup(self, prompt: list[int]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """(n, k, v) for the longest cached prefix of `prompt` of at least `min_match` tokens, at most
@@ -46,8 +44,6 @@ class PrefixCache:
         if key is None or n < self.min_match:
             return None
         self.entries.move_to_end(key)
-        self.hits += 1
-        self.reused_tokens += n
         k, v = self.entries[key]
         return n, k[:, :, :n], v[:, :, :n]
 

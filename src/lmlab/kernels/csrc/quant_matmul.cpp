@@ -69,6 +69,22 @@ struct Int4Row {
   inline void prefetch(int64_t k) const { _mm_prefetch(reinterpret_cast<const char*>(q + k / 2 + kPrefetchBytes), _MM_HINT_T1); }
 };
 
+// acc += x[:, k..end) · rows r0, r1 (as codes times d0, d1 when Scaled; as bare codes otherwise).
+template <int M, bool Scaled>
+inline void int8_span(const float* x, const Int8Row& r0, const Int8Row& r1, __m512 (&acc)[16], int64_t k, int64_t end,
+                      int64_t K, __m512 d0, __m512 d1) {
+  for (; k < end; k += 16) {
+    if ((k & 63) == 0) r0.prefetch(k), r1.prefetch(k);
+    __m512 a = r0.codes(k), b = r1.codes(k);
+    if constexpr (Scaled) a = _mm512_mul_ps(a, d0), b = _mm512_mul_ps(b, d1);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      acc[2 * m] = _mm512_fmadd_ps(xv, a, acc[2 * m]);
+      acc[2 * m + 1] = _mm512_fmadd_ps(xv, b, acc[2 * m + 1]);
+    }
+  }
+}
+
 // Output rows n, n + 1 against M <= 8 rows of x (K a multiple of 16). With one scale per row
 // (per-channel int8, lmlab quantize's default) it is applied once to each sum, not to every weight:
 // a quarter fewer instructions per weight.
@@ -78,31 +94,14 @@ inline void int8_pair(const float* x, const Int8Row& r0, const Int8Row& r1, floa
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t G = r0.group;
   if (G == K) {
-    for (int64_t k = 0; k < K; k += 16) {
-      if ((k & 63) == 0) r0.prefetch(k), r1.prefetch(k);
-      const __m512 a = r0.codes(k), b = r1.codes(k);
-      for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-        acc[2 * m] = _mm512_fmadd_ps(xv, a, acc[2 * m]);
-        acc[2 * m + 1] = _mm512_fmadd_ps(xv, b, acc[2 * m + 1]);
-      }
-    }
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int8_span<M, false>(x, r0, r1, acc, 0, K, K, one, one);
     lmlab::store_pairs<M>(acc, y, n, N);
     for (int m = 0; m < M; ++m) y[m * N + n] *= r0.scale[0], y[m * N + n + 1] *= r1.scale[0];
     return;
   }
-  for (int64_t g = 0, k = 0; k < K; ++g) {
-    const __m512 d0 = _mm512_set1_ps(r0.scale[g]), d1 = _mm512_set1_ps(r1.scale[g]);
-    for (const int64_t end = k + G; k < end; k += 16) {
-      if ((k & 63) == 0) r0.prefetch(k), r1.prefetch(k);
-      const __m512 a = _mm512_mul_ps(r0.codes(k), d0), b = _mm512_mul_ps(r1.codes(k), d1);
-      for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-        acc[2 * m] = _mm512_fmadd_ps(xv, a, acc[2 * m]);
-        acc[2 * m + 1] = _mm512_fmadd_ps(xv, b, acc[2 * m + 1]);
-      }
-    }
-  }
+  for (int64_t g = 0; g < K / G; ++g)
+    int8_span<M, true>(x, r0, r1, acc, g * G, (g + 1) * G, K, _mm512_set1_ps(r0.scale[g]), _mm512_set1_ps(r1.scale[g]));
   lmlab::store_pairs<M>(acc, y, n, N);
 }
 
