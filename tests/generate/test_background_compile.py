@@ -49,8 +49,8 @@ def test_auto_equals_eager_wherever_the_switch_happens(monkeypatch, switch_after
     used = []
     real_compiled = dec.compiled
 
-    def counting_compiled(model, batch, capacity):
-        fn = real_compiled(model, batch, capacity)
+    def counting_compiled(model, batch, capacity, key=None):
+        fn = real_compiled(model, batch, capacity, key)
 
         def call(*a, **k):
             used.append(1)
@@ -70,7 +70,7 @@ def test_background_compile_really_compiles_and_matches(monkeypatch):
     ids, mask = _prompts()
     cfg = GenerationConfig(max_new_tokens=6, compile="auto")
     first = generate_ids(model, ids, mask, cfg, eos=[])
-    key = (id(model), ids.shape[0], dec.capacity_for(ids.shape[1] + 6))
+    key = dec._key(model, ids.shape[0], dec.capacity_for(ids.shape[1] + 6))
     warm = dec._warming[key]
     assert warm.ready.wait(timeout=600) and warm.failed is None
     again = generate_ids(model, ids, mask, cfg, eos=[])  # now through the compiled graph
@@ -82,7 +82,7 @@ def test_failed_compile_stays_eager_with_a_warning(monkeypatch):
     model = _model()
     ids, mask = _prompts()
 
-    def broken(model, batch, capacity):
+    def broken(model, batch, capacity, key=None):
         def fail(*a, **k):
             raise RuntimeError("no compiler here")
 
@@ -92,7 +92,7 @@ def test_failed_compile_stays_eager_with_a_warning(monkeypatch):
     dec._warming.clear()
     with pytest.warns(UserWarning, match="decoding stays eager: no compiler here"):
         out = generate_ids(model, ids, mask, GenerationConfig(max_new_tokens=6, compile="auto"), eos=[])
-        key = (id(model), ids.shape[0], dec.capacity_for(ids.shape[1] + 6))
+        key = dec._key(model, ids.shape[0], dec.capacity_for(ids.shape[1] + 6))
         dec._warming[key].ready.wait(timeout=60)
         out = generate_ids(model, ids, mask, GenerationConfig(max_new_tokens=6, compile="auto"), eos=[])
     assert torch.equal(out, generate_ids(model, ids, mask, GenerationConfig(max_new_tokens=6), eos=[]))

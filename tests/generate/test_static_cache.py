@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -58,6 +60,39 @@ def test_static_cache_refuses_to_overflow_and_needs_a_mask():
         cache.advance(1)
     with pytest.raises(ValueError, match="attention_mask"):
         m(torch.ones(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_a_model_changed_after_compiling_gets_a_graph_of_its_own():
+    """The decode graphs skip dynamo's guards on the model (they cost ~18% of a quantized step), so
+    changes to the model's structure or flags must reach the graph some other way: the model's
+    fingerprint in the graph's key. Weights changed in place need no new graph."""
+    from lmlab.finetune.lora import LoraConfig, adapters_disabled, apply_lora, lora_layers
+
+    m = _model("llama-tiny")
+    ids, mask = _prompts()
+    config = GenerationConfig(max_new_tokens=8, stop_token_ids=[])
+
+    def both() -> tuple[list, list]:
+        eager = generate_ids(m, ids, mask, config, eos=[], pad_id=0).tolist()
+        return eager, generate_ids(m, ids, mask, config.replace(compile=True), eos=[], pad_id=0).tolist()
+
+    eager, compiled = both()
+    assert compiled == eager
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1.0)  # in place: the same graph reads the new values
+    eager2, compiled = both()
+    assert eager2 != eager and compiled == eager2
+    assert counters["stats"]["unique_graphs"] == graphs
+    apply_lora(m, LoraConfig(r=4, targets=["q", "v", "o"]))
+    torch.manual_seed(2)
+    for layer in lora_layers(m):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    eager3, compiled = both()  # new modules: a new graph that runs them
+    assert eager3 != eager2 and compiled == eager3
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    with adapters_disabled(m):  # a flag flipped
+        assert both()[1] == eager2
 
 
 def test_capacity_rounds_up_to_share_graphs():
@@ -154,7 +189,8 @@ def test_gpu_decode_policy_equals_eager_and_reuses_its_static_cache(monkeypatch)
     eager = generate_ids(m, ids, mask, GenerationConfig(max_new_tokens=6, temperature=0.0))
     calls = []
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or real(fn, **kw))
+    # a copy: torch.compile takes the guard filter out of the options it is given
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(copy.deepcopy(kw)) or real(fn, **kw))
     monkeypatch.setattr(decode, "_compiled", type(decode._compiled)())
     monkeypatch.setattr(decode, "_caches", {})
     with _gpu_policy():
@@ -162,7 +198,9 @@ def test_gpu_decode_policy_equals_eager_and_reuses_its_static_cache(monkeypatch)
         outs = [generate_ids(m, ids, mask, GenerationConfig(max_new_tokens=6, temperature=0.0, compile=True))
                 for _ in range(2)]  # fmt: skip
         kept = list(decode._caches.values())
-    assert calls == [{"dynamic": False, "mode": "reduce-overhead"}]  # one compile, the policy's mode, no C++ options
+    # one compile, the policy's mode (as its options: torch.compile takes one or the other), no C++ options
+    unguarded = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    assert calls == [{"dynamic": False, "options": {"triton.cudagraphs": True, "guard_filter_fn": unguarded}}]
     assert len(kept) == 1 and not kept[0].in_use  # the second call reused the first call's cache
     for out in outs:
         assert torch.equal(out, eager)

@@ -37,7 +37,7 @@ def test_kernels_are_built_here():
 
 
 @pytest.mark.parametrize(("n", "k", "group"), [(96, 64, 64), (33, 48, 16), (7, 32, 32), (130, 96, 32), (2, 160, 32)])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 17, 40, 64, 65])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_equals_dequantized(n, k, group, rows, bias):
     q, scale = _int8(n, k, group)
@@ -48,7 +48,7 @@ def test_int8_linear_equals_dequantized(n, k, group, rows, bias):
 
 
 @pytest.mark.parametrize(("n", "k", "group"), [(96, 64, 64), (33, 64, 32), (7, 32, 32), (130, 192, 64), (3, 96, 96)])
-@pytest.mark.parametrize("rows", [1, 3, 8, 12, 16, 17, 33])
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 16, 17, 33, 64, 70])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int4_linear_equals_dequantized(n, k, group, rows, bias):
     q, scale, offset = _int4(n, k, group)
