@@ -101,18 +101,34 @@ def openmp_from_threads() -> tuple[float, float]:
     return out["main"], out["thread"]
 
 
+def pending_compiles(url: str) -> float:
+    """Decode graphs the server is still compiling (its /metrics)."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("lmlab_decode_graphs_pending "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="the server's eager decode steps")
     args = ap.parse_args()
     name = Path(str(args.model).rstrip("/")).name
-    with launched(args.model, "--max-batch", str(max(args.levels))) as url:
-        asyncio.run(one_request(httpx.AsyncClient(base_url=url, timeout=600), name, 0, 4))  # warm up
+    flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
+    with launched(args.model, *flags) as url:
+        # warm up: every level once, so that each batch size's decode graph is built (in the background)
+        # before the measured runs, which then see what a server that has run a while gives
+        for c in args.levels:
+            asyncio.run(level(url, name, c, 1, 8))
+        while args.compile and pending_compiles(url):
+            time.sleep(1)
         rows = [asyncio.run(level(url, name, c, args.rounds, args.max_tokens)) for c in args.levels]
-    print(f"lmlab serve {args.model}: {args.max_tokens} tokens per request, {args.rounds} rounds per client")
+    steps = "compiled decode steps" if args.compile else "eager decode steps (--no-compile)"
+    print(f"lmlab serve {args.model}: {args.max_tokens} tokens per request, {args.rounds} rounds per client, {steps}")
     print(
         f"{'clients':>8} {'requests':>9} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'speedup':>8} {'TTFT p50':>9} {'TTFT p95':>9}"
     )

@@ -269,6 +269,7 @@ def _serve(args: argparse.Namespace) -> None:
         request_timeout=args.request_timeout,
         device=_device(args),
         rag=args.rag,
+        compile=args.compile,
     )
 
 
@@ -716,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
     srv.add_argument("--rag", default=None, metavar="INDEX", help="answer chats from this index, with [n] citations")
+    srv.add_argument("--no-compile", dest="compile", action="store_false",
+                     help="eager decode steps only (default: each batch size's compiled graph, built in the "
+                          "background when first needed, eager steps until it is ready)")  # fmt: skip
     srv.set_defaults(func=_serve)
     rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
         dest="rag_command", required=True

@@ -17,7 +17,7 @@ from tests.serve.test_chat_page import ARGS, CHROMIUM
 @pytest.fixture(scope="module")
 def rag_server(tmp_path_factory, small_index):
     tiny = make_tiny(tmp_path_factory.mktemp("rag-serve") / "tiny")
-    with launched(tiny, "--rag", str(small_index)) as url:
+    with launched(tiny, "--rag", str(small_index), "--no-compile") as url:
         yield url
 
 

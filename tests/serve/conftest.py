@@ -42,7 +42,9 @@ def running_server(model, *flags: str):
 def tiny_server(tiny_dir):
     """The tiny model behind an API key, with the default batch and queue sizes (one per test worker; tests that
     read /metrics compare before and after, so they hold whatever ran earlier)."""
-    with running_server(tiny_dir, "--api-key", KEY) as url:
+    # eager steps: these tests are about the API; compiled steps are tested in test_engine.py (and
+    # through HTTP, as `lmlab serve` runs by default, in test_batching_smollm2.py)
+    with running_server(tiny_dir, "--api-key", KEY, "--no-compile") as url:
         yield url
 
 

@@ -6,9 +6,11 @@ import threading
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import lmlab
 from lmlab.generate import GenerationConfig
+from lmlab.generate.decode import wait_for_compiles
 from lmlab.serve.batch_cache import SlotKVCache
 from lmlab.serve.engine import Delta, Done, Engine, Failed, Request
 
@@ -125,6 +127,7 @@ def test_a_burst_is_prefilled_together_and_matches_generate(tiny):
             assert c.failed is None and c.texts[0] == ref.text
     finally:
         engine.close()
+        wait_for_compiles()  # a compile thread alive at exit would abort the interpreter
 
 
 def test_an_idle_engine_lets_a_burst_gather_into_one_prefill(tiny):
@@ -243,6 +246,7 @@ def test_timeout_and_cancel_free_rows(tiny):
         engine.close()
 
 
+@torch.inference_mode()  # as the engine uses it: its buffers are inference tensors
 def test_slot_cache_layout():
     """Rows are right-aligned at the shared column; shifting, compacting and removing keep each row's K/V."""
     cache = SlotKVCache(n_layer=1, max_rows=3, n_kv_head=1, head_dim=1, max_len=16, dtype=torch.float32, initial_len=4)
@@ -254,7 +258,7 @@ def test_slot_cache_layout():
     def row(i):
         L, s = cache.length, cache.start[i]
         assert cache.mask[i, :s].sum() == 0 and bool(cache.mask[i, s:L].all())
-        return cache.k[0, i, 0, s:L, 0].tolist()
+        return cache.k[0][i, 0, s:L, 0].tolist()
 
     cache.add_row(*kv([1, 2]))
     assert cache.length == 2 and row(0) == [1, 2]
@@ -310,3 +314,66 @@ def test_serve_forever_runs_the_scheduler_in_the_calling_thread_until_closed(tin
     engine.serve_forever()  # returns once the client closes the engine
     ref = lmlab.generate(model, tok, prompt, GenerationConfig(max_new_tokens=6, stop_token_ids=[]))[0]
     assert seen["done"] and col.failed is None and col.texts[0] == ref.text
+
+
+def test_compiled_steps_match_generate(tiny):
+    """With `compile`, decode steps run as compiled graphs over batch-size buckets (live rows plus
+    padding rows) while requests come and go and the cache shifts, compacts and grows; every greedy
+    answer still equals lmlab.generate on its own, and every step was a compiled one."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=3, max_queue=64, cache_columns=32, compile=True)
+    engine.precompile(columns=[32, 64, 128])
+    assert sorted(engine._graphs) == [(b, w) for b in (1, 2, 3) for w in (32, 64, 128)]
+    graphs = counters["stats"]["unique_graphs"]
+    engine.start()
+    try:
+        prompts = [p[:24] for p in _prompts(tok, 6)]  # widths up to 128 columns
+        max_new = [30, 7, 40, 25, 12, 20]
+        cols = [Collector() for _ in prompts]
+        reqs = [
+            Request(p, GenerationConfig(max_new_tokens=m), c, ignore_eos=True)
+            for p, m, c in zip(prompts, max_new, cols)
+        ]
+        for i in range(len(reqs) - 1):
+            seen = [0]
+
+            def chain(ev, i=i, seen=seen):
+                seen[0] += 1
+                if seen[0] == 3:
+                    engine.submit(reqs[i + 1])
+
+            cols[i].on_delta = chain
+        engine.submit(reqs[0])
+        for c in cols:
+            assert c.done.wait(120), "a request never finished"
+        cache = engine.cache
+        assert cache.shifts > 0 and cache.compactions > 0 and cache.grows > 0
+        assert engine.m_compiled.value() == engine.m_steps.value() > 0  # no step ran eagerly
+        assert counters["stats"]["unique_graphs"] == graphs  # the cache's views fit the graphs: no recompile
+        for p, m, c in zip(prompts, max_new, cols):
+            ref = lmlab.generate(model, tok, p, GenerationConfig(max_new_tokens=m, stop_token_ids=[]))[0]
+            assert c.failed is None and c.texts[0] == ref.text
+    finally:
+        engine.close()
+        wait_for_compiles()  # a compile thread alive at exit would abort the interpreter
+
+
+def test_graphs_compile_in_the_background_while_eager_steps_serve(tiny):
+    """Without precompile, the first request runs eagerly while its graph compiles in the background;
+    the next request, once it is ready, runs compiled, and both answers equal generate's."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2, cache_columns=64, compile=True).start()
+    try:
+        prompt = _prompts(tok, 1)[0]
+        ref = lmlab.generate(model, tok, prompt, GenerationConfig(max_new_tokens=12, stop_token_ids=[]))[0]
+        for _ in range(2):
+            col = Collector()
+            engine.submit(Request(prompt, GenerationConfig(max_new_tokens=12), col, ignore_eos=True))
+            assert col.done.wait(120) and col.failed is None and col.texts[0] == ref.text
+            compiling = engine._compiling
+            if compiling is not None:
+                assert compiling[1].ready.wait(300)  # the graph for one row at 64 columns
+        assert engine.m_compiled.value() >= 11  # the second request's steps
+    finally:
+        engine.close()
+        wait_for_compiles()

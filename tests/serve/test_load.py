@@ -79,7 +79,9 @@ def test_64_concurrent_streams_finish_and_leak_nothing(tiny_server):
 @pytest.fixture(scope="module")
 def narrow_server(tiny_dir):
     """One row and one waiting place: easy to fill."""
-    with running_server(tiny_dir, "--api-key", "sk-lmlab-test", "--max-batch", "1", "--max-queue", "1") as url:
+    with running_server(
+        tiny_dir, "--api-key", "sk-lmlab-test", "--max-batch", "1", "--max-queue", "1", "--no-compile"
+    ) as url:
         yield url
 
 

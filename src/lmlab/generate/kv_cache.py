@@ -92,6 +92,16 @@ class StaticKVCache:
         heads = [cfg.heads(i)[1] for i in range(cfg.n_layer)]
         return cls(cfg.n_layer, batch, heads, max_len, cfg.head_dim, p.dtype, p.device)
 
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor], length: int) -> StaticKVCache:
+        """A cache over existing per-layer buffers (B, H_kv, max_len, hd) (a serving batch's first B
+        rows), whose next call writes one token at column `length`."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.n_layer, cache.max_len = k, v, len(k), k[0].shape[2]
+        cache.length, cache.in_use = length, False
+        cache.slots = torch.tensor([length], device=k[0].device)
+        return cache
+
     def advance(self, n: int) -> None:
         """The next call writes `n` tokens after those already cached."""
         if self.length + n > self.max_len:

@@ -16,30 +16,39 @@ Housekeeping, all copies of the live region only:
   whenever the batch empties, so memory follows the longest live row, not the context;
 - a finished row is replaced by the last row, so rows 0..rows-1 are always the live ones and a
   decode step runs on a view of them with no gathering.
+
+Compiled decode steps (`static_view`) see the first b rows (b: the next batch-size bucket) and all
+columns, as `generate`'s compiled steps see a StaticKVCache; the mask hides what is not a row's own.
+For that the mask is kept zero from column `length` on, in every row, live or free; and each layer
+has a tensor of its own (a compiled step writing into views of one shared buffer would copy it).
 """
 
 from __future__ import annotations
 
 import torch
 
+from lmlab.generate.kv_cache import StaticKVCache
 from lmlab.model.transformer import Transformer
 
 
 class SlotKVCache:
-    """Keys/values (n_layer, max_rows, H_kv, capacity, head_dim) plus each row's attention mask."""
+    """Keys/values, per layer (max_rows, H_kv, capacity, head_dim), plus each row's attention mask.
+    Its buffers are inference tensors: use it under `torch.inference_mode()`, as the engine does."""
 
     def __init__(
         self,
         n_layer: int,
         max_rows: int,
-        n_kv_head: int,
+        n_kv_head: int | list[int],
         head_dim: int,
         max_len: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         initial_len: int = 256,
     ) -> None:
-        self.n_layer, self.max_rows, self.n_kv_head, self.head_dim = n_layer, max_rows, n_kv_head, head_dim
+        # n_kv_head: one count, or one per layer (a structurally pruned model)
+        self.heads = n_kv_head if isinstance(n_kv_head, list) else [n_kv_head] * n_layer
+        self.n_layer, self.max_rows, self.head_dim = n_layer, max_rows, head_dim
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.initial_len = min(initial_len, max_len)
         self.rows = 0  # live rows are 0..rows-1
@@ -52,12 +61,17 @@ class SlotKVCache:
     def for_model(cls, model: Transformer, max_rows: int, max_len: int, initial_len: int = 256) -> SlotKVCache:
         """A cache shaped for `model` with `max_rows` slots of up to `max_len` tokens."""
         cfg, p = model.cfg, next(model.parameters())
-        return cls(cfg.n_layer, max_rows, cfg.n_kv_head, cfg.head_dim, max_len, p.dtype, p.device, initial_len)
+        heads = [cfg.heads(i)[1] for i in range(cfg.n_layer)]
+        return cls(cfg.n_layer, max_rows, heads, cfg.head_dim, max_len, p.dtype, p.device, initial_len)
 
+    @torch.inference_mode()
     def _allocate(self, capacity: int) -> None:
-        shape = (self.n_layer, self.max_rows, self.n_kv_head, capacity, self.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # inference tensors always, wherever this runs: a compiled graph checks that its inputs are the
+        # kind of tensor it was built for (generate's caches are inference tensors), and another kind
+        # would compile it again
+        shapes = [(self.max_rows, h, capacity, self.head_dim) for h in self.heads]
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
         self.mask = torch.zeros((self.max_rows, capacity), dtype=torch.long, device=self.device)
         self.capacity = capacity
 
@@ -66,11 +80,11 @@ class SlotKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a decode step's keys/values (rows, H_kv, T, hd) at column `length`; return all of them."""
         n, start, end = k.shape[0], self.length, self.length + k.shape[2]
-        self.k[layer, :n, :, start:end] = k
-        self.v[layer, :n, :, start:end] = v
+        self.k[layer][:n, :, start:end] = k
+        self.v[layer][:n, :, start:end] = v
         if layer == self.n_layer - 1:
             self.length = end
-        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]
+        return self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
 
     # --- slots ---------------------------------------------------------------------------------------
 
@@ -79,18 +93,33 @@ class SlotKVCache:
         self.mask[: self.rows, self.length] = 1
         return self.mask[: self.rows, : self.length + 1]
 
+    def static_view(self, rows: int) -> tuple[StaticKVCache, torch.Tensor]:
+        """For a compiled decode step over the first `rows` rows (live ones, then free ones as padding):
+        a StaticKVCache over views of this cache's buffers, writing column `length`, and the mask
+        (rows, capacity). Column `length` is opened for every one of the rows (a free row attending to
+        nothing would compute NaNs, which its keys/values would carry into the cache). Call
+        `advance_static()` after the step."""
+        self.mask[:rows, self.length] = 1
+        view = StaticKVCache.over([k[:rows] for k in self.k], [v[:rows] for v in self.v], self.length)
+        return view, self.mask[:rows]
+
+    def advance_static(self) -> None:
+        """A compiled step wrote column `length`."""
+        self.length += 1
+
     def add_row(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Place a prefilled prompt's keys/values (n_layer, H_kv, P, hd) in a free row; return the row."""
         if self.rows >= self.max_rows:
             raise RuntimeError("no free slot")
-        P = k.shape[2]
+        P = k[0].shape[1]
         self._compact_if(lambda s: s > 0 and self.length < P)  # dead columns first: less to shift
         if self.length < P:
             self._reserve(P)
             self._shift_right(P - self.length)
         row, L = self.rows, self.length
-        self.k[:, row, :, L - P : L] = k
-        self.v[:, row, :, L - P : L] = v
+        for layer in range(self.n_layer):
+            self.k[layer][row, :, L - P : L] = k[layer]
+            self.v[layer][row, :, L - P : L] = v[layer]
         self.mask[row, : L - P] = 0
         self.mask[row, L - P : L] = 1
         self.start[row] = L - P
@@ -101,8 +130,9 @@ class SlotKVCache:
         """Free a row: the last live row moves into it, so live rows stay 0..rows-1."""
         last, L = self.rows - 1, self.length
         if row != last:
-            self.k[:, row, :, :L] = self.k[:, last, :, :L]
-            self.v[:, row, :, :L] = self.v[:, last, :, :L]
+            for layer in range(self.n_layer):
+                self.k[layer][row, :, :L] = self.k[layer][last, :, :L]
+                self.v[layer][row, :, :L] = self.v[layer][last, :, :L]
             self.mask[row, :L] = self.mask[last, :L]
             self.start[row] = self.start[last]
         self.rows -= 1
@@ -110,6 +140,8 @@ class SlotKVCache:
             self.length = 0
             if self.capacity > self.initial_len:  # let a one-off long request's memory go
                 self._allocate(self.initial_len)
+            else:
+                self.mask.zero_()  # column 0 on is past `length` now
 
     def ensure_room(self, extra: int = 1) -> None:
         """Make room for `extra` more columns: compact a large dead prefix, else grow."""
@@ -126,9 +158,11 @@ class SlotKVCache:
         if not condition(s):
             return
         n, L = self.rows, self.length
-        self.k[:, :n, :, : L - s] = self.k[:, :n, :, s:L].clone()
-        self.v[:, :n, :, : L - s] = self.v[:, :n, :, s:L].clone()
+        for layer in range(self.n_layer):
+            self.k[layer][:n, :, : L - s] = self.k[layer][:n, :, s:L].clone()
+            self.v[layer][:n, :, : L - s] = self.v[layer][:n, :, s:L].clone()
         self.mask[:n, : L - s] = self.mask[:n, s:L].clone()
+        self.mask[:, L - s : L] = 0  # past the new `length`
         for i in range(n):
             self.start[i] -= s
         self.length = L - s
@@ -137,8 +171,9 @@ class SlotKVCache:
     def _shift_right(self, d: int) -> None:
         n, L = self.rows, self.length
         if n:
-            self.k[:, :n, :, d : d + L] = self.k[:, :n, :, :L].clone()
-            self.v[:, :n, :, d : d + L] = self.v[:, :n, :, :L].clone()
+            for layer in range(self.n_layer):
+                self.k[layer][:n, :, d : d + L] = self.k[layer][:n, :, :L].clone()
+                self.v[layer][:n, :, d : d + L] = self.v[layer][:n, :, :L].clone()
             self.mask[:n, d : d + L] = self.mask[:n, :L].clone()
             self.mask[:n, :d] = 0
             for i in range(n):
@@ -154,8 +189,9 @@ class SlotKVCache:
         old_k, old_v, old_mask, n, L = self.k, self.v, self.mask, self.rows, self.length
         self._allocate(min(self.max_len, max(columns, 2 * self.capacity)))
         self.grows += 1
-        self.k[:, :n, :, :L] = old_k[:, :n, :, :L]
-        self.v[:, :n, :, :L] = old_v[:, :n, :, :L]
+        for layer in range(self.n_layer):
+            self.k[layer][:n, :, :L] = old_k[layer][:n, :, :L]
+            self.v[layer][:n, :, :L] = old_v[layer][:n, :, :L]
         self.mask[:n, :L] = old_mask[:n, :L]
 
     # --- accounting -----------------------------------------------------------------------------------
@@ -170,4 +206,4 @@ class SlotKVCache:
 
     def nbytes(self) -> int:
         """Memory held by the key and value buffers."""
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -8,7 +8,10 @@ Each scheduler step:
    new burst shares is computed once, and the rest of every prompt goes through one left-padded
    forward per group; each prompt's first token is chosen from it, and its keys/values are copied
    into a free row of the shared `SlotKVCache` (see batch_cache.py for the layout);
-3. runs ONE forward over all live rows, one new token each;
+3. runs ONE forward over all live rows, one new token each: with `compile`, a compiled graph over
+   the next batch-size bucket of rows (1, 2, 4, ... max_batch; the rows past the live ones are
+   padding), as `generate`'s compiled steps; each (bucket, cache width) graph compiles in a
+   background thread when first needed, one at a time, and eager steps serve until it is ready;
 4. chooses each row's token with the row's own processors and random generator (per-request
    temperature, top-p, top-k, penalties and seed), turns tokens into text deltas
    (IncrementalDecoder + StopStrings, as `lmlab.generate.stream` does) and hands them to the
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.generate import cpu_kernels
+from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
 from lmlab.generate.kv_cache import KVCache
@@ -45,6 +48,7 @@ from lmlab.serve.batch_cache import SlotKVCache
 from lmlab.serve.metrics import Counter, Gauge, Histogram, Registry
 from lmlab.serve.prefix_cache import PrefixCache, common_prefix
 from lmlab.tokenizer.tokenizer import Tokenizer
+from lmlab.utils.device import policy
 
 log = logging.getLogger("lmlab.serve")
 
@@ -169,6 +173,7 @@ class Engine:
         cache_columns: int = 256,
         prefix_cache_tokens: int = 4096,
         gather_ms: float = 5.0,
+        compile: bool = False,
         registry: Registry | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
@@ -197,6 +202,17 @@ class Engine:
         self._closed = False
         self._token_info: dict[int, tuple[str, list[int]]] = {}
         self._thread = threading.Thread(target=self._loop, name="lmlab-scheduler", daemon=True)
+        # compiled decode steps: ready graphs by (bucket rows, cache columns); the compiles wanted, in
+        # order; the one compiling now; those that failed (their steps stay eager). Not where the device
+        # policy replays CUDA graphs: those want static cache addresses, which these views are not.
+        self.compile = bool(compile) and self.cache is not None and policy(self.device).cpu_kernels
+        self._graphs: dict[tuple[int, int], Any] = {}
+        self._checked: set[tuple[int, int]] = set()  # graphs whose guards were checked once
+        self._wanted: list[tuple[int, int]] = []
+        self._compiling: tuple[tuple[int, int], Any, float] | None = None
+        self._failed: set[tuple[int, int]] = set()
+        if self.compile:
+            self._wanted.append((1, self.cache.capacity))  # a lone chat first; other buckets when needed
         self._init_metrics(registry or Registry())
 
     def _init_metrics(self, r: Registry) -> None:
@@ -205,6 +221,7 @@ class Engine:
         self.m_prompt = r.add(Counter("lmlab_prompt_tokens_total", "Prompt tokens prefilled"))
         self.m_steps = r.add(Counter("lmlab_decode_steps_total", "Batched decode forwards"))
         self.m_prefills = r.add(Counter("lmlab_prefill_forwards_total", "Prompt forwards (a burst shares one)"))
+        self.m_compiled = r.add(Counter("lmlab_decode_steps_compiled_total", "Decode forwards run as a compiled graph"))
         self.m_prefix_tokens = r.add(
             Counter("lmlab_prefix_cache_tokens_total", "Prompt tokens reused from the prefix cache")
         )
@@ -218,6 +235,14 @@ class Engine:
         r.add(Gauge("lmlab_requests_running", "Requests holding rows of the batch", lambda: len(self._active)))
         r.add(Gauge("lmlab_requests_waiting", "Requests queued for a row", lambda: len(self._waiting)))
         r.add(Gauge("lmlab_batch_rows", "Rows (sequences) in the running batch", lambda: len(self._rows)))
+        r.add(Gauge("lmlab_decode_graphs_ready", "Compiled decode graphs built", lambda: len(self._graphs)))
+        r.add(
+            Gauge(
+                "lmlab_decode_graphs_pending",
+                "Decode graphs compiling or waiting to compile",
+                lambda: len(self._wanted) + (self._compiling is not None),
+            )
+        )
         r.add(Gauge("lmlab_kv_cache_used_tokens", "Real tokens held in the KV cache", self.kv_used_tokens))
         r.add(
             Gauge(
@@ -256,6 +281,26 @@ class Engine:
         one that used OpenMP (libgomp; `benchmarks/serve.py` prints both, and one client's tokens/s),
         and the model was loaded, so OpenMP started, in the main thread."""
         self._loop()
+
+    def precompile(self, rows: list[int] | None = None, columns: list[int] | None = None) -> None:
+        """Compile the decode graphs for these batch-size buckets (default: all) at these cache widths
+        (default: the cache's first) now, before serving, instead of in the background when first
+        needed. Call before `start()`/`serve_forever()`."""
+        if not self.compile:
+            return
+        every = range(1, self.max_batch + 1)
+        buckets = sorted({self._bucket(r) for r in (rows or every)})
+        for width in columns or [self.cache.capacity]:
+            for bucket in buckets:
+                key = (bucket, width)
+                if key in self._graphs or key in self._failed:
+                    continue
+                warm = decode.warmup(self.model, bucket, width, self.device)
+                warm.ready.wait()
+                if warm.failed is None:
+                    self._graphs[key] = decode.compiled(self.model, bucket, width)
+                else:
+                    self._failed.add(key)
 
     def close(self) -> None:
         """Stop the scheduler; requests still waiting or running get a Failed event."""
@@ -340,6 +385,9 @@ class Engine:
             while True:
                 with self._cv:
                     while not self._closed and not self._waiting and not self._rows and not self._jobs:
+                        if self._compiling is not None or self._wanted:  # idle: keep the compiles going
+                            self._cv.wait(0.2)
+                            break
                         self._cv.wait()
                     if not self._rows:
                         self._gather()
@@ -354,6 +402,8 @@ class Engine:
                 try:
                     self._reap()
                     self._admit()
+                    if self.compile:
+                        self._poll_compiles()
                     if self._rows:
                         self._decode_step()
                 except Exception as e:  # a bug must not take the server down: fail what was running
@@ -519,10 +569,23 @@ class Engine:
     def _decode_step(self) -> None:
         """One forward for every live row, then each row's next token."""
         self.cache.ensure_room(1)
-        mask = self.cache.step_mask()
-        tokens = torch.tensor([[s.last] for s in self._rows], device=self.device)
-        with cpu_kernels.for_rows(len(self._rows), self.device):
-            logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1].float()
+        n = len(self._rows)
+        bucket, graph = self._graph(n)
+        if graph is not None:
+            view, mask = self.cache.static_view(bucket)
+            ids = [[s.last] for s in self._rows] + [[self.pad_id]] * (bucket - n)
+            tokens = torch.tensor(ids, device=self.device)
+            # the first call of each graph checks its guards; later ones need not (same shapes and model)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=(bucket, view.max_len) in self._checked):
+                logits = graph(tokens, attention_mask=mask, kv_cache=view, logits_to_keep=1)[:n, -1].float()
+            self._checked.add((bucket, view.max_len))
+            self.cache.advance_static()
+            self.m_compiled.inc()
+        else:
+            mask = self.cache.step_mask()
+            tokens = torch.tensor([[s.last] for s in self._rows], device=self.device)
+            with cpu_kernels.for_rows(n, self.device):
+                logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1].float()
         self.m_steps.inc()
         self.m_rows.observe(len(self._rows))
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in self._rows) else None
@@ -532,6 +595,43 @@ class Engine:
             tok = greedy[i] if seq.plain_greedy else self._select(seq, logits[i : i + 1])
             self._accept(seq, tok, logp[i : i + 1] if logp is not None else None)
         self._free_finished()
+
+    def _graph(self, rows: int) -> tuple[int, Any]:
+        """(bucket, its compiled decode graph at the cache's width), or (rows, None) to run eagerly,
+        after asking for that graph's compile."""
+        if not self.compile:
+            return rows, None
+        bucket = self._bucket(rows)
+        key = (bucket, self.cache.capacity)
+        graph = self._graphs.get(key)
+        compiling = self._compiling is not None and self._compiling[0] == key
+        if graph is None and key not in self._failed and key not in self._wanted and not compiling:
+            self._wanted.append(key)
+        return (bucket, graph) if graph is not None else (rows, None)
+
+    def _bucket(self, rows: int) -> int:
+        """The compiled graph's row count for `rows` live rows: the next power of two, or max_batch."""
+        return min(self.max_batch, 1 << (rows - 1).bit_length())
+
+    def _poll_compiles(self) -> None:
+        """Collect a finished background compile and start the next one wanted (one at a time: two at
+        once would share the cores with each other and with the running batch)."""
+        if self._compiling is not None:
+            key, warm, started = self._compiling
+            if not warm.ready.is_set():
+                return
+            self._compiling = None
+            if warm.failed is None:
+                self._graphs[key] = decode.compiled(self.model, *key)
+                log.info(
+                    "compiled the decode step for %d rows x %d columns in %.1f s", *key, time.monotonic() - started
+                )
+            else:
+                self._failed.add(key)
+        while self._wanted and self._compiling is None:
+            key = self._wanted.pop(0)
+            if key not in self._graphs and key not in self._failed:
+                self._compiling = (key, decode.warmup(self.model, *key, self.device), time.monotonic())
 
     def _select(self, seq: _Sequence, logits: torch.Tensor) -> int:
         """The row's processors, then a draw from its own generator (or argmax when greedy)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -36,8 +37,12 @@ def serve(
     log_level: str = "info",
     device: str | None = None,
     rag: str | os.PathLike | None = None,
+    compile: bool = True,
 ) -> None:
-    """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY."""
+    """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY.
+    With `compile` (the default), decode steps run as compiled graphs once they are built: each batch
+    size bucket's graph compiles in the background when first needed (a line says when it is
+    ready), eager steps serving meanwhile."""
     import uvicorn
 
     from lmlab.model.checkpoint import load_pretrained
@@ -55,7 +60,15 @@ def serve(
         from lmlab.rag.chat import ChatGrounder
 
         grounder = ChatGrounder(rag)
-    engine = Engine(loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    engine = Engine(
+        loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context, compile=compile
+    )
+    engine_log = logging.getLogger("lmlab.serve")
+    if not engine_log.handlers:  # the engine's lines (a graph compiled) beside uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("lmlab: %(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
     name = model_name(model)
     app = create_app(
         engine, name, aliases=(str(model),), api_key=api_key, request_timeout=request_timeout, rag=grounder
