@@ -22,6 +22,15 @@ def _device(args: argparse.Namespace):
     return default_device(getattr(args, "device", None))
 
 
+def _load_for_inference(path: str, device):
+    """load_pretrained for generating: a GGUF file's quantized blocks stay quantized where lmlab's
+    kernels run them (model.quantized.runs_quantized), the fastest exact path."""
+    from lmlab.model.checkpoint import load_pretrained
+    from lmlab.model.quantized import runs_quantized
+
+    return load_pretrained(path, device=device, dequantize=not runs_quantized(device))
+
+
 def _model_info(args: argparse.Namespace) -> None:
     from lmlab.model.checkpoint import load_config
     from lmlab.model.info import format_info, model_info
@@ -149,10 +158,9 @@ def _generation_config(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> None:
     from lmlab.generate import explain as ex
     from lmlab.generate.decode import generate, stream
-    from lmlab.model.checkpoint import load_pretrained
 
     config = _generation_config(args)
-    model, tokenizer = load_pretrained(args.model, device=_device(args))
+    model, tokenizer = _load_for_inference(args.model, _device(args))
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     prompt = args.prompt
@@ -179,7 +187,7 @@ def _generate(args: argparse.Namespace) -> None:
         draft = (
             truncated_draft(model, int(args.draft[1:]))
             if args.draft.startswith(":")
-            else load_pretrained(args.draft, device=_device(args))[0]
+            else _load_for_inference(args.draft, _device(args))[0]
         )
         result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens)
         print(result.text)
@@ -200,9 +208,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import ChatSession, repl
-    from lmlab.model.checkpoint import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model, device=_device(args))
+    model, tokenizer = _load_for_inference(args.model, _device(args))
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     repl(ChatSession(model, tokenizer, _generation_config(args), system=args.system))
@@ -270,6 +277,7 @@ def _serve(args: argparse.Namespace) -> None:
         device=_device(args),
         rag=args.rag,
         compile=args.compile,
+        keep_quantized=args.keep_quantized,
     )
 
 
@@ -717,9 +725,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is stopped")
     srv.add_argument("--rag", default=None, metavar="INDEX", help="answer chats from this index, with [n] citations")
-    srv.add_argument("--no-compile", dest="compile", action="store_false",
-                     help="eager decode steps only (default: each batch size's compiled graph, built in the "
-                          "background when first needed, eager steps until it is ready)")  # fmt: skip
+    srv.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="eager decode steps only (default: each batch size's compiled graph, built in the "
+        "background when first needed, eager steps until it is ready)",
+    )
+    srv.add_argument("--keep-quantized", action="store_true",
+                     help="run a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (faster for a few clients; "
+                          "default: float32 weights, faster for many)")  # fmt: skip
     srv.set_defaults(func=_serve)
     rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
         dest="rag_command", required=True

@@ -173,6 +173,31 @@ def test_cli_convert_to_gguf(small_tokenizer, tmp_path, capsys):
     assert _tensor_types(tmp_path / "out.bin")["blk.0.attn_q.weight"] == "F16"
 
 
+def test_generate_and_chat_run_gguf_blocks_quantized_where_the_kernels_run(small_tokenizer, tmp_path):
+    """`lmlab generate`/`chat` keep a GGUF file's Q8_0 blocks (the same weights, fewer bytes) where
+    lmlab's quantized CPU kernels run, and load float32 weights where they do not (the GPU policy,
+    forced here); the greedy tokens are the same either way."""
+    from lmlab.cli import _load_for_inference
+    from lmlab.generate import GenerationConfig, generate_ids
+    from lmlab.kernels import quant
+    from lmlab.model.quantized import QuantLinear
+    from lmlab.utils.device import forced_policy, policy
+
+    model = _tiny("qwen2-tiny", small_tokenizer, d_ff=192)
+    path = str(export_gguf(model, small_tokenizer, tmp_path / "m.gguf", "q8_0"))
+    kept, _ = _load_for_inference(path, "cpu")
+    with forced_policy(policy("cuda")):
+        plain, _ = _load_for_inference(path, "cpu")
+    assert any(isinstance(m, QuantLinear) for m in kept.modules()) == quant.available()
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())
+    ids = torch.tensor([[5, 9, 13, 2, 40]])
+    config = GenerationConfig(max_new_tokens=8, stop_token_ids=[])
+    assert (
+        generate_ids(kept, ids, config=config, eos=[]).tolist()
+        == generate_ids(plain, ids, config=config, eos=[]).tolist()
+    )
+
+
 @pytest.mark.parametrize(
     ("preset", "quant", "message"),
     [

@@ -182,6 +182,17 @@ def build_quantized(
     return model.eval()
 
 
+def runs_quantized(device: str | torch.device) -> bool:
+    """Whether inference on `device` should keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are
+    (`load_pretrained(..., dequantize=False)`): where lmlab's quantized CPU kernels run, they are the
+    same weights streamed at a quarter or an eighth of float32's bytes, so decoding is faster and
+    the result is the same up to summation order. Elsewhere (a GPU, a CPU without AVX-512 or a
+    compiler) every call would dequantize them, and float32 weights are faster."""
+    from lmlab.utils.device import policy
+
+    return policy(device).cpu_kernels and quant.available()
+
+
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer: what the model takes in memory and on disk."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}

@@ -38,11 +38,16 @@ def serve(
     device: str | None = None,
     rag: str | os.PathLike | None = None,
     compile: bool = True,
+    keep_quantized: bool = False,
 ) -> None:
     """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY.
     With `compile` (the default), decode steps run as compiled graphs once they are built: each batch
     size bucket's graph compiles in the background when first needed (a line says when it is
-    ready), eager steps serving meanwhile."""
+    ready), eager steps serving meanwhile. `keep_quantized` keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks
+    quantized where lmlab's kernels run them (as `lmlab generate` and `chat` do): twice the tokens/s
+    for one or a few clients, but a batch of 16 rows is bound by multiply-adds, not by reading
+    weights, and prompts over 64 tokens prefill through dequantized tiles, so many clients get a
+    little less than from float32 weights (benchmarks/serve.py, docs/serve.md)."""
     import uvicorn
 
     from lmlab.model.checkpoint import load_pretrained
@@ -50,9 +55,12 @@ def serve(
     from lmlab.serve.engine import Engine
 
     api_key = api_key or os.environ.get("LMLAB_API_KEY") or None
+    from lmlab.model.quantized import runs_quantized
     from lmlab.utils.device import default_device
 
-    loaded, tokenizer = load_pretrained(model, device=default_device(device))
+    device = default_device(device)
+    keep = keep_quantized and runs_quantized(device)
+    loaded, tokenizer = load_pretrained(model, device=device, dequantize=not keep)
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer; the server needs one", file=str(model))
     grounder = None
