@@ -25,10 +25,11 @@ def _device(args: argparse.Namespace):
 def _load_for_inference(path: str, device):
     """load_pretrained for generating: a GGUF file's quantized blocks stay quantized where lmlab's
     kernels run them (model.quantized.runs_quantized), the fastest exact path."""
-    from lmlab.model.checkpoint import load_pretrained
+    from lmlab.model.checkpoint import load_pretrained, resolve
     from lmlab.model.quantized import runs_quantized
 
-    return load_pretrained(path, device=device, dequantize=not runs_quantized(device))
+    keep = resolve(path).suffix == ".gguf" and runs_quantized(device)  # (only then build the kernels)
+    return load_pretrained(path, device=device, dequantize=not keep)
 
 
 def _model_info(args: argparse.Namespace) -> None:

@@ -207,6 +207,37 @@ def test_gpu_decode_policy_equals_eager_and_reuses_its_static_cache(monkeypatch)
     torch._dynamo.reset()
 
 
+def test_a_device_without_a_compile_mode_compiles_with_defaults(monkeypatch):
+    """A policy with no decode compile mode (MPS, XPU, devices lmlab knows nothing about) compiles
+    with inductor's defaults and no CPU kernels, and gives the eager tokens."""
+    import dataclasses
+
+    from lmlab.generate import decode
+    from lmlab.utils.device import forced_policy, policy
+
+    m = _model("llama-tiny")
+    ids, mask = _prompts()
+    config = GenerationConfig(max_new_tokens=5, temperature=0.0)
+    eager = generate_ids(m, ids, mask, config)
+    monkeypatch.setattr(decode, "_compiled", type(decode._compiled)())
+    bare = dataclasses.replace(policy("cuda"), decode_compile_mode=None)
+    with forced_policy(bare):
+        assert torch.equal(generate_ids(m, ids, mask, config.replace(compile=True)), eager)
+
+
+def test_tying_or_untying_weights_gets_a_graph_of_its_own():
+    """Tied weights are one input of the graph; a model whose head is untied afterwards (and then
+    changed) must not run the tied graph."""
+    m = _model("llama-tiny", tie_embeddings=True)
+    ids, mask = _prompts()
+    config = GenerationConfig(max_new_tokens=6, stop_token_ids=[])
+    assert m.lm_head.weight is m.embed.weight
+    generate_ids(m, ids, mask, config.replace(compile=True), eos=[], pad_id=0)
+    m.lm_head.weight = torch.nn.Parameter(m.embed.weight.detach().clone() * -1.0)
+    eager = generate_ids(m, ids, mask, config, eos=[], pad_id=0)
+    assert generate_ids(m, ids, mask, config.replace(compile=True), eos=[], pad_id=0).tolist() == eager.tolist()
+
+
 def test_cpu_kernels_never_wrap_a_gpu_forward():
     from contextlib import nullcontext
 

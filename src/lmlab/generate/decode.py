@@ -139,7 +139,8 @@ def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = 
             forward = torch.compile(fn, dynamic=False, options={**_compile_options(), **unguarded})
         else:
             # torch.compile takes a mode or options, not both: the mode as the options it stands for
-            mode = torch._inductor.list_mode_options(p.decode_compile_mode)
+            # (no mode: no options; list_mode_options(None) would list every mode's)
+            mode = torch._inductor.list_mode_options(p.decode_compile_mode) if p.decode_compile_mode else {}
             forward = torch.compile(fn, dynamic=False, options={**mode, **unguarded})
     _compiled[key] = forward  # most recently used last
     while len(_compiled) > _KEEP:
@@ -148,11 +149,17 @@ def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = 
 
 
 def fingerprint(model: torch.nn.Module) -> int:
-    """What a decode graph takes as fixed about `model`: each module's name, type and plain attributes
-    (`training`, a LoRA's scale, a quantized layer's group size), each tensor's name, shape, dtype and
-    device, and the config. Not the weights' values: the graph reads those on every call. (~5 ms on
-    SmolLM2, once per generate call.)"""
+    """What a decode graph takes as fixed about `model`: each module's name, type, plain attributes
+    (`training`, a LoRA's scale, a quantized layer's group size), functions (an activation) and
+    forward hooks; each tensor's name, shape, dtype and device, and which tensors are one (tied
+    weights); and the config. Not the weights' values: the graph reads those on every call. (~2 ms
+    on SmolLM2, once per generate call.)"""
     parts: list = [repr(getattr(model, "cfg", None))]
+    seen: dict[int, int] = {}  # tensor id -> first index: tying or untying weights changes the graph
+
+    def tensor(x: torch.Tensor) -> tuple:
+        return x.shape, x.dtype, x.device, seen.setdefault(id(x), len(seen))
+
     for name, m in model.named_modules():
         parts.append((name, type(m)))
         for k, v in vars(m).items():
@@ -160,9 +167,15 @@ def fingerprint(model: torch.nn.Module) -> int:
             if t in _PLAIN:
                 parts.append((k, v))
             elif k == "_parameters" or k == "_buffers":
-                parts.extend((n, None) if x is None else (n, x.shape, x.dtype, x.device) for n, x in v.items())
+                parts.extend((n, None) if x is None else (n, *tensor(x)) for n, x in v.items())
+            elif k == "_forward_hooks" or k == "_forward_pre_hooks":
+                parts.append((k, tuple(id(h) for h in v.values())))
             elif issubclass(t, torch.Tensor):
-                parts.append((k, v.shape, v.dtype, v.device))
+                parts.append((k, *tensor(v)))
+            elif t is tuple or t is list:  # a cached table, a list of sizes
+                parts.append((k, tuple(tensor(x) if isinstance(x, torch.Tensor) else repr(x) for x in v)))
+            elif callable(v) and not isinstance(v, torch.nn.Module):
+                parts.append((k, id(v)))  # (by identity: not every callable hashes)
     return hash(tuple(parts))
 
 
@@ -217,6 +230,7 @@ class _Warmup:
     def __init__(self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device) -> None:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
+        self.forward = forward  # the compiled function, once `ready` (not looked up again: it may have left the LRU)
         args = (forward, model, batch, capacity, device)
         threading.Thread(target=self._run, args=args, name="lmlab-compile", daemon=True).start()
 

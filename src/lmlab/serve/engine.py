@@ -298,7 +298,7 @@ class Engine:
                 warm = decode.warmup(self.model, bucket, width, self.device)
                 warm.ready.wait()
                 if warm.failed is None:
-                    self._graphs[key] = decode.compiled(self.model, bucket, width)
+                    self._graphs[key] = warm.forward
                 else:
                     self._failed.add(key)
 
@@ -575,8 +575,10 @@ class Engine:
             view, mask = self.cache.static_view(bucket)
             ids = [[s.last] for s in self._rows] + [[self.pad_id]] * (bucket - n)
             tokens = torch.tensor(ids, device=self.device)
-            # the first call of each graph checks its guards; later ones need not (same shapes and model)
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=(bucket, view.max_len) in self._checked):
+            # the first call of each graph checks its guards; later ones need not (same shapes and model),
+            # except while a compile runs: the stance is process-wide and would reach the compiling thread
+            skip = (bucket, view.max_len) in self._checked and self._compiling is None
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip):
                 logits = graph(tokens, attention_mask=mask, kv_cache=view, logits_to_keep=1)[:n, -1].float()
             self._checked.add((bucket, view.max_len))
             self.cache.advance_static()
@@ -622,7 +624,7 @@ class Engine:
                 return
             self._compiling = None
             if warm.failed is None:
-                self._graphs[key] = decode.compiled(self.model, *key)
+                self._graphs[key] = warm.forward
                 log.info(
                     "compiled the decode step for %d rows x %d columns in %.1f s", *key, time.monotonic() - started
                 )
@@ -630,7 +632,8 @@ class Engine:
                 self._failed.add(key)
         while self._wanted and self._compiling is None:
             key = self._wanted.pop(0)
-            if key not in self._graphs and key not in self._failed:
+            stale = key[1] != self.cache.capacity  # the cache has changed width since it was wanted
+            if key not in self._graphs and key not in self._failed and not stale:
                 self._compiling = (key, decode.warmup(self.model, *key, self.device), time.monotonic())
 
     def _select(self, seq: _Sequence, logits: torch.Tensor) -> int:

@@ -60,6 +60,8 @@ def serve(
 
     device = default_device(device)
     keep = keep_quantized and runs_quantized(device)
+    if keep_quantized and not keep:
+        print("lmlab: --keep-quantized: lmlab's quantized kernels do not run here; loading float32 weights", flush=True)
     loaded, tokenizer = load_pretrained(model, device=device, dequantize=not keep)
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer; the server needs one", file=str(model))
