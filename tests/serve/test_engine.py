@@ -69,6 +69,28 @@ def _prompts(tok, n: int) -> list[list[int]]:
     return out
 
 
+def _staggered(engine: Engine, prompts: list[list[int]], max_new: list[int]) -> list[Collector]:
+    """Run greedy requests that arrive while others run: request i+1 is submitted from inside the
+    scheduler once request i has produced 3 pieces of text. Returns their collectors, all done."""
+    cols = [Collector() for _ in prompts]
+    reqs = [
+        Request(p, GenerationConfig(max_new_tokens=m), c, ignore_eos=True) for p, m, c in zip(prompts, max_new, cols)
+    ]
+    for i in range(len(reqs) - 1):
+        seen = [0]
+
+        def chain(ev, i=i, seen=seen):
+            seen[0] += 1
+            if seen[0] == 3:
+                engine.submit(reqs[i + 1])
+
+        cols[i].on_delta = chain
+    engine.submit(reqs[0])
+    for c in cols:
+        assert c.done.wait(120), "a request never finished"
+    return cols
+
+
 def test_staggered_arrivals_match_generate(tiny):
     """Requests join while others run (long prompts shift the cache, finished rows leave, the cache grows and
     compacts); every greedy answer equals lmlab.generate on its own."""
@@ -77,24 +99,7 @@ def test_staggered_arrivals_match_generate(tiny):
     try:
         prompts = _prompts(tok, 16)
         max_new = [40, 7, 90, 25, 130, 12, 60, 33, 5, 80, 48, 20, 100, 9, 66, 30]
-        cols = [Collector() for _ in prompts]
-        reqs = [
-            Request(p, GenerationConfig(max_new_tokens=m), c, ignore_eos=True)
-            for p, m, c in zip(prompts, max_new, cols)
-        ]
-        # request i+1 is submitted from inside the scheduler once request i has produced 3 pieces of text
-        for i in range(len(reqs) - 1):
-            seen = [0]
-
-            def chain(ev, i=i, seen=seen):
-                seen[0] += 1
-                if seen[0] == 3:
-                    engine.submit(reqs[i + 1])
-
-            cols[i].on_delta = chain
-        engine.submit(reqs[0])
-        for c in cols:
-            assert c.done.wait(120), "a request never finished"
+        cols = _staggered(engine, prompts, max_new)
         cache = engine.cache
         assert cache.shifts > 0 and cache.compactions > 0 and cache.grows > 0  # every housekeeping path ran
         assert engine.running_requests == 0 and cache.rows == 0 and engine.kv_used_tokens() == 0
@@ -329,23 +334,7 @@ def test_compiled_steps_match_generate(tiny):
     try:
         prompts = [p[:24] for p in _prompts(tok, 6)]  # widths up to 128 columns
         max_new = [30, 7, 40, 25, 12, 20]
-        cols = [Collector() for _ in prompts]
-        reqs = [
-            Request(p, GenerationConfig(max_new_tokens=m), c, ignore_eos=True)
-            for p, m, c in zip(prompts, max_new, cols)
-        ]
-        for i in range(len(reqs) - 1):
-            seen = [0]
-
-            def chain(ev, i=i, seen=seen):
-                seen[0] += 1
-                if seen[0] == 3:
-                    engine.submit(reqs[i + 1])
-
-            cols[i].on_delta = chain
-        engine.submit(reqs[0])
-        for c in cols:
-            assert c.done.wait(120), "a request never finished"
+        cols = _staggered(engine, prompts, max_new)
         cache = engine.cache
         assert cache.shifts > 0 and cache.compactions > 0 and cache.grows > 0
         assert engine.m_compiled.value() == engine.m_steps.value() > 0  # no step ran eagerly
