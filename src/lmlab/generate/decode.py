@@ -196,16 +196,17 @@ def _forward_plain(model: Transformer, *args, **kwargs) -> torch.Tensor:
     return model(*args, **kwargs)
 
 
-def static_cache(model: Transformer, batch: int, capacity: int) -> StaticKVCache:
+def static_cache(model: Transformer, batch: int, capacity: int, key: tuple | None = None) -> StaticKVCache:
     """The static cache a compiled decode runs over. Where the policy replays CUDA graphs, the graph
     writes into the very buffers it was recorded with: one cache per (model, batch, capacity) is
     kept and reused, its buffers marked as static addresses (as transformers' StaticCache does); a
     call that finds it in use gets a fresh one (a new graph is recorded for it). Elsewhere a fresh
-    cache per call."""
+    cache per call. Kept caches are keyed like the graphs (`key`: with the model's fingerprint), so a
+    model moved to another device or dtype gets buffers that match it."""
     device = next(model.parameters()).device
     if policy(device).decode_compile_mode != "reduce-overhead":
         return StaticKVCache.for_model(model, batch, capacity)
-    key = (id(model), batch, capacity)
+    key = key or _key(model, batch, capacity)
     cache = _caches.get(key)
     if cache is None or cache.in_use:
         cache = StaticKVCache.for_model(model, batch, capacity)
@@ -218,7 +219,7 @@ def static_cache(model: Transformer, batch: int, capacity: int) -> StaticKVCache
     return cache
 
 
-_caches: dict[tuple[int, int, int], StaticKVCache] = {}
+_caches: dict[tuple[int, int, int, int], StaticKVCache] = {}
 _compiled: collections.OrderedDict[tuple[int, int, int, int], Callable] = collections.OrderedDict()
 _KEEP = 16
 
@@ -335,8 +336,8 @@ def decode_steps(
         # a static cache over all of the state's columns; the prompt runs eagerly (its length varies),
         # every decode step through one compiled graph ("auto": eager steps over the same cache until
         # the graph, compiling in the background, is ready)
-        cache = static_cache(model, B, state.ids.shape[1])
         key = _key(model, B, state.ids.shape[1])
+        cache = static_cache(model, B, state.ids.shape[1], key)
         warm = warmup(model, B, state.ids.shape[1], state.ids.device, key) if background else None
         forward = compiled(model, B, state.ids.shape[1], key)
         cache.advance(state.length)
