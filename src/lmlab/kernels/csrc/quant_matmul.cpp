@@ -143,9 +143,13 @@ struct Int8Weight {
   const float* scale;
   int64_t K, groups;
   Int8Row row(int64_t n) const { return {q + n * K, scale + n * groups, K / groups}; }
+  // group by group, so that finding a chunk's scale takes no division
   void dequantize(int64_t n, float* out) const {
     const Int8Row r = row(n);
-    for (int64_t k = 0; k < K; k += 16) _mm512_storeu_ps(out + k, _mm512_mul_ps(r.codes(k), _mm512_set1_ps(r.scale[k / r.group])));
+    for (int64_t g = 0, k = 0; g < groups; ++g) {
+      const __m512 d = _mm512_set1_ps(r.scale[g]);
+      for (const int64_t end = k + r.group; k < end; k += 16) _mm512_storeu_ps(out + k, _mm512_mul_ps(r.codes(k), d));
+    }
   }
 };
 
@@ -157,11 +161,14 @@ struct Int4Weight {
   Int4Row row(int64_t n) const { return {q + n * K / 2, scale + n * groups, offset + n * groups, K / groups}; }
   void dequantize(int64_t n, float* out) const {
     const Int4Row r = row(n);
-    for (int64_t k = 0; k < K; k += 32) {
-      __m512 lo, hi;
-      r.block(k, r.table(k / r.group), lo, hi);
-      _mm512_storeu_ps(out + k, lo);
-      _mm512_storeu_ps(out + k + 16, hi);
+    for (int64_t g = 0, k = 0; g < groups; ++g) {
+      const __m512 t = r.table(g);
+      for (const int64_t end = k + r.group; k < end; k += 32) {
+        __m512 lo, hi;
+        r.block(k, t, lo, hi);
+        _mm512_storeu_ps(out + k, lo);
+        _mm512_storeu_ps(out + k + 16, hi);
+      }
     }
   }
 };
