@@ -626,7 +626,9 @@ class Engine:
             if warm.failed is None:
                 self._graphs[key] = warm.forward
                 log.info(
-                    "compiled the decode step for batches of %d over %d cache columns in %.1f s", *key, time.monotonic() - started
+                    "compiled the decode step for batches of %d over %d cache columns in %.1f s",
+                    *key,
+                    time.monotonic() - started,
                 )
             else:
                 self._failed.add(key)
