@@ -199,7 +199,8 @@ void tiled(const at::Tensor& x2, const Weight& w, at::Tensor& y2, int64_t N, int
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) w.dequantize(n0 + r, t + r * K);
     });
-    y2.narrow(1, n0, rows).copy_(at::mm(x2, tile.narrow(0, 0, rows).t()));
+    at::Tensor out = y2.narrow(1, n0, rows);  // BLAS writes into y's columns (its row stride), no copy
+    at::mm_out(out, x2, tile.narrow(0, 0, rows).t());
   }
 }
 
