@@ -8,6 +8,7 @@ forward per step for all of them).
 
 .venv/bin/python benchmarks/serve.py                        # SmolLM2, 64 tokens, 2 rounds
 .venv/bin/python benchmarks/serve.py --model PATH --max-tokens 32 --levels 1 8 32
+.venv/bin/python benchmarks/serve.py --no-compile | --keep-quantized   # eager steps | GGUF blocks as stored
 """
 
 from __future__ import annotations
@@ -116,9 +117,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="the server's eager decode steps")
+    ap.add_argument("--keep-quantized", action="store_true", help="serve a GGUF file's blocks as stored")
     args = ap.parse_args()
     name = Path(str(args.model).rstrip("/")).name
     flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
+    flags += ["--keep-quantized"] if args.keep_quantized else []
     with launched(args.model, *flags) as url:
         # warm up: every level once, so that each batch size's decode graph is built (in the background)
         # before the measured runs, which then see what a server that has run a while gives
@@ -128,6 +131,7 @@ def main() -> int:
             time.sleep(1)
         rows = [asyncio.run(level(url, name, c, args.rounds, args.max_tokens)) for c in args.levels]
     steps = "compiled decode steps" if args.compile else "eager decode steps (--no-compile)"
+    steps += ", GGUF blocks kept (--keep-quantized)" if args.keep_quantized else ""
     print(f"lmlab serve {args.model}: {args.max_tokens} tokens per request, {args.rounds} rounds per client, {steps}")
     print(
         f"{'clients':>8} {'requests':>9} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'speedup':>8} {'TTFT p50':>9} {'TTFT p95':>9}"
