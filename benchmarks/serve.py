@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from lmlab.serve.metrics import parse_metrics
 from lmlab.serve.server import launched
 
 TOPICS = "rivers mountains bread music clocks bridges gardens comets trains libraries bees glass paper wind salt maps"
@@ -104,10 +105,7 @@ def openmp_from_threads() -> tuple[float, float]:
 
 def pending_compiles(url: str) -> float:
     """Decode graphs the server is still compiling (its /metrics)."""
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith("lmlab_decode_graphs_pending "):
-            return float(line.split()[1])
-    return 0.0
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text).get("lmlab_decode_graphs_pending", 0.0)
 
 
 def main() -> int:

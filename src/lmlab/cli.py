@@ -22,16 +22,6 @@ def _device(args: argparse.Namespace):
     return default_device(getattr(args, "device", None))
 
 
-def _load_for_inference(path: str, device):
-    """load_pretrained for generating: a GGUF file's quantized blocks stay quantized where lmlab's
-    kernels run them (model.quantized.runs_quantized), the fastest exact path."""
-    from lmlab.model.checkpoint import load_pretrained, resolve
-    from lmlab.model.quantized import runs_quantized
-
-    keep = resolve(path).suffix == ".gguf" and runs_quantized(device)  # (only then build the kernels)
-    return load_pretrained(path, device=device, dequantize=not keep)
-
-
 def _model_info(args: argparse.Namespace) -> None:
     from lmlab.model.checkpoint import load_config
     from lmlab.model.info import format_info, model_info
@@ -159,9 +149,11 @@ def _generation_config(args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> None:
     from lmlab.generate import explain as ex
     from lmlab.generate.decode import generate, stream
+    from lmlab.model.checkpoint import load_pretrained
 
     config = _generation_config(args)
-    model, tokenizer = _load_for_inference(args.model, _device(args))
+    # a GGUF file's quantized blocks stay quantized where lmlab's kernels run them: the fastest exact path
+    model, tokenizer = load_pretrained(args.model, device=_device(args), dequantize="auto")
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     prompt = args.prompt
@@ -188,7 +180,7 @@ def _generate(args: argparse.Namespace) -> None:
         draft = (
             truncated_draft(model, int(args.draft[1:]))
             if args.draft.startswith(":")
-            else _load_for_inference(args.draft, _device(args))[0]
+            else load_pretrained(args.draft, device=_device(args), dequantize="auto")[0]
         )
         result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens)
         print(result.text)
@@ -209,8 +201,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import ChatSession, repl
+    from lmlab.model.checkpoint import load_pretrained
 
-    model, tokenizer = _load_for_inference(args.model, _device(args))
+    model, tokenizer = load_pretrained(args.model, device=_device(args), dequantize="auto")
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     repl(ChatSession(model, tokenizer, _generation_config(args), system=args.system))

@@ -173,11 +173,10 @@ def test_cli_convert_to_gguf(small_tokenizer, tmp_path, capsys):
     assert _tensor_types(tmp_path / "out.bin")["blk.0.attn_q.weight"] == "F16"
 
 
-def test_generate_and_chat_run_gguf_blocks_quantized_where_the_kernels_run(small_tokenizer, tmp_path):
-    """`lmlab generate`/`chat` keep a GGUF file's Q8_0 blocks (the same weights, fewer bytes) where
-    lmlab's quantized CPU kernels run, and load float32 weights where they do not (the GPU policy,
-    forced here); the greedy tokens are the same either way."""
-    from lmlab.cli import _load_for_inference
+def test_auto_dequantize_keeps_gguf_blocks_where_the_kernels_run(small_tokenizer, tmp_path):
+    """dequantize="auto" (`lmlab generate`/`chat`) keeps a GGUF file's Q8_0 blocks (the same weights,
+    fewer bytes) where lmlab's quantized CPU kernels run, and loads float32 weights where they do
+    not (the GPU policy, forced here); the greedy tokens are the same either way."""
     from lmlab.generate import GenerationConfig, generate_ids
     from lmlab.kernels import quant
     from lmlab.model.quantized import QuantLinear
@@ -185,9 +184,9 @@ def test_generate_and_chat_run_gguf_blocks_quantized_where_the_kernels_run(small
 
     model = _tiny("qwen2-tiny", small_tokenizer, d_ff=192)
     path = str(export_gguf(model, small_tokenizer, tmp_path / "m.gguf", "q8_0"))
-    kept, _ = _load_for_inference(path, "cpu")
+    kept, _ = load_pretrained(path, device="cpu", dequantize="auto")
     with forced_policy(policy("cuda")):
-        plain, _ = _load_for_inference(path, "cpu")
+        plain, _ = load_pretrained(path, device="cpu", dequantize="auto")
     assert any(isinstance(m, QuantLinear) for m in kept.modules()) == quant.available()
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
     ids = torch.tensor([[5, 9, 13, 2, 40]])

@@ -140,14 +140,16 @@ def load_pretrained(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    dequantize: bool = True,
+    dequantize: bool | str = True,
     **overrides: Any,
 ) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a Hugging Face directory or a .gguf file; tokenizer is None if none is stored.
 
     dequantize=False keeps a GGUF file's Q8_0/Q4_0/Q4_1 linear weights as they are stored: the layers
     become QuantLinear (model/quantized.py) and run on the quantized kernels (other block types are
-    dequantized). A checkpoint written by `lmlab quantize` always loads quantized.
+    dequantized). A checkpoint written by `lmlab quantize` always loads quantized. dequantize="auto"
+    keeps them where lmlab's quantized kernels run on `device` (`model.quantized.runs_quantized`):
+    the same weights, the fastest exact path for inference (`lmlab generate`/`chat`).
 
     overrides change config fields before the weights load, e.g. `head="seq_cls", num_labels=3` puts a
     freshly initialized classifier on a pretrained trunk (as transformers' AutoModelFor... does), or
@@ -161,6 +163,10 @@ def load_pretrained(
     if path.suffix == ".gguf":
         from lmlab.model.gguf import load_gguf
 
+        if dequantize == "auto":  # (decided only for GGUF files: deciding builds the kernels)
+            from lmlab.model.quantized import runs_quantized
+
+            dequantize = not runs_quantized(device)
         cfg, sd, tokenizer = load_gguf(path, dtype, keep_quantized=not dequantize)
         cfg = _override(cfg, overrides, str(path))
         if any(name.endswith(".qweight") for name in sd):

@@ -44,10 +44,9 @@ def serve(
     With `compile` (the default), decode steps run as compiled graphs once they are built: each batch
     size bucket's graph compiles in the background when first needed (a line says when it is
     ready), eager steps serving meanwhile. `keep_quantized` keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks
-    quantized where lmlab's kernels run them (as `lmlab generate` and `chat` do): twice the tokens/s
-    for one or a few clients, but a batch of 16 rows is bound by multiply-adds, not by reading
-    weights, and prompts over 64 tokens prefill through dequantized tiles, so many clients get a
-    little less than from float32 weights (benchmarks/serve.py, docs/serve.md)."""
+    quantized where lmlab's kernels run them (as `lmlab generate` and `chat` do): 2-2.5x the
+    tokens/s for one client, about level for 16, where a batch is bound by multiply-adds, not by
+    reading weights (benchmarks/serve.py [--keep-quantized], docs/compress.md)."""
     import uvicorn
 
     from lmlab.model.checkpoint import load_pretrained
@@ -59,10 +58,9 @@ def serve(
     from lmlab.utils.device import default_device
 
     device = default_device(device)
-    keep = keep_quantized and runs_quantized(device)
-    if keep_quantized and not keep:
+    if keep_quantized and not runs_quantized(device):
         print("lmlab: --keep-quantized: lmlab's quantized kernels do not run here; loading float32 weights", flush=True)
-    loaded, tokenizer = load_pretrained(model, device=device, dequantize=not keep)
+    loaded, tokenizer = load_pretrained(model, device=device, dequantize="auto" if keep_quantized else True)
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer; the server needs one", file=str(model))
     grounder = None
