@@ -158,66 +158,107 @@ def stage_structured(args, results: dict) -> None:
 
 
 def chat_prompts(tok, n: int) -> list[list[int]]:
-    """Held-out prompts: user turns of chatterbot's test split (English), in the chat template."""
-    out = []
-    for line in (Path(fetch("chatterbot")) / "test.jsonl").read_text(encoding="utf-8").splitlines():
+    """Held-out prompts: English user turns of chatterbot's test split that its train split (where the
+    draft's training prompts come from) does not have, in the chat template."""
+    root = Path(fetch("chatterbot"))
+    seen = {json.loads(line)["messages"][0]["content"] for line in (root / "train.jsonl").read_text().splitlines()}
+    out, used = [], set()
+    for line in (root / "test.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        if r["lang"] == "en" and len(r["messages"][0]["content"]) > 12:
-            msgs = [{"role": "user", "content": r["messages"][0]["content"]}]
-            out.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        text = r["messages"][0]["content"]
+        if r["lang"] == "en" and len(text) > 12 and text not in seen and text not in used:
+            used.add(text)
+            out.append(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=True))  # fmt: skip
         if len(out) == n:
             break
     return out
+
+
+def step_ms(model, rows: int = 1, n: int = 30) -> float:
+    """Median wall time of one cached decode forward of `rows` tokens (the speculative loop's unit)."""
+    from lmlab.generate import cpu_kernels
+    from lmlab.generate.kv_cache import KVCache
+
+    cache = KVCache.for_model(model, 1, 256)
+    ids = torch.randint(0, 1000, (1, rows))
+    times = []
+    with torch.inference_mode():
+        model(torch.randint(0, 1000, (1, 64)), kv_cache=cache)
+        for _ in range(n):
+            t = time.perf_counter()
+            with cpu_kernels.for_rows(rows, "cpu"):
+                model(ids, kv_cache=cache)
+            times.append(time.perf_counter() - t)
+            cache.length -= rows
+    return 1e3 * statistics.median(times)
 
 
 def stage_draft(args, results: dict) -> None:
     from lmlab.compress.distill import distill
     from lmlab.train.config import load_recipe
 
-    recipe = load_recipe("recipes/compress/distill-smollm2-draft.yaml",
-                         [f"train.out_dir={args.out / 'draft'}", f"train.max_steps={args.distill_steps}",
-                          f"distill.student.layers={args.draft_layers}"])  # fmt: skip
-    t0 = time.perf_counter()
-    summary = distill(recipe)
-    row = {"distill_seconds": round(time.perf_counter() - t0, 1), "distill_steps": summary["steps"],
-           "val_before": summary["val_before"], "val_after": summary["val_after"],
-           "draft_parameters": summary["student_parameters"], "layers": args.draft_layers}  # fmt: skip
-    print(f"distill: {row}", flush=True)
+    row: dict = {}
+    if args.draft is None:  # distil one (recipes/compress/distill-smollm2-draft.yaml)
+        overrides = [f"train.out_dir={args.out / 'draft'}"]
+        overrides += [f"train.max_steps={args.distill_steps}"] if args.distill_steps else []
+        overrides += [f"distill.student.layers={args.draft_layers}"] if args.draft_layers else []
+        recipe = load_recipe("recipes/compress/distill-smollm2-draft.yaml", overrides)
+        t0 = time.perf_counter()
+        summary = distill(recipe)
+        row = {"distill_seconds": round(time.perf_counter() - t0, 1), "distill_steps": summary["steps"],
+               "val_before": summary["val_before"], "val_after": summary["val_after"],
+               "train_windows": summary["train_windows"], "draft_parameters": summary["student_parameters"]}  # fmt: skip
+        print(f"distill: {row}", flush=True)
+        args.draft = args.out / "draft" / "final"
     target, tok = load_pretrained(MODEL)
     target.eval()
-    distilled, _ = load_pretrained(args.out / "draft" / "final")
-    drafts = {"truncated (not distilled)": truncated_draft(target, args.draft_layers), "distilled": distilled.eval()}
+    distilled, _ = load_pretrained(args.draft)
+    distilled.eval()
+    layers = distilled.cfg.n_layer
+    drafts = {f"first {layers} layers, not distilled": truncated_draft(target, layers), "distilled": distilled}
+    row.update(draft=str(args.draft), draft_layers=layers,
+               draft_head_tokens=len(distilled.cfg.head_tokens or []) or distilled.cfg.vocab_size)  # fmt: skip
+    # what a round costs: k one-token draft steps and one (k + 1)-token target step
+    row["step_ms"] = {"target": round(step_ms(target), 2), f"target {args.k[0] + 1} rows": round(step_ms(target, args.k[0] + 1), 2),
+                      **{name: round(step_ms(d), 2) for name, d in drafts.items()}}  # fmt: skip
+    print(f"step ms: {row['step_ms']}", flush=True)
     prompts = chat_prompts(tok, args.prompts)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
-    target.cfg.eos_token_id = None  # every run does every step
-    times: dict[str, list[float]] = {"greedy": [], **{k: [] for k in drafts}}
-    stats: dict[str, list] = {k: [0, 0, 0] for k in drafts}
+    runs = {"greedy": None, **{f"{name}, k={k}": (d, k) for name, d in drafts.items() for k in args.k}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    stats: dict[str, list[int]] = {name: [0, 0, 0] for name in runs}
+    want: list[list[int]] = []  # greedy's tokens per prompt (it runs first in every repeat)
     identical = True
     for rep in range(args.repeats):
-        t = time.perf_counter()
-        want = [generate(target, tok, p, cfg)[0].token_ids for p in prompts]
-        times["greedy"].append(time.perf_counter() - t)
-        for name, d in drafts.items():
-            d.cfg.eos_token_id = None
+        for name, run in runs.items():  # interleaved: the machine's drift hits every variant alike
             t = time.perf_counter()
-            for p, w in zip(prompts, want):
-                g, st = speculative_generate(target, d, tok, p, cfg, num_draft_tokens=args.k)
-                identical &= g.token_ids == w
+            for i, p in enumerate(prompts):
+                if run is None:
+                    ids = generate(target, tok, p, cfg)[0].token_ids
+                    if rep == 0:
+                        want.append(ids)
+                    identical &= ids == want[i]
+                    continue
+                g, st = speculative_generate(target, run[0], tok, p, cfg, num_draft_tokens=run[1])
+                identical &= g.token_ids == want[i]
                 if rep == 0:
-                    stats[name][0] += st.accepted
-                    stats[name][1] += st.proposed
-                    stats[name][2] += st.rounds
+                    for j, v in enumerate((st.accepted, st.proposed, st.rounds)):
+                        stats[name][j] += v
             times[name].append(time.perf_counter() - t)
+    generated = sum(map(len, want))
     med = {k: statistics.median(v) for k, v in times.items()}
-    row["k"] = args.k
-    row["prompts"] = len(prompts)
-    row["new_tokens"] = args.new_tokens
-    row["identical_to_greedy"] = identical
-    row["seconds"] = med
-    for name, (acc, prop, rounds) in stats.items():
+    row.update(prompts=len(prompts), max_new_tokens=args.new_tokens, generated_tokens=generated,
+               identical_to_greedy=identical,
+               greedy_tokens_per_s=round(generated / med["greedy"], 1))  # fmt: skip
+    for name in runs:
+        if name == "greedy":
+            continue
+        acc, prop, rounds = stats[name]
         row[name] = {"acceptance": round(acc / max(prop, 1), 3),
-                     "tokens_per_target_forward": round(len(prompts) * args.new_tokens / max(rounds, 1), 3),
+                     "tokens_per_target_forward": round(generated / max(rounds, 1), 3),
                      "speedup": round(med["greedy"] / med[name], 3)}  # fmt: skip
+        print(f"{name}: {row[name]}", flush=True)
     print(f"draft: {row}", flush=True)
     results["draft"] = row
 
@@ -234,11 +275,12 @@ def main() -> None:
     p.add_argument("--head-sparsity", type=float, default=0.34, help="fraction of KV groups (1 of 3)")
     p.add_argument("--neuron-sparsity", type=float, default=0.31, help="with 1 of 3 groups: ~25%% of parameters")
     p.add_argument("--recover-steps", type=int, default=30)
-    p.add_argument("--distill-steps", type=int, default=80)
-    p.add_argument("--draft-layers", type=int, default=4)
-    p.add_argument("--k", type=int, default=3, help="drafted tokens per round")
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--distill-steps", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--draft-layers", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--draft", type=Path, default=None, help="measure this draft checkpoint; default: distil one")
+    p.add_argument("--k", type=int, nargs="+", default=[4], help="drafted tokens per round (one run each)")
+    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

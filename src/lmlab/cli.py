@@ -182,7 +182,8 @@ def _generate(args: argparse.Namespace) -> None:
             if args.draft.startswith(":")
             else load_pretrained(args.draft, device=_device(args), dequantize="auto")[0]
         )
-        result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens)
+        extra = {} if args.draft_confidence is None else {"confidence": args.draft_confidence}
+        result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens, **extra)
         print(result.text)
         print(
             f"[speculative: {stats.accepted}/{stats.proposed} drafted tokens accepted "
@@ -593,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--draft", default=None, help="speculative decoding: a draft checkpoint, or :N for the first N layers"
     )
-    gen.add_argument("--num-draft-tokens", type=int, default=4)
+    gen.add_argument("--num-draft-tokens", type=int, default=4, help="most tokens the draft proposes per round")
+    gen.add_argument("--draft-confidence", type=float, default=None,
+                     help="end a round's drafting when the draft's probability for its token is below this "
+                          "(0: always draft --num-draft-tokens; default: speculative_generate's)")  # fmt: skip
     gen.add_argument(
         "--check-consistency",
         type=int,

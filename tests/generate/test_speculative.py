@@ -56,6 +56,8 @@ def test_rejection_sampling_preserves_the_target_distribution_exactly():
     for _ in range(20):
         p = torch.rand(10).pow(3).softmax(-1) if _ % 2 else torch.rand(10).softmax(-1)
         q = torch.rand(10) ** 4
+        if _ % 3 == 0:  # a draft with a reduced head: no probability off its tokens
+            q[torch.randperm(10)[:4]] = 0
         q = q / q.sum()
         # P(out = y) = sum_x q(x) [a(x) 1{y = x} + (1 - a(x)) r(y)]
         r = residual(p, q)
@@ -74,3 +76,23 @@ def test_seeded_speculative_sampling_is_reproducible():
     a, _ = speculative_generate(target, draft, None, prompt, cfg)
     b, _ = speculative_generate(target, draft, None, prompt, cfg)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+
+
+def test_a_doubting_draft_proposes_fewer_tokens_and_the_output_stays():
+    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=20)
+    want = generate(target, None, prompt, cfg)[0].token_ids
+    proposed = {}
+    for c in (0.0, 0.05, 1.01):
+        got, st = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=4, confidence=c)
+        assert got.token_ids == want
+        proposed[c] = (st.proposed, st.rounds)
+    # above 1 no guess is sure enough: one drafted token a round; 0 never stops early (4 a round)
+    assert proposed[1.01][0] == proposed[1.01][1]
+    assert proposed[0.0][0] > 3 * proposed[0.0][1]  # 4 a round but near the end (max_new_tokens cuts k)
+    assert proposed[0.05][0] / proposed[0.05][1] <= proposed[0.0][0] / proposed[0.0][1]
+    sampled = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=3)
+    a, _ = speculative_generate(target, draft, None, prompt, sampled, confidence=0.3)
+    b, _ = speculative_generate(target, draft, None, prompt, sampled, confidence=0.3)
+    assert a.token_ids == b.token_ids

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers
 from lmlab.compress.prune import token_windows
 from lmlab.errors import LmlabError
 from lmlab.model.checkpoint import load_pretrained
@@ -32,6 +33,7 @@ from lmlab.model.transformer import Transformer
 from lmlab.train.config import Recipe, coerce, section_config
 from lmlab.train.trainer import Trainer
 from lmlab.utils.atomic import atomic_path, write_json
+from lmlab.utils.device import default_device
 from lmlab.utils.progress import progress_bar
 
 KL_KINDS = ("forward", "reverse")
@@ -56,7 +58,8 @@ def topk_kl_per_token(student_logits: torch.Tensor, top_values: torch.Tensor, to
     teacher's softened distribution renormalized over its k tokens and q the student's full softmax."""
     s = F.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_indices.long())  # (..., k)
     t = F.log_softmax(top_values.float() / temperature, -1)
-    return (t.exp() * (t - s)).sum(-1)
+    # top-k entries set to -inf (tokens a reduced student head lacks) add nothing: 0 * log 0 = 0
+    return torch.where(torch.isfinite(t), t.exp() * (t - s), 0.0).sum(-1)
 
 
 def distill_loss(
@@ -67,9 +70,11 @@ def distill_loss(
     temperature: float = 2.0,
     kind: str = "forward",
     top: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ce_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha * T^2 * mean KL + (1 - alpha) * mean CE over positions whose target is not -100 (all
-    positions without targets). Pass teacher logits (B, T, V), or top=(values, indices) (B, T, k)."""
+    positions without targets). Pass teacher logits (B, T, V), or top=(values, indices) (B, T, k).
+    ce_targets: the cross-entropy's own targets where they differ (a reduced head's positions)."""
     kl = (
         topk_kl_per_token(student_logits, *top, temperature)
         if top is not None
@@ -81,7 +86,8 @@ def distill_loss(
         keep = (targets != -100).to(kl.dtype)
         loss = alpha * temperature**2 * (kl * keep).sum() / keep.sum()
     if alpha < 1 and targets is not None:
-        ce = F.cross_entropy(student_logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+        ce_targets = targets if ce_targets is None else ce_targets
+        ce = F.cross_entropy(student_logits.flatten(0, -2).float(), ce_targets.flatten(), ignore_index=-100)
         loss = loss + (1 - alpha) * ce
     return loss
 
@@ -99,6 +105,9 @@ class DistillConfig:
     teacher_logits: str = "online"  # online: run the teacher each step; cache: top-k logits on disk
     top_k: int = 64
     freeze_embeddings: bool = True  # a student sharing the teacher's vocabulary keeps its embeddings (and tied head)
+    # sequence-level distillation: the teacher's greedy answers to these prompts join the training data
+    # ({datasets: [...], max_prompts: N, max_new_tokens: M, batch: B}; see compress/draft.py)
+    teacher_answers: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -111,6 +120,13 @@ class DistillConfig:
         for name, ok, want in checks:
             if not ok:
                 raise LmlabError(f"{getattr(self, name)!r} must be {want}", field=f"distill.{name}")
+        if self.teacher_answers is not None:
+            known = {"datasets", "max_prompts", "max_new_tokens", "batch"}
+            if unknown := sorted(set(self.teacher_answers) - known):
+                raise LmlabError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})",
+                                 field="distill.teacher_answers")  # fmt: skip
+            if not self.teacher_answers.get("datasets"):
+                raise LmlabError("name the prompts' data sets", field="distill.teacher_answers.datasets")
         if self.teacher_logits == "cache" and self.kl == "reverse":
             raise LmlabError("reverse KL needs the teacher's full distribution", field="distill.kl",
                              hint="use teacher_logits: online")  # fmt: skip
@@ -140,7 +156,9 @@ def _first(cfg: ModelConfig, n: int) -> dict[str, Any]:
 
 
 def build_student(spec: dict[str, Any], teacher: Transformer, source: str | None = None) -> Transformer:
-    """The student a recipe names; its vocabulary must be the teacher's."""
+    """The student a recipe names; its vocabulary must be the teacher's. (`head_vocab: N`, a reduced
+    head, is applied by `distill` once the training data is known.)"""
+    spec = {k: v for k, v in spec.items() if k != "head_vocab"}
     if "layers" in spec:
         student = first_layers(teacher, int(spec["layers"]))
     elif "init_from" in spec:
@@ -210,8 +228,11 @@ def cache_teacher_topk(teacher: Transformer, windows: torch.Tensor, k: int, path
 class DistillLoss:
     """The Trainer's loss function: the student's logits against the teacher's (live or cached)."""
 
-    def __init__(self, cfg: DistillConfig, teacher: Transformer | None, cache: dict[str, torch.Tensor] | None):
+    def __init__(self, cfg: DistillConfig, teacher: Transformer | None, cache: dict[str, torch.Tensor] | None,
+                 head_tokens: list[int] | None = None):  # fmt: skip
         self.cfg, self.teacher, self.cache = cfg, teacher, cache
+        # a student with a reduced head learns the teacher's distribution renormalized over its tokens
+        self.ids = torch.tensor(head_tokens) if head_tokens is not None else None
 
     def __call__(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         x, y, idx = batch
@@ -219,10 +240,33 @@ class DistillLoss:
         cfg = self.cfg
         if self.cache is not None and model.training:  # evaluation batches are not in the cache
             top = (self.cache["values"][idx.cpu()].to(x.device), self.cache["indices"][idx.cpu()].to(x.device))
-            return distill_loss(logits, None, y, cfg.alpha, cfg.temperature, top=top)
+            ce_y = None
+            if self.ids is not None:
+                logits, top, ce_y = self._on_head(logits, x.device, top=top, targets=y)
+            return distill_loss(logits, None, y, cfg.alpha, cfg.temperature, top=top, ce_targets=ce_y)
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        return distill_loss(logits, teacher_logits, y, cfg.alpha, cfg.temperature, cfg.kl)
+        ce_y = None
+        if self.ids is not None:
+            logits, _, ce_y = self._on_head(logits, x.device, targets=y)
+            teacher_logits = teacher_logits[..., self.ids.to(x.device)]
+        return distill_loss(logits, teacher_logits, y, cfg.alpha, cfg.temperature, cfg.kl, ce_targets=ce_y)
+
+    def _on_head(self, logits, device, top=None, targets=None):
+        """Logits, cached top-k and targets moved to the reduced head's positions: a token outside the
+        head leaves the top-k (its value -inf) and the cross-entropy (-100)."""
+        ids = self.ids.to(device)
+        where = torch.full((self.teacher.cfg.vocab_size,), -1, dtype=torch.long, device=device)
+        where[ids] = torch.arange(len(ids), device=device)
+        if logits is not None:
+            logits = logits[..., ids]
+        if top is not None:
+            pos = where[top[1].long()]
+            top = (top[0].float().masked_fill(pos < 0, float("-inf")), pos.clamp(min=0))
+        if targets is not None:
+            mapped = where[targets.clamp(min=0)]
+            targets = torch.where((targets == -100) | (mapped < 0), -100, mapped)
+        return logits, top, targets
 
 
 def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -235,8 +279,6 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         raise LmlabError("the teacher has no tokenizer", field="distill.teacher")
     teacher.eval().requires_grad_(False)
     student = build_student(dict(dc.student), teacher, recipe.source)
-    if dc.freeze_embeddings:
-        student.embed.weight.requires_grad_(False)
     data = recipe.data
     names = data.get("datasets") or []
     if not names:
@@ -246,16 +288,36 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     def split(name: str) -> list[Path]:
         return [p for d in names if (p := Path(fetch(d)) / f"{name}.jsonl").exists()]
 
-    train_w = token_windows(tokenizer, split("train"), cfg.block_size, data.get("max_windows"), cfg.seed)
+    train_files = split("train")
+    if dc.teacher_answers is not None:  # sequence-level distillation: the teacher's own answers as data
+        ta = dc.teacher_answers
+        sources = [Path(fetch(d)) / "train.jsonl" for d in ta["datasets"]]
+        prompts = prompts_from(sources, ta.get("max_prompts"))
+        teacher.to(default_device(cfg.device))
+        train_files.append(teacher_answers(teacher, tokenizer, prompts, Path(cfg.out_dir) / "teacher_answers.jsonl",
+                                           int(ta.get("max_new_tokens", 128)), int(ta.get("batch", 32)), progress))  # fmt: skip
+    train_w = token_windows(tokenizer, train_files, cfg.block_size, data.get("max_windows"), cfg.seed)
+    if "head_vocab" in dc.student:  # a draft's reduced head: the tokens the training text uses most
+        specials = [
+            tokenizer.eos_token_id,
+            tokenizer.bos_token_id,
+            tokenizer.pad_token_id,
+            *_as_list(teacher.cfg.eos_token_id),
+        ]
+        ids = frequent_tokens(train_w, int(dc.student["head_vocab"]), {t for t in specials if t is not None})
+        reduce_head(student, ids)
+    if dc.freeze_embeddings:
+        student.embed.weight.requires_grad_(False)
     val_w = token_windows(tokenizer, split("validation"), cfg.block_size, data.get("max_val_windows", 64), cfg.seed)
     rows = cfg.micro_batch_size * cfg.grad_accum
     cache = None
     if dc.teacher_logits == "cache":
         out = Path(cfg.out_dir)
         cache = cache_teacher_topk(teacher, train_w, dc.top_k, out / "teacher_topk.safetensors", progress=progress)
-    loss = DistillLoss(dc, teacher, cache)
+    head = student.cfg.head_tokens
+    loss = DistillLoss(dc, teacher, cache, head)
     # validation always compares with the live teacher, so cached and online runs report the same thing
-    val_loss = DistillLoss(dataclasses.replace(dc, teacher_logits="online"), teacher, None)
+    val_loss = DistillLoss(dataclasses.replace(dc, teacher_logits="online"), teacher, None, head)
     trainer = Trainer(student, Windows(train_w, rows, seed=cfg.seed), cfg, val_data=Windows(val_w, rows, False),
                       tokenizer=tokenizer, loss_fn=loss, recipe=recipe.to_dict(), progress=progress)  # fmt: skip
     teacher.to(trainer.dist.device)
@@ -267,6 +329,10 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                    out_dir=str(trainer.out), model=str(trainer.out / "final"))  # fmt: skip
     write_json(trainer.out / "summary.json", summary)
     return summary
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 @torch.no_grad()

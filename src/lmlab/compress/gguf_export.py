@@ -225,6 +225,9 @@ def export_gguf(
         raise LmlabError("a GGUF file needs the tokenizer, and this checkpoint has none")
     cfg = model.cfg
     arch = gguf_arch(cfg)
+    if cfg.head_tokens is not None:
+        raise LmlabError("a draft with a reduced vocabulary head has no GGUF form: llama.cpp's output "
+                         "layer scores the whole vocabulary", field="head_tokens")  # fmt: skip
     if cfg.sliding_window is not None:
         # llama.cpp's converter drops it too: outputs agree up to a context of sliding_window tokens
         warnings.warn(

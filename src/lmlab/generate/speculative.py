@@ -25,6 +25,8 @@ from lmlab.generate.stream import StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 
+DRAFT_CONFIDENCE = 0.0  # the default `confidence`: see speculative_generate
+
 
 @dataclass
 class SpeculativeStats:
@@ -77,8 +79,14 @@ def speculative_generate(
     prompt: str | list[int],
     config: GenerationConfig | None = None,
     num_draft_tokens: int = 4,
+    confidence: float = DRAFT_CONFIDENCE,
 ) -> tuple[Generation, SpeculativeStats]:
-    """Generate for one prompt with a draft model; returns the generation and acceptance statistics."""
+    """Generate for one prompt with a draft model; returns the generation and acceptance statistics.
+
+    A round drafts up to num_draft_tokens tokens, fewer when the draft's probability for the token it
+    just proposed falls below `confidence` (transformers' assistant_confidence_threshold): a guess the
+    draft itself doubts is likely rejected, and each drafted token costs a draft step and a row of the
+    target's check. The output is the same for any setting; only the speed changes."""
     config = config or GenerationConfig()
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise LmlabError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the target's "
@@ -103,6 +111,13 @@ def speculative_generate(
             return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
         return scores.softmax(-1)
 
+    def sure(logits: torch.Tensor, prefix: list[int], token: int, probs: torch.Tensor) -> float:
+        """The draft's probability of its own proposal (greedy: of its argmax under its softmax)."""
+        if config.sampling:
+            return float(probs[token])
+        ids = torch.tensor([prefix], device=device)
+        return float(apply_processors(procs, ids, logits.float()[None])[0].softmax(-1)[token])
+
     def pick(probs: torch.Tensor) -> int:
         if not config.sampling:
             return int(probs.argmax())
@@ -122,8 +137,11 @@ def speculative_generate(
         for i in range(k):
             q.append(dist(logits, seq + drafted))
             drafted.append(pick(q[-1]))
+            if confidence > 0 and sure(logits, seq + drafted[:-1], drafted[-1], q[-1]) < confidence:
+                break
             if i < k - 1:
                 logits = feed(draft, d_cache, drafted[-1:])[-1]
+        k = len(drafted)
         # the target scores all of them in one forward
         t_logits = feed(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
         accepted: list[int] = []

@@ -78,6 +78,9 @@ class ModelConfig:
     layer_n_head: list[int] | None = None
     layer_n_kv_head: list[int] | None = None
     layer_d_ff: list[int] | None = None
+    # a draft model's reduced vocabulary: the LM head scores only these token ids (every other token's
+    # logit is -inf), so a draft for speculative decoding need not pay for a 49k-row head each token
+    head_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -110,6 +113,12 @@ class ModelConfig:
             widths = getattr(self, name)
             if widths is not None and (len(widths) != self.n_layer or min(widths) < 1):
                 raise LmlabError(f"needs {self.n_layer} entries (one per layer), each >= 1", field=name)
+        if self.head_tokens is not None:
+            ids = self.head_tokens
+            if self.head != "lm" or self.tie_embeddings:
+                raise LmlabError("a reduced head needs head 'lm' and untied embeddings", field="head_tokens")
+            if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise LmlabError(f"needs distinct token ids in 0..{self.vocab_size - 1}", field="head_tokens")
         for i in range(self.n_layer):
             h, kv = self.heads(i)
             if h % kv:

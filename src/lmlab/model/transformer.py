@@ -87,7 +87,8 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(cfg) if cfg.pos == "rope" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False) if cfg.head == "lm" else None
+        head_size = len(cfg.head_tokens) if cfg.head_tokens is not None else cfg.vocab_size
+        self.lm_head = nn.Linear(d, head_size, bias=False) if cfg.head == "lm" else None
         self.mlm_head = MLMHead(cfg) if cfg.head == "mlm" else None
         self.pooler = nn.Linear(d, d) if cfg.pooler else None
         task = cfg.head in ("seq_cls", "token_cls")
@@ -112,6 +113,8 @@ class Transformer(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head).to(device), persistent=False)
         if self.rope is not None:
             self.rope.reset(device)
+        if cfg.head_tokens is not None:
+            self.register_buffer("head_ids", torch.tensor(cfg.head_tokens, device=device), persistent=False)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -242,10 +245,18 @@ class Transformer(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if self.lm_head is not None:
-            return self.lm_head(h)
+            return self.full_vocab(self.lm_head(h))
         if self.mlm_head is not None:
             return self.mlm_head(h)
         return h
+
+    def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """A reduced head's logits (..., len(head_tokens)) placed in the whole vocabulary (..., vocab),
+        -inf elsewhere: sampling, argmax and speculative decoding then work unchanged."""
+        if self.cfg.head_tokens is None:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"))
+        return out.index_copy(-1, self.head_ids, logits)
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """BERT's pooled output: tanh(dense(h[:, 0]))."""
@@ -293,11 +304,11 @@ class Transformer(nn.Module):
             h, head = self.mlm_head.transform(h), self.mlm_head.decoder
         # the chunked loss needs the plain layer (a LoRA head adds its own path); under torch.compile
         # it runs eagerly after the compiled trunk
-        if type(head) is nn.Linear:
+        if type(head) is nn.Linear and self.cfg.head_tokens is None:
             return linear_cross_entropy(
                 h, head.weight, targets, head.bias, label_smoothing=label_smoothing, reduction=reduction
             )
-        logits = head(h)
+        logits = self.full_vocab(head(h)) if self.mlm_head is None else head(h)
         return F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(),
             targets.reshape(-1),

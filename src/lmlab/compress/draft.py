@@ -1,0 +1,129 @@
+"""A draft model for speculative decoding: cheap per token, trained on what the target will say.
+
+Speculative decoding pays when the draft costs little next to the target and agrees with it often.
+Two things decide both on a small model like SmolLM2-135M:
+
+- **The head.** A 49,152 x 576 output layer is a fifth of the model's weights; a 4-layer draft with it
+  costs a sixth of the target per token. A draft needs only the tokens the target actually writes:
+  `reduce_head` keeps the most frequent `n` of them (FR-Spec, Zhao et al. 2025; EAGLE-3 keeps 32k of
+  128k), and the model's logits for every other token are -inf, so the draft never proposes them and
+  speculative decoding stays exact.
+- **The data.** The draft is judged on the target's own greedy answers, so it learns from them
+  (sequence-level distillation, Kim & Rush 2016): `teacher_answers` writes the teacher's greedy answers
+  to chat prompts as chat records, which then go through distillation like any other corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.errors import LmlabError
+from lmlab.generate.config import GenerationConfig
+from lmlab.generate.decode import generate
+from lmlab.model.transformer import Transformer
+from lmlab.tokenizer.tokenizer import Tokenizer
+from lmlab.utils.atomic import write_json, write_text
+from lmlab.utils.progress import progress_bar
+
+
+def frequent_tokens(windows: torch.Tensor, n: int, always: Iterable[int] = ()) -> list[int]:
+    """The n most frequent token ids in `windows` (ties: lower id first), `always` included, sorted."""
+    keep = {int(t) for t in always}
+    if n < len(keep) or n < 1:
+        raise LmlabError(f"head_vocab {n} is smaller than the {len(keep)} special tokens it must keep",
+                         field="distill.student.head_vocab")  # fmt: skip
+    counts = Counter(windows.flatten().tolist())
+    for token, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(keep) >= n:
+            break
+        keep.add(token)
+    return sorted(keep)
+
+
+def reduce_head(model: Transformer, token_ids: list[int]) -> Transformer:
+    """`model` with an LM head over `token_ids` only: its rows copied from the full head (untied from the
+    embedding, which still reads every token). The model is changed in place and returned."""
+    if model.lm_head is None:
+        raise LmlabError("a reduced head needs a model with an LM head", field="head_tokens")
+    ids = torch.tensor(token_ids, dtype=torch.long, device=model.lm_head.weight.device)
+    cfg = dataclasses.replace(model.cfg, tie_embeddings=False, head_tokens=list(map(int, token_ids)))
+    rows = model.lm_head.weight.detach()[ids].clone()  # (len(ids), d)
+    model.lm_head = nn.Linear(cfg.d_model, len(token_ids), bias=False, device=rows.device, dtype=rows.dtype)
+    model.lm_head.weight = nn.Parameter(rows)
+    model.cfg = cfg
+    model.init_buffers(rows.device)
+    return model
+
+
+def user_turn(record: dict[str, Any]) -> str | None:
+    """A record's prompt as a user turn: a chat's first user message, a question with its lettered
+    choices (MMLU), or a plain text."""
+    if "messages" in record:
+        first = record["messages"][0] if record["messages"] else {}
+        return first.get("content") if first.get("role") == "user" else None
+    if "question" in record:
+        choices = "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(record.get("choices") or []))
+        return record["question"] + choices
+    return record.get("text")
+
+
+def prompts_from(files: list[Path], max_prompts: int | None = None) -> list[str]:
+    """Distinct user turns from jsonl files, in file order, at most max_prompts."""
+    seen: dict[str, None] = {}
+    for file in files:
+        for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = user_turn(json.loads(line))
+            except (json.JSONDecodeError, AttributeError, TypeError) as e:
+                raise LmlabError(f"not a JSON record ({e})", file=str(file), line=i) from None
+            if text and text.strip():
+                seen.setdefault(text.strip(), None)
+            if max_prompts and len(seen) >= max_prompts:
+                return list(seen)
+    return list(seen)
+
+
+@torch.inference_mode()
+def teacher_answers(
+    teacher: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    path: Path,
+    max_new_tokens: int = 128,
+    batch: int = 32,
+    progress: bool = True,
+) -> Path:
+    """The teacher's greedy answer to each prompt (chat template), written to `path` as chat records
+    {"messages": [user, assistant]}; reused when its sidecar (`path`.json) says it was made from the same
+    prompts and length."""
+    meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "first": prompts[:1], "last": prompts[-1:]}
+    sidecar = path.with_suffix(".json")
+    if path.exists() and sidecar.exists() and json.loads(sidecar.read_text(encoding="utf-8")) == meta:
+        return path
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=True) for p in prompts]  # fmt: skip
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
+    answers: dict[int, str] = {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    bar = progress_bar(total=len(rows), desc="teacher answers", unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        for i, g in zip(idx, generate(teacher, tokenizer, [rows[i] for i in idx], config)):
+            answers[i] = tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+        bar.update(len(idx))
+    bar.close()
+    lines = [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answers[i]}]},
+                        ensure_ascii=False) for i, p in enumerate(prompts)]  # fmt: skip
+    write_text(path, "\n".join(lines) + "\n")
+    write_json(sidecar, meta)
+    return path

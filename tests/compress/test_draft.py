@@ -1,0 +1,195 @@
+"""A draft for speculative decoding: the reduced-vocabulary head (exact against the full head, saved and
+loaded, never proposing a token it lacks), its distillation loss against the closed form, frequent-token
+selection, and the teacher's answers as sequence-level distillation data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.compress.distill import DistillConfig, DistillLoss, distill_loss, first_layers
+from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers, user_turn
+from lmlab.errors import LmlabError
+from lmlab.generate import GenerationConfig, generate
+from lmlab.generate.speculative import speculative_generate
+from lmlab.model.checkpoint import load_pretrained, save_pretrained
+from lmlab.model.config import ModelConfig
+
+IDS = [0, 3, 5, 17, 100, 101, 250, 511]
+
+
+def _target(seed: int = 0) -> lmlab.Transformer:
+    torch.manual_seed(seed)
+    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None)).eval()
+
+
+def test_reduced_head_equals_the_full_head_on_its_tokens_and_is_minus_inf_elsewhere():
+    full = _target()
+    draft = reduce_head(copy.deepcopy(full), IDS)
+    assert draft.lm_head.weight.shape == (len(IDS), full.cfg.d_model) and not draft.cfg.tie_embeddings
+    x = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        want, got = full(x), draft(x)
+    assert got.shape == want.shape  # the whole vocabulary, as every consumer of logits expects
+    # the same dot products (a matmul of another width may round differently in the last bit)
+    torch.testing.assert_close(got[..., IDS], want[..., IDS], rtol=1e-5, atol=1e-6)
+    others = torch.ones(512, dtype=torch.bool)
+    others[IDS] = False
+    assert torch.isneginf(got[..., others]).all()
+    # the loss path (targets) agrees with the logits; a token the head lacks costs infinity
+    y = torch.tensor([IDS + IDS[:1]] * 2)  # (2, 9)
+    want_ce = torch.nn.functional.cross_entropy(got.flatten(0, 1), y.flatten())
+    with torch.no_grad():
+        torch.testing.assert_close(draft(x, targets=y), want_ce)
+        assert math.isinf(float(draft(x, targets=torch.full((2, 9), 1))))
+
+
+def test_reduced_head_survives_save_and_load(tmp_path):
+    draft = reduce_head(first_layers(_target(), 1), IDS).eval()
+    save_pretrained(draft, None, tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["model_type"] == "lmlab"
+    back, _ = load_pretrained(tmp_path / "d")
+    assert back.cfg.head_tokens == IDS
+    x = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), draft(x), rtol=0, atol=0)
+
+
+def test_a_reduced_head_draft_keeps_speculative_decoding_exact():
+    target = _target()
+    prompt = torch.randint(0, 512, (6,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=20)
+    want = generate(target, None, prompt, cfg)[0].token_ids
+    # a draft over the tokens the target actually says (it agrees often) and one over a few others
+    often = sorted(set(want) | {1, 2})
+    for ids in (often, IDS):
+        draft = reduce_head(copy.deepcopy(target), ids)
+        got, stats = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3)
+        assert got.token_ids == want
+    assert stats.proposed > 0
+    # with the full layers and the said tokens, the draft agrees with every greedy choice
+    _, stats = speculative_generate(target, reduce_head(copy.deepcopy(target), often), None, prompt, cfg, 3)
+    assert stats.acceptance_rate == 1.0
+    # sampling: the draft's distribution is zero off its head, and the output stays seeded-reproducible
+    s = GenerationConfig(max_new_tokens=12, temperature=0.9, seed=1)
+    draft = reduce_head(first_layers(target, 1), IDS).eval()
+    a, _ = speculative_generate(target, draft, None, prompt, s)
+    b, _ = speculative_generate(target, draft, None, prompt, s)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+
+
+def test_reduced_head_distillation_loss_is_the_kl_of_the_renormalized_teacher():
+    target = _target()
+    student = reduce_head(first_layers(target, 1), IDS)
+    x = torch.randint(0, 512, (2, 5))
+    y = torch.tensor([[3, 5, 1, 17, -100], [0, 0, 2, 511, 100]])  # 1 and 2 are not in the head
+    with torch.no_grad():
+        s_full, t_full = student(x), target(x)
+    s, t = s_full[..., IDS], t_full[..., IDS]
+    p, logq = t.softmax(-1), s.log_softmax(-1)
+    kl = (p * (p.log() - logq)).sum(-1)  # (2, 5): the teacher renormalized over the head's tokens
+    keep = y != -100
+    alpha = 0.6
+    where = {tok: i for i, tok in enumerate(IDS)}
+    ce_terms = [-float(logq[b, i, where[int(y[b, i])]]) for b in range(2) for i in range(5) if int(y[b, i]) in where]
+    want = alpha * float(kl[keep].mean()) + (1 - alpha) * sum(ce_terms) / len(ce_terms)
+    dc = DistillConfig(temperature=1.0, alpha=alpha)
+    loss = DistillLoss(dc, target, None, IDS)
+    assert float(loss(student.eval(), (x, y, None))) == pytest.approx(want, rel=1e-5)
+
+    # the cached top-k: the teacher's top tokens the head lacks drop out, the rest are renormalized
+    top = t_full.topk(12, dim=-1)
+    cache = {"values": top.values[None].half().float()[0], "indices": top.indices.int()}
+    loss = DistillLoss(DistillConfig(temperature=1.0, alpha=1.0, teacher_logits="cache"), target, cache, IDS)
+    got = float(loss(student.train(), (x, y, torch.arange(2))))
+    terms = []
+    for b in range(2):
+        for i in range(5):
+            if int(y[b, i]) == -100:
+                continue
+            vals = [(float(v), int(j)) for v, j in zip(cache["values"][b, i], top.indices[b, i]) if int(j) in where]
+            pk = torch.tensor([v for v, _ in vals]).softmax(-1)
+            lq = logq[b, i, [where[j] for _, j in vals]]
+            terms.append(float((pk * (pk.log() - lq)).sum()))
+    assert got == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+    # with every token in the head, the reduced loss is the ordinary one
+    all_ids = list(range(512))
+    full_head = reduce_head(first_layers(target, 1), all_ids)
+    with torch.no_grad():
+        want = distill_loss(full_head(x), target(x), y, 1.0, 1.0)
+    torch.testing.assert_close(DistillLoss(DistillConfig(temperature=1.0, alpha=1.0), target, None, all_ids)(
+        full_head.eval(), (x, y, None)), want)  # fmt: skip
+
+
+def test_frequent_tokens_keeps_the_commonest_and_the_special_ones():
+    w = torch.tensor([[5, 5, 5, 7, 7, 9], [9, 9, 9, 9, 1, 2]])
+    assert frequent_tokens(w, 2) == [5, 9]
+    assert frequent_tokens(w, 3, always=[42]) == [5, 9, 42]
+    assert frequent_tokens(w, 4) == [1, 5, 7, 9]  # ties (1 and 2 once each): the lower id
+    assert frequent_tokens(w, 100) == [1, 2, 5, 7, 9]  # never more than the text has
+    with pytest.raises(LmlabError, match="head_vocab 1 is smaller than the 2 special tokens"):
+        frequent_tokens(w, 1, always=[0, 1])
+
+
+def test_bad_head_tokens_are_named():
+    with pytest.raises(LmlabError, match="head_tokens"):
+        ModelConfig.from_preset("llama-tiny", head_tokens=[1, 1])
+    with pytest.raises(LmlabError, match="head_tokens"):
+        ModelConfig.from_preset("llama-tiny", head_tokens=[600])
+    with pytest.raises(LmlabError, match="untied"):
+        ModelConfig.from_preset("llama-tiny", head_tokens=[1], tie_embeddings=True)
+    with pytest.raises(LmlabError, match="unknown key 'prompts'"):
+        DistillConfig(teacher_answers={"datasets": ["chatterbot"], "prompts": 3})
+
+
+def test_gguf_export_refuses_a_reduced_head(smollm2_gguf, tmp_path):
+    from lmlab.compress.gguf_export import export_gguf
+
+    _, tok = load_pretrained(smollm2_gguf)
+    draft = reduce_head(_target(), IDS)
+    with pytest.raises(LmlabError, match="reduced vocabulary head has no GGUF form"):
+        export_gguf(draft, tok, tmp_path / "d.gguf")
+    assert not (tmp_path / "d.gguf").exists()
+
+
+def test_prompts_are_user_turns_questions_or_texts(tmp_path):
+    f = tmp_path / "a.jsonl"
+    recs = [
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}]},
+        {"question": "2 + 2?", "choices": ["3", "4"], "answer": "B"},
+        {"text": "  tell me  "},
+        {"messages": [{"role": "system", "content": "no user first"}]},
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    assert prompts_from([f]) == ["Hi?", "2 + 2?\nA. 3\nB. 4", "tell me"]
+    assert prompts_from([f], max_prompts=2) == ["Hi?", "2 + 2?\nA. 3\nB. 4"]
+    assert user_turn({"messages": []}) is None
+    f.write_text(json.dumps(recs[0]) + "\n{broken\n")
+    with pytest.raises(LmlabError) as e:
+        prompts_from([f])
+    assert e.value.line == 2 and str(f) in str(e.value)
+
+
+def test_teacher_answers_are_its_greedy_chat_answers_written_once(smollm2_gguf, tmp_path):
+    _, tok = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    teacher = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1)).eval()
+    prompts = ["What is AI?", "Name a colour, please, any colour at all."]
+    path = teacher_answers(teacher, tok, prompts, tmp_path / "a.jsonl", max_new_tokens=6, batch=2, progress=False)
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in recs] == prompts
+    for p, r in zip(prompts, recs):  # batched and left-padded, each answer is the prompt's own greedy answer
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        alone = generate(teacher, tok, ids, GenerationConfig(max_new_tokens=6))[0].token_ids
+        assert r["messages"][1] == {"role": "assistant", "content": tok.decode(alone, skip_special_tokens=True).strip()}
+    mtime = path.stat().st_mtime_ns
+    teacher_answers(teacher, tok, prompts, path, max_new_tokens=6, progress=False)
+    assert path.stat().st_mtime_ns == mtime  # reused
+    teacher_answers(teacher, tok, prompts, path, max_new_tokens=5, progress=False)
+    assert path.stat().st_mtime_ns != mtime  # another length: made again
