@@ -211,8 +211,10 @@ def stage_draft(args, results: dict) -> None:
                "train_windows": summary["train_windows"], "draft_parameters": summary["student_parameters"]}  # fmt: skip
         print(f"distill: {row}", flush=True)
         args.draft = args.out / "draft" / "final"
-    target, tok = load_pretrained(MODEL)
+    # as `lmlab generate` loads it: the packaged GGUF's Q4_1 blocks run quantized where the kernels do
+    target, tok = load_pretrained(MODEL, dequantize="auto" if args.quantized_target else True)
     target.eval()
+    row["target"] = "Q4_1 blocks (lmlab generate's default)" if args.quantized_target else "float32"
     distilled, _ = load_pretrained(args.draft)
     distilled.eval()
     layers = distilled.cfg.n_layer
@@ -225,7 +227,8 @@ def stage_draft(args, results: dict) -> None:
     print(f"step ms: {row['step_ms']}", flush=True)
     prompts = chat_prompts(tok, args.prompts)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
-    runs = {"greedy": None, **{f"{name}, k={k}": (d, k) for name, d in drafts.items() for k in args.k}}
+    runs: dict = {"greedy": None, f"{next(iter(drafts))}, k={args.k[0]}": (drafts[next(iter(drafts))], args.k[0], 0.0)}
+    runs.update({f"distilled, k={k}, confidence={c}": (distilled, k, c) for k in args.k for c in args.confidence})
     times: dict[str, list[float]] = {name: [] for name in runs}
     stats: dict[str, list[int]] = {name: [0, 0, 0] for name in runs}
     want: list[list[int]] = []  # greedy's tokens per prompt (it runs first in every repeat)
@@ -240,7 +243,7 @@ def stage_draft(args, results: dict) -> None:
                         want.append(ids)
                     identical &= ids == want[i]
                     continue
-                g, st = speculative_generate(target, run[0], tok, p, cfg, num_draft_tokens=run[1])
+                g, st = speculative_generate(target, run[0], tok, p, cfg, num_draft_tokens=run[1], confidence=run[2])
                 identical &= g.token_ids == want[i]
                 if rep == 0:
                     for j, v in enumerate((st.accepted, st.proposed, st.rounds)):
@@ -279,6 +282,9 @@ def main() -> None:
     p.add_argument("--draft-layers", type=int, default=None, help="default: the recipe's")
     p.add_argument("--draft", type=Path, default=None, help="measure this draft checkpoint; default: distil one")
     p.add_argument("--k", type=int, nargs="+", default=[4], help="drafted tokens per round (one run each)")
+    p.add_argument("--fp32-target", dest="quantized_target", action="store_false",
+                   help="draft stage: the target in float32 (default: as lmlab generate runs it, Q4_1 blocks)")
+    p.add_argument("--confidence", type=float, nargs="+", default=[0.0], help="draft confidence thresholds")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)

@@ -143,6 +143,8 @@ def test_bad_head_tokens_are_named():
         ModelConfig.from_preset("llama-tiny", head_tokens=[600])
     with pytest.raises(LmlabError, match="untied"):
         ModelConfig.from_preset("llama-tiny", head_tokens=[1], tie_embeddings=True)
+    with pytest.raises(LmlabError, match=r"already reduced \(to 8 tokens\)"):
+        reduce_head(reduce_head(_target(), IDS), IDS)
     with pytest.raises(LmlabError, match="unknown key 'prompts'"):
         DistillConfig(teacher_answers={"datasets": ["chatterbot"], "prompts": 3})
 

@@ -35,7 +35,9 @@ def test_greedy_output_equals_the_targets(k):
 def test_a_perfect_draft_is_always_accepted():
     target = _tiny(0)
     prompt = torch.randint(0, 512, (5,)).tolist()
-    got, stats = speculative_generate(target, target, None, prompt, GenerationConfig(max_new_tokens=16), 4)
+    got, stats = speculative_generate(
+        target, target, None, prompt, GenerationConfig(max_new_tokens=16), 4, confidence=0
+    )
     assert stats.acceptance_rate == 1.0
     # every round yields its 4 drafts plus 1 free token: 5 + 5 + 5 + (1 draft + 1 free, cut to 16)
     assert stats.rounds == 4 and stats.generated == 16

@@ -53,6 +53,9 @@ def reduce_head(model: Transformer, token_ids: list[int]) -> Transformer:
     embedding, which still reads every token). The model is changed in place and returned."""
     if model.lm_head is None:
         raise LmlabError("a reduced head needs a model with an LM head", field="head_tokens")
+    if model.cfg.head_tokens is not None:
+        raise LmlabError(f"the model's head is already reduced (to {len(model.cfg.head_tokens)} tokens)",
+                         field="distill.student.head_vocab", hint="drop head_vocab for this student")  # fmt: skip
     ids = torch.tensor(token_ids, dtype=torch.long, device=model.lm_head.weight.device)
     cfg = dataclasses.replace(model.cfg, tie_embeddings=False, head_tokens=list(map(int, token_ids)))
     rows = model.lm_head.weight.detach()[ids].clone()  # (len(ids), d)

@@ -25,7 +25,9 @@ from lmlab.generate.stream import StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 
-DRAFT_CONFIDENCE = 0.0  # the default `confidence`: see speculative_generate
+# the default `confidence` (transformers' default too): with SmolLM2 and its distilled draft on a CPU,
+# 0.4 gave 1.22x plain greedy where 0 gave 1.10x (docs/compress.md)
+DRAFT_CONFIDENCE = 0.4
 
 
 @dataclass
