@@ -60,3 +60,23 @@ def test_a_draft_with_another_vocabulary_is_refused(smollm2_gguf, tmp_path, caps
     capsys.readouterr()  # loading the tokenizer's checkpoint drew a progress bar
     assert main(argv) == 1
     assert "draft: the draft's vocabulary (512 tokens) is not the target's (49152)" in _error(capsys)
+
+
+def test_generate_with_a_reduced_head_draft_prints_the_targets_greedy_text(smollm2_gguf, tmp_path, capsys):
+    from lmlab.compress.distill import first_layers
+    from lmlab.compress.draft import reduce_head
+
+    _, tokenizer = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    target = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1))
+    save_pretrained(target, tokenizer, tmp_path / "target")
+    save_pretrained(reduce_head(first_layers(target, 1), list(range(0, 49152, 7))), tokenizer, tmp_path / "draft")
+    base = ["generate", "--model", str(tmp_path / "target"), "--prompt", "hi there", "--max-new-tokens", "12",
+            "--device", "cpu"]  # fmt: skip
+    capsys.readouterr()
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    for confidence in ("0", "0.9"):
+        assert main([*base, "--draft", str(tmp_path / "draft"), "--draft-confidence", confidence]) == 0
+        out = capsys.readouterr()
+        assert out.out == want and "drafted tokens accepted" in out.err
