@@ -282,8 +282,12 @@ def main() -> None:
     p.add_argument("--draft-layers", type=int, default=None, help="default: the recipe's")
     p.add_argument("--draft", type=Path, default=None, help="measure this draft checkpoint; default: distil one")
     p.add_argument("--k", type=int, nargs="+", default=[4], help="drafted tokens per round (one run each)")
-    p.add_argument("--fp32-target", dest="quantized_target", action="store_false",
-                   help="draft stage: the target in float32 (default: as lmlab generate runs it, Q4_1 blocks)")
+    p.add_argument(
+        "--fp32-target",
+        dest="quantized_target",
+        action="store_false",
+        help="draft stage: the target in float32 (default: as lmlab generate runs it, Q4_1 blocks)",
+    )
     p.add_argument("--confidence", type=float, nargs="+", default=[0.0], help="draft confidence thresholds")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=128)
