@@ -195,3 +195,58 @@ def test_teacher_answers_are_its_greedy_chat_answers_written_once(smollm2_gguf, 
     assert path.stat().st_mtime_ns == mtime  # reused
     teacher_answers(teacher, tok, prompts, path, max_new_tokens=5, progress=False)
     assert path.stat().st_mtime_ns != mtime  # another length: made again
+
+
+def test_distill_recipe_makes_a_reduced_head_draft_from_teacher_answers(smollm2_gguf, tmp_path):
+    """`lmlab distill` with head_vocab and teacher_answers on a tiny teacher with SmolLM2's tokenizer:
+    the answers are written, the head keeps the commonest tokens and EOS, and the draft it writes
+    loads and keeps speculative decoding exact."""
+    from lmlab.compress.distill import distill
+    from lmlab.train.config import recipe_from_dict
+
+    _, tok = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("llama-tiny", vocab_size=49152, tie_embeddings=True, init_std=0.1,
+                                  eos_token_id=tok.eos_token_id)  # fmt: skip
+    save_pretrained(lmlab.Transformer(cfg), tok, tmp_path / "teacher")
+    recipe = recipe_from_dict({
+        "distill": {"teacher": str(tmp_path / "teacher"), "student": {"layers": 1, "head_vocab": 64},
+                    "teacher_logits": "cache", "top_k": 8, "alpha": 0.8,
+                    "teacher_answers": {"datasets": ["chatterbot"], "max_prompts": 3, "max_new_tokens": 4}},
+        "data": {"datasets": ["kjv"], "max_windows": 8, "max_val_windows": 2},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2, "block_size": 16, "micro_batch_size": 2,
+                  "warmup_steps": 0, "eval_every": 1000, "eval_batches": 1},
+    })  # fmt: skip
+    summary = distill(recipe, progress=False)
+    answers = (tmp_path / "run" / "teacher_answers.jsonl").read_text().splitlines()
+    assert len(answers) == 3 and json.loads(answers[0])["messages"][1]["role"] == "assistant"
+    draft, _ = load_pretrained(summary["model"])
+    assert len(draft.cfg.head_tokens) == 64 and tok.eos_token_id in draft.cfg.head_tokens
+    assert math.isfinite(summary["val_after"])  # (validation text the 64-token head mostly lacks: no NaN)
+    teacher, _ = load_pretrained(tmp_path / "teacher")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is AI?"}], add_generation_prompt=True,
+                                     tokenize=True)  # fmt: skip
+    gen = GenerationConfig(max_new_tokens=10)
+    got, _ = speculative_generate(teacher, draft, tok, prompt, gen, num_draft_tokens=3)
+    assert got.token_ids == generate(teacher, tok, prompt, gen)[0].token_ids
+
+
+def test_a_position_whose_top_k_the_head_lacks_adds_nothing_and_no_nan():
+    target = _target()
+    student = reduce_head(first_layers(target, 1), IDS).train()
+    x = torch.randint(0, 512, (1, 4))
+    outside = torch.tensor([[[1, 2], [1, 3], [0, 3], [2, 4]]])  # position 0: neither token is in the head
+    cache = {"values": torch.tensor([[[2.0, 1.0]] * 4]), "indices": outside.int()}
+    loss = DistillLoss(DistillConfig(temperature=1.0, alpha=0.5, teacher_logits="cache"), target, cache, IDS)
+    y = torch.tensor([[1, 2, 4, 4]])  # no target in the head either: the cross-entropy counts none
+    value = loss(student, (x, y, torch.tensor([0])))
+    value.backward()
+    assert math.isfinite(float(value))
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    # positions 0 and 3 add nothing; 1 keeps token 3 alone (p = 1); 2 keeps both tokens
+    with torch.no_grad():
+        logq = student(x)[0][:, IDS].log_softmax(-1)  # (4, len(IDS))
+    p = torch.tensor([2.0, 1.0]).softmax(-1)
+    kl1 = -float(logq[1, IDS.index(3)])
+    kl2 = float((p * (p.log() - logq[2, [IDS.index(0), IDS.index(3)]])).sum())
+    assert float(value) == pytest.approx(0.5 * (kl1 + kl2) / 4, rel=1e-5)  # alpha x mean KL; no CE term

@@ -58,8 +58,12 @@ def topk_kl_per_token(student_logits: torch.Tensor, top_values: torch.Tensor, to
     teacher's softened distribution renormalized over its k tokens and q the student's full softmax."""
     s = F.log_softmax(student_logits.float() / temperature, -1).gather(-1, top_indices.long())  # (..., k)
     t = F.log_softmax(top_values.float() / temperature, -1)
-    # top-k entries set to -inf (tokens a reduced student head lacks) add nothing: 0 * log 0 = 0
-    return torch.where(torch.isfinite(t), t.exp() * (t - s), 0.0).sum(-1)
+    # top-k entries set to -inf (tokens a reduced student head lacks) add nothing: 0 * log 0 = 0. They
+    # are zeroed before the product too: where every entry is -inf, t is NaN, and a NaN in the branch
+    # torch.where discards would still reach the student's gradient (0 * NaN)
+    ok = torch.isfinite(t)
+    t = torch.where(ok, t, 0.0)
+    return torch.where(ok, t.exp() * (t - s), 0.0).sum(-1)
 
 
 def distill_loss(
@@ -87,7 +91,10 @@ def distill_loss(
         loss = alpha * temperature**2 * (kl * keep).sum() / keep.sum()
     if alpha < 1 and targets is not None:
         ce_targets = targets if ce_targets is None else ce_targets
-        ce = F.cross_entropy(student_logits.flatten(0, -2).float(), ce_targets.flatten(), ignore_index=-100)
+        # summed and divided by the count (at least 1): a batch whose targets are all outside a reduced
+        # head counts none, where a mean would give NaN
+        ce = F.cross_entropy(student_logits.flatten(0, -2).float(), ce_targets.flatten(), ignore_index=-100,
+                             reduction="sum") / (ce_targets != -100).sum().clamp(min=1)  # fmt: skip
         loss = loss + (1 - alpha) * ce
     return loss
 
