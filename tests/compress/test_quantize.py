@@ -132,6 +132,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
         (["--bits", "3"], "bits must be 8 or 4"),
         (["--bits", "4", "--group", "48"], "multiple of 32"),
         (["--bits", "4", "--group", "128"], "group size 128 does not divide the width 64"),
+        (["--bits", "4", "--activations", "int8"], "int8 activations need per-channel int8 weights"),
     ],
 )
 def test_cli_bad_settings_are_one_line(tmp_path, capsys, args, message):
@@ -153,3 +154,44 @@ def test_compiled_decode_of_a_quantized_model_equals_eager():
     compiled = generate_ids(model, prompt, config=GenerationConfig(max_new_tokens=8, compile=True), eos=[])
     assert torch.equal(eager, compiled)
     assert not counters["graph_break"]
+
+
+def test_int8_dynamic_linear_is_the_integer_product_of_rounded_activations():
+    """W8A8: x rounded per row to int8, then exact integer sums, each scaled once."""
+    from lmlab.kernels import quant
+
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (48, 96), dtype=torch.int8)
+    scale, bias = torch.rand(48, 1) / 50, torch.randn(48)
+    x = torch.randn(2, 70, 96)
+    rows = x.reshape(-1, 96)
+    sx = rows.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(rows / sx).long()
+    want = (xq @ q.long().t()).double() * sx.double() * scale.view(1, -1).double() + bias.double()
+    got = quant.int8_dynamic_linear(x, q, scale, bias)
+    torch.testing.assert_close(got.reshape(-1, 48).double(), want, rtol=1e-6, atol=1e-6)
+    exact = x @ (q.float() * scale).t() + bias  # the rounding of x: near the exact product, not equal
+    err = float((got - exact).norm() / exact.norm())
+    assert 1e-4 < err < 2e-2
+
+
+def test_int8_activations_run_only_a_prefill_and_survive_save_and_load(tmp_path):
+    model = _tiny("llama-tiny")
+    quantize_model(model, QuantConfig(bits=8, activations="int8"))
+    twin = _dequantized_twin(model)
+    short, long = torch.randint(0, 512, (1, 16)), torch.randint(0, 512, (1, 80))
+    with torch.no_grad():
+        # a decode step or a short prompt (<= 64 rows): the exact kernels
+        assert _rel(model(short), twin(short)) < 1e-5
+        # a long prefill: int8 activations, close to the exact result but not equal
+        err = _rel(model(long), twin(long))
+        assert 1e-6 < err < 5e-2
+    save_pretrained(model, None, tmp_path / "w8a8")
+    back, _ = load_pretrained(tmp_path / "w8a8")
+    assert back.quant_config.activations == "int8"
+    with torch.no_grad():
+        torch.testing.assert_close(back(long), model(long), rtol=0, atol=0)
+    plain = _tiny("llama-tiny")
+    quantize_model(plain, QuantConfig(bits=8))
+    with torch.no_grad():
+        assert _rel(plain(long), _dequantized_twin(plain)(long)) < 1e-5  # the default stays exact

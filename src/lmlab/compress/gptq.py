@@ -25,7 +25,7 @@ import torch.nn as nn
 from lmlab.compress.rtn import dequantize_with, group_params, quantize_with
 from lmlab.errors import LmlabError
 from lmlab.kernels import quant
-from lmlab.model.quantized import QuantConfig, quantizable, replace_linear, untie_head
+from lmlab.model.quantized import QuantConfig, attach_config, quantizable, replace_linear, untie_head
 from lmlab.utils.progress import progress_bar
 
 BLOCK_COLUMNS = 128
@@ -172,7 +172,7 @@ def gptq_quantize_model(
         quantize({"lm_head": targets["lm_head"]}, {"lm_head": _hessian_of(final)})
     bar.update(1)
     bar.close()
-    model.quant_config = config
+    attach_config(model, config)
     return ratios
 
 

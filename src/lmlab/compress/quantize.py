@@ -17,7 +17,7 @@ import torch.nn as nn
 from lmlab.compress.gptq import calibration_batches, gptq_quantize_model
 from lmlab.compress.rtn import quantize_rtn
 from lmlab.errors import LmlabError
-from lmlab.model.quantized import QuantConfig, quantizable, quantized_bytes, replace_linear, untie_head
+from lmlab.model.quantized import QuantConfig, attach_config, quantizable, quantized_bytes, replace_linear, untie_head
 
 METHODS = ("rtn", "gptq")
 
@@ -30,7 +30,7 @@ def quantize_rtn_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     untie_head(model)
     for name, m in quantizable(model, config):
         replace_linear(model, name, m, quantize_rtn(m.weight.detach().float().cpu(), config, name))
-    model.quant_config = config
+    attach_config(model, config)
     return model
 
 
@@ -87,6 +87,7 @@ def quantize_checkpoint(
     calib: str = "kjv",
     calib_samples: int = 128,
     calib_len: int = 512,
+    activations: str = "float32",
 ) -> dict[str, float]:
     """Load `src`, quantize it, write `out`; sizes before and after (MB) and GPTQ's error ratio."""
     from lmlab.model.checkpoint import load_pretrained, save_pretrained
@@ -99,6 +100,7 @@ def quantize_checkpoint(
         sym=sym if sym is not None else bits == 8,
         method=method,
         desc_act=desc_act,
+        activations=activations,
     )
     model, tokenizer = load_pretrained(src)
     for name, m in quantizable(model, config):  # a width the group does not divide: say so before any work

@@ -93,6 +93,24 @@ def int8_linear(
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+SKINNY_ROWS = 64  # rows the C++ kernels stream the weights for (kMaxSkinnyRows in quant_matmul.cpp)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ dequantize_int8(q, scale).T + bias with x rounded per row to int8 (symmetric, max |x| -> 127)
+    and an int8 x int8 -> int32 product: W8A8 dynamic. Per-channel scales (N, 1) only. Not exact."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0  # (M, 1)
+    xq = torch.round(x2 / sx).to(torch.int8)
+    y = torch._int_mm(xq, q.t()).float() * sx * scale.view(1, -1)  # int32 sums: exact, then one scale each
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
 def int4_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -36,12 +36,22 @@ class QuantConfig:
     method: str = "rtn"  # rtn | gptq | gguf
     desc_act: bool = False  # GPTQ's act-order
     modules_not_to_convert: list[str] = field(default_factory=list)
+    # "int8": W8A8 dynamic. A prefill's activations (more than quant.SKINNY_ROWS rows) are rounded per
+    # token to int8 and multiplied int8 x int8 (oneDNN's VNNI kernels), as llama.cpp's Q8_0 does:
+    # 1.7x a float32 matmul here, but not exact (x loses bits). Per-channel int8 only; decode steps
+    # stay on the exact kernels. "float32": weight-only, exact.
+    activations: str = "float32"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise LmlabError(f"bits must be 8 or 4, not {self.bits}", field="bits")
         if self.bits == 4 and self.group_size is None:
             raise LmlabError("int4 needs a group size (32, 64, 128, ...)", field="group_size")
+        if self.activations not in ("float32", "int8"):
+            raise LmlabError(f"activations must be float32 or int8, not {self.activations!r}", field="activations")
+        if self.activations == "int8" and (self.bits != 8 or self.group_size is not None):
+            raise LmlabError("int8 activations need per-channel int8 weights (bits 8, no group size)",
+                             field="activations")  # fmt: skip
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % quant.BLOCK):
             raise LmlabError(
                 f"the group size must be a positive multiple of 32, not {self.group_size}", field="group_size"
@@ -88,7 +98,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("offsets", torch.zeros(out_features, groups) if bits == 4 else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
+    int8_activations = False  # set by attach_config from QuantConfig.activations
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_activations and x.numel() > quant.SKINNY_ROWS * self.in_features:
+            return quant.int8_dynamic_linear(x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return quant.int8_linear(x, self.qweight, self.scales, self.bias)
         return quant.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias)
@@ -178,8 +192,16 @@ def build_quantized(
     model.load_state_dict(sd, strict=True, assign=True)
     model.tie_weights()
     model.init_buffers()
-    model.quant_config = config
+    attach_config(model, config)
     return model.eval()
+
+
+def attach_config(model: nn.Module, config: QuantConfig) -> None:
+    """Record `config` on a quantized model (save_pretrained writes it) and tell its layers how to run."""
+    model.quant_config = config
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.int8_activations = config.activations == "int8" and m.bits == 8 and m.scales.shape[1] == 1
 
 
 def runs_quantized(device: str | torch.device) -> bool:
