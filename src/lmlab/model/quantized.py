@@ -101,7 +101,8 @@ class QuantLinear(nn.Module):
     int8_activations = False  # set by attach_config from QuantConfig.activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_activations and x.numel() > quant.SKINNY_ROWS * self.in_features:
+        # (a CPU path, measured there; elsewhere the dequantized, exact one)
+        if self.int8_activations and x.device.type == "cpu" and x.numel() > quant.SKINNY_ROWS * self.in_features:
             return quant.int8_dynamic_linear(x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return quant.int8_linear(x, self.qweight, self.scales, self.bias)
