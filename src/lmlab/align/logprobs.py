@@ -117,8 +117,7 @@ def pair_logprobs(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, comp:
     row, mask, pos, branch, want = (x.to(dev) for x in (row, mask, pos, branch, want))
     rows, targets, owner = (torch.cat(x).to(dev) for x in (rows, targets, owner))
     h = model.hidden_states(row, attention_mask=mask, position_ids=pos, branch_ids=branch)
-    logp_all = (
-        model.full_vocab(model.lm_head(h[want])).float().log_softmax(-1)
-    )  # (N, V): one row per wanted position, row-major
+    logits = model.full_vocab(model.lm_head(h[want]))  # (N, V): one row per wanted position, row-major
+    logp_all = logits.float().log_softmax(-1)
     token = logp_all[rows, targets]  # (tokens,)
     return torch.zeros(2 * B, dtype=token.dtype, device=dev).index_add(0, owner, token).view(B, 2)

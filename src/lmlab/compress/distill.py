@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers
 from lmlab.compress.prune import token_windows
 from lmlab.errors import LmlabError
+from lmlab.generate.config import GenerationConfig
+from lmlab.generate.decode import stop_token_ids
 from lmlab.model.checkpoint import load_pretrained
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
@@ -238,8 +240,13 @@ class DistillLoss:
     def __init__(self, cfg: DistillConfig, teacher: Transformer | None, cache: dict[str, torch.Tensor] | None,
                  head_tokens: list[int] | None = None):  # fmt: skip
         self.cfg, self.teacher, self.cache = cfg, teacher, cache
-        # a student with a reduced head learns the teacher's distribution renormalized over its tokens
-        self.ids = torch.tensor(head_tokens) if head_tokens is not None else None
+        # a student with a reduced head learns the teacher's distribution renormalized over its tokens;
+        # where[token] is the token's position in the head (-1: not in it), built once
+        self.ids = self.where = None
+        if head_tokens is not None:
+            self.ids = torch.tensor(head_tokens)
+            self.where = torch.full((teacher.cfg.vocab_size,), -1, dtype=torch.long)
+            self.where[self.ids] = torch.arange(len(head_tokens))
 
     def __call__(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         x, y, idx = batch
@@ -249,31 +256,27 @@ class DistillLoss:
             top = (self.cache["values"][idx.cpu()].to(x.device), self.cache["indices"][idx.cpu()].to(x.device))
             ce_y = None
             if self.ids is not None:
-                logits, top, ce_y = self._on_head(logits, x.device, top=top, targets=y)
+                logits, ce_y, top = self._on_head(logits, y, top)
             return distill_loss(logits, None, y, cfg.alpha, cfg.temperature, top=top, ce_targets=ce_y)
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         ce_y = None
         if self.ids is not None:
-            logits, _, ce_y = self._on_head(logits, x.device, targets=y)
-            teacher_logits = teacher_logits[..., self.ids.to(x.device)]
+            logits, ce_y, _ = self._on_head(logits, y)
+            teacher_logits = teacher_logits[..., self.ids]
         return distill_loss(logits, teacher_logits, y, cfg.alpha, cfg.temperature, cfg.kl, ce_targets=ce_y)
 
-    def _on_head(self, logits, device, top=None, targets=None):
-        """Logits, cached top-k and targets moved to the reduced head's positions: a token outside the
-        head leaves the top-k (its value -inf) and the cross-entropy (-100)."""
-        ids = self.ids.to(device)
-        where = torch.full((self.teacher.cfg.vocab_size,), -1, dtype=torch.long, device=device)
-        where[ids] = torch.arange(len(ids), device=device)
-        if logits is not None:
-            logits = logits[..., ids]
+    def _on_head(self, logits, targets, top=None):
+        """Logits, targets and cached top-k moved to the reduced head's positions: a token outside the
+        head leaves the cross-entropy (-100) and the top-k (its value -inf)."""
+        if self.ids.device != logits.device:  # moved once, to the training device
+            self.ids, self.where = self.ids.to(logits.device), self.where.to(logits.device)
+        mapped = self.where[targets.clamp(min=0)]
+        targets = torch.where((targets == -100) | (mapped < 0), -100, mapped)
         if top is not None:
-            pos = where[top[1].long()]
+            pos = self.where[top[1].long()]
             top = (top[0].float().masked_fill(pos < 0, float("-inf")), pos.clamp(min=0))
-        if targets is not None:
-            mapped = where[targets.clamp(min=0)]
-            targets = torch.where((targets == -100) | (mapped < 0), -100, mapped)
-        return logits, top, targets
+        return logits[..., self.ids], targets, top
 
 
 def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -305,12 +308,8 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                                            int(ta.get("max_new_tokens", 128)), int(ta.get("batch", 32)), progress))  # fmt: skip
     train_w = token_windows(tokenizer, train_files, cfg.block_size, data.get("max_windows"), cfg.seed)
     if "head_vocab" in dc.student:  # a draft's reduced head: the tokens the training text uses most
-        specials = [
-            tokenizer.eos_token_id,
-            tokenizer.bos_token_id,
-            tokenizer.pad_token_id,
-            *_as_list(teacher.cfg.eos_token_id),
-        ]
+        specials = [*stop_token_ids(teacher, tokenizer, GenerationConfig()), tokenizer.bos_token_id,
+                    tokenizer.pad_token_id]  # fmt: skip
         ids = frequent_tokens(train_w, int(dc.student["head_vocab"]), {t for t in specials if t is not None})
         reduce_head(student, ids)
     if dc.freeze_embeddings:
@@ -336,10 +335,6 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
                    out_dir=str(trainer.out), model=str(trainer.out / "final"))  # fmt: skip
     write_json(trainer.out / "summary.json", summary)
     return summary
-
-
-def _as_list(ids: int | list[int] | None) -> list[int]:
-    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 @torch.no_grad()

@@ -105,20 +105,15 @@ def speculative_generate(
     stats = SpeculativeStats()
     procs = build_processors(config, len(prompt_ids), config.sampling)
 
-    def dist(logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
-        """The processed next-token distribution (one-hot at the argmax when greedy)."""
-        ids = torch.tensor([prefix], device=device)
-        scores = apply_processors(procs, ids, logits.float()[None])[0]
+    def scores(logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+        """The next-token scores after the logits processors."""
+        return apply_processors(procs, torch.tensor([prefix], device=device), logits.float()[None])[0]
+
+    def dist(scores: torch.Tensor) -> torch.Tensor:
+        """The next-token distribution (one-hot at the argmax when greedy)."""
         if not config.sampling:
             return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
         return scores.softmax(-1)
-
-    def sure(logits: torch.Tensor, prefix: list[int], token: int, probs: torch.Tensor) -> float:
-        """The draft's probability of its own proposal (greedy: of its argmax under its softmax)."""
-        if config.sampling:
-            return float(probs[token])
-        ids = torch.tensor([prefix], device=device)
-        return float(apply_processors(procs, ids, logits.float()[None])[0].softmax(-1)[token])
 
     def pick(probs: torch.Tensor) -> int:
         if not config.sampling:
@@ -137,10 +132,13 @@ def speculative_generate(
         drafted, q = [], []
         logits = feed(draft, d_cache, seq[d_cache.length :])[-1]
         for i in range(k):
-            q.append(dist(logits, seq + drafted))
+            s = scores(logits, seq + drafted)
+            q.append(dist(s))
             drafted.append(pick(q[-1]))
-            if confidence > 0 and sure(logits, seq + drafted[:-1], drafted[-1], q[-1]) < confidence:
-                break
+            if confidence > 0:  # the draft's probability of its own proposal (greedy: under its softmax)
+                sure = q[-1] if config.sampling else s.softmax(-1)
+                if float(sure[drafted[-1]]) < confidence:
+                    break
             if i < k - 1:
                 logits = feed(draft, d_cache, drafted[-1:])[-1]
         k = len(drafted)
@@ -148,7 +146,7 @@ def speculative_generate(
         t_logits = feed(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
         accepted: list[int] = []
         for i, token in enumerate(drafted):
-            p = dist(t_logits[i], seq + accepted)
+            p = dist(scores(t_logits[i], seq + accepted))
             u = float(torch.rand((), generator=generator, device=device)) if config.sampling else 0.0
             if u >= acceptance_probability(p, q[i], token):
                 accepted.append(pick(residual(p, q[i])))  # rejected: the target's correction ends the round
@@ -156,7 +154,7 @@ def speculative_generate(
             accepted.append(token)
             stats.accepted += 1
         else:  # every draft accepted: the target's next token comes free
-            accepted.append(pick(dist(t_logits[k], seq + accepted)))
+            accepted.append(pick(dist(scores(t_logits[k], seq + accepted))))
         stats.rounds += 1
         stats.proposed += k
         stop_at = next((i + 1 for i, t in enumerate(accepted) if t in eos), None)

@@ -308,7 +308,7 @@ class Transformer(nn.Module):
             return linear_cross_entropy(
                 h, head.weight, targets, head.bias, label_smoothing=label_smoothing, reduction=reduction
             )
-        logits = self.full_vocab(head(h)) if self.mlm_head is None else head(h)
+        logits = self.full_vocab(head(h))  # (no change unless a reduced LM head)
         return F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(),
             targets.reshape(-1),

@@ -49,9 +49,7 @@ def lm_head(model: Transformer) -> torch.nn.Module:
 
 def read_out(model: Transformer, h: torch.Tensor) -> torch.Tensor:
     """Logits (..., vocab) of hidden states h (..., d) through the final norm (if any) and the LM/MLM head."""
-    head = lm_head(model)
-    logits = head(model.norm(h) if model.norm is not None else h)
-    return model.full_vocab(logits) if head is model.lm_head else logits
+    return model.full_vocab(lm_head(model)(model.norm(h) if model.norm is not None else h))
 
 
 @torch.no_grad()
