@@ -182,13 +182,15 @@ def step_ms(model, rows: int = 1, n: int = 30) -> float:
 
     cache = KVCache.for_model(model, 1, 256)
     ids = torch.randint(0, 1000, (1, rows))
+    d = model.cfg.d_model
+    feats = {"features": torch.randn(1, rows, d)} if model.cfg.eagle else {}  # an EAGLE draft's other input
     times = []
     with torch.inference_mode():
-        model(torch.randint(0, 1000, (1, 64)), kv_cache=cache)
+        model(torch.randint(0, 1000, (1, 64)), kv_cache=cache, **({"features": torch.randn(1, 64, d)} if feats else {}))
         for _ in range(n):
             t = time.perf_counter()
             with cpu_kernels.for_rows(rows, "cpu"):
-                model(ids, kv_cache=cache)
+                model(ids, kv_cache=cache, **feats)
             times.append(time.perf_counter() - t)
             cache.length -= rows
     return 1e3 * statistics.median(times)
@@ -221,6 +223,9 @@ def stage_draft(args, results: dict) -> None:
     drafts = {f"first {layers} layers, not distilled": truncated_draft(target, layers), "distilled": distilled}
     row.update(draft=str(args.draft), draft_layers=layers,
                draft_head_tokens=len(distilled.cfg.head_tokens or []) or distilled.cfg.vocab_size)  # fmt: skip
+    if args.eagle is not None:  # a draft that reads the target's hidden states (recipes/compress/eagle-smollm2.yaml)
+        drafts["EAGLE"] = load_pretrained(args.eagle)[0].eval()
+        row["eagle"] = str(args.eagle)
     # what a round costs: k one-token draft steps and one (k + 1)-token target step
     row["step_ms"] = {"target": round(step_ms(target), 2), f"target {args.k[0] + 1} rows": round(step_ms(target, args.k[0] + 1), 2),
                       **{name: round(step_ms(d), 2) for name, d in drafts.items()}}  # fmt: skip
@@ -229,6 +234,8 @@ def stage_draft(args, results: dict) -> None:
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     runs: dict = {"greedy": None, f"{next(iter(drafts))}, k={args.k[0]}": (drafts[next(iter(drafts))], args.k[0], 0.0)}
     runs.update({f"distilled, k={k}, confidence={c}": (distilled, k, c) for k in args.k for c in args.confidence})
+    if "EAGLE" in drafts:
+        runs.update({f"EAGLE, k={k}, confidence={c}": (drafts["EAGLE"], k, c) for k in args.k for c in args.confidence})
     times: dict[str, list[float]] = {name: [] for name in runs}
     stats: dict[str, list[int]] = {name: [0, 0, 0] for name in runs}
     want: list[list[int]] = []  # greedy's tokens per prompt (it runs first in every repeat)
@@ -281,6 +288,7 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=None, help="default: the recipe's")
     p.add_argument("--draft-layers", type=int, default=None, help="default: the recipe's")
     p.add_argument("--draft", type=Path, default=None, help="measure this draft checkpoint; default: distil one")
+    p.add_argument("--eagle", type=Path, default=None, help="also measure this EAGLE draft checkpoint")
     p.add_argument("--k", type=int, nargs="+", default=[4], help="drafted tokens per round (one run each)")
     p.add_argument(
         "--fp32-target",

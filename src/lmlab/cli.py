@@ -449,6 +449,8 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"student {s['student_parameters']:,} parameters (teacher {s['teacher_parameters']:,}); "
           f"{s['steps']} steps on {s['train_windows']} windows")  # fmt: skip
     print(f"validation distillation loss {s['val_before']:.4f} -> {s['val_after']:.4f}")
+    if "val_agreement_after" in s:  # an EAGLE draft: how often its first guess is the teacher's argmax
+        print(f"validation top-1 agreement {s['val_agreement_before']:.3f} -> {s['val_agreement_after']:.3f}")
     print(f"wrote {s['model']}; use it as a draft: lmlab generate --model TEACHER --draft {s['model']}")
 
 

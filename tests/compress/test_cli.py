@@ -80,3 +80,22 @@ def test_generate_with_a_reduced_head_draft_prints_the_targets_greedy_text(smoll
         assert main([*base, "--draft", str(tmp_path / "draft"), "--draft-confidence", confidence]) == 0
         out = capsys.readouterr()
         assert out.out == want and "drafted tokens accepted" in out.err
+
+
+def test_generate_with_an_eagle_draft_prints_the_targets_greedy_text(smollm2_gguf, tmp_path, capsys):
+    from lmlab.compress.draft import reduce_head
+    from lmlab.compress.eagle import eagle_draft
+
+    _, tokenizer = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    target = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1))
+    save_pretrained(target, tokenizer, tmp_path / "target")
+    save_pretrained(reduce_head(eagle_draft(target), list(range(0, 49152, 7))), tokenizer, tmp_path / "draft")
+    base = ["generate", "--model", str(tmp_path / "target"), "--prompt", "hi there", "--max-new-tokens", "12",
+            "--device", "cpu"]  # fmt: skip
+    capsys.readouterr()
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    assert main([*base, "--draft", str(tmp_path / "draft")]) == 0
+    out = capsys.readouterr()
+    assert out.out == want and "drafted tokens accepted" in out.err

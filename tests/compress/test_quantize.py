@@ -195,3 +195,8 @@ def test_int8_activations_run_only_a_prefill_and_survive_save_and_load(tmp_path)
     quantize_model(plain, QuantConfig(bits=8))
     with torch.no_grad():
         assert _rel(plain(long), _dequantized_twin(plain)(long)) < 1e-5  # the default stays exact
+    # the device policy decides: under a GPU's policy (no W8A8) the same layers take the exact path
+    from lmlab.utils.device import forced_policy, policy
+
+    with forced_policy(policy("cuda")), torch.no_grad():
+        assert _rel(model(long), twin(long)) < 1e-5

@@ -39,6 +39,8 @@ def test_policy_never_lets_a_cpu_constant_reach_a_gpu():
     assert loss_chunk_rows(50_304, "cpu") == 64 and loss_chunk_rows(50_304, "cuda") == 2668
     mps = policy("mps")  # other accelerators: the GPU's sizes, no CUDA graphs, no CPU kernels
     assert not mps.cpu_kernels and mps.decode_compile_mode is None
+    # W8A8's int8 activations: a CPU prefill only (where they were measured)
+    assert cpu.int8_prefill_rows == 64 and gpu.int8_prefill_rows is None and mps.int8_prefill_rows is None
     with forced_policy(gpu):
         assert policy("cpu") is gpu
     assert policy("cpu") is cpu

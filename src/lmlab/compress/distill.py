@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers
+from lmlab.compress.eagle import EagleLoss, cache_features, eagle_draft
 from lmlab.compress.prune import token_windows
 from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
@@ -39,6 +40,7 @@ from lmlab.utils.device import default_device
 from lmlab.utils.progress import progress_bar
 
 KL_KINDS = ("forward", "reverse")
+EAGLE_KEYS = ("eagle", "unroll", "noise", "cls_weight")
 
 
 # -- the loss -----------------------------------------------------------------------------------------
@@ -107,7 +109,8 @@ class DistillConfig:
     """The `distill:` section of a recipe."""
 
     teacher: str = "smollm2-135m-instruct"
-    student: dict[str, Any] = field(default_factory=lambda: {"layers": 4})  # layers: N | preset: .. | init_from: ..
+    # layers: N | preset: NAME | init_from: PATH | eagle: true (with unroll, noise, cls_weight); head_vocab: N
+    student: dict[str, Any] = field(default_factory=lambda: {"layers": 4})
     temperature: float = 2.0
     alpha: float = 0.9  # weight of the KL term; 1 - alpha goes to the next-token cross-entropy
     kl: str = "forward"
@@ -168,6 +171,11 @@ def build_student(spec: dict[str, Any], teacher: Transformer, source: str | None
     """The student a recipe names; its vocabulary must be the teacher's. (`head_vocab: N`, a reduced
     head, is applied by `distill` once the training data is known.)"""
     spec = {k: v for k, v in spec.items() if k != "head_vocab"}
+    if spec.get("eagle"):
+        if unknown := sorted(set(spec) - set(EAGLE_KEYS)):
+            raise LmlabError(f"unknown key {unknown[0]!r} for an EAGLE draft (known: {', '.join(EAGLE_KEYS)})",
+                             file=source, field="distill.student")  # fmt: skip
+        return eagle_draft(teacher)
     if "layers" in spec:
         student = first_layers(teacher, int(spec["layers"]))
     elif "init_from" in spec:
@@ -314,34 +322,54 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         reduce_head(student, ids)
     if dc.freeze_embeddings:
         student.embed.weight.requires_grad_(False)
+    eagle = student.cfg.eagle
+    if eagle:  # its head is the target's: the loss reads the target's probabilities through it
+        student.lm_head.weight.requires_grad_(False)
     val_w = token_windows(tokenizer, split("validation"), cfg.block_size, data.get("max_val_windows", 64), cfg.seed)
     rows = cfg.micro_batch_size * cfg.grad_accum
-    cache = None
-    if dc.teacher_logits == "cache":
-        out = Path(cfg.out_dir)
-        cache = cache_teacher_topk(teacher, train_w, dc.top_k, out / "teacher_topk.safetensors", progress=progress)
-    head = student.cfg.head_tokens
-    loss = DistillLoss(dc, teacher, cache, head)
-    # validation always compares with the live teacher, so cached and online runs report the same thing
-    val_loss = DistillLoss(dataclasses.replace(dc, teacher_logits="online"), teacher, None, head)
+    cache, out = None, Path(cfg.out_dir)
+    if eagle:  # the draft learns from the teacher's hidden states (always cached: they are reused each epoch)
+        s = dc.student
+        opts = dict(cls_weight=float(s.get("cls_weight", 0.1)), unroll=int(s.get("unroll", 1)),
+                    noise=float(s.get("noise", 0.0)))  # fmt: skip
+        teacher.to(default_device(cfg.device))
+        feats = cache_features(teacher, train_w, out / "teacher_features.safetensors", progress=progress)
+        loss, val_loss = EagleLoss(teacher, feats, **opts), EagleLoss(teacher, None, **opts)
+    else:
+        if dc.teacher_logits == "cache":
+            cache = cache_teacher_topk(teacher, train_w, dc.top_k, out / "teacher_topk.safetensors", progress=progress)
+        head = student.cfg.head_tokens
+        loss = DistillLoss(dc, teacher, cache, head)
+        # validation always compares with the live teacher, so cached and online runs report the same thing
+        val_loss = DistillLoss(dataclasses.replace(dc, teacher_logits="online"), teacher, None, head)
     trainer = Trainer(student, Windows(train_w, rows, seed=cfg.seed), cfg, val_data=Windows(val_w, rows, False),
                       tokenizer=tokenizer, loss_fn=loss, recipe=recipe.to_dict(), progress=progress)  # fmt: skip
     teacher.to(trainer.dist.device)
-    before = _val(trainer, val_loss)
+    agreement: list[float] = []  # an EAGLE draft's top-1 agreement with the teacher, before and after
+    before = _val(trainer, val_loss, agreement)
     summary = trainer.fit()
-    summary.update(val_before=before, val_after=_val(trainer, val_loss), train_windows=len(train_w),
+    summary.update(val_before=before, val_after=_val(trainer, val_loss, agreement), train_windows=len(train_w),
                    student_parameters=sum(p.numel() for p in student.parameters()),
                    teacher_parameters=sum(p.numel() for p in teacher.parameters()),
                    out_dir=str(trainer.out), model=str(trainer.out / "final"))  # fmt: skip
+    if agreement:
+        summary.update(val_agreement_before=agreement[0], val_agreement_after=agreement[-1])
     write_json(trainer.out / "summary.json", summary)
     return summary
 
 
 @torch.no_grad()
-def _val(trainer: Trainer, loss: DistillLoss) -> float:
-    """Mean distillation loss (live teacher) over the validation windows."""
+def _val(trainer: Trainer, loss: DistillLoss | EagleLoss, agreement: list[float] | None = None) -> float:
+    """Mean distillation loss (live teacher) over the validation windows; an EAGLE draft's mean top-1
+    agreement with the teacher is appended to `agreement`."""
     model, data = trainer.raw, trainer.val_data
     model.eval()
     device = next(model.parameters()).device
-    vals = [float(loss(model, tuple(t.to(device) for t in data.get_batch(i)))) for i in range(data.steps_per_epoch)]
+    vals, agree = [], []
+    for i in range(data.steps_per_epoch):
+        vals.append(float(loss(model, tuple(t.to(device) for t in data.get_batch(i)))))
+        if isinstance(loss, EagleLoss):
+            agree.append(float(loss.last_agreement))
+    if agree and agreement is not None:
+        agreement.append(sum(agree) / len(agree))
     return sum(vals) / len(vals)

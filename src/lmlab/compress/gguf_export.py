@@ -225,6 +225,8 @@ def export_gguf(
         raise LmlabError("a GGUF file needs the tokenizer, and this checkpoint has none")
     cfg = model.cfg
     arch = gguf_arch(cfg)
+    if cfg.eagle:
+        raise LmlabError("an EAGLE draft has no GGUF form (its input is the target's hidden states)", field="eagle")
     if cfg.head_tokens is not None:
         raise LmlabError("a draft with a reduced vocabulary head has no GGUF form: llama.cpp's output "
                          "layer scores the whole vocabulary", field="head_tokens")  # fmt: skip

@@ -93,6 +93,10 @@ def speculative_generate(
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise LmlabError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the target's "
                          f"({target.cfg.vocab_size})", field="draft", hint="use a draft with the same tokenizer")  # fmt: skip
+    eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
+    if eagle and draft.cfg.d_model != target.cfg.d_model:
+        raise LmlabError(f"the EAGLE draft reads hidden states of width {draft.cfg.d_model}, the target's are "
+                         f"{target.cfg.d_model}", field="draft", hint="train the draft on this target")  # fmt: skip
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
     eos = stop_token_ids(target, tokenizer, config)
     device = next(target.parameters()).device
@@ -120,30 +124,51 @@ def speculative_generate(
             return int(probs.argmax())
         return int(torch.multinomial(probs, 1, generator=generator))
 
-    def feed(model: Transformer, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+    def hidden(model: Transformer, cache: KVCache, tokens: list[int], features=None) -> torch.Tensor:
         ids = torch.tensor([tokens], device=device)
         # the target's check feeds k + 1 tokens at once: the decode kernels' matmuls pay off
         with cpu_kernels.for_rows(len(tokens), device):
-            return model(ids, kv_cache=cache)[0]  # (len(tokens), V)
+            return model.hidden_states(ids, kv_cache=cache, features=features)[0]  # (len(tokens), d)
+
+    def head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
+        with cpu_kernels.for_rows(h.shape[0], device):
+            return model.full_vocab(model.lm_head(h))  # (rows, V)
+
+    # an EAGLE draft reads the target's hidden state at every position but the newest: feats[i] is the
+    # target's state after seq[i]. The target's cache and feats stay one token behind seq; so does the
+    # draft's cache, whose position i reads (feats[i], seq[i + 1])
+    feats = torch.empty(0, target.cfg.d_model, device=device)
+    if eagle and len(seq) > 1:
+        feats = hidden(target, t_cache, seq[:-1])
 
     while len(seq) - len(prompt_ids) < config.max_new_tokens:
         k = min(num_draft_tokens, config.max_new_tokens - (len(seq) - len(prompt_ids)))
+        known = len(seq) - 1  # positions whose target state is known (an EAGLE draft's certain ones)
         # the draft proposes k tokens, one forward each (its cache catches up on accepted tokens first)
-        drafted, q = [], []
-        logits = feed(draft, d_cache, seq[d_cache.length :])[-1]
+        drafted: list[int] = []
+        q: list[torch.Tensor] = []
+        if eagle:
+            n = d_cache.length
+            if len(seq) - 1 > n:  # (a one-token prompt leaves nothing to read in the first round)
+                h = hidden(draft, d_cache, seq[n + 1 :], feats[n:][None])[-1:]
+            else:
+                k = 0
+        else:
+            h = hidden(draft, d_cache, seq[d_cache.length :])[-1:]
         for i in range(k):
-            s = scores(logits, seq + drafted)
+            s = scores(head(draft, h)[0], seq + drafted)
             q.append(dist(s))
             drafted.append(pick(q[-1]))
             if confidence > 0:  # the draft's probability of its own proposal (greedy: under its softmax)
                 sure = q[-1] if config.sampling else s.softmax(-1)
                 if float(sure[drafted[-1]]) < confidence:
                     break
-            if i < k - 1:
-                logits = feed(draft, d_cache, drafted[-1:])[-1]
+            if i < k - 1:  # an EAGLE draft reads its own predicted state where the target's is not known
+                h = hidden(draft, d_cache, drafted[-1:], h[None] if eagle else None)
         k = len(drafted)
         # the target scores all of them in one forward
-        t_logits = feed(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
+        t_hidden = hidden(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
+        t_logits = head(target, t_hidden)
         accepted: list[int] = []
         for i, token in enumerate(drafted):
             p = dist(scores(t_logits[i], seq + accepted))
@@ -159,9 +184,12 @@ def speculative_generate(
         stats.proposed += k
         stop_at = next((i + 1 for i, t in enumerate(accepted) if t in eos), None)
         seq += accepted[:stop_at]
-        # roll both caches back to what is now certain (everything but the newest token)
+        # roll both caches back to what is now certain (everything but the newest token); an EAGLE
+        # draft's drafted positions read its own predicted states, so they go even when accepted
         t_cache.length = min(t_cache.length, len(seq) - 1)
-        d_cache.length = min(d_cache.length, len(seq) - 1)
+        d_cache.length = min(d_cache.length, known if eagle else len(seq) - 1)
+        if eagle:
+            feats = torch.cat([feats, t_hidden])[: len(seq) - 1]
         if stop_at is not None:
             break
     generated = seq[len(prompt_ids) : len(prompt_ids) + config.max_new_tokens]

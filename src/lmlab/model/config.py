@@ -81,6 +81,9 @@ class ModelConfig:
     # a draft model's reduced vocabulary: the LM head scores only these token ids (every other token's
     # logit is -inf), so a draft for speculative decoding need not pay for a 49k-row head each token
     head_tokens: list[int] | None = None
+    # an EAGLE draft (Li et al. 2024): each position's input is fc([target's final hidden state; token
+    # embedding]) instead of the embedding alone, and its output predicts the target's next hidden state
+    eagle: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -119,6 +122,8 @@ class ModelConfig:
                 raise LmlabError("a reduced head needs head 'lm' and untied embeddings", field="head_tokens")
             if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise LmlabError(f"needs distinct token ids in 0..{self.vocab_size - 1}", field="head_tokens")
+        if self.eagle and (self.head != "lm" or not self.causal):
+            raise LmlabError("an EAGLE draft needs head 'lm' and a causal model", field="eagle")
         for i in range(self.n_layer):
             h, kv = self.heads(i)
             if h % kv:

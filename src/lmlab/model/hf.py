@@ -235,8 +235,8 @@ def _arch(cfg: ModelConfig) -> dict[str, Any]:
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any] | None:
     """config.json for `cfg`'s family, or None when transformers has no model with these switches."""
-    if cfg.family not in SUPPORTED_MODEL_TYPES or cfg.head_tokens is not None:
-        return None  # (a reduced draft head has no transformers equivalent)
+    if cfg.family not in SUPPORTED_MODEL_TYPES or cfg.head_tokens is not None or cfg.eagle:
+        return None  # (a reduced draft head and an EAGLE draft have no transformers equivalent)
     base = {k: v for k, v in cfg.extra.get("hf", {}).items() if not k.startswith("_")}
     tokens = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
     if cfg.family in ("llama", "mistral", "qwen2"):

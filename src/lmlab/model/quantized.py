@@ -24,6 +24,7 @@ import torch.nn as nn
 from lmlab.errors import LmlabError
 from lmlab.kernels import quant
 from lmlab.model.config import ModelConfig
+from lmlab.utils.device import policy
 
 
 @dataclass
@@ -101,8 +102,10 @@ class QuantLinear(nn.Module):
     int8_activations = False  # set by attach_config from QuantConfig.activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (a CPU path, measured there; elsewhere the dequantized, exact one)
-        if self.int8_activations and x.device.type == "cpu" and x.numel() > quant.SKINNY_ROWS * self.in_features:
+        # the device policy says where W8A8 runs (a CPU's prefill, where it was measured); elsewhere the
+        # dequantized, exact path
+        rows = policy(x.device).int8_prefill_rows if self.int8_activations else None
+        if rows is not None and x.numel() > rows * self.in_features:
             return quant.int8_dynamic_linear(x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return quant.int8_linear(x, self.qweight, self.scales, self.bias)

@@ -91,6 +91,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(d, head_size, bias=False) if cfg.head == "lm" else None
         self.mlm_head = MLMHead(cfg) if cfg.head == "mlm" else None
         self.pooler = nn.Linear(d, d) if cfg.pooler else None
+        self.fc = nn.Linear(2 * d, d) if cfg.eagle else None  # an EAGLE draft: [feature; embedding] -> d
         task = cfg.head in ("seq_cls", "token_cls")
         self.classifier = nn.Linear(d, cfg.num_labels, bias=cfg.cls_bias) if task else None
         self.cls_drop = nn.Dropout(cfg.cls_dropout)
@@ -139,6 +140,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
         branch_ids: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, d_model).
 
@@ -152,6 +154,8 @@ class Transformer(nn.Module):
         branch_ids (B, past_len + T): a trunk (0) shared by branches (1, 2, ...) packed after it, each branch
         seeing the trunk and itself (a prompt and its replies in one row; pass position_ids that restart at
         the trunk's end for each branch).
+        features (B, T, d_model): an EAGLE draft's other input, the target's final hidden state at the
+        position before each token (compress/eagle.py).
         """
         cfg = self.cfg
         B, T = input_ids.shape
@@ -177,6 +181,10 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(S - T, S, device=device).expand(B, T)
 
         x = self.embed(input_ids)
+        if self.fc is not None:
+            if features is None:
+                raise ValueError("an EAGLE draft needs the target's hidden states (features=...)")
+            x = self.fc(torch.cat([features.to(x.dtype), x], -1))  # (B, T, 2d) -> (B, T, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         elif cfg.pos == "sinusoidal":

@@ -56,10 +56,14 @@ class DevicePolicy:
     # the LM loss drops positions labelled -100 before the vocabulary projection; finding them reads
     # a flag on the host, which on a GPU stalls the queued step (an MLM head drops them anyway: 85% saved)
     drop_ignored_rows: bool = True
+    # W8A8 (QuantConfig.activations "int8"): inputs of more rows than this go through int8 activations
+    # (oneDNN's int8 matmul, measured 2x llama.cpp Q8_0 on a CPU prefill); None: never (the exact path)
+    int8_prefill_rows: int | None = None
 
 
 _POLICIES = {
-    "cpu": DevicePolicy("cpu", 8 << 20, 64, 1024, 2048, True, False, None, False, True),
+    # (64 rows: where the C++ skinny kernels stop, kernels/quant.py SKINNY_ROWS)
+    "cpu": DevicePolicy("cpu", 8 << 20, 64, 1024, 2048, True, False, None, False, True, int8_prefill_rows=64),
     # a GPU runs a 2.6k-row chunk of a 50k vocabulary (512 MB of fp32 logits) in one launch; few chunks mean few
     # launches, and the loss's Python loop no longer sets the step's pace
     "cuda": DevicePolicy("cuda", 1 << 29, 1024, 1 << 16, 8192, False, True, "reduce-overhead", True, False, False),

@@ -1,0 +1,215 @@
+"""An EAGLE draft: its inputs (the target's hidden states), its loss against an independent per-position
+computation, its checkpoint, and speculative decoding with it: the target's greedy output, and every
+round's proposals equal to a from-scratch recompute of the draft on the target's true states."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmlab
+from lmlab.compress.draft import reduce_head
+from lmlab.compress.eagle import cache_features, eagle_draft, eagle_loss
+from lmlab.errors import LmlabError
+from lmlab.generate import GenerationConfig, generate
+from lmlab.generate.speculative import speculative_generate
+from lmlab.model.checkpoint import load_pretrained, save_pretrained
+from lmlab.model.config import ModelConfig
+from lmlab.model.hf import config_to_hf
+
+IDS = list(range(0, 512, 2))  # a reduced head over half the vocabulary
+
+
+def _target(seed: int = 0) -> lmlab.Transformer:
+    torch.manual_seed(seed)
+    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None)).eval()
+
+
+def _draft(target: lmlab.Transformer, seed: int = 1, ids: list[int] | None = None) -> lmlab.Transformer:
+    torch.manual_seed(seed)
+    draft = eagle_draft(target)
+    if ids is not None:
+        reduce_head(draft, ids)
+    return draft.eval()
+
+
+def test_eagle_draft_reads_features_copies_the_targets_vocabulary_and_caches_exactly():
+    target = _target()
+    draft = _draft(target)
+    assert draft.cfg.n_layer == 1 and draft.cfg.eagle and not draft.cfg.tie_embeddings
+    assert torch.equal(draft.embed.weight, target.embed.weight)
+    assert torch.equal(draft.lm_head.weight, target.lm_head.weight)
+    assert draft.embed.weight.data_ptr() != target.embed.weight.data_ptr()  # a copy, not shared
+    x = torch.randint(0, 512, (1, 9))
+    f = torch.randn(1, 9, 64)
+    with torch.no_grad():
+        full = draft.hidden_states(x, features=f)
+        cache = lmlab.generate.kv_cache.KVCache.for_model(draft, 1, 16)
+        parts = [draft.hidden_states(x[:, :5], features=f[:, :5], kv_cache=cache)]
+        parts += [draft.hidden_states(x[:, i : i + 1], features=f[:, i : i + 1], kv_cache=cache) for i in range(5, 9)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)  # cached == recomputed
+        # the features matter: other features, other states
+        assert not torch.allclose(draft.hidden_states(x, features=f + 1), full)
+        with pytest.raises(ValueError, match="features"):
+            draft.hidden_states(x)
+
+
+def test_eagle_loss_equals_a_per_position_computation():
+    target = _target()
+    draft = _draft(target, ids=IDS)
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 512, (2, 8))
+    feats = torch.randn(2, 7, 64)
+    w = 0.3
+    with torch.no_grad():
+        for unroll in (1, 2):
+            got, agree = eagle_loss(draft, feats, tokens, cls_weight=w, unroll=unroll)
+            # independently: position by position, each from a fresh forward over the prefix
+            total, inp, agree_ref = 0.0, feats[:, :-1].clone(), None
+            for step in range(unroll):
+                hs = torch.stack([draft.hidden_states(tokens[:, 1 : i + 2], features=inp[:, : i + 1])[:, -1]
+                                  for i in range(6)], 1)  # fmt: skip
+                reg = F.smooth_l1_loss(hs, feats[:, 1:])
+                p = torch.softmax(feats[:, 1:] @ draft.lm_head.weight.T, -1)
+                logq = torch.log_softmax(hs @ draft.lm_head.weight.T, -1)
+                total += reg + w * -(p * logq).sum(-1).mean()
+                if step == 0:
+                    agree_ref = (logq.argmax(-1) == p.argmax(-1)).float().mean()
+                inp = torch.cat([feats[:, :1], hs[:, :-1]], 1)
+            torch.testing.assert_close(got, total / unroll, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(agree, agree_ref)
+
+
+def _reference_rounds(target, draft, prompt: list[int], out: list[int], k: int) -> tuple[int, int]:
+    """(rounds, accepted) of greedy EAGLE speculative decoding with confidence 0, recomputed from
+    scratch each round: the draft reads the target's true states for every known position, then its own."""
+    seq_all = prompt + out
+    with torch.no_grad():
+        true = target.hidden_states(torch.tensor([seq_all]))[0]  # (N, d): state after each token
+    m, rounds, accepted = len(prompt), 0, 0
+    while m < len(seq_all):
+        n_draft = min(k, len(seq_all) - m)
+        toks, feats, drafted = seq_all[1:m], true[: m - 1], []
+        for _ in range(n_draft if m > 1 else 0):
+            with torch.no_grad():
+                h = draft.hidden_states(torch.tensor([toks]), features=feats[None])[0, -1]
+                d = int(draft.full_vocab(draft.lm_head(h)).argmax())
+            drafted.append(d)
+            toks, feats = [*toks, d], torch.cat([feats, h[None]])
+        a = 0
+        while a < len(drafted) and drafted[a] == seq_all[m + a]:
+            a += 1
+        rounds, accepted, m = rounds + 1, accepted + a, m + a + 1
+    return rounds, accepted
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_eagle_speculative_decoding_is_the_targets_greedy_output_with_exact_draft_state(k, prompt_len):
+    torch.manual_seed(0)
+    target = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", n_layer=1, init_std=0.1, eos_token_id=None))
+    draft = _draft(target.eval(), ids=IDS)
+    # a draft that agrees often enough for multi-token rounds: fc passes the token's embedding through
+    # and the layer is the target's only one, so the draft is the target without the first token
+    with torch.no_grad():
+        draft.layers[0].load_state_dict(target.layers[0].state_dict())
+        draft.fc.weight.zero_()
+        draft.fc.bias.zero_()
+        draft.fc.weight[:, 64:] = torch.eye(64)
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 512, (prompt_len,)).tolist()
+    gen = GenerationConfig(max_new_tokens=24)
+    want = generate(target, None, prompt, gen)[0].token_ids
+    got, stats = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=k, confidence=0.0)
+    assert got.token_ids == want
+    assert (stats.rounds, stats.accepted) == _reference_rounds(target, draft, prompt, want, k)
+    assert stats.accepted > 0  # (the check above means something only if some drafts were accepted)
+    got, _ = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=k)  # confidence 0.4
+    assert got.token_ids == want
+
+
+def test_eagle_speculative_sampling_is_seeded_and_a_wrong_width_is_named():
+    target = _target()
+    draft = _draft(target)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=7)
+    a, _ = speculative_generate(target, draft, None, [1, 2, 3], cfg)
+    b, _ = speculative_generate(target, draft, None, [1, 2, 3], cfg)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+    other = eagle_draft(lmlab.Transformer(ModelConfig.from_preset("llama-tiny", d_model=32, n_head=2, n_kv_head=1)))
+    with pytest.raises(LmlabError, match="width 32"):
+        speculative_generate(target, other, None, [1, 2, 3], cfg)
+
+
+def test_eagle_draft_survives_save_and_load_and_has_no_hf_or_gguf_form(tmp_path, smollm2_gguf):
+    from lmlab.compress.gguf_export import export_gguf
+
+    draft = _draft(_target(), ids=IDS)
+    assert config_to_hf(draft.cfg) is None
+    save_pretrained(draft, None, tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["model_type"] == "lmlab"
+    back, _ = load_pretrained(tmp_path / "d")
+    assert back.cfg.eagle and back.cfg.head_tokens == IDS
+    x, f = torch.randint(0, 512, (1, 6)), torch.randn(1, 6, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, features=f), draft(x, features=f), rtol=0, atol=0)
+    _, tok = load_pretrained(smollm2_gguf)
+    with pytest.raises(LmlabError, match="EAGLE draft has no GGUF form"):
+        export_gguf(draft, tok, tmp_path / "d.gguf")
+    with pytest.raises(LmlabError, match="head 'lm' and a causal"):
+        ModelConfig.from_preset("llama-tiny", eagle=True, causal=False)
+
+
+def test_feature_cache_is_the_targets_states_written_once(tmp_path):
+    target = _target()
+    windows = torch.randint(0, 512, (5, 9))
+    path = tmp_path / "f.safetensors"
+    feats = cache_features(target, windows, path, batch=2, progress=False)
+    with torch.no_grad():
+        want = target.hidden_states(windows[:, :-1])
+    assert feats.dtype == torch.float16 and feats.shape == (5, 8, 64)
+    torch.testing.assert_close(feats.float(), want, rtol=1e-3, atol=1e-3)  # (float16)
+    mtime = path.stat().st_mtime_ns
+    assert (
+        torch.equal(cache_features(target, windows, path, progress=False), feats) and path.stat().st_mtime_ns == mtime
+    )
+    cache_features(target, windows[:4], path, progress=False)
+    assert path.stat().st_mtime_ns != mtime  # other windows: made again
+
+
+def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(smollm2_gguf, tmp_path):
+    """`lmlab distill` with student {eagle: true, head_vocab}: the features are cached, the draft's
+    agreement with the teacher rises, and the checkpoint it writes keeps speculative decoding exact."""
+    from lmlab.compress.distill import distill
+    from lmlab.train.config import recipe_from_dict
+
+    _, tok = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("llama-tiny", vocab_size=49152, tie_embeddings=True, init_std=0.1,
+                                  eos_token_id=tok.eos_token_id)  # fmt: skip
+    save_pretrained(lmlab.Transformer(cfg), tok, tmp_path / "teacher")
+    recipe = recipe_from_dict({
+        "distill": {"teacher": str(tmp_path / "teacher"),
+                    "student": {"eagle": True, "head_vocab": 256, "unroll": 2, "noise": 0.05}},
+        "data": {"datasets": ["kjv"], "max_windows": 16, "max_val_windows": 4},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 40, "block_size": 32, "micro_batch_size": 4,
+                  "lr": 3e-3, "warmup_steps": 0, "eval_every": 1000, "eval_batches": 1},
+    })  # fmt: skip
+    summary = distill(recipe, progress=False)
+    assert (tmp_path / "run" / "teacher_features.safetensors").exists()
+    assert summary["val_after"] < summary["val_before"]
+    assert summary["val_agreement_after"] > summary["val_agreement_before"]
+    draft, _ = load_pretrained(summary["model"])
+    assert draft.cfg.eagle and tok.eos_token_id in draft.cfg.head_tokens and len(draft.cfg.head_tokens) <= 256
+    teacher, _ = load_pretrained(tmp_path / "teacher")
+    prompt = tok.encode("In the beginning God created")
+    gen = GenerationConfig(max_new_tokens=12)
+    got, _ = speculative_generate(teacher, draft, tok, prompt, gen, num_draft_tokens=3)
+    assert got.token_ids == generate(teacher, tok, prompt, gen)[0].token_ids
+    assert math.isfinite(summary["val_after"])
+    with pytest.raises(LmlabError, match="unknown key 'layers'"):
+        distill(recipe_from_dict({**recipe.to_dict(), "distill": {"student": {"eagle": True, "layers": 2}}}),
+                progress=False)  # fmt: skip
