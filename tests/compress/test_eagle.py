@@ -210,6 +210,16 @@ def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(smollm2_gguf, tmp
     got, _ = speculative_generate(teacher, draft, tok, prompt, gen, num_draft_tokens=3)
     assert got.token_ids == generate(teacher, tok, prompt, gen)[0].token_ids
     assert math.isfinite(summary["val_after"])
+    # training goes on from a saved draft (its reduced head kept); a checkpoint that is no EAGLE draft is named
+    more = recipe.to_dict()
+    more["distill"]["student"] = {"eagle": True, "unroll": 2, "noise": 0.05, "init_from": summary["model"]}
+    more["train"].update(out_dir=str(tmp_path / "run2"), max_steps=2)
+    again = distill(recipe_from_dict(more), progress=False)
+    assert again["val_before"] == pytest.approx(summary["val_after"], rel=1e-4)
+    assert load_pretrained(again["model"])[0].cfg.head_tokens == draft.cfg.head_tokens
+    more["distill"]["student"]["init_from"] = str(tmp_path / "teacher")
+    with pytest.raises(LmlabError, match="is not an EAGLE draft"):
+        distill(recipe_from_dict(more), progress=False)
     with pytest.raises(LmlabError, match="unknown key 'layers'"):
         distill(recipe_from_dict({**recipe.to_dict(), "distill": {"student": {"eagle": True, "layers": 2}}}),
                 progress=False)  # fmt: skip

@@ -40,7 +40,7 @@ from lmlab.utils.device import default_device
 from lmlab.utils.progress import progress_bar
 
 KL_KINDS = ("forward", "reverse")
-EAGLE_KEYS = ("eagle", "unroll", "noise", "cls_weight")
+EAGLE_KEYS = ("eagle", "init_from", "unroll", "noise", "cls_weight")
 
 
 # -- the loss -----------------------------------------------------------------------------------------
@@ -109,7 +109,8 @@ class DistillConfig:
     """The `distill:` section of a recipe."""
 
     teacher: str = "smollm2-135m-instruct"
-    # layers: N | preset: NAME | init_from: PATH | eagle: true (with unroll, noise, cls_weight); head_vocab: N
+    # layers: N | preset: NAME | init_from: PATH | eagle: true (with init_from, unroll, noise, cls_weight);
+    # head_vocab: N
     student: dict[str, Any] = field(default_factory=lambda: {"layers": 4})
     temperature: float = 2.0
     alpha: float = 0.9  # weight of the KL term; 1 - alpha goes to the next-token cross-entropy
@@ -175,7 +176,14 @@ def build_student(spec: dict[str, Any], teacher: Transformer, source: str | None
         if unknown := sorted(set(spec) - set(EAGLE_KEYS)):
             raise LmlabError(f"unknown key {unknown[0]!r} for an EAGLE draft (known: {', '.join(EAGLE_KEYS)})",
                              file=source, field="distill.student")  # fmt: skip
-        return eagle_draft(teacher)
+        if "init_from" not in spec:
+            return eagle_draft(teacher)
+        draft = load_pretrained(spec["init_from"])[0]  # go on training an EAGLE draft
+        if not draft.cfg.eagle or draft.cfg.d_model != teacher.cfg.d_model:
+            raise LmlabError(f"{spec['init_from']} is not an EAGLE draft of width {teacher.cfg.d_model}",
+                             file=source, field="distill.student.init_from")  # fmt: skip
+        check_vocab(teacher, draft, "distill.student")
+        return draft.requires_grad_(True)
     if "layers" in spec:
         student = first_layers(teacher, int(spec["layers"]))
     elif "init_from" in spec:
