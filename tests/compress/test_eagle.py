@@ -212,7 +212,7 @@ def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(smollm2_gguf, tmp
     assert math.isfinite(summary["val_after"])
     # training goes on from a saved draft (its reduced head kept); a checkpoint that is no EAGLE draft is named
     more = recipe.to_dict()
-    more["distill"]["student"] = {"eagle": True, "unroll": 2, "noise": 0.05, "init_from": summary["model"]}
+    more["distill"]["student"]["init_from"] = summary["model"]  # (head_vocab stays: the saved head is kept)
     more["train"].update(out_dir=str(tmp_path / "run2"), max_steps=2)
     again = distill(recipe_from_dict(more), progress=False)
     assert again["val_before"] == pytest.approx(summary["val_after"], rel=1e-4)
@@ -223,3 +223,14 @@ def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(smollm2_gguf, tmp
     with pytest.raises(LmlabError, match="unknown key 'layers'"):
         distill(recipe_from_dict({**recipe.to_dict(), "distill": {"student": {"eagle": True, "layers": 2}}}),
                 progress=False)  # fmt: skip
+
+
+def test_bad_eagle_settings_are_named():
+    from lmlab.compress.distill import eagle_options
+
+    assert eagle_options({"eagle": True}) == {"cls_weight": 0.1, "unroll": 1, "noise": 0.0}
+    assert eagle_options({"unroll": 2, "noise": 0.1, "cls_weight": 1}) == {"cls_weight": 1.0, "unroll": 2, "noise": 0.1}
+    for key, value in [("unroll", 0), ("unroll", 1.5), ("noise", -0.1), ("cls_weight", "x"), ("unroll", True)]:
+        with pytest.raises(LmlabError) as e:
+            eagle_options({key: value}, "r.yaml")
+        assert e.value.field == f"distill.student.{key}" and "r.yaml" in str(e.value)

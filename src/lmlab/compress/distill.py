@@ -203,6 +203,20 @@ def build_student(spec: dict[str, Any], teacher: Transformer, source: str | None
     return student
 
 
+def eagle_options(spec: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """An EAGLE student's loss settings (cls_weight >= 0, unroll >= 1, noise >= 0), each checked."""
+    opts = {"cls_weight": 0.1, "unroll": 1, "noise": 0.0}
+    for key, default in list(opts.items()):
+        value = spec.get(key, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (value >= 1 and float(value).is_integer() if key == "unroll" else ok and value >= 0)
+        if not ok:
+            want = "an integer >= 1" if key == "unroll" else "a number >= 0"
+            raise LmlabError(f"{value!r} must be {want}", file=source, field=f"distill.student.{key}")
+        opts[key] = type(default)(value)
+    return opts
+
+
 def check_vocab(target: Transformer, other: Transformer, what: str) -> None:
     """Teacher and student (or target and draft) must share one vocabulary, token for token."""
     if other.cfg.vocab_size != target.cfg.vocab_size:
@@ -323,7 +337,9 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         train_files.append(teacher_answers(teacher, tokenizer, prompts, Path(cfg.out_dir) / "teacher_answers.jsonl",
                                            int(ta.get("max_new_tokens", 128)), int(ta.get("batch", 32)), progress))  # fmt: skip
     train_w = token_windows(tokenizer, train_files, cfg.block_size, data.get("max_windows"), cfg.seed)
-    if "head_vocab" in dc.student:  # a draft's reduced head: the tokens the training text uses most
+    # a draft's reduced head: the tokens the training text uses most (an EAGLE draft trained further
+    # keeps the head it has, whatever head_vocab says: its tokens are what it learned to score)
+    if "head_vocab" in dc.student and not (student.cfg.eagle and student.cfg.head_tokens is not None):
         specials = [*stop_token_ids(teacher, tokenizer, GenerationConfig()), tokenizer.bos_token_id,
                     tokenizer.pad_token_id]  # fmt: skip
         ids = frequent_tokens(train_w, int(dc.student["head_vocab"]), {t for t in specials if t is not None})
@@ -337,9 +353,7 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     rows = cfg.micro_batch_size * cfg.grad_accum
     cache, out = None, Path(cfg.out_dir)
     if eagle:  # the draft learns from the teacher's hidden states (always cached: they are reused each epoch)
-        s = dc.student
-        opts = dict(cls_weight=float(s.get("cls_weight", 0.1)), unroll=int(s.get("unroll", 1)),
-                    noise=float(s.get("noise", 0.0)))  # fmt: skip
+        opts = eagle_options(dc.student, recipe.source)
         teacher.to(default_device(cfg.device))
         feats = cache_features(teacher, train_w, out / "teacher_features.safetensors", progress=progress)
         loss, val_loss = EagleLoss(teacher, feats, **opts), EagleLoss(teacher, None, **opts)
@@ -358,6 +372,7 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     summary = trainer.fit()
     summary.update(val_before=before, val_after=_val(trainer, val_loss, agreement), train_windows=len(train_w),
                    student_parameters=sum(p.numel() for p in student.parameters()),
+                   trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),
                    teacher_parameters=sum(p.numel() for p in teacher.parameters()),
                    out_dir=str(trainer.out), model=str(trainer.out / "final"))  # fmt: skip
     if agreement:
