@@ -197,18 +197,14 @@ def test_teacher_answers_are_its_greedy_chat_answers_written_once(smollm2_gguf, 
     assert path.stat().st_mtime_ns != mtime  # another length: made again
 
 
-def test_distill_recipe_makes_a_reduced_head_draft_from_teacher_answers(smollm2_gguf, tmp_path):
+def test_distill_recipe_makes_a_reduced_head_draft_from_teacher_answers(tiny_chat_teacher, tmp_path):
     """`lmlab distill` with head_vocab and teacher_answers on a tiny teacher with SmolLM2's tokenizer:
     the answers are written, the head keeps the commonest tokens and EOS, and the draft it writes
     loads and keeps speculative decoding exact."""
     from lmlab.compress.distill import distill
     from lmlab.train.config import recipe_from_dict
 
-    _, tok = load_pretrained(smollm2_gguf)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama-tiny", vocab_size=49152, tie_embeddings=True, init_std=0.1,
-                                  eos_token_id=tok.eos_token_id)  # fmt: skip
-    save_pretrained(lmlab.Transformer(cfg), tok, tmp_path / "teacher")
+    _, tok = tiny_chat_teacher
     recipe = recipe_from_dict({
         "distill": {"teacher": str(tmp_path / "teacher"), "student": {"layers": 1, "head_vocab": 64},
                     "teacher_logits": "cache", "top_k": 8, "alpha": 0.8,

@@ -180,17 +180,13 @@ def test_feature_cache_is_the_targets_states_written_once(tmp_path):
     assert path.stat().st_mtime_ns != mtime  # other windows: made again
 
 
-def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(smollm2_gguf, tmp_path):
+def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(tiny_chat_teacher, tmp_path):
     """`lmlab distill` with student {eagle: true, head_vocab}: the features are cached, the draft's
     agreement with the teacher rises, and the checkpoint it writes keeps speculative decoding exact."""
     from lmlab.compress.distill import distill
     from lmlab.train.config import recipe_from_dict
 
-    _, tok = load_pretrained(smollm2_gguf)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama-tiny", vocab_size=49152, tie_embeddings=True, init_std=0.1,
-                                  eos_token_id=tok.eos_token_id)  # fmt: skip
-    save_pretrained(lmlab.Transformer(cfg), tok, tmp_path / "teacher")
+    _, tok = tiny_chat_teacher
     recipe = recipe_from_dict({
         "distill": {"teacher": str(tmp_path / "teacher"),
                     "student": {"eagle": True, "head_vocab": 256, "unroll": 2, "noise": 0.05}},
