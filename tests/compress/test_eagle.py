@@ -1,6 +1,6 @@
 """An EAGLE draft: its inputs (the target's hidden states), its loss against an independent per-position
 computation, its checkpoint, and speculative decoding with it: the target's greedy output, and every
-round's proposals equal to a from-scratch recompute of the draft on the target's true states."""
+proposal equal to a from-scratch recompute of the draft on the target's true states."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def test_eagle_draft_reads_features_copies_the_targets_vocabulary_and_caches_exa
         torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)  # cached == recomputed
         # the features matter: other features, other states
         assert not torch.allclose(draft.hidden_states(x, features=f + 1), full)
-        with pytest.raises(ValueError, match="features"):
-            draft.hidden_states(x)
+        with pytest.raises(LmlabError, match="EAGLE draft"):
+            draft.hidden_states(x)  # (what `lmlab generate --model DRAFT` meets: one line, with a hint)
 
 
 def test_eagle_loss_equals_a_per_position_computation():
@@ -84,13 +84,14 @@ def test_eagle_loss_equals_a_per_position_computation():
             torch.testing.assert_close(agree, agree_ref)
 
 
-def _reference_rounds(target, draft, prompt: list[int], out: list[int], k: int) -> tuple[int, int]:
-    """(rounds, accepted) of greedy EAGLE speculative decoding with confidence 0, recomputed from
-    scratch each round: the draft reads the target's true states for every known position, then its own."""
+def _reference_rounds(target, draft, prompt: list[int], out: list[int], k: int) -> tuple[int, int, list[int]]:
+    """(rounds, accepted, every proposal in order) of greedy EAGLE speculative decoding with confidence 0,
+    recomputed from scratch each round: the draft reads the target's true states for every known
+    position, then its own."""
     seq_all = prompt + out
     with torch.no_grad():
         true = target.hidden_states(torch.tensor([seq_all]))[0]  # (N, d): state after each token
-    m, rounds, accepted = len(prompt), 0, 0
+    m, rounds, accepted, proposals = len(prompt), 0, 0, []
     while m < len(seq_all):
         n_draft = min(k, len(seq_all) - m)
         toks, feats, drafted = seq_all[1:m], true[: m - 1], []
@@ -103,8 +104,8 @@ def _reference_rounds(target, draft, prompt: list[int], out: list[int], k: int) 
         a = 0
         while a < len(drafted) and drafted[a] == seq_all[m + a]:
             a += 1
-        rounds, accepted, m = rounds + 1, accepted + a, m + a + 1
-    return rounds, accepted
+        rounds, accepted, m, proposals = rounds + 1, accepted + a, m + a + 1, proposals + drafted
+    return rounds, accepted, proposals
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -114,22 +115,48 @@ def test_eagle_speculative_decoding_is_the_targets_greedy_output_with_exact_draf
     target = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", n_layer=1, init_std=0.1, eos_token_id=None))
     draft = _draft(target.eval(), ids=IDS)
     # a draft that agrees often enough for multi-token rounds: fc passes the token's embedding through
-    # and the layer is the target's only one, so the draft is the target without the first token
+    # and the layer is the target's only one, so the draft is the target without the first token (the
+    # states' part of the path is the next test's)
     with torch.no_grad():
         draft.layers[0].load_state_dict(target.layers[0].state_dict())
-        draft.fc.weight.zero_()
         draft.fc.bias.zero_()
+        draft.fc.weight.zero_()
         draft.fc.weight[:, 64:] = torch.eye(64)
+    proposals: list[int] = []  # every drafted token, in order (greedy: the argmax of the draft's head)
+    hook = draft.lm_head.register_forward_hook(
+        lambda mod, args, out: proposals.extend(draft.head_ids[out.argmax(-1)].flatten().tolist())
+    )
     torch.manual_seed(5)
     prompt = torch.randint(0, 512, (prompt_len,)).tolist()
     gen = GenerationConfig(max_new_tokens=24)
     want = generate(target, None, prompt, gen)[0].token_ids
     got, stats = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=k, confidence=0.0)
+    hook.remove()
     assert got.token_ids == want
-    assert (stats.rounds, stats.accepted) == _reference_rounds(target, draft, prompt, want, k)
+    rounds, accepted, ref = _reference_rounds(target, draft, prompt, want, k)
+    assert proposals == ref and (stats.rounds, stats.accepted) == (rounds, accepted)
     assert stats.accepted > 0  # (the check above means something only if some drafts were accepted)
     got, _ = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=k)  # confidence 0.4
     assert got.token_ids == want
+
+
+def test_eagle_proposals_follow_the_targets_states_exactly():
+    """A random draft whose states dominate: every round's proposals equal a from-scratch recompute."""
+    target = _target()
+    draft = _draft(target, seed=3, ids=IDS)
+    with torch.no_grad():
+        draft.fc.weight[:, :64] *= 10  # the states, not the token, decide
+    proposals: list[int] = []
+    hook = draft.lm_head.register_forward_hook(
+        lambda mod, args, out: proposals.extend(draft.head_ids[out.argmax(-1)].flatten().tolist())
+    )
+    prompt = [5, 9, 200, 31, 7]
+    gen = GenerationConfig(max_new_tokens=20)
+    want = generate(target, None, prompt, gen)[0].token_ids
+    got, stats = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=3, confidence=0.0)
+    hook.remove()
+    assert got.token_ids == want
+    assert proposals == _reference_rounds(target, draft, prompt, want, 3)[2] and len(proposals) == stats.proposed
 
 
 def test_eagle_speculative_sampling_is_seeded_and_a_wrong_width_is_named():
@@ -217,7 +244,8 @@ def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(tiny_chat_teacher
     with pytest.raises(LmlabError, match="is not an EAGLE draft"):
         distill(recipe_from_dict(more), progress=False)
     with pytest.raises(LmlabError, match="unknown key 'layers'"):
-        distill(recipe_from_dict({**recipe.to_dict(), "distill": {"student": {"eagle": True, "layers": 2}}}),
+        distill(recipe_from_dict({**recipe.to_dict(), "distill": {"teacher": str(tmp_path / "teacher"),
+                                                                  "student": {"eagle": True, "layers": 2}}}),
                 progress=False)  # fmt: skip
 
 
@@ -226,7 +254,15 @@ def test_bad_eagle_settings_are_named():
 
     assert eagle_options({"eagle": True}) == {"cls_weight": 0.1, "unroll": 1, "noise": 0.0}
     assert eagle_options({"unroll": 2, "noise": 0.1, "cls_weight": 1}) == {"cls_weight": 1.0, "unroll": 2, "noise": 0.1}
-    for key, value in [("unroll", 0), ("unroll", 1.5), ("noise", -0.1), ("cls_weight", "x"), ("unroll", True)]:
+    bad = [
+        ("unroll", 0),
+        ("unroll", 1.5),
+        ("noise", -0.1),
+        ("noise", float("inf")),
+        ("cls_weight", "x"),
+        ("unroll", True),
+    ]
+    for key, value in bad:
         with pytest.raises(LmlabError) as e:
             eagle_options({key: value}, "r.yaml")
         assert e.value.field == f"distill.student.{key}" and "r.yaml" in str(e.value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,7 @@ def build_student(spec: dict[str, Any], teacher: Transformer, source: str | None
         if unknown := sorted(set(spec) - set(EAGLE_KEYS)):
             raise LmlabError(f"unknown key {unknown[0]!r} for an EAGLE draft (known: {', '.join(EAGLE_KEYS)})",
                              file=source, field="distill.student")  # fmt: skip
+        eagle_options(spec, source)  # bad settings named now, not after the teacher's answers
         if "init_from" not in spec:
             return eagle_draft(teacher)
         draft = load_pretrained(spec["init_from"])[0]  # go on training an EAGLE draft
@@ -208,7 +210,7 @@ def eagle_options(spec: dict[str, Any], source: str | None = None) -> dict[str, 
     opts = {"cls_weight": 0.1, "unroll": 1, "noise": 0.0}
     for key, default in list(opts.items()):
         value = spec.get(key, default)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         ok = ok and (value >= 1 and float(value).is_integer() if key == "unroll" else ok and value >= 0)
         if not ok:
             want = "an integer >= 1" if key == "unroll" else "a number >= 0"

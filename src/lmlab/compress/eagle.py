@@ -14,8 +14,11 @@ on the target's hidden states of a corpus, cached once:
 
 The cross-entropy's soft labels come from the target's own feature through the same head, so with a
 reduced head (`reduce_head`) they are the target's distribution renormalized over the head's tokens.
-`unroll` > 1 runs the draft again on its own predictions (EAGLE-3's "training-time test"), so it learns
-to keep going from its own guesses, as it must when drafting several tokens.
+`unroll` > 1 runs the draft again on its own predictions (after EAGLE-3's "training-time test"), so it
+learns to keep going from its own guesses, as it must when drafting several tokens. (An approximation:
+in a later pass every position reads predicted states, while when drafting only the current round's
+positions do; EAGLE-3 masks attention so that earlier positions keep the first pass's keys.) The
+embedding is frozen unless the recipe says `freeze_embeddings: false`; the head always is.
 
 `generate.speculative.speculative_generate` runs such a draft (a Transformer with `cfg.eagle`).
 """
@@ -79,7 +82,8 @@ def eagle_loss(draft: Transformer, features: torch.Tensor, tokens: torch.Tensor,
 
     features (B, T, d): the target's hidden states after tokens[:, :T]; tokens (B, T + 1). Position i
     reads (features[:, i], tokens[:, i + 1]) and is scored against features[:, i + 1] and the target's
-    next-token distribution there. Agreement: how often the draft's argmax is the target's (first pass)."""
+    next-token distribution there. Agreement: how often the draft's argmax is the target's among the
+    head's tokens (first pass; with a reduced head, a position whose target token it lacks may count)."""
     f = features.float()
     inp, want = f[:, :-1], f[:, 1:]  # (B, T-1, d)
     ids = tokens[:, 1:-1]  # x_{i+1} for i < T - 1

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.errors import LmlabError
 from lmlab.model.alibi import alibi_bias, alibi_slopes
 from lmlab.model.attention import Attention, KVCache
 from lmlab.model.config import ModelConfig
@@ -183,7 +184,8 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if self.fc is not None:
             if features is None:
-                raise ValueError("an EAGLE draft needs the target's hidden states (features=...)")
+                raise LmlabError("this is an EAGLE draft: it reads a target's hidden states (features=...)",
+                                 field="eagle", hint="use it as a draft: lmlab generate --model TARGET --draft PATH")  # fmt: skip
             x = self.fc(torch.cat([features.to(x.dtype), x], -1))  # (B, T, 2d) -> (B, T, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
