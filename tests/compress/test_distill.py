@@ -104,6 +104,9 @@ def test_cached_top_k_is_written_once_and_reused(tmp_path):
     mtime = path.stat().st_mtime_ns
     cache_teacher_topk(target, w, 5, path, progress=False)
     assert path.stat().st_mtime_ns == mtime
+    other = _target(seed=1)  # another teacher over the same windows: made again, with its own logits
+    b = cache_teacher_topk(other, w, 5, path, progress=False)
+    assert path.stat().st_mtime_ns != mtime and not torch.equal(b["values"], a["values"])
 
 
 @pytest.mark.parametrize("mode", ["online", "cache"])

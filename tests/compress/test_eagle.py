@@ -205,6 +205,9 @@ def test_feature_cache_is_the_targets_states_written_once(tmp_path):
     )
     cache_features(target, windows[:4], path, progress=False)
     assert path.stat().st_mtime_ns != mtime  # other windows: made again
+    mtime = path.stat().st_mtime_ns
+    other = cache_features(_target(seed=1), windows[:4], path, progress=False)  # another teacher: made again
+    assert path.stat().st_mtime_ns != mtime and not torch.allclose(other, feats[:4])
 
 
 def test_distill_recipe_trains_an_eagle_draft_that_agrees_more(tiny_chat_teacher, tmp_path):

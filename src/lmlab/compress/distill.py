@@ -248,12 +248,14 @@ def cache_teacher_topk(teacher: Transformer, windows: torch.Tensor, k: int, path
                        progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
     """The teacher's top-k logits at every position of every window, written once to a safetensors file
     (values float16, indices int32) and read back on later runs over the same windows."""
-    if path.exists():
-        cached = load_file(str(path))
-        if torch.equal(cached["windows"], windows) and cached["values"].shape[-1] == k:
-            return cached
     teacher.eval()
     device = next(teacher.parameters()).device
+    if path.exists():  # reused for the same windows and k by the same teacher (checked on the first window)
+        cached = load_file(str(path))
+        if torch.equal(cached["windows"], windows) and cached["values"].shape[-1] == k:
+            first = teacher(windows[:1, :-1].to(device)).float().topk(k, dim=-1).values.half().cpu()
+            if torch.allclose(first.float(), cached["values"][:1].float(), rtol=1e-2, atol=1e-2):
+                return cached
     values, indices = [], []
     for start in progress_bar(range(0, len(windows), batch), desc="teacher top-k", disable=not progress):
         logits = teacher(windows[start : start + batch, :-1].to(device)).float()
