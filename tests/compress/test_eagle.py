@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import lmlab
+from lmlab.compress.distill import cache_features
 from lmlab.compress.draft import reduce_head
-from lmlab.compress.eagle import cache_features, eagle_draft, eagle_loss
+from lmlab.compress.eagle import eagle_draft, eagle_loss
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate
 from lmlab.generate.speculative import speculative_generate

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers
-from lmlab.compress.eagle import EagleLoss, cache_features, eagle_draft
+from lmlab.compress.eagle import EagleLoss, eagle_draft
 from lmlab.compress.prune import token_windows
 from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
@@ -244,28 +245,57 @@ class Windows:
 
 
 @torch.no_grad()
-def cache_teacher_topk(teacher: Transformer, windows: torch.Tensor, k: int, path: Path, batch: int = 4,
-                       progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The teacher's top-k logits at every position of every window, written once to a safetensors file
-    (values float16, indices int32) and read back on later runs over the same windows."""
+def teacher_pass(teacher: Transformer, windows: torch.Tensor, path: Path,
+                 fn: Callable[[Transformer, torch.Tensor], dict[str, torch.Tensor]], desc: str, batch: int = 4,
+                 progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """`fn(teacher, rows)` -> {name: tensor (B, ...)} over every window's input tokens, batch by batch,
+    written once to a safetensors file with the windows. Reused by later runs over the same windows with
+    the same teacher: its results on the first window are recomputed and must match the saved ones (the
+    float ones within float16 rounding, every shape exactly)."""
     teacher.eval()
     device = next(teacher.parameters()).device
-    if path.exists():  # reused for the same windows and k by the same teacher (checked on the first window)
+    if path.exists():
         cached = load_file(str(path))
-        if torch.equal(cached["windows"], windows) and cached["values"].shape[-1] == k:
-            first = teacher(windows[:1, :-1].to(device)).float().topk(k, dim=-1).values.half().cpu()
-            if torch.allclose(first.float(), cached["values"][:1].float(), rtol=1e-2, atol=1e-2):
+        if "windows" in cached and torch.equal(cached["windows"], windows):
+            first = fn(teacher, windows[:1, :-1].to(device))
+            same = all(
+                name in cached and cached[name][:1].shape == t.shape
+                and (not t.is_floating_point() or torch.allclose(t.float(), cached[name][:1].float(), 1e-2, 1e-2))
+                for name, t in first.items()
+            )  # fmt: skip
+            if same:
                 return cached
-    values, indices = [], []
-    for start in progress_bar(range(0, len(windows), batch), desc="teacher top-k", disable=not progress):
-        logits = teacher(windows[start : start + batch, :-1].to(device)).float()
-        top = logits.topk(k, dim=-1)
-        values.append(top.values.half().cpu())
-        indices.append(top.indices.int().cpu())
-    out = {"values": torch.cat(values), "indices": torch.cat(indices), "windows": windows.contiguous()}
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in progress_bar(range(0, len(windows), batch), desc=desc, disable=not progress):
+        for name, t in fn(teacher, windows[start : start + batch, :-1].to(device)).items():
+            parts.setdefault(name, []).append(t)
+    out = {name: torch.cat(ts) for name, ts in parts.items()} | {"windows": windows.contiguous()}
     with atomic_path(path) as tmp:
         save_file(out, str(tmp))
     return out
+
+
+def cache_teacher_topk(teacher: Transformer, windows: torch.Tensor, k: int, path: Path, batch: int = 4,
+                       progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The teacher's top-k logits at every position of every window (values float16, indices int32),
+    written once (`teacher_pass`)."""
+
+    def topk(model: Transformer, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        top = model(rows).float().topk(k, dim=-1)
+        return {"values": top.values.half().cpu(), "indices": top.indices.int().cpu()}
+
+    return teacher_pass(teacher, windows, path, topk, "teacher top-k", batch, progress)
+
+
+def cache_features(teacher: Transformer, windows: torch.Tensor, path: Path, batch: int = 4,
+                   progress: bool = True) -> torch.Tensor:  # fmt: skip
+    """The teacher's final hidden states at every input position of every window (N, T - 1, d) as
+    float16 (an EAGLE draft's training input), written once (`teacher_pass`)."""
+
+    def states(model: Transformer, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": model.hidden_states(rows).half().cpu()}
+
+    return teacher_pass(teacher, windows, path, states, "teacher features", batch, progress)["features"]
 
 
 class DistillLoss:
@@ -371,24 +401,24 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     trainer = Trainer(student, Windows(train_w, rows, seed=cfg.seed), cfg, val_data=Windows(val_w, rows, False),
                       tokenizer=tokenizer, loss_fn=loss, recipe=recipe.to_dict(), progress=progress)  # fmt: skip
     teacher.to(trainer.dist.device)
-    agreement: list[float] = []  # an EAGLE draft's top-1 agreement with the teacher, before and after
-    before = _val(trainer, val_loss, agreement)
+    before, agree_before = _val(trainer, val_loss)
     summary = trainer.fit()
-    summary.update(val_before=before, val_after=_val(trainer, val_loss, agreement), train_windows=len(train_w),
+    after, agree_after = _val(trainer, val_loss)
+    summary.update(val_before=before, val_after=after, train_windows=len(train_w),
                    student_parameters=sum(p.numel() for p in student.parameters()),
                    trainable_parameters=sum(p.numel() for p in student.parameters() if p.requires_grad),
                    teacher_parameters=sum(p.numel() for p in teacher.parameters()),
                    out_dir=str(trainer.out), model=str(trainer.out / "final"))  # fmt: skip
-    if agreement:
-        summary.update(val_agreement_before=agreement[0], val_agreement_after=agreement[-1])
+    if agree_before is not None:  # an EAGLE draft: how often its first guess is the teacher's
+        summary.update(val_agreement_before=agree_before, val_agreement_after=agree_after)
     write_json(trainer.out / "summary.json", summary)
     return summary
 
 
 @torch.no_grad()
-def _val(trainer: Trainer, loss: DistillLoss | EagleLoss, agreement: list[float] | None = None) -> float:
-    """Mean distillation loss (live teacher) over the validation windows; an EAGLE draft's mean top-1
-    agreement with the teacher is appended to `agreement`."""
+def _val(trainer: Trainer, loss: DistillLoss | EagleLoss) -> tuple[float, float | None]:
+    """Mean distillation loss (live teacher) over the validation windows, and an EAGLE draft's mean top-1
+    agreement with the teacher (None for other students)."""
     model, data = trainer.raw, trainer.val_data
     model.eval()
     device = next(model.parameters()).device
@@ -397,6 +427,4 @@ def _val(trainer: Trainer, loss: DistillLoss | EagleLoss, agreement: list[float]
         vals.append(float(loss(model, tuple(t.to(device) for t in data.get_batch(i)))))
         if isinstance(loss, EagleLoss):
             agree.append(float(loss.last_agreement))
-    if agree and agreement is not None:
-        agreement.append(sum(agree) / len(agree))
-    return sum(vals) / len(vals)
+    return sum(vals) / len(vals), (sum(agree) / len(agree) if agree else None)

@@ -8,7 +8,7 @@ the target's final hidden state f_i together with the embedding of the token tha
 
 and drafts further tokens by feeding its own predicted h back in place of f. Its embedding and LM head
 are the target's (frozen), so its logits mean what the target's mean; the layer and `fc` are trained
-on the target's hidden states of a corpus, cached once:
+on the target's hidden states of a corpus, cached once (`distill.cache_features`):
 
     loss = SmoothL1(h, f_next) + cls_weight * CE(softmax(lm_head(f_next)), log_softmax(lm_head(h)))
 
@@ -26,16 +26,12 @@ embedding is frozen unless the recipe says `freeze_embeddings: false`; the head 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from lmlab.errors import LmlabError
 from lmlab.model.transformer import Transformer
-from lmlab.utils.atomic import atomic_path
-from lmlab.utils.progress import progress_bar
 
 
 def eagle_draft(target: Transformer) -> Transformer:
@@ -54,29 +50,6 @@ def eagle_draft(target: Transformer) -> Transformer:
         if draft.norm is not None:
             draft.norm.load_state_dict(target.norm.state_dict())
     return draft
-
-
-@torch.no_grad()
-def cache_features(teacher: Transformer, windows: torch.Tensor, path: Path, batch: int = 4,
-                   progress: bool = True) -> torch.Tensor:  # fmt: skip
-    """The teacher's final hidden states at every input position of every window (N, T - 1, d) as
-    float16, written once to a safetensors file and read back on later runs over the same windows by
-    the same teacher (its states on the first window are recomputed and compared)."""
-    teacher.eval()
-    device = next(teacher.parameters()).device
-    if path.exists():
-        cached = load_file(str(path))
-        if torch.equal(cached["windows"], windows):
-            first = teacher.hidden_states(windows[:1, :-1].to(device)).half().cpu()
-            if torch.allclose(first.float(), cached["features"][:1].float(), rtol=1e-2, atol=1e-2):
-                return cached["features"]
-    parts = []
-    for start in progress_bar(range(0, len(windows), batch), desc="teacher features", disable=not progress):
-        parts.append(teacher.hidden_states(windows[start : start + batch, :-1].to(device)).half().cpu())
-    features = torch.cat(parts)
-    with atomic_path(path) as tmp:
-        save_file({"features": features, "windows": windows.contiguous()}, str(tmp))
-    return features
 
 
 def eagle_loss(draft: Transformer, features: torch.Tensor, tokens: torch.Tensor, cls_weight: float = 0.1,

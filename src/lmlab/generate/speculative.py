@@ -134,12 +134,12 @@ def speculative_generate(
         with cpu_kernels.for_rows(h.shape[0], device):
             return model.full_vocab(model.lm_head(h))  # (rows, V)
 
-    # an EAGLE draft reads the target's hidden state at every position but the newest: feats[i] is the
-    # target's state after seq[i]. The target's cache and feats stay one token behind seq; so does the
-    # draft's cache, whose position i reads (feats[i], seq[i + 1])
-    feats = torch.empty(0, target.cfg.d_model, device=device)
+    # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). The target's cache
+    # stays one token behind seq; `pending` holds its states at the positions the draft's cache still
+    # lacks (from d_cache.length to len(seq) - 2), the only ones the draft will read
+    pending = torch.empty(0, target.cfg.d_model, device=device)
     if eagle and len(seq) > 1:
-        feats = hidden(target, t_cache, seq[:-1])
+        pending = hidden(target, t_cache, seq[:-1])
 
     while len(seq) - len(prompt_ids) < config.max_new_tokens:
         k = min(num_draft_tokens, config.max_new_tokens - (len(seq) - len(prompt_ids)))
@@ -148,9 +148,8 @@ def speculative_generate(
         drafted: list[int] = []
         q: list[torch.Tensor] = []
         if eagle:
-            n = d_cache.length
-            if len(seq) - 1 > n:  # (a one-token prompt leaves nothing to read in the first round)
-                h = hidden(draft, d_cache, seq[n + 1 :], feats[n:][None])[-1:]
+            if len(pending):  # (a one-token prompt leaves nothing to read in the first round)
+                h = hidden(draft, d_cache, seq[d_cache.length + 1 :], pending[None])[-1:]
             else:
                 k = 0
         else:
@@ -188,8 +187,8 @@ def speculative_generate(
         # draft's drafted positions read its own predicted states, so they go even when accepted
         t_cache.length = min(t_cache.length, len(seq) - 1)
         d_cache.length = min(d_cache.length, known if eagle else len(seq) - 1)
-        if eagle:
-            feats = torch.cat([feats, t_hidden])[: len(seq) - 1]
+        if eagle:  # the checked positions from `known` on, up to the newest token's
+            pending = t_hidden[: len(seq) - 1 - known]
         if stop_at is not None:
             break
     generated = seq[len(prompt_ids) : len(prompt_ids) + config.max_new_tokens]

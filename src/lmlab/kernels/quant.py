@@ -93,9 +93,6 @@ def int8_linear(
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-SKINNY_ROWS = 64  # rows the C++ kernels stream the weights for (kMaxSkinnyRows in quant_matmul.cpp)
-
-
 def int8_dynamic_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -37,10 +37,10 @@ class QuantConfig:
     method: str = "rtn"  # rtn | gptq | gguf
     desc_act: bool = False  # GPTQ's act-order
     modules_not_to_convert: list[str] = field(default_factory=list)
-    # "int8": W8A8 dynamic. A prefill's activations (more than quant.SKINNY_ROWS rows) are rounded per
-    # token to int8 and multiplied int8 x int8 (oneDNN's VNNI kernels), as llama.cpp's Q8_0 does:
-    # 1.7x a float32 matmul here, but not exact (x loses bits). Per-channel int8 only; decode steps
-    # stay on the exact kernels. "float32": weight-only, exact.
+    # "int8": W8A8 dynamic. A prefill's activations (more rows than the device policy's
+    # int8_prefill_rows) are rounded per token to int8 and multiplied int8 x int8 (oneDNN's VNNI
+    # kernels), as llama.cpp's Q8_0 does: 1.7x a float32 matmul here, but not exact (x loses bits).
+    # Per-channel int8 only; decode steps stay on the exact kernels. "float32": weight-only, exact.
     activations: str = "float32"
 
     def __post_init__(self) -> None:

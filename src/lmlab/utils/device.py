@@ -62,7 +62,7 @@ class DevicePolicy:
 
 
 _POLICIES = {
-    # (64 rows: where the C++ skinny kernels stop, kernels/quant.py SKINNY_ROWS)
+    # (64 rows: where the C++ skinny kernels stop, kMaxSkinnyRows in kernels/csrc/quant_matmul.cpp)
     "cpu": DevicePolicy("cpu", 8 << 20, 64, 1024, 2048, True, False, None, False, True, int8_prefill_rows=64),
     # a GPU runs a 2.6k-row chunk of a 50k vocabulary (512 MB of fp32 logits) in one launch; few chunks mean few
     # launches, and the loss's Python loop no longer sets the step's pace
