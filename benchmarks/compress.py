@@ -223,9 +223,11 @@ def stage_draft(args, results: dict) -> None:
     drafts = {f"first {layers} layers, not distilled": truncated_draft(target, layers), "distilled": distilled}
     row.update(draft=str(args.draft), draft_layers=layers,
                draft_head_tokens=len(distilled.cfg.head_tokens or []) or distilled.cfg.vocab_size)  # fmt: skip
-    if args.eagle is not None:  # a draft that reads the target's hidden states (recipes/compress/eagle-smollm2.yaml)
-        drafts["EAGLE"] = load_pretrained(args.eagle)[0].eval()
-        row["eagle"] = str(args.eagle)
+    # drafts that read the target's hidden states (recipes/compress/eagle-smollm2.yaml), named by folder
+    eagles = {f"EAGLE {path.parent.name if path.name == 'final' else path.name}": path for path in args.eagle}
+    for name, path in eagles.items():
+        drafts[name] = load_pretrained(path)[0].eval()
+    row["eagle"] = [str(path) for path in args.eagle]
     # what a round costs: k one-token draft steps and one (k + 1)-token target step
     row["step_ms"] = {"target": round(step_ms(target), 2), f"target {args.k[0] + 1} rows": round(step_ms(target, args.k[0] + 1), 2),
                       **{name: round(step_ms(d), 2) for name, d in drafts.items()}}  # fmt: skip
@@ -234,8 +236,8 @@ def stage_draft(args, results: dict) -> None:
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     runs: dict = {"greedy": None, f"{next(iter(drafts))}, k={args.k[0]}": (drafts[next(iter(drafts))], args.k[0], 0.0)}
     runs.update({f"distilled, k={k}, confidence={c}": (distilled, k, c) for k in args.k for c in args.confidence})
-    if "EAGLE" in drafts:
-        runs.update({f"EAGLE, k={k}, confidence={c}": (drafts["EAGLE"], k, c) for k in args.k for c in args.confidence})
+    for e in eagles:
+        runs.update({f"{e}, k={k}, confidence={c}": (drafts[e], k, c) for k in args.k for c in args.confidence})
     times: dict[str, list[float]] = {name: [] for name in runs}
     stats: dict[str, list[int]] = {name: [0, 0, 0] for name in runs}
     want: list[list[int]] = []  # greedy's tokens per prompt (it runs first in every repeat)
@@ -288,7 +290,7 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=None, help="default: the recipe's")
     p.add_argument("--draft-layers", type=int, default=None, help="default: the recipe's")
     p.add_argument("--draft", type=Path, default=None, help="measure this draft checkpoint; default: distil one")
-    p.add_argument("--eagle", type=Path, default=None, help="also measure this EAGLE draft checkpoint")
+    p.add_argument("--eagle", type=Path, nargs="+", default=[], help="also measure these EAGLE draft checkpoints")
     p.add_argument("--k", type=int, nargs="+", default=[4], help="drafted tokens per round (one run each)")
     p.add_argument(
         "--fp32-target",

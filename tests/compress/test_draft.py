@@ -197,6 +197,33 @@ def test_teacher_answers_are_its_greedy_chat_answers_written_once(smollm2_gguf, 
     assert path.stat().st_mtime_ns != mtime  # another length: made again
 
 
+def test_teacher_answers_reuse_stored_answers_of_the_same_teacher(smollm2_gguf, tmp_path, monkeypatch):
+    """A longer prompt list generates only its new prompts' answers; another teacher makes all again."""
+    from lmlab.compress import draft
+
+    _, tok = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    teacher = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1)).eval()
+    path = teacher_answers(teacher, tok, ["What is AI?"], tmp_path / "a.jsonl", max_new_tokens=4, progress=False)
+    first = path.read_text().splitlines()
+    path.write_text(first[0].replace('"assistant", "content": "', '"assistant", "content": "STORED ') + "\n")
+    asked: list[int] = []
+    real = draft.generate
+    monkeypatch.setattr(draft, "generate", lambda m, t, rows, c: asked.append(len(rows)) or real(m, t, rows, c))
+    prompts = ["Name a colour.", "What is AI?"]
+    recs = [json.loads(line) for line in teacher_answers(teacher, tok, prompts, path, 4, progress=False)
+            .read_text().splitlines()]  # fmt: skip
+    assert asked == [1] and [r["messages"][0]["content"] for r in recs] == prompts
+    assert recs[1]["messages"][1]["content"].startswith("STORED ")  # reused, not regenerated
+    ids = tok.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True, tokenize=True)
+    alone = generate(teacher, tok, ids, GenerationConfig(max_new_tokens=4))[0].token_ids
+    assert recs[0]["messages"][1]["content"] == tok.decode(alone, skip_special_tokens=True).strip()
+    other = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1)).eval()
+    recs = [json.loads(line) for line in teacher_answers(other, tok, prompts, path, 4, progress=False)
+            .read_text().splitlines()]  # fmt: skip
+    assert asked == [1, 2] and not recs[1]["messages"][1]["content"].startswith("STORED ")
+
+
 def test_distill_recipe_makes_a_reduced_head_draft_from_teacher_answers(tiny_chat_teacher, tmp_path):
     """`lmlab distill` with head_vocab and teacher_answers on a tiny teacher with SmolLM2's tokenizer:
     the answers are written, the head keeps the commonest tokens and EOS, and the draft it writes

@@ -204,8 +204,16 @@ def test_feature_cache_is_the_targets_states_written_once(tmp_path):
     assert (
         torch.equal(cache_features(target, windows, path, progress=False), feats) and path.stat().st_mtime_ns == mtime
     )
-    cache_features(target, windows[:4], path, progress=False)
-    assert path.stat().st_mtime_ns != mtime  # other windows: made again
+    # a grown, reordered corpus: only its new windows go through the teacher (the first saved window is
+    # recomputed as the teacher's check), the rest come from the file
+    grown = torch.cat([torch.randint(0, 512, (3, 9)), windows.flip(0)])
+    seen: list[int] = []
+    target.embed.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    got = cache_features(target, grown, path, batch=2, progress=False)
+    assert seen == [1, 2, 1] and path.stat().st_mtime_ns != mtime
+    with torch.no_grad():
+        torch.testing.assert_close(got.float(), target.hidden_states(grown[:, :-1]), rtol=1e-3, atol=1e-3)
+    assert torch.equal(got[3:], feats.flip(0))  # reused as saved
     mtime = path.stat().st_mtime_ns
     other = cache_features(_target(seed=1), windows[:4], path, progress=False)  # another teacher: made again
     assert path.stat().st_mtime_ns != mtime and not torch.allclose(other, feats[:4])

@@ -75,6 +75,28 @@ def test_rope_matches_the_reference_on_transposed_views(B, H, T, D, cos_batch):
     assert fused.rope(q, cos, sin).stride() == q.stride()  # the layout SDPA is handed is kept
 
 
+def test_without_gradients_the_ops_run_without_their_autograd_functions():
+    """Under no_grad / inference_mode (decode steps) each op is called directly: the same results as
+    through its autograd Function, and no Function in the profile."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 7, 389), torch.randn(389)
+    g, u = torch.randn(2, 1001), torch.randn(2, 1001)
+    q = torch.randn(2, 5, 3, 64).transpose(1, 2)  # (B, H, T, D) view of (B, T, H, D)
+    angles = torch.randn(1, 1, 5, 64)
+    calls = {
+        "_RMSNorm": lambda: fused.rms_norm(x, w, 1e-6),
+        "_SwiGLU": lambda: fused.swiglu(g, u),
+        "_Rope": lambda: fused.rope(q, angles.cos(), angles.sin()),
+    }
+    for name, call in calls.items():
+        with_grad = call()  # (no input wants a gradient, but grad mode is on: the Function path)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode(), torch.profiler.profile() as prof:
+                direct = call()
+            assert torch.equal(direct, with_grad), name
+            assert name not in {e.key for e in prof.key_averages()}, (name, mode)
+
+
 @pytest.mark.parametrize("case", ["float64", "angles with a gradient", "odd head size", "cos per head", "disabled"])
 def test_what_the_kernels_do_not_cover_is_left_to_torch(case, monkeypatch):
     x, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8)

@@ -249,27 +249,47 @@ def teacher_pass(teacher: Transformer, windows: torch.Tensor, path: Path,
                  fn: Callable[[Transformer, torch.Tensor], dict[str, torch.Tensor]], desc: str, batch: int = 4,
                  progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
     """`fn(teacher, rows)` -> {name: tensor (B, ...)} over every window's input tokens, batch by batch,
-    written once to a safetensors file with the windows. Reused by later runs over the same windows with
-    the same teacher: its results on the first window are recomputed and must match the saved ones (the
-    float ones within float16 rounding, every shape exactly)."""
+    written once to a safetensors file with the windows.
+
+    A later run with the same teacher reuses the saved results of every window it has (a grown corpus
+    computes only its new windows): the teacher's results on the first saved window are recomputed and
+    must match (the float ones within float16 rounding, every shape exactly), else all is made again."""
     teacher.eval()
     device = next(teacher.parameters()).device
+    known: dict[bytes, int] = {}  # a saved window's tokens -> its row in the file
+    cached: dict[str, torch.Tensor] = {}
     if path.exists():
         cached = load_file(str(path))
-        if "windows" in cached and torch.equal(cached["windows"], windows):
-            first = fn(teacher, windows[:1, :-1].to(device))
+        old = cached.get("windows")
+        if old is not None and old.dim() == 2 and len(old) and old.shape[1] == windows.shape[1]:
+            first = fn(teacher, old[:1, :-1].to(device))  # the same teacher? it must reproduce the first entry
             same = all(
                 name in cached and cached[name][:1].shape == t.shape
                 and (not t.is_floating_point() or torch.allclose(t.float(), cached[name][:1].float(), 1e-2, 1e-2))
                 for name, t in first.items()
             )  # fmt: skip
-            if same:
+            if same and torch.equal(old, windows):
                 return cached
+            if same:
+                known = {row.numpy().tobytes(): i for i, row in enumerate(old)}
+    where = [known.get(row.numpy().tobytes(), -1) for row in windows]  # a saved row's index, or -1
+    todo = [i for i, j in enumerate(where) if j < 0]
     parts: dict[str, list[torch.Tensor]] = {}
-    for start in progress_bar(range(0, len(windows), batch), desc=desc, disable=not progress):
-        for name, t in fn(teacher, windows[start : start + batch, :-1].to(device)).items():
+    for start in progress_bar(range(0, len(todo), batch), desc=desc, disable=not progress):
+        rows = windows[todo[start : start + batch], :-1].to(device)
+        for name, t in fn(teacher, rows).items():
             parts.setdefault(name, []).append(t)
-    out = {name: torch.cat(ts) for name, ts in parts.items()} | {"windows": windows.contiguous()}
+    reused = [i for i, j in enumerate(where) if j >= 0]
+    out = {}
+    for name in list(parts) or [n for n in cached if n != "windows"]:
+        fresh = torch.cat(parts[name]) if name in parts else None
+        like = fresh if fresh is not None else cached[name]
+        out[name] = full = like.new_empty((len(windows), *like.shape[1:]))
+        if todo:
+            full[todo] = fresh
+        if reused:
+            full[reused] = cached[name][[where[i] for i in reused]]
+    out["windows"] = windows.contiguous()
     with atomic_path(path) as tmp:
         save_file(out, str(tmp))
     return out

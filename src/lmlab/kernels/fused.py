@@ -5,7 +5,8 @@ rsqrt and two multiplies, and its backward ten more; SwiGLU is silu and a multip
 multiplies and silu_backward; RoPE is a multiply, a roll and an addcmul each way. On a small
 model these passes, not the matmuls, are what separates a CPU training step from the GEMM bound.
 Here each is one C++ pass forward and one backward (csrc/rms_norm.cpp, swiglu.cpp, rope.cpp),
-wrapped in an autograd Function.
+wrapped in an autograd Function (called directly where no gradient is wanted: a decode step makes
+~120 of these calls, and the Function's Python machinery costs more than the ops themselves).
 
 The model's own modules (model/norm.py, mlp.py, rope.py) keep the reference math and take these
 only where `applies()` says so: float32 CPU tensors, eager mode (under torch.compile, inductor
@@ -66,6 +67,10 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`F.rms_norm(x, (C,), weight, eps)` for x (..., C), fused; check `applies(x, weight)` first."""
     _require()
+    if not torch.is_grad_enabled():  # inference: the op itself (an autograd Function costs ~25 us a call)
+        return torch.ops.lmlab.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)[0].view(
+            x.shape
+        )
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -90,6 +95,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`F.silu(gate) * up` for tensors of one shape and dtype, float32 or bfloat16 (computed in
     float32, rounded once), fused; check `applies(gate, up, dtypes=SWIGLU_DTYPES)` first."""
     _require()
+    if not torch.is_grad_enabled():
+        return torch.ops.lmlab.swiglu(gate.contiguous(), up.contiguous())
     return _SwiGLU.apply(gate, up)
 
 
@@ -133,6 +140,8 @@ def rope_applies(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """`model.rope.apply_rope`, fused; check `rope_applies` first."""
     _require()
+    if not torch.is_grad_enabled():
+        return torch.ops.lmlab.rope(x, cos, signed_sin, False)
     return _Rope.apply(x, cos, signed_sin)
 
 
