@@ -196,6 +196,28 @@ def step_ms(model, rows: int = 1, n: int = 30) -> float:
     return 1e3 * statistics.median(times)
 
 
+@torch.inference_mode()
+def eagle_agreement(target, draft, prompts: list[list[int]], answers: list[list[int]]) -> dict[str, float]:
+    """Teacher-forced on the target's own greedy answers: how often an EAGLE draft's first guess is the
+    target's next token, reading the target's true states ("first") and, as from its second drafted
+    token on, its own predicted states ("unrolled")."""
+    hits, n = [0, 0], 0
+    for p, a in zip(prompts, answers):
+        ids = torch.tensor([list(p) + list(a)])
+        f = target.hidden_states(ids)  # (1, T, d)
+        want = target.lm_head(f).argmax(-1)[0]  # the target's next token after each position
+        head = torch.tensor(draft.cfg.head_tokens) if draft.cfg.head_tokens else None
+        h = draft.hidden_states(ids[:, 1:], features=f[:, :-1])  # position i reads (f_i, x_{i+1})
+        h2 = draft.hidden_states(ids[:, 1:], features=torch.cat([f[:, :1], h[:, :-1]], 1))
+        for j, states in enumerate((h, h2)):
+            guess = draft.lm_head(states).argmax(-1)[0]
+            guess = head[guess] if head is not None else guess
+            # answer positions: the guess made at i is for the token after i + 1
+            hits[j] += int((guess[len(p) - 1 :] == want[len(p) :]).sum())
+        n += len(a)
+    return {"first": round(hits[0] / max(n, 1), 3), "unrolled": round(hits[1] / max(n, 1), 3)}
+
+
 def stage_draft(args, results: dict) -> None:
     from lmlab.compress.distill import distill
     from lmlab.train.config import load_recipe
@@ -259,6 +281,9 @@ def stage_draft(args, results: dict) -> None:
                         stats[name][j] += v
             times[name].append(time.perf_counter() - t)
     generated = sum(map(len, want))
+    for e in eagles:
+        row[f"{e} agreement on these answers"] = eagle_agreement(target, drafts[e], prompts, want)
+        print(f"{e} agreement on these answers: {row[f'{e} agreement on these answers']}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     row.update(prompts=len(prompts), max_new_tokens=args.new_tokens, generated_tokens=generated,
                identical_to_greedy=identical,

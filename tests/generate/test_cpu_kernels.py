@@ -90,6 +90,34 @@ def test_attention_equals_sdpa(B, H, Hkv, S, D, mask, scale):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [2, 5, 16])
+@pytest.mark.parametrize(("H", "Hkv", "S"), [(9, 3, 192), (4, 4, 16)])
+@pytest.mark.parametrize("mask", ["causal", "float", "none", "one row"])
+def test_a_few_queries_of_one_sequence_equal_sdpa(T, H, Hkv, S, mask):
+    """A speculative check: T new queries after S - T cached keys, each seeing the keys up to its own,
+    over keys and values that are slices of a cache's buffers."""
+    torch.manual_seed(T + S)
+    D = 64
+    q = torch.randn(1, T, H, D).transpose(1, 2)  # (1, H, T, D), as the attention layer makes it
+    kb, vb = torch.randn(1, Hkv, S + 8, D), torch.randn(1, Hkv, S + 8, D)
+    k, v = kb[:, :, :S], vb[:, :, :S]
+    causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]  # (1, 1, T, S)
+    bias = torch.randn(1, H, T, S).masked_fill(~causal, float("-inf"))
+    one_row = torch.rand(1, H, 1, S) > 0.3
+    one_row[..., 0] = True
+    m = {"causal": causal, "float": bias, "none": None, "one row": one_row}[mask]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    with torch.profiler.profile() as prof:
+        out = cpu_kernels.attention(q, k, v, m, enable_gqa=True)
+    assert _calls(prof, "lmlab::decode_attention") == 1
+    assert out.shape == (1, H, T, D)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    q17 = torch.randn(1, H, 17, D)  # more queries than the kernel takes: torch's attention
+    with torch.profiler.profile() as prof:
+        cpu_kernels.attention(q17, k, v, None, enable_gqa=True)
+    assert _calls(prof, "lmlab::decode_attention") == 0
+
+
 def test_attention_reads_strided_caches_and_leaves_the_rest_to_sdpa():
     q, k, v, keep, _ = _attention_inputs(2, 4, 2, 24, 32)
     # keys and values as slices of a larger buffer, as a KV cache hands them out

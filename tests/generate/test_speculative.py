@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -98,3 +100,34 @@ def test_a_doubting_draft_proposes_fewer_tokens_and_the_output_stays():
     a, _ = speculative_generate(target, draft, None, prompt, sampled, confidence=0.3)
     b, _ = speculative_generate(target, draft, None, prompt, sampled, confidence=0.3)
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("confidence", [0.0, 0.05])
+def test_plain_greedy_takes_argmaxes_and_matches_the_general_rule(confidence):
+    """Plain greedy compares argmaxes (a reduced-head draft's mapped back to the vocabulary); the
+    general rule with one-hot distributions (taken when any processor is on: here a no-repeat n-gram
+    longer than the text, which changes nothing) gives the same tokens, rounds and acceptances."""
+    from lmlab.compress.draft import reduce_head
+
+    target = _tiny(0)
+    # the target itself with a head over 400 of its 512 tokens, listed out of vocabulary order: right
+    # wherever the target's choice is among them, wrong elsewhere
+    draft = reduce_head(copy.deepcopy(target), sorted(torch.randperm(512)[:400].tolist(), reverse=True))
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    runs = {}
+    for n in (0, 64):
+        cfg = GenerationConfig(max_new_tokens=24, no_repeat_ngram_size=n)
+        got, st = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3, confidence=confidence)
+        assert got.token_ids == generate(target, None, prompt, cfg)[0].token_ids
+        runs[n] = (got.token_ids, st.accepted, st.proposed, st.rounds)
+    assert runs[0] == runs[64] and 0 < runs[0][1] < runs[0][2]  # some drafts accepted, some not
+
+
+def test_greedy_with_a_repetition_penalty_equals_the_targets():
+    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=20, repetition_penalty=1.5)
+    want = generate(target, None, prompt, cfg)[0].token_ids
+    assert want != generate(target, None, prompt, GenerationConfig(max_new_tokens=20))[0].token_ids
+    got, _ = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3)
+    assert got.token_ids == want

@@ -101,20 +101,33 @@ def attention(
     enable_gqa: bool = False,
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention`, by `lmlab::decode_attention` where there is one query per
-    head (B, H, 1, D) and nothing it does not cover (dropout, is_causal)."""
+    head (B, H, 1, D), or a few queries of one sequence (1, H, T, D) with T <= `MAX_ROWS` (a
+    speculative check, a short prompt after a cached one), and nothing it does not cover (dropout,
+    is_causal)."""
+    T = q.shape[2] if q.dim() == 4 else 0
     if (
         q.dim() == k.dim() == v.dim() == 4
-        and q.shape[2] == 1
+        and (T == 1 or (1 < T <= MAX_ROWS and q.shape[0] == 1))
         and dropout_p == 0.0
         and not is_causal
         and (enable_gqa or q.shape[1] == k.shape[1])
         and k.stride(-1) == v.stride(-1) == 1
-        and (attn_mask is None or attn_mask.dim() == 4)
+        and (attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[2] in (1, T)))
         and (attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32))
         and _plain(q, k, v)
         and available()
     ):
-        return torch.ops.lmlab.decode_attention(q, k, v, attn_mask, scale if scale is not None else q.shape[-1] ** -0.5)
+        scale = scale if scale is not None else q.shape[-1] ** -0.5
+        if T == 1:
+            return torch.ops.lmlab.decode_attention(q, k, v, attn_mask, scale)
+        # T queries of one sequence as a batch of T one-query rows over the same keys (a zero batch
+        # stride, nothing copied), each with its own row of the mask: torch's flash attention spends
+        # ~4x longer setting up tiles for so few queries (5 queries, 200 keys)
+        rows = (T, *k.shape[1:])
+        # (a mask row per query, or one row for all: the kernel broadcasts a batch of 1)
+        mask = attn_mask.transpose(0, 2) if attn_mask is not None and attn_mask.shape[2] == T else attn_mask
+        out = torch.ops.lmlab.decode_attention(q.transpose(0, 2), k.expand(rows), v.expand(rows), mask, scale)
+        return out.transpose(0, 2)  # (1, H, T, D)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
     )

@@ -130,9 +130,30 @@ def speculative_generate(
         with cpu_kernels.for_rows(len(tokens), device):
             return model.hidden_states(ids, kv_cache=cache, features=features)[0]  # (len(tokens), d)
 
-    def head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
+    def head(model: Transformer, h: torch.Tensor, full: bool = True) -> torch.Tensor:
         with cpu_kernels.for_rows(h.shape[0], device):
-            return model.full_vocab(model.lm_head(h))  # (rows, V)
+            logits = model.lm_head(h)  # (rows, V), or over a reduced head's tokens
+        return model.full_vocab(logits) if full else logits
+
+    # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
+    # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
+    plain = not config.sampling and not procs
+    head_ids = draft.cfg.head_tokens
+
+    def verify(drafted: list[int], q: list[torch.Tensor], t_logits: torch.Tensor) -> list[int]:
+        """The general rule: each drafted token x kept with probability min(1, p(x) / q(x)); the first
+        rejected one replaced by a sample of max(0, p - q); all kept: one more token from the target."""
+        accepted: list[int] = []
+        for i, token in enumerate(drafted):
+            p = dist(scores(t_logits[i], seq + accepted))
+            u = float(torch.rand((), generator=generator, device=device)) if config.sampling else 0.0
+            if u >= acceptance_probability(p, q[i], token):
+                accepted.append(pick(residual(p, q[i])))  # rejected: the target's correction ends the round
+                return accepted
+            accepted.append(token)
+            stats.accepted += 1
+        accepted.append(pick(dist(scores(t_logits[len(drafted)], seq + accepted))))  # all kept: one comes free
+        return accepted
 
     # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). The target's cache
     # stays one token behind seq; `pending` holds its states at the positions the draft's cache still
@@ -155,30 +176,32 @@ def speculative_generate(
         else:
             h = hidden(draft, d_cache, seq[d_cache.length :])[-1:]
         for i in range(k):
-            s = scores(head(draft, h)[0], seq + drafted)
-            q.append(dist(s))
-            drafted.append(pick(q[-1]))
-            if confidence > 0:  # the draft's probability of its own proposal (greedy: under its softmax)
-                sure = q[-1] if config.sampling else s.softmax(-1)
-                if float(sure[drafted[-1]]) < confidence:
-                    break
+            if plain:
+                z = head(draft, h, full=False)[0].float()
+                j = int(z.argmax())
+                drafted.append(head_ids[j] if head_ids is not None else j)
+                sure = float(torch.softmax(z, -1)[j]) if confidence > 0 else 1.0  # (a reduced head's others: p = 0)
+            else:
+                s = scores(head(draft, h)[0], seq + drafted)
+                q.append(dist(s))
+                drafted.append(pick(q[-1]))
+                # the draft's probability of its own proposal (greedy: under its softmax)
+                sure = float((q[-1] if config.sampling else s.softmax(-1))[drafted[-1]]) if confidence > 0 else 1.0
+            if sure < confidence:
+                break
             if i < k - 1:  # an EAGLE draft reads its own predicted state where the target's is not known
                 h = hidden(draft, d_cache, drafted[-1:], h[None] if eagle else None)
         k = len(drafted)
         # the target scores all of them in one forward
         t_hidden = hidden(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
         t_logits = head(target, t_hidden)
-        accepted: list[int] = []
-        for i, token in enumerate(drafted):
-            p = dist(scores(t_logits[i], seq + accepted))
-            u = float(torch.rand((), generator=generator, device=device)) if config.sampling else 0.0
-            if u >= acceptance_probability(p, q[i], token):
-                accepted.append(pick(residual(p, q[i])))  # rejected: the target's correction ends the round
-                break
-            accepted.append(token)
-            stats.accepted += 1
-        else:  # every draft accepted: the target's next token comes free
-            accepted.append(pick(dist(scores(t_logits[k], seq + accepted))))
+        if plain:  # each drafted token stands while it is the target's argmax; the first miss is replaced
+            best = t_logits.argmax(-1).tolist()
+            n = next((i for i, t in enumerate(drafted) if t != best[i]), k)
+            accepted = [*drafted[:n], best[n]]
+            stats.accepted += n
+        else:
+            accepted = verify(drafted, q, t_logits)
         stats.rounds += 1
         stats.proposed += k
         stop_at = next((i + 1 for i, t in enumerate(accepted) if t in eos), None)
