@@ -157,16 +157,19 @@ def stage_structured(args, results: dict) -> None:
     results["structured"] = row
 
 
-def chat_prompts(tok, n: int) -> list[list[int]]:
-    """Held-out prompts: English user turns of chatterbot's test split that its train split (where the
-    draft's training prompts come from) does not have, in the chat template."""
-    root = Path(fetch("chatterbot"))
-    seen = {json.loads(line)["messages"][0]["content"] for line in (root / "train.jsonl").read_text().splitlines()}
+def chat_prompts(tok, n: int, source: str = "chatterbot") -> list[list[int]]:
+    """Held-out prompts in the chat template: English user turns of chatterbot's test split that its
+    train split (where the draft's training prompts come from) does not have, or ("tweets-en") tweets
+    of tweets-en's test split that its train split does not have, as user turns."""
+    from lmlab.compress.draft import user_turn
+
+    root = Path(fetch(source))
+    seen = {user_turn(json.loads(line)) for line in (root / "train.jsonl").read_text(encoding="utf-8").splitlines()}
     out, used = [], set()
     for line in (root / "test.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        text = r["messages"][0]["content"]
-        if r["lang"] == "en" and len(text) > 12 and text not in seen and text not in used:
+        text = user_turn(r)
+        if r.get("lang", "en") == "en" and text and len(text) > 12 and text not in seen and text not in used:
             used.add(text)
             out.append(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                tokenize=True))  # fmt: skip
@@ -254,7 +257,8 @@ def stage_draft(args, results: dict) -> None:
     row["step_ms"] = {"target": round(step_ms(target), 2), f"target {args.k[0] + 1} rows": round(step_ms(target, args.k[0] + 1), 2),
                       **{name: round(step_ms(d), 2) for name, d in drafts.items()}}  # fmt: skip
     print(f"step ms: {row['step_ms']}", flush=True)
-    prompts = chat_prompts(tok, args.prompts)
+    prompts = chat_prompts(tok, args.prompts, args.prompt_set)
+    row["prompt_set"] = args.prompt_set
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     runs: dict = {"greedy": None, f"{next(iter(drafts))}, k={args.k[0]}": (drafts[next(iter(drafts))], args.k[0], 0.0)}
     runs.update({f"distilled, k={k}, confidence={c}": (distilled, k, c) for k in args.k for c in args.confidence})
@@ -325,6 +329,8 @@ def main() -> None:
     )
     p.add_argument("--confidence", type=float, nargs="+", default=[0.0], help="draft confidence thresholds")
     p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--prompt-set", choices=["chatterbot", "tweets-en"], default="chatterbot",
+                   help="held-out prompts: chatterbot's test user turns or tweets-en's test tweets")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
