@@ -214,6 +214,8 @@ def test_feature_cache_is_the_targets_states_written_once(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(got.float(), target.hidden_states(grown[:, :-1]), rtol=1e-3, atol=1e-3)
     assert torch.equal(got[3:], feats.flip(0))  # reused as saved
+    seen.clear()
+    assert torch.equal(cache_features(target, grown.flip(0), path, progress=False), got.flip(0)) and seen == [1]
     mtime = path.stat().st_mtime_ns
     other = cache_features(_target(seed=1), windows[:4], path, progress=False)  # another teacher: made again
     assert path.stat().st_mtime_ns != mtime and not torch.allclose(other, feats[:4])

@@ -113,8 +113,11 @@ def test_a_few_queries_of_one_sequence_equal_sdpa(T, H, Hkv, S, mask):
     assert out.shape == (1, H, T, D)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     q17 = torch.randn(1, H, 17, D)  # more queries than the kernel takes: torch's attention
+    per_row = causal.transpose(0, 2)  # (T, 1, 1, S): not a mask of this one sequence; SDPA's own error
     with torch.profiler.profile() as prof:
         cpu_kernels.attention(q17, k, v, None, enable_gqa=True)
+        with pytest.raises(RuntimeError):
+            cpu_kernels.attention(q, k, v, per_row, enable_gqa=True)
     assert _calls(prof, "lmlab::decode_attention") == 0
 
 

@@ -264,15 +264,17 @@ def teacher_pass(teacher: Transformer, windows: torch.Tensor, path: Path,
         if old is not None and old.dim() == 2 and len(old) and old.shape[1] == windows.shape[1]:
             first = fn(teacher, old[:1, :-1].to(device))  # the same teacher? it must reproduce the first entry
             same = all(
-                name in cached and cached[name][:1].shape == t.shape
+                name in cached and cached[name][:1].shape == t.shape and cached[name].dtype == t.dtype
                 and (not t.is_floating_point() or torch.allclose(t.float(), cached[name][:1].float(), 1e-2, 1e-2))
                 for name, t in first.items()
             )  # fmt: skip
             if same and torch.equal(old, windows):
                 return cached
             if same:
-                known = {row.numpy().tobytes(): i for i, row in enumerate(old)}
-    where = [known.get(row.numpy().tobytes(), -1) for row in windows]  # a saved row's index, or -1
+                known = {row.numpy().tobytes(): i for i, row in enumerate(old.long())}
+            else:
+                cached = {}  # (all made again: nothing of it is needed)
+    where = [known.get(row.numpy().tobytes(), -1) for row in windows.long()]  # a saved row's index, or -1
     todo = [i for i, j in enumerate(where) if j < 0]
     parts: dict[str, list[torch.Tensor]] = {}
     for start in progress_bar(range(0, len(todo), batch), desc=desc, disable=not progress):

@@ -105,7 +105,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, t in model.state_dict().items():
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -116,7 +116,7 @@ def _stored_answers(path: Path, meta: dict[str, Any]) -> dict[str, str]:
         return {}
     try:
         old = json.loads(sidecar.read_text(encoding="utf-8"))
-        if any(old.get(k) != meta[k] for k in ("max_new_tokens", "teacher")):
+        if any(old.get(k) != meta[k] for k in ("max_new_tokens", "teacher", "template")):
             return {}
         recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return {r["messages"][0]["content"]: r["messages"][1]["content"] for r in recs}
@@ -138,9 +138,17 @@ def teacher_answers(
     {"messages": [user, assistant]}, one per prompt in order.
 
     Answers already in `path` are reused when its sidecar (`path`.json) says the same teacher (a digest
-    of its weights) made them at the same length, so a longer prompt list generates only the new
-    prompts' answers (at 128 tokens, ~1,700 prompts take 20 minutes on 2 cores)."""
+    of its weights) made them at the same length with the same chat template, so a longer prompt list
+    generates only the new prompts' answers (at 128 tokens, ~1,700 prompts take 20 minutes on 2
+    cores). The file is saved every minute: an interrupted run resumes where it stopped."""
+    # what the answers depend on: the teacher's weights, the length, the chat template (as it renders a
+    # turn); and which prompts the file holds
+    template = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "?"}], add_generation_prompt=True, tokenize=True
+    )
     meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "teacher": weights_digest(teacher),
+            "template": hashlib.blake2b(json.dumps(list(template)).encode(), digest_size=8).hexdigest(),
+            "prompt_list": hashlib.blake2b("\0".join(prompts).encode(), digest_size=8).hexdigest(),
             "first": prompts[:1], "last": prompts[-1:]}  # fmt: skip
     answers = _stored_answers(path, meta)
     sidecar = path.with_suffix(".json")
@@ -160,6 +168,7 @@ def teacher_answers(
     def save() -> None:  # the answers so far, in prompt order: an interrupted run resumes from them
         lines = [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answers[p]}]},
                             ensure_ascii=False) for p in prompts if p in answers]  # fmt: skip
+        sidecar.unlink(missing_ok=True)  # (killed between the two writes: no sidecar vouches for the file)
         write_text(path, "\n".join(lines) + "\n")
         write_json(sidecar, meta)
 
@@ -174,21 +183,4 @@ def teacher_answers(
             saved = time.monotonic()
     bar.close()
     save()
-    return path
-    rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                         tokenize=True) for p in prompts]  # fmt: skip
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
-    answers: dict[int, str] = {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
-    bar = progress_bar(total=len(rows), desc="teacher answers", unit="prompt", disable=not progress)
-    for start in range(0, len(order), batch):
-        idx = order[start : start + batch]
-        for i, g in zip(idx, generate(teacher, tokenizer, [rows[i] for i in idx], config)):
-            answers[i] = tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
-        bar.update(len(idx))
-    bar.close()
-    lines = [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answers[i]}]},
-                        ensure_ascii=False) for i, p in enumerate(prompts)]  # fmt: skip
-    write_text(path, "\n".join(lines) + "\n")
-    write_json(sidecar, meta)
     return path

@@ -113,6 +113,7 @@ def attention(
         and (enable_gqa or q.shape[1] == k.shape[1])
         and k.stride(-1) == v.stride(-1) == 1
         and (attn_mask is None or (attn_mask.dim() == 4 and attn_mask.shape[2] in (1, T)))
+        and (T == 1 or attn_mask is None or (attn_mask.shape[0] == 1 and attn_mask.shape[3] == k.shape[2]))
         and (attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32))
         and _plain(q, k, v)
         and available()
