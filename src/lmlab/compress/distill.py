@@ -284,7 +284,7 @@ def teacher_pass(teacher: Transformer, windows: torch.Tensor, path: Path,
     reused = [i for i, j in enumerate(where) if j >= 0]
     out = {}
     for name in list(parts) or [n for n in cached if n != "windows"]:
-        fresh = torch.cat(parts[name]) if name in parts else None
+        fresh = torch.cat(parts.pop(name)) if name in parts else None  # (the parts freed as they join)
         like = fresh if fresh is not None else cached[name]
         out[name] = full = like.new_empty((len(windows), *like.shape[1:]))
         if todo:

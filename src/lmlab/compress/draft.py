@@ -150,14 +150,10 @@ def teacher_answers(
             "template": hashlib.blake2b(json.dumps(list(template)).encode(), digest_size=8).hexdigest(),
             "prompt_list": hashlib.blake2b("\0".join(prompts).encode(), digest_size=8).hexdigest(),
             "first": prompts[:1], "last": prompts[-1:]}  # fmt: skip
-    answers = _stored_answers(path, meta)
     sidecar = path.with_suffix(".json")
-    if (
-        all(p in answers for p in prompts)
-        and sidecar.exists()
-        and json.loads(sidecar.read_text(encoding="utf-8")) == meta
-    ):
-        return path  # exactly this file already
+    if sidecar.exists() and path.exists() and json.loads(sidecar.read_text(encoding="utf-8")) == meta:
+        return path  # exactly this file, complete (a partial save's sidecar says "partial")
+    answers = _stored_answers(path, meta)
     todo = [p for p in dict.fromkeys(prompts) if p not in answers]
     rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          tokenize=True) for p in todo]  # fmt: skip
@@ -165,12 +161,12 @@ def teacher_answers(
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     bar = progress_bar(total=len(rows), desc="teacher answers", unit="prompt", disable=not progress)
 
-    def save() -> None:  # the answers so far, in prompt order: an interrupted run resumes from them
+    def save(partial: bool) -> None:  # the answers so far, in prompt order: an interrupted run resumes from them
         lines = [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answers[p]}]},
                             ensure_ascii=False) for p in prompts if p in answers]  # fmt: skip
         sidecar.unlink(missing_ok=True)  # (killed between the two writes: no sidecar vouches for the file)
         write_text(path, "\n".join(lines) + "\n")
-        write_json(sidecar, meta)
+        write_json(sidecar, {**meta, "partial": True} if partial else meta)
 
     saved = time.monotonic()
     for start in range(0, len(order), batch):
@@ -179,8 +175,8 @@ def teacher_answers(
             answers[todo[i]] = tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
         bar.update(len(idx))
         if time.monotonic() - saved > 60:
-            save()
+            save(partial=True)
             saved = time.monotonic()
     bar.close()
-    save()
+    save(partial=False)
     return path

@@ -68,9 +68,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`F.rms_norm(x, (C,), weight, eps)` for x (..., C), fused; check `applies(x, weight)` first."""
     _require()
     if not torch.is_grad_enabled():  # inference: the op itself (an autograd Function costs ~25 us a call)
-        return torch.ops.lmlab.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)[0].view(
-            x.shape
-        )
+        y, _ = torch.ops.lmlab.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)
+        return y.view(x.shape)
     return _RMSNorm.apply(x, weight, eps)
 
 
