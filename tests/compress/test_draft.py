@@ -5,6 +5,7 @@ selection, and the teacher's answers as sequence-level distillation data."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,15 @@ import torch
 
 import lmlab
 from lmlab.compress.distill import DistillConfig, DistillLoss, distill_loss, first_layers
-from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers, user_turn
+from lmlab.compress.draft import (
+    frequent_tokens,
+    prompts_from,
+    reduce_head,
+    teacher_answers,
+    teacher_prompts,
+    user_prefix,
+    user_turn,
+)
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate
 from lmlab.generate.speculative import speculative_generate
@@ -147,6 +156,11 @@ def test_bad_head_tokens_are_named():
         reduce_head(reduce_head(_target(), IDS), IDS)
     with pytest.raises(LmlabError, match="unknown key 'prompts'"):
         DistillConfig(teacher_answers={"datasets": ["chatterbot"], "prompts": 3})
+    for bad in ({"self_prompts": -1}, {"max_prompts": 2.5}, {"batch": 0}, {"max_new_tokens": True}):
+        key = next(iter(bad))
+        with pytest.raises(LmlabError, match="whole number") as e:
+            DistillConfig(teacher_answers={"datasets": ["chatterbot"], **bad})
+        assert e.value.field == f"distill.teacher_answers.{key}"
 
 
 def test_gguf_export_refuses_a_reduced_head(smollm2_gguf, tmp_path):
@@ -227,6 +241,62 @@ def test_teacher_answers_reuse_stored_answers_of_the_same_teacher(smollm2_gguf, 
     recs = [json.loads(line) for line in teacher_answers(other, tok, prompts, path, 4, progress=False)
             .read_text().splitlines()]  # fmt: skip
     assert asked == [1, 2] and not recs[1]["messages"][1]["content"].startswith("STORED ")
+
+
+def test_user_prefix_is_where_the_templates_user_turn_begins(smollm2_gguf):
+    _, tok = load_pretrained(smollm2_gguf)
+    prefix = user_prefix(tok)
+    for text in ("What is AI?", "写一首诗"):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        assert list(ids[: len(prefix)]) == prefix and len(ids) > len(prefix)
+    assert tok.decode(prefix).endswith("<|im_start|>user\n") and "system" in tok.decode(prefix)
+
+
+def _ending_teacher(seed: int = 0) -> lmlab.Transformer:
+    """A tiny random model that ends a turn on ~10% of its tokens (5,000 stop ids): some of its user
+    turns end within a dozen tokens, some do not."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1, eos_token_id=list(range(100, 5100)))
+    return lmlab.Transformer(cfg).eval()
+
+
+def test_teacher_prompts_are_turns_it_ends_itself_and_grow_as_if_uninterrupted(smollm2_gguf, tmp_path, monkeypatch):
+    """Magpie: sampled from the user prefix, only the turns the teacher ends are kept, distinct; a larger
+    n continues from the rounds already done and gives what one uninterrupted run gives."""
+    from lmlab.compress import draft
+
+    _, tok = load_pretrained(smollm2_gguf)
+    teacher = _ending_teacher()
+    seeds: list[int] = []
+    real = draft.generate
+    monkeypatch.setattr(draft, "generate", lambda m, t, rows, c: seeds.append(c.seed) or real(m, t, rows, c))
+    kw = {"max_new_tokens": 12, "batch": 4, "progress": False}
+    few = teacher_prompts(teacher, tok, 3, tmp_path / "p.jsonl", **kw)
+    done = len(seeds)
+    more = teacher_prompts(teacher, tok, 9, tmp_path / "p.jsonl", **kw)
+    assert seeds == list(range(len(seeds)))  # the second call went on from round `done`, repeating none
+    assert done < len(seeds)
+    fresh = teacher_prompts(teacher, tok, 9, tmp_path / "q.jsonl", **kw)
+    assert more == fresh and more[:3] == few and len(set(more)) == 9
+    # against generation itself: every kept prompt is a turn its round ended; cut-off turns are left out
+    ended, cut = set(), set()
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    for s in range(max(seeds) + 1):
+        for g in real(teacher, tok, [user_prefix(tok)] * 4, dataclasses.replace(config, seed=s)):
+            (ended if g.finish_reason == "stop" else cut).add(g.text.strip())
+    assert cut and set(more) <= ended and not set(more) & cut
+    # another teacher's file is not continued
+    seeds.clear()
+    teacher_prompts(_ending_teacher(1), tok, 2, tmp_path / "p.jsonl", **kw)
+    assert seeds[0] == 0
+
+
+def test_a_teacher_that_never_ends_a_turn_is_named(smollm2_gguf, tmp_path):
+    _, tok = load_pretrained(smollm2_gguf)
+    torch.manual_seed(0)
+    teacher = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1)).eval()
+    with pytest.raises(LmlabError, match=r"ended 0 of 16 user turns it began within 3 tokens"):
+        teacher_prompts(teacher, tok, 5, tmp_path / "p.jsonl", max_new_tokens=3, batch=2, progress=False)
 
 
 def test_distill_recipe_makes_a_reduced_head_draft_from_teacher_answers(tiny_chat_teacher, tmp_path):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers
+from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers, teacher_prompts
 from lmlab.compress.eagle import EagleLoss, eagle_draft
 from lmlab.compress.prune import token_windows
 from lmlab.errors import LmlabError
@@ -121,7 +121,8 @@ class DistillConfig:
     top_k: int = 64
     freeze_embeddings: bool = True  # a student sharing the teacher's vocabulary keeps its embeddings (and tied head)
     # sequence-level distillation: the teacher's greedy answers to these prompts join the training data
-    # ({datasets: [...], max_prompts: N, max_new_tokens: M, batch: B}; see compress/draft.py)
+    # ({datasets: [...], max_prompts: N, self_prompts: S, max_new_tokens: M, batch: B}; see compress/draft.py):
+    # S more prompts the teacher writes itself follow the data sets' N
     teacher_answers: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -136,12 +137,16 @@ class DistillConfig:
             if not ok:
                 raise LmlabError(f"{getattr(self, name)!r} must be {want}", field=f"distill.{name}")
         if self.teacher_answers is not None:
-            known = {"datasets", "max_prompts", "max_new_tokens", "batch"}
+            known = {"datasets", "max_prompts", "self_prompts", "max_new_tokens", "batch"}
             if unknown := sorted(set(self.teacher_answers) - known):
                 raise LmlabError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})",
                                  field="distill.teacher_answers")  # fmt: skip
             if not self.teacher_answers.get("datasets"):
                 raise LmlabError("name the prompts' data sets", field="distill.teacher_answers.datasets")
+            for key, least in (("max_prompts", 0), ("self_prompts", 0), ("max_new_tokens", 1), ("batch", 1)):
+                v = self.teacher_answers.get(key)
+                if v is not None and (type(v) is not int or v < least):
+                    raise LmlabError(f"{v!r} must be a whole number >= {least}", field=f"distill.teacher_answers.{key}")
         if self.teacher_logits == "cache" and self.kl == "reverse":
             raise LmlabError("reverse KL needs the teacher's full distribution", field="distill.kl",
                              hint="use teacher_logits: online")  # fmt: skip
@@ -390,6 +395,10 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         sources = [Path(fetch(d)) / "train.jsonl" for d in ta["datasets"]]
         prompts = prompts_from(sources, ta.get("max_prompts"))
         teacher.to(default_device(cfg.device))
+        if ta.get("self_prompts"):  # requests the teacher writes itself, after the data sets' (Magpie)
+            written = teacher_prompts(teacher, tokenizer, int(ta["self_prompts"]),
+                                      Path(cfg.out_dir) / "teacher_prompts.jsonl", progress=progress)  # fmt: skip
+            prompts = list(dict.fromkeys(prompts + written))
         train_files.append(teacher_answers(teacher, tokenizer, prompts, Path(cfg.out_dir) / "teacher_answers.jsonl",
                                            int(ta.get("max_new_tokens", 128)), int(ta.get("batch", 32)), progress))  # fmt: skip
     train_w = token_windows(tokenizer, train_files, cfg.block_size, data.get("max_windows"), cfg.seed)
