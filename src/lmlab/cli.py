@@ -147,6 +147,26 @@ def _generation_config(args: argparse.Namespace):
     )
 
 
+def _add_draft_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft", default=None, help="speculative decoding: a draft checkpoint, or :N for the first N layers"
+    )
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="most tokens the draft proposes per round")
+    p.add_argument("--draft-confidence", type=float, default=None,
+                   help="end a round's drafting when the draft's probability for its token is below this "
+                        "(0: always draft --num-draft-tokens; default: speculative_generate's)")  # fmt: skip
+
+
+def _load_draft(args: argparse.Namespace, model):
+    """The --draft model: a checkpoint, or the target's first N layers (:N)."""
+    from lmlab.generate.speculative import truncated_draft
+    from lmlab.model.checkpoint import load_pretrained
+
+    if args.draft.startswith(":"):
+        return truncated_draft(model, int(args.draft[1:]))
+    return load_pretrained(args.draft, device=_device(args), dequantize="auto")[0]
+
+
 def _generate(args: argparse.Namespace) -> None:
     from lmlab.generate import explain as ex
     from lmlab.generate.decode import generate, stream
@@ -176,13 +196,9 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"plot: {ex.plot_explanation(steps, args.explain_out)}")
         return
     if args.draft:
-        from lmlab.generate.speculative import speculative_generate, truncated_draft
+        from lmlab.generate.speculative import speculative_generate
 
-        draft = (
-            truncated_draft(model, int(args.draft[1:]))
-            if args.draft.startswith(":")
-            else load_pretrained(args.draft, device=_device(args), dequantize="auto")[0]
-        )
+        draft = _load_draft(args, model)
         extra = {} if args.draft_confidence is None else {"confidence": args.draft_confidence}
         result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens, **extra)
         print(result.text)
@@ -208,7 +224,9 @@ def _chat(args: argparse.Namespace) -> None:
     model, tokenizer = load_pretrained(args.model, device=_device(args), dequantize="auto")
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
-    repl(ChatSession(model, tokenizer, _generation_config(args), system=args.system))
+    draft = _load_draft(args, model) if args.draft else None
+    repl(ChatSession(model, tokenizer, _generation_config(args), args.system, draft, args.num_draft_tokens,
+                     args.draft_confidence))  # fmt: skip
 
 
 def _rag_index(args: argparse.Namespace) -> None:
@@ -597,13 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--explain", action="store_true", help="show how each warper reshapes the first steps")
     gen.add_argument("--explain-steps", type=int, default=3)
     gen.add_argument("--explain-out", default="explain.png", help="where --explain writes its plot")
-    gen.add_argument(
-        "--draft", default=None, help="speculative decoding: a draft checkpoint, or :N for the first N layers"
-    )
-    gen.add_argument("--num-draft-tokens", type=int, default=4, help="most tokens the draft proposes per round")
-    gen.add_argument("--draft-confidence", type=float, default=None,
-                     help="end a round's drafting when the draft's probability for its token is below this "
-                          "(0: always draft --num-draft-tokens; default: speculative_generate's)")  # fmt: skip
+    _add_draft_flags(gen)
     gen.add_argument(
         "--check-consistency",
         type=int,
@@ -622,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="a streaming multi-turn chat in the terminal (/reset, /system, /set)")
     chat.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_generation_flags(chat, temperature=0.7, compile_default="auto")
+    _add_draft_flags(chat)
     chat.set_defaults(func=_chat)
 
     ev = sub.add_parser("eval", help="perplexity and benchmarks (mmlu) with bootstrap error bars; or: eval compare A B")

@@ -46,6 +46,34 @@ def test_chat_turns_enter_the_template(smol):
     assert prompt.count("<|im_start|>user") == 1 and answer in prompt
 
 
+def test_chat_with_a_draft_streams_the_same_answers(smol):
+    """Speculative decoding in a chat: each turn streams exactly what the chat without a draft does,
+    stop strings cut alike; a draft with another vocabulary is refused when the session opens."""
+    from lmlab.errors import LmlabError
+    from lmlab.generate.decode import stream
+    from lmlab.generate.speculative import SpeculativeStats, speculative_stream, truncated_draft
+
+    model, tok = smol
+    cfg = GenerationConfig(max_new_tokens=24)
+    draft = truncated_draft(model, 6)
+    plain, fast = ChatSession(model, tok, cfg), ChatSession(model, tok, cfg, draft=draft, num_draft_tokens=3)
+    for question in ("What is the capital of France?", "And of Italy?"):
+        answer = "".join(fast.reply(question))
+        assert answer and answer == "".join(plain.reply(question))
+    assert fast.messages == plain.messages and len(fast.messages) == 4
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Count from 1 to 9."}], add_generation_prompt=True)
+    full = "".join(stream(model, tok, prompt, cfg))
+    stop = full[len(full) // 2 : len(full) // 2 + 2]  # a stop string in the middle of the answer
+    stats = SpeculativeStats()
+    got = "".join(speculative_stream(model, draft, tok, prompt, cfg.replace(stop=[stop]), 3, stats=stats))
+    assert got == "".join(stream(model, tok, prompt, cfg.replace(stop=[stop]))) == full[: full.index(stop)]
+    assert stats.rounds > 0 and stats.generated >= len(tok.encode(got, add_special_tokens=False)) - 1
+    torch.manual_seed(0)
+    other = lmlab.Transformer(lmlab.ModelConfig.from_preset("llama-tiny")).eval()
+    with pytest.raises(LmlabError, match="vocabulary"):
+        ChatSession(model, tok, cfg, draft=other)
+
+
 def test_explain_stages_reshape_as_defined(smol, tmp_path):
     model, tok = smol
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a joke."}], add_generation_prompt=True)

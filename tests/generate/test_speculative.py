@@ -10,9 +10,11 @@ import torch
 import lmlab
 from lmlab.generate import GenerationConfig, generate
 from lmlab.generate.speculative import (
+    SpeculativeStats,
     acceptance_probability,
     residual,
     speculative_generate,
+    speculative_rounds,
     truncated_draft,
 )
 from lmlab.model.config import ModelConfig
@@ -44,6 +46,25 @@ def test_a_perfect_draft_is_always_accepted():
     # every round yields its 4 drafts plus 1 free token: 5 + 5 + 5 + (1 draft + 1 free, cut to 16)
     assert stats.rounds == 4 and stats.generated == 16
     assert got.token_ids == generate(target, None, prompt, max_new_tokens=16)[0].token_ids
+
+
+def test_rounds_yield_each_rounds_new_tokens_up_to_the_limit_or_eos():
+    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=13)
+    want = generate(target, None, prompt, cfg)[0].token_ids
+    stats = SpeculativeStats()
+    modes: list[bool] = []  # every forward runs without autograd (a streamed caller sets no mode itself)
+    for m in (target, draft):
+        m.lm_head.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    chunks = list(speculative_rounds(target, draft, None, prompt, cfg, 3, 0.0, stats))
+    assert [t for c in chunks for t in c] == want and stats.generated == 13
+    assert modes and all(modes)
+    assert len(chunks) == stats.rounds and all(1 <= len(c) <= 4 for c in chunks)
+    eos = want[6]  # a token the answer holds: the stream ends with its first occurrence
+    chunks = list(speculative_rounds(target, draft, None, prompt, cfg.replace(stop_token_ids=[eos]), 3, 0.0,
+                                     SpeculativeStats()))  # fmt: skip
+    assert [t for c in chunks for t in c] == want[: want.index(eos) + 1]
 
 
 def test_truncated_draft_shares_weights_and_speaks_the_same_vocabulary():

@@ -18,11 +18,24 @@ class ChatSession:
     """The conversation so far, and how to continue it."""
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, config: GenerationConfig, system: str | None = None
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: GenerationConfig,
+        system: str | None = None,
+        draft: Transformer | None = None,
+        num_draft_tokens: int = 4,
+        draft_confidence: float | None = None,
     ) -> None:
         if tokenizer.chat_template is None:
             raise LmlabError("this checkpoint has no chat template", hint="use `lmlab generate` for plain text")
         self.model, self.tokenizer, self.config, self.system = model, tokenizer, config, system
+        # speculative decoding (generate/speculative.py): the same answers, sooner when the draft agrees
+        if draft is not None:
+            from lmlab.generate.speculative import check_draft
+
+            check_draft(model, draft)
+        self.draft, self.num_draft_tokens, self.draft_confidence = draft, num_draft_tokens, draft_confidence
         self.messages: list[dict[str, str]] = []
 
     def reset(self) -> None:
@@ -58,7 +71,15 @@ class ChatSession:
         """Add a user turn and stream the assistant's answer; the answer joins the history when done."""
         self.messages.append({"role": "user", "content": text})
         pieces = []
-        for piece in stream(self.model, self.tokenizer, self.prompt(), self.config):
+        if self.draft is None:
+            text = stream(self.model, self.tokenizer, self.prompt(), self.config)
+        else:
+            from lmlab.generate.speculative import speculative_stream
+
+            extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
+            text = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
+                                      self.num_draft_tokens, **extra)  # fmt: skip
+        for piece in text:
             pieces.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -21,7 +21,7 @@ from lmlab.generate import cpu_kernels
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.kv_cache import KVCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
-from lmlab.generate.stream import IncrementalDecoder, StopStrings
+from lmlab.generate.stream import IncrementalDecoder, StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.device import policy
@@ -508,26 +508,5 @@ def stream(
     pad_id = pad_token_id(model, tokenizer, eos)
     input_ids, mask = left_pad(_as_token_rows(tokenizer, prompt), pad_id, next(model.parameters()).device)
     state = new_state(input_ids, mask, config)
-    decoder, stops, shown = IncrementalDecoder(tokenizer), StopStrings(config.stop), 0
-    for nxt in decode_steps(model, state, config, eos, pad_id):
-        tok = int(nxt[0])
-        if tok in eos:
-            break
-        before = len(decoder.text)
-        if not decoder.push(tok):
-            continue
-        at = stops.find(decoder.text, before)
-        if at is not None:
-            state.finished[0] = True
-            if at > shown:
-                yield decoder.text[shown:at]
-            return
-        safe = stops.safe_end(decoder.text)
-        if safe > shown:
-            yield decoder.text[shown:safe]
-            shown = safe
-    decoder.flush()
-    at = stops.find(decoder.text, shown)
-    end = at if at is not None else len(decoder.text)
-    if end > shown:
-        yield decoder.text[shown:end]
+    tokens = (int(nxt[0]) for nxt in decode_steps(model, state, config, eos, pad_id))
+    yield from text_pieces(tokens, tokenizer, eos, config.stop)

@@ -10,6 +10,7 @@ output token for token; only the speed depends on how often the draft agrees.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
-from lmlab.generate.stream import StopStrings
+from lmlab.generate.stream import StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 
@@ -73,7 +74,16 @@ def truncated_draft(model: Transformer, n_layers: int) -> Transformer:
     return draft.eval()
 
 
-@torch.inference_mode()
+def check_draft(target: Transformer, draft: Transformer) -> None:
+    """A draft must share the target's vocabulary (and an EAGLE draft its hidden width)."""
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise LmlabError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the target's "
+                         f"({target.cfg.vocab_size})", field="draft", hint="use a draft with the same tokenizer")  # fmt: skip
+    if draft.cfg.eagle and draft.cfg.d_model != target.cfg.d_model:
+        raise LmlabError(f"the EAGLE draft reads hidden states of width {draft.cfg.d_model}, the target's are "
+                         f"{target.cfg.d_model}", field="draft", hint="train the draft on this target")  # fmt: skip
+
+
 def speculative_generate(
     target: Transformer,
     draft: Transformer,
@@ -90,14 +100,49 @@ def speculative_generate(
     draft itself doubts is likely rejected, and each drafted token costs a draft step and a row of the
     target's check. The output is the same for any setting; only the speed changes."""
     config = config or GenerationConfig()
-    if draft.cfg.vocab_size != target.cfg.vocab_size:
-        raise LmlabError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the target's "
-                         f"({target.cfg.vocab_size})", field="draft", hint="use a draft with the same tokenizer")  # fmt: skip
-    eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
-    if eagle and draft.cfg.d_model != target.cfg.d_model:
-        raise LmlabError(f"the EAGLE draft reads hidden states of width {draft.cfg.d_model}, the target's are "
-                         f"{target.cfg.d_model}", field="draft", hint="train the draft on this target")  # fmt: skip
+    stats = SpeculativeStats()
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
+    generated = [t for new in speculative_rounds(target, draft, tokenizer, prompt_ids, config, num_draft_tokens,
+                                                 confidence, stats) for t in new]  # fmt: skip
+    eos = stop_token_ids(target, tokenizer, config)
+    return _finish(tokenizer, generated, eos, len(prompt_ids), StopStrings(config.stop)), stats
+
+
+def speculative_stream(
+    target: Transformer,
+    draft: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str | list[int],
+    config: GenerationConfig | None = None,
+    num_draft_tokens: int = 4,
+    confidence: float = DRAFT_CONFIDENCE,
+    stats: SpeculativeStats | None = None,
+) -> Iterator[str]:
+    """`speculative_generate` as `decode.stream` shows text: pieces as each round's accepted tokens
+    complete characters, stop strings never shown. `stats`, if given, fills in as rounds go."""
+    config = config or GenerationConfig()
+    prompt_ids = _as_token_rows(tokenizer, prompt)[0]
+    rounds = speculative_rounds(target, draft, tokenizer, prompt_ids, config, num_draft_tokens, confidence,
+                                stats if stats is not None else SpeculativeStats())  # fmt: skip
+    tokens = (t for new in rounds for t in new)
+    yield from text_pieces(tokens, tokenizer, stop_token_ids(target, tokenizer, config), config.stop)
+
+
+@torch.inference_mode()
+def speculative_rounds(
+    target: Transformer,
+    draft: Transformer,
+    tokenizer: Tokenizer | None,
+    prompt_ids: list[int],
+    config: GenerationConfig,
+    num_draft_tokens: int,
+    confidence: float,
+    stats: SpeculativeStats,
+) -> Iterator[list[int]]:
+    """The speculative loop: yields each round's new tokens (the accepted draft tokens and the target's
+    own), up to an EOS (included) or max_new_tokens, and counts them into `stats`."""
+    check_draft(target, draft)
+    eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
     eos = stop_token_ids(target, tokenizer, config)
     device = next(target.parameters()).device
     max_len = len(prompt_ids) + config.max_new_tokens + num_draft_tokens + 1
@@ -106,7 +151,6 @@ def speculative_generate(
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     seq = list(prompt_ids)
-    stats = SpeculativeStats()
     procs = build_processors(config, len(prompt_ids), config.sampling)
 
     def scores(logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
@@ -205,16 +249,15 @@ def speculative_generate(
         stats.rounds += 1
         stats.proposed += k
         stop_at = next((i + 1 for i, t in enumerate(accepted) if t in eos), None)
-        seq += accepted[:stop_at]
+        new = accepted[:stop_at][: config.max_new_tokens - (len(seq) - len(prompt_ids))]
+        seq += new
+        stats.generated += len(new)
         # roll both caches back to what is now certain (everything but the newest token); an EAGLE
         # draft's drafted positions read its own predicted states, so they go even when accepted
         t_cache.length = min(t_cache.length, len(seq) - 1)
         d_cache.length = min(d_cache.length, known if eagle else len(seq) - 1)
         if eagle:  # the checked positions from `known` on, up to the newest token's
             pending = t_hidden[: len(seq) - 1 - known]
+        yield new
         if stop_at is not None:
             break
-    generated = seq[len(prompt_ids) : len(prompt_ids) + config.max_new_tokens]
-    stats.generated = len(generated)
-    result = _finish(tokenizer, generated, eos, len(prompt_ids), StopStrings(config.stop))
-    return result, stats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from lmlab.tokenizer.tokenizer import Tokenizer
 
 
@@ -64,3 +66,30 @@ class StopStrings:
             if any(s.startswith(tail) for s in self.stops):
                 return len(text) - keep
         return len(text)
+
+
+def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer, eos: list[int], stop: list[str]) -> Iterator[str]:
+    """The text of a stream of token ids as it becomes complete characters, up to the first EOS or stop
+    string (never shown: text that could begin one is held back until it cannot). The caller's token
+    source is not advanced past the token that ends the text."""
+    decoder, stops, shown = IncrementalDecoder(tokenizer), StopStrings(stop), 0
+    for tok in tokens:
+        if tok in eos:
+            break
+        before = len(decoder.text)
+        if not decoder.push(tok):
+            continue
+        at = stops.find(decoder.text, before)
+        if at is not None:
+            if at > shown:
+                yield decoder.text[shown:at]
+            return
+        safe = stops.safe_end(decoder.text)
+        if safe > shown:
+            yield decoder.text[shown:safe]
+            shown = safe
+    decoder.flush()
+    at = stops.find(decoder.text, shown)
+    end = at if at is not None else len(decoder.text)
+    if end > shown:
+        yield decoder.text[shown:end]
