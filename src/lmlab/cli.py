@@ -163,6 +163,8 @@ def _load_draft(args: argparse.Namespace, model):
     from lmlab.model.checkpoint import load_pretrained
 
     if args.draft.startswith(":"):
+        if not args.draft[1:].isdigit():
+            raise LmlabError(f"{args.draft!r}: want a checkpoint or :N (the target's first N layers)", field="--draft")
         return truncated_draft(model, int(args.draft[1:]))
     return load_pretrained(args.draft, device=_device(args), dequantize="auto")[0]
 

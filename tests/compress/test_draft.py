@@ -23,6 +23,7 @@ from lmlab.compress.draft import (
     user_prefix,
     user_turn,
 )
+from lmlab.data import fetch
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate
 from lmlab.generate.speculative import speculative_generate
@@ -156,7 +157,7 @@ def test_bad_head_tokens_are_named():
         reduce_head(reduce_head(_target(), IDS), IDS)
     with pytest.raises(LmlabError, match="unknown key 'prompts'"):
         DistillConfig(teacher_answers={"datasets": ["chatterbot"], "prompts": 3})
-    for bad in ({"self_prompts": -1}, {"max_prompts": 2.5}, {"batch": 0}, {"max_new_tokens": True}):
+    for bad in ({"self_prompts": -1}, {"max_prompts": 2.5}, {"max_prompts": 0}, {"batch": 0}, {"max_new_tokens": True}):
         key = next(iter(bad))
         with pytest.raises(LmlabError, match="whole number") as e:
             DistillConfig(teacher_answers={"datasets": ["chatterbot"], **bad})
@@ -285,17 +286,46 @@ def test_teacher_prompts_are_turns_it_ends_itself_and_grow_as_if_uninterrupted(s
         for g in real(teacher, tok, [user_prefix(tok)] * 4, dataclasses.replace(config, seed=s)):
             (ended if g.finish_reason == "stop" else cut).add(g.text.strip())
     assert cut and set(more) <= ended and not set(more) & cut
-    # another teacher's file is not continued
+    # what the file holds is served without a round; prompts the caller has are left out
     seeds.clear()
+    assert teacher_prompts(teacher, tok, 9, tmp_path / "p.jsonl", **kw) == more and seeds == []
+    others = teacher_prompts(teacher, tok, 5, tmp_path / "p.jsonl", exclude=more[:4], **kw)
+    assert others == more[4:9] and seeds == []
+    # another teacher's file is not continued
     teacher_prompts(_ending_teacher(1), tok, 2, tmp_path / "p.jsonl", **kw)
     assert seeds[0] == 0
+
+
+def test_distill_recipe_adds_the_teachers_own_prompts_after_the_data_sets(smollm2_gguf, tmp_path):
+    """self_prompts: the teacher's answers cover the data sets' prompts, then as many it wrote itself."""
+    from lmlab.compress.distill import distill
+    from lmlab.train.config import recipe_from_dict
+
+    _, tok = load_pretrained(smollm2_gguf)
+    save_pretrained(_ending_teacher(), tok, tmp_path / "teacher")
+    recipe = recipe_from_dict({
+        "distill": {"teacher": str(tmp_path / "teacher"), "student": {"layers": 1},
+                    "teacher_answers": {"datasets": ["chatterbot"], "max_prompts": 2, "self_prompts": 3,
+                                        "max_new_tokens": 4}},
+        "data": {"datasets": ["kjv"], "max_windows": 4, "max_val_windows": 1},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 1, "block_size": 16, "micro_batch_size": 2,
+                  "warmup_steps": 0, "eval_every": 1000, "eval_batches": 1},
+    })  # fmt: skip
+    distill(recipe, progress=False)
+    asked = [json.loads(line)["messages"][0]["content"]
+             for line in (tmp_path / "run" / "teacher_answers.jsonl").read_text().splitlines()]  # fmt: skip
+    written = [
+        json.loads(line)["text"] for line in (tmp_path / "run" / "teacher_prompts.jsonl").read_text().splitlines()
+    ]
+    assert asked[:2] == prompts_from([fetch("chatterbot") / "train.jsonl"], 2)
+    assert len(asked) == 5 and asked[2:] == [t for t in written if t not in asked[:2]][:3]
 
 
 def test_a_teacher_that_never_ends_a_turn_is_named(smollm2_gguf, tmp_path):
     _, tok = load_pretrained(smollm2_gguf)
     torch.manual_seed(0)
     teacher = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", vocab_size=49152, init_std=0.1)).eval()
-    with pytest.raises(LmlabError, match=r"ended 0 of 16 user turns it began within 3 tokens"):
+    with pytest.raises(LmlabError, match=r"ended 0 of the 16 user turns it began within 3 tokens"):
         teacher_prompts(teacher, tok, 5, tmp_path / "p.jsonl", max_new_tokens=3, batch=2, progress=False)
 
 

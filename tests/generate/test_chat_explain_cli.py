@@ -72,6 +72,8 @@ def test_chat_with_a_draft_streams_the_same_answers(smol):
     other = lmlab.Transformer(lmlab.ModelConfig.from_preset("llama-tiny")).eval()
     with pytest.raises(LmlabError, match="vocabulary"):
         ChatSession(model, tok, cfg, draft=other)
+    with pytest.raises(LmlabError, match="one sequence"):
+        next(speculative_stream(model, draft, tok, prompt, cfg.replace(num_beams=2)))
 
 
 def test_explain_stages_reshape_as_defined(smol, tmp_path):

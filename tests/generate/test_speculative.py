@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lmlab
+from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate
 from lmlab.generate.speculative import (
     SpeculativeStats,
@@ -69,6 +70,9 @@ def test_rounds_yield_each_rounds_new_tokens_up_to_the_limit_or_eos():
 
 def test_truncated_draft_shares_weights_and_speaks_the_same_vocabulary():
     target = _tiny(0, n_layer=4)
+    for bad in (0, 4):
+        with pytest.raises(LmlabError, match=f"a draft of {bad} layers: the target has 4, so 1 to 3"):
+            truncated_draft(target, bad)
     draft = truncated_draft(target, 2)
     assert draft.embed.weight is target.embed.weight and len(draft.layers) == 2
     prompt = torch.randint(0, 512, (6,)).tolist()

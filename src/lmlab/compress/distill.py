@@ -143,7 +143,7 @@ class DistillConfig:
                                  field="distill.teacher_answers")  # fmt: skip
             if not self.teacher_answers.get("datasets"):
                 raise LmlabError("name the prompts' data sets", field="distill.teacher_answers.datasets")
-            for key, least in (("max_prompts", 0), ("self_prompts", 0), ("max_new_tokens", 1), ("batch", 1)):
+            for key, least in (("max_prompts", 1), ("self_prompts", 0), ("max_new_tokens", 1), ("batch", 1)):
                 v = self.teacher_answers.get(key)
                 if v is not None and (type(v) is not int or v < least):
                     raise LmlabError(f"{v!r} must be a whole number >= {least}", field=f"distill.teacher_answers.{key}")
@@ -396,9 +396,8 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         prompts = prompts_from(sources, ta.get("max_prompts"))
         teacher.to(default_device(cfg.device))
         if ta.get("self_prompts"):  # requests the teacher writes itself, after the data sets' (Magpie)
-            written = teacher_prompts(teacher, tokenizer, int(ta["self_prompts"]),
-                                      Path(cfg.out_dir) / "teacher_prompts.jsonl", progress=progress)  # fmt: skip
-            prompts = list(dict.fromkeys(prompts + written))
+            prompts += teacher_prompts(teacher, tokenizer, int(ta["self_prompts"]), Path(cfg.out_dir) /
+                                       "teacher_prompts.jsonl", progress=progress, exclude=prompts)  # fmt: skip
         train_files.append(teacher_answers(teacher, tokenizer, prompts, Path(cfg.out_dir) / "teacher_answers.jsonl",
                                            int(ta.get("max_new_tokens", 128)), int(ta.get("batch", 32)), progress))  # fmt: skip
     train_w = token_windows(tokenizer, train_files, cfg.block_size, data.get("max_windows"), cfg.seed)

@@ -140,17 +140,23 @@ def teacher_prompts(
     batch: int = 32,
     seed: int = 0,
     progress: bool = True,
+    exclude: Iterable[str] = (),
 ) -> list[str]:
     """`n` distinct user requests written by the teacher itself (Magpie): the chat template up to the
     start of a user turn, sampled on. Only turns the teacher ends itself within `max_new_tokens` are
-    kept (a cut-off request is half a prompt), stripped and at least 8 characters long.
+    kept (a cut-off request is half a prompt), with no special token before its end (no turn that
+    wanders into the assistant's), stripped and at least 8 characters long; and none in `exclude`
+    (prompts the caller has already).
 
     Round r samples `batch` rows with seed `seed + r`, so the list is a function of the teacher and these
     settings; `path` (jsonl, one {"text": ...} per prompt, sidecar `path`.json) keeps what was made, and
     a larger `n` or an interrupted run continues from the rounds already done. 64 tokens x 32 rows take
     ~12 s on 2 cores, ~2 kept prompts a second on SmolLM2-135M-Instruct."""
+    if n < 0 or batch < 1:
+        raise LmlabError(f"n = {n} and batch = {batch}: want n >= 0 and batch >= 1", field="self_prompts")
     meta = {"teacher": weights_digest(teacher), "template": _template_digest(tokenizer), "temperature": temperature,
-            "top_p": top_p, "max_new_tokens": max_new_tokens, "batch": batch, "seed": seed}  # fmt: skip
+            "top_p": top_p, "max_new_tokens": max_new_tokens, "batch": batch, "seed": seed,
+            "keep": "ended, no special token, >= 8 characters"}  # fmt: skip
     sidecar = path.with_suffix(".json")
     found: dict[str, None] = {}
     rounds = 0
@@ -163,34 +169,47 @@ def teacher_prompts(
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         found, rounds = {}, 0  # not a file this function wrote: start again
     prefix = user_prefix(tokenizer)
-    bar = progress_bar(total=n, initial=min(len(found), n), desc="teacher prompts", unit="prompt",
-                       disable=not progress)  # fmt: skip
+    special = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    excluded = set(exclude)
+
+    def kept() -> list[str]:
+        return [t for t in found if t not in excluded]
 
     def save() -> None:
         sidecar.unlink(missing_ok=True)  # (killed between the two writes: no sidecar vouches for the file)
         write_text(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in found))
         write_json(sidecar, {**meta, "rounds": rounds})
 
-    saved = time.monotonic()
-    while len(found) < n:
-        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed + rounds)  # fmt: skip
-        before = len(found)
-        for g in generate(teacher, tokenizer, [prefix] * batch, config):
-            text = g.text.strip()
-            if g.finish_reason == "stop" and len(text) >= 8 and "<|" not in text:
-                found.setdefault(text, None)
-        rounds += 1
-        bar.update(min(len(found), n) - min(before, n))
-        if rounds >= 8 and 100 * len(found) < rounds * batch:  # under 1% kept: a model that never ends a turn
-            raise LmlabError(f"the teacher ended {len(found)} of {rounds * batch} user turns it began "
-                             f"within {max_new_tokens} tokens", hint="is it a chat model with this chat template?")  # fmt: skip
-        if time.monotonic() - saved > 60:
-            save()
-            saved = time.monotonic()
-    bar.close()
+    have = len(kept())
+    if have >= n:
+        return kept()[:n]
+    bar = progress_bar(total=n, initial=have, desc="teacher prompts", unit="prompt", disable=not progress)
+    saved, began, ended = time.monotonic(), 0, 0
+    try:
+        while have < n:
+            config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      seed=seed + rounds)  # fmt: skip
+            for g in generate(teacher, tokenizer, [prefix] * batch, config):
+                text = g.text.strip()
+                if g.finish_reason != "stop":
+                    continue
+                ended += 1
+                if len(text) >= 8 and not special.intersection(g.token_ids[:-1]):
+                    found.setdefault(text, None)
+            rounds, began = rounds + 1, began + batch
+            now = len(kept())
+            bar.update(min(now, n) - have)
+            have = now
+            if began >= 8 * batch and 100 * ended < began:  # under 1% ended: a model that never ends a turn
+                raise LmlabError(f"the teacher ended {ended} of the {began} user turns it began within "
+                                 f"{max_new_tokens} tokens", hint="is it a chat model with this chat template?")  # fmt: skip
+            if time.monotonic() - saved > 60:
+                save()
+                saved = time.monotonic()
+    finally:
+        bar.close()
     save()
-    return list(found)[:n]
+    return kept()[:n]
 
 
 def _stored_answers(path: Path, meta: dict[str, Any]) -> dict[str, str]:

@@ -72,14 +72,14 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         pieces = []
         if self.draft is None:
-            text = stream(self.model, self.tokenizer, self.prompt(), self.config)
+            answer = stream(self.model, self.tokenizer, self.prompt(), self.config)
         else:
             from lmlab.generate.speculative import speculative_stream
 
             extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
-            text = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
+            answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
                                       self.num_draft_tokens, **extra)  # fmt: skip
-        for piece in text:
+        for piece in answer:
             pieces.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(pieces)})

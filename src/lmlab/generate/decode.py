@@ -508,5 +508,8 @@ def stream(
     pad_id = pad_token_id(model, tokenizer, eos)
     input_ids, mask = left_pad(_as_token_rows(tokenizer, prompt), pad_id, next(model.parameters()).device)
     state = new_state(input_ids, mask, config)
-    tokens = (int(nxt[0]) for nxt in decode_steps(model, state, config, eos, pad_id))
-    yield from text_pieces(tokens, tokenizer, eos, config.stop)
+    steps = decode_steps(model, state, config, eos, pad_id)
+    try:
+        yield from text_pieces((int(nxt[0]) for nxt in steps), tokenizer, eos, config.stop)
+    finally:
+        steps.close()  # an EOS or a stop string ends the text: the steps release their cache now

@@ -65,6 +65,9 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor, token: int) -> floa
 
 def truncated_draft(model: Transformer, n_layers: int) -> Transformer:
     """A draft that is the target's first n layers (with its embeddings, final norm and head), sharing weights."""
+    if not 1 <= n_layers < model.cfg.n_layer:
+        raise LmlabError(f"a draft of {n_layers} layers: the target has {model.cfg.n_layer}, so 1 to "
+                         f"{model.cfg.n_layer - 1}", field="draft")  # fmt: skip
     cfg = dataclasses.replace(model.cfg, n_layer=n_layers)
     with torch.device("meta"):
         draft = Transformer(cfg)
@@ -121,11 +124,16 @@ def speculative_stream(
     """`speculative_generate` as `decode.stream` shows text: pieces as each round's accepted tokens
     complete characters, stop strings never shown. `stats`, if given, fills in as rounds go."""
     config = config or GenerationConfig()
+    if config.num_beams > 1 or config.num_return_sequences > 1:
+        raise LmlabError("speculative decoding takes one sequence: num_beams and num_return_sequences must be 1")
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
     rounds = speculative_rounds(target, draft, tokenizer, prompt_ids, config, num_draft_tokens, confidence,
                                 stats if stats is not None else SpeculativeStats())  # fmt: skip
-    tokens = (t for new in rounds for t in new)
-    yield from text_pieces(tokens, tokenizer, stop_token_ids(target, tokenizer, config), config.stop)
+    try:
+        yield from text_pieces((t for new in rounds for t in new), tokenizer, stop_token_ids(target, tokenizer, config),
+                               config.stop)  # fmt: skip
+    finally:
+        rounds.close()  # an EOS or a stop string ends the text: the loop goes now, not when collected
 
 
 @torch.inference_mode()
