@@ -109,6 +109,32 @@ def test_cached_top_k_is_written_once_and_reused(tmp_path):
     assert path.stat().st_mtime_ns != mtime and not torch.equal(b["values"], a["values"])
 
 
+def test_teacher_pass_copies_saved_rows_in_stretches_of_the_file(tmp_path):
+    """A large saved file, reused by a shuffled, grown corpus: saved rows are read a stretch of the file
+    at a time (runs of <= 256 rows), land in their new places, and only the new windows (plus the
+    first saved one, the teacher check) are computed."""
+    from lmlab.compress.distill import teacher_pass
+
+    seen: list[int] = []
+
+    def fn(_, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.append(len(rows))
+        return {"twice": rows.float() * 2, "total": rows.sum(-1, keepdim=True)}
+
+    teacher = torch.nn.Linear(1, 1)
+    torch.manual_seed(0)
+    windows = torch.randint(0, 10_000, (700, 6))
+    path = tmp_path / "p.safetensors"
+    teacher_pass(teacher, windows, path, fn, "t", batch=64, progress=False)
+    grown = torch.cat([windows[torch.randperm(700)[:650]], torch.randint(10_000, 20_000, (5, 6))])
+    grown = grown[torch.randperm(len(grown))]
+    seen.clear()
+    got = teacher_pass(teacher, grown, path, fn, "t", batch=64, progress=False)
+    assert seen == [1, 5]  # the check, then the 5 new windows
+    assert torch.equal(got["twice"], grown[:, :-1].float() * 2) and torch.equal(got["windows"], grown)
+    assert torch.equal(got["total"], grown[:, :-1].sum(-1, keepdim=True))
+
+
 @pytest.mark.parametrize("mode", ["online", "cache"])
 def test_distilled_draft_keeps_speculative_decoding_exact(tmp_path, mode):
     target = _target()

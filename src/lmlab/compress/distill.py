@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers, teacher_prompts
@@ -262,40 +263,49 @@ def teacher_pass(teacher: Transformer, windows: torch.Tensor, path: Path,
     teacher.eval()
     device = next(teacher.parameters()).device
     known: dict[bytes, int] = {}  # a saved window's tokens -> its row in the file
-    cached: dict[str, torch.Tensor] = {}
     if path.exists():
-        cached = load_file(str(path))
-        old = cached.get("windows")
-        if old is not None and old.dim() == 2 and len(old) and old.shape[1] == windows.shape[1]:
-            first = fn(teacher, old[:1, :-1].to(device))  # the same teacher? it must reproduce the first entry
-            same = all(
-                name in cached and cached[name][:1].shape == t.shape and cached[name].dtype == t.dtype
-                and (not t.is_floating_point() or torch.allclose(t.float(), cached[name][:1].float(), 1e-2, 1e-2))
-                for name, t in first.items()
-            )  # fmt: skip
-            if same and torch.equal(old, windows):
-                return cached
-            if same:
-                known = {row.numpy().tobytes(): i for i, row in enumerate(old.long())}
-            else:
-                cached = {}  # (all made again: nothing of it is needed)
+        with safe_open(str(path), "pt") as f:  # read lazily: the file can be gigabytes
+            keys = set(f.keys())
+            old = f.get_tensor("windows") if "windows" in keys else None
+            if old is not None and old.dim() == 2 and len(old) and old.shape[1] == windows.shape[1]:
+                first = fn(teacher, old[:1, :-1].to(device))  # the same teacher? it must reproduce the first entry
+                saved = {name: f.get_slice(name)[0:1] for name in first if name in keys}
+                same = all(
+                    name in saved and saved[name].shape == t.shape and saved[name].dtype == t.dtype
+                    and (not t.is_floating_point() or torch.allclose(t.float(), saved[name].float(), 1e-2, 1e-2))
+                    for name, t in first.items()
+                )  # fmt: skip
+                if same and torch.equal(old, windows):
+                    return load_file(str(path))
+                if same:
+                    known = {row.numpy().tobytes(): i for i, row in enumerate(old.long())}
     where = [known.get(row.numpy().tobytes(), -1) for row in windows.long()]  # a saved row's index, or -1
     todo = [i for i, j in enumerate(where) if j < 0]
-    parts: dict[str, list[torch.Tensor]] = {}
+    # each result goes straight into its place in the output (no list of parts joined at the end),
+    # and saved rows are copied a slice of the file at a time: the peak is the output plus a slice
+    out: dict[str, torch.Tensor] = {}
     for start in progress_bar(range(0, len(todo), batch), desc=desc, disable=not progress):
-        rows = windows[todo[start : start + batch], :-1].to(device)
-        for name, t in fn(teacher, rows).items():
-            parts.setdefault(name, []).append(t)
-    reused = [i for i, j in enumerate(where) if j >= 0]
-    out = {}
-    for name in list(parts) or [n for n in cached if n != "windows"]:
-        fresh = torch.cat(parts.pop(name)) if name in parts else None  # (the parts freed as they join)
-        like = fresh if fresh is not None else cached[name]
-        out[name] = full = like.new_empty((len(windows), *like.shape[1:]))
-        if todo:
-            full[todo] = fresh
-        if reused:
-            full[reused] = cached[name][[where[i] for i in reused]]
+        idx = todo[start : start + batch]
+        for name, t in fn(teacher, windows[idx, :-1].to(device)).items():
+            if name not in out:
+                out[name] = t.new_empty((len(windows), *t.shape[1:]))
+            out[name][idx] = t
+    if known:
+        by_source = sorted((j, i) for i, j in enumerate(where) if j >= 0)  # (row in the file, row here)
+        groups: list[list[tuple[int, int]]] = []  # runs spanning at most 256 rows of the file
+        for pair in by_source:
+            if not groups or pair[0] - groups[-1][0][0] >= 256:
+                groups.append([])
+            groups[-1].append(pair)
+        with safe_open(str(path), "pt") as f:
+            for name in sorted(set(f.keys()) - {"windows"}):
+                sl = f.get_slice(name)
+                for pairs in groups:
+                    lo = pairs[0][0]
+                    part = sl[lo : pairs[-1][0] + 1]  # the saved rows this run needs (and those between)
+                    if name not in out:
+                        out[name] = part.new_empty((len(windows), *part.shape[1:]))
+                    out[name][[i for _, i in pairs]] = part[[j - lo for j, _ in pairs]]
     out["windows"] = windows.contiguous()
     with atomic_path(path) as tmp:
         save_file(out, str(tmp))
