@@ -107,6 +107,25 @@ def test_generate_command_streams_the_same_text_as_the_library(smol, tmp_path):
     assert bad.returncode == 1 and "temperature" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_chat_command_with_a_draft_prints_what_it_prints_without(tmp_path):
+    """`lmlab chat --draft :6` (greedy) shows the same conversation as `lmlab chat`; a bad :N is one line."""
+    args = ["chat", "--model", "smollm2-135m-instruct", "--temperature", "0", "--max-new-tokens", "16"]
+    turns = "What is the capital of France?\nAnd of Italy?\n/quit\n"
+
+    def chat(*extra):
+        return subprocess.run([sys.executable, "-m", "lmlab.cli", *args, *extra], input=turns, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    plain, fast = chat(), chat("--draft", ":6", "--num-draft-tokens", "3")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    shown = fast.stdout.splitlines()
+    stats = [line for line in shown if line.startswith("[speculative: ")]
+    assert len(stats) == 2 and "tokens per target forward]" in stats[0]  # one per answer: the draft ran
+    assert [line for line in shown if line not in stats] == plain.stdout.splitlines() and "Paris" in plain.stdout
+    bad = chat("--draft", ":99")
+    assert bad.returncode == 1 and "a draft of 99 layers" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_callable_package():
     torch.manual_seed(0)
     model = lmlab.Transformer(lmlab.ModelConfig.from_preset("llama-tiny", eos_token_id=None)).eval()

@@ -36,6 +36,7 @@ class ChatSession:
 
             check_draft(model, draft)
         self.draft, self.num_draft_tokens, self.draft_confidence = draft, num_draft_tokens, draft_confidence
+        self.stats = None  # the last answer's SpeculativeStats, with a draft
         self.messages: list[dict[str, str]] = []
 
     def reset(self) -> None:
@@ -74,11 +75,12 @@ class ChatSession:
         if self.draft is None:
             answer = stream(self.model, self.tokenizer, self.prompt(), self.config)
         else:
-            from lmlab.generate.speculative import speculative_stream
+            from lmlab.generate.speculative import SpeculativeStats, speculative_stream
 
             extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
+            self.stats = SpeculativeStats()
             answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
-                                      self.num_draft_tokens, **extra)  # fmt: skip
+                                        self.num_draft_tokens, stats=self.stats, **extra)  # fmt: skip
         for piece in answer:
             pieces.append(piece)
             yield piece
@@ -128,5 +130,9 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
                 for piece in session.reply(line):
                     out(piece)
                 out("\n")
+                if session.stats is not None:  # how the draft did: the answer is the same either way
+                    st = session.stats
+                    out(f"[speculative: {st.accepted}/{st.proposed} drafted tokens accepted ({st.acceptance_rate:.0%}), "
+                        f"{st.tokens_per_round:.2f} tokens per target forward]\n")  # fmt: skip
         except LmlabError as e:
             out(f"error: {e}\n")
