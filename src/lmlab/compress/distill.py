@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lmlab.compress.draft import frequent_tokens, prompts_from, reduce_head, teacher_answers, teacher_prompts
+from lmlab.compress.draft import (
+    frequent_tokens,
+    prompts_from,
+    reduce_head,
+    teacher_answers,
+    teacher_prompts,
+    weights_digest,
+)
 from lmlab.compress.eagle import EagleLoss, eagle_draft
 from lmlab.compress.prune import token_windows
 from lmlab.errors import LmlabError
@@ -405,11 +412,13 @@ def distill(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         sources = [Path(fetch(d)) / "train.jsonl" for d in ta["datasets"]]
         prompts = prompts_from(sources, ta.get("max_prompts"))
         teacher.to(default_device(cfg.device))
+        digest = weights_digest(teacher)  # (once: both files are vouched for by it)
         if ta.get("self_prompts"):  # requests the teacher writes itself, after the data sets' (Magpie)
             prompts += teacher_prompts(teacher, tokenizer, int(ta["self_prompts"]), Path(cfg.out_dir) /
-                                       "teacher_prompts.jsonl", progress=progress, exclude=prompts)  # fmt: skip
+                                       "teacher_prompts.jsonl", progress=progress, exclude=prompts, digest=digest)  # fmt: skip
         train_files.append(teacher_answers(teacher, tokenizer, prompts, Path(cfg.out_dir) / "teacher_answers.jsonl",
-                                           int(ta.get("max_new_tokens", 128)), int(ta.get("batch", 32)), progress))  # fmt: skip
+                                           int(ta.get("max_new_tokens", 128)), int(ta.get("batch", 32)), progress,
+                                           digest))  # fmt: skip
     train_w = token_windows(tokenizer, train_files, cfg.block_size, data.get("max_windows"), cfg.seed)
     # a draft's reduced head: the tokens the training text uses most (an EAGLE draft trained further
     # keeps the head it has, whatever head_vocab says: its tokens are what it learned to score)

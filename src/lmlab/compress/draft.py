@@ -141,12 +141,13 @@ def teacher_prompts(
     seed: int = 0,
     progress: bool = True,
     exclude: Iterable[str] = (),
+    digest: str | None = None,
 ) -> list[str]:
     """`n` distinct user requests written by the teacher itself (Magpie): the chat template up to the
     start of a user turn, sampled on. Only turns the teacher ends itself within `max_new_tokens` are
     kept (a cut-off request is half a prompt), with no special token before its end (no turn that
     wanders into the assistant's), stripped and at least 8 characters long; and none in `exclude`
-    (prompts the caller has already).
+    (prompts the caller has already). `digest`: the teacher's `weights_digest`, if the caller has it.
 
     Round r samples `batch` rows with seed `seed + r`, so the list is a function of the teacher and these
     settings; `path` (jsonl, one {"text": ...} per prompt, sidecar `path`.json) keeps what was made, and
@@ -154,7 +155,7 @@ def teacher_prompts(
     ~12 s on 2 cores, ~2 kept prompts a second on SmolLM2-135M-Instruct."""
     if n < 0 or batch < 1:
         raise LmlabError(f"n = {n} and batch = {batch}: want n >= 0 and batch >= 1", field="self_prompts")
-    meta = {"teacher": weights_digest(teacher), "template": _template_digest(tokenizer), "temperature": temperature,
+    meta = {"teacher": digest or weights_digest(teacher), "template": _template_digest(tokenizer), "temperature": temperature,
             "top_p": top_p, "max_new_tokens": max_new_tokens, "batch": batch, "seed": seed,
             "keep": "ended, no special token, >= 8 characters"}  # fmt: skip
     sidecar = path.with_suffix(".json")
@@ -236,6 +237,7 @@ def teacher_answers(
     max_new_tokens: int = 128,
     batch: int = 32,
     progress: bool = True,
+    digest: str | None = None,
 ) -> Path:
     """The teacher's greedy answer to each prompt (chat template), written to `path` as chat records
     {"messages": [user, assistant]}, one per prompt in order.
@@ -243,10 +245,11 @@ def teacher_answers(
     Answers already in `path` are reused when its sidecar (`path`.json) says the same teacher (a digest
     of its weights) made them at the same length with the same chat template, so a longer prompt list
     generates only the new prompts' answers (at 128 tokens, ~1,700 prompts take 20 minutes on 2
-    cores). The file is saved every minute: an interrupted run resumes where it stopped."""
+    cores). The file is saved every minute: an interrupted run resumes where it stopped. `digest`: the
+    teacher's `weights_digest`, if the caller has it."""
     # what the answers depend on: the teacher's weights, the length, the chat template (as it renders a
     # turn); and which prompts the file holds
-    meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "teacher": weights_digest(teacher),
+    meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "teacher": digest or weights_digest(teacher),
             "template": _template_digest(tokenizer),
             "prompt_list": hashlib.blake2b("\0".join(prompts).encode(), digest_size=8).hexdigest(),
             "first": prompts[:1], "last": prompts[-1:]}  # fmt: skip

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
+from lmlab.generate.speculative import SpeculativeStats, check_draft, speculative_stream
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 
@@ -32,8 +33,6 @@ class ChatSession:
         self.model, self.tokenizer, self.config, self.system = model, tokenizer, config, system
         # speculative decoding (generate/speculative.py): the same answers, sooner when the draft agrees
         if draft is not None:
-            from lmlab.generate.speculative import check_draft
-
             check_draft(model, draft)
         self.draft, self.num_draft_tokens, self.draft_confidence = draft, num_draft_tokens, draft_confidence
         self.stats = None  # the last answer's SpeculativeStats, with a draft
@@ -75,8 +74,6 @@ class ChatSession:
         if self.draft is None:
             answer = stream(self.model, self.tokenizer, self.prompt(), self.config)
         else:
-            from lmlab.generate.speculative import SpeculativeStats, speculative_stream
-
             extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
             self.stats = SpeculativeStats()
             answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
