@@ -159,14 +159,9 @@ def _add_draft_flags(p: argparse.ArgumentParser) -> None:
 
 def _load_draft(args: argparse.Namespace, model):
     """The --draft model: a checkpoint, or the target's first N layers (:N)."""
-    from lmlab.generate.speculative import truncated_draft
-    from lmlab.model.checkpoint import load_pretrained
+    from lmlab.generate.speculative import load_draft
 
-    if args.draft.startswith(":"):
-        if not args.draft[1:].isdigit():
-            raise LmlabError(f"{args.draft!r}: want a checkpoint or :N (the target's first N layers)", field="--draft")
-        return truncated_draft(model, int(args.draft[1:]))
-    return load_pretrained(args.draft, device=_device(args), dequantize="auto")[0]
+    return load_draft(args.draft, model, _device(args))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -294,6 +289,9 @@ def _serve(args: argparse.Namespace) -> None:
         rag=args.rag,
         compile=args.compile,
         keep_quantized=args.keep_quantized,
+        draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
+        draft_confidence=args.draft_confidence,
     )
 
 
@@ -754,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--keep-quantized", action="store_true",
                      help="run a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (faster for a few clients; "
                           "default: float32 weights, faster for many)")  # fmt: skip
+    _add_draft_flags(srv)  # speculative rounds while a request decodes alone
     srv.set_defaults(func=_serve)
     rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
         dest="rag_command", required=True

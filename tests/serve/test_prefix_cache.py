@@ -22,9 +22,9 @@ def test_lookup_budget_and_lru():
     cache.add(a, *_kv(30))
     cache.add(b, *_kv(30))
     assert cache.lookup([0, 1, 2]) is None  # shorter than min_match
-    n, k, _ = cache.lookup([*a, 7, 7])
+    n, k, _, _ = cache.lookup([*a, 7, 7])
     assert n == 30 and k.shape[2] == 30
-    n, _, _ = cache.lookup(a)  # the whole prompt cached: its last token must still run
+    n, _, _, _ = cache.lookup(a)  # the whole prompt cached: its last token must still run
     assert n == 29
     cache.add(list(range(200, 230)), *_kv(30))  # over budget: b (least recently used) goes
     assert cache.tokens == 60 and cache.lookup(b) is None and cache.lookup(a) is not None

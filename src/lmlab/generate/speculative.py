@@ -77,6 +77,20 @@ def truncated_draft(model: Transformer, n_layers: int) -> Transformer:
     return draft.eval()
 
 
+def load_draft(spec: str, target: Transformer, device=None) -> Transformer:
+    """A draft from a command line's --draft: a checkpoint path (quantized blocks kept where lmlab's
+    kernels run them), or ":N" for the target's first N layers."""
+    from lmlab.model.checkpoint import load_pretrained
+
+    if spec.startswith(":"):
+        if not spec[1:].isdigit():
+            raise LmlabError(f"{spec!r}: want a checkpoint or :N (the target's first N layers)", field="--draft")
+        return truncated_draft(target, int(spec[1:]))
+    draft = load_pretrained(spec, device=device, dequantize="auto")[0]
+    check_draft(target, draft)
+    return draft
+
+
 def check_draft(target: Transformer, draft: Transformer) -> None:
     """A draft must share the target's vocabulary (and an EAGLE draft its hidden width)."""
     if draft.cfg.vocab_size != target.cfg.vocab_size:
@@ -149,123 +163,176 @@ def speculative_rounds(
 ) -> Iterator[list[int]]:
     """The speculative loop: yields each round's new tokens (the accepted draft tokens and the target's
     own), up to an EOS (included) or max_new_tokens, and counts them into `stats`."""
-    check_draft(target, draft)
-    eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
-    eos = stop_token_ids(target, tokenizer, config)
     device = next(target.parameters()).device
     max_len = len(prompt_ids) + config.max_new_tokens + num_draft_tokens + 1
-    t_cache, d_cache = KVCache.for_model(target, 1, max_len), KVCache.for_model(draft, 1, max_len)
     generator = None
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
+    spec = Speculation(target, draft, config, build_processors(config, len(prompt_ids), config.sampling), generator,
+                       stop_token_ids(target, tokenizer, config), max_len, num_draft_tokens, confidence, stats)  # fmt: skip
+    t_cache = KVCache.for_model(target, 1, max_len)
     seq = list(prompt_ids)
-    procs = build_processors(config, len(prompt_ids), config.sampling)
+    while len(seq) - len(prompt_ids) < config.max_new_tokens:
+        new = spec.round(seq, t_cache, config.max_new_tokens - (len(seq) - len(prompt_ids)))
+        seq += new
+        yield new
+        if new[-1] in spec.eos:
+            break
 
-    def scores(logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+
+class Speculation:
+    """One sequence's speculative decoding between rounds: the draft's KV cache, the target's hidden
+    states an EAGLE draft has yet to read, and the sequence's sampling state (processors, generator).
+
+    The target's KV cache stays the caller's (`round` takes it), so a server can keep a sequence in its
+    shared batch cache and speculate only while the sequence decodes alone (serve/engine.py)."""
+
+    def __init__(
+        self,
+        target: Transformer,
+        draft: Transformer,
+        config: GenerationConfig,
+        procs: list,
+        generator: torch.Generator | None,
+        eos: set[int] | frozenset[int],
+        max_len: int,
+        num_draft_tokens: int,
+        confidence: float = DRAFT_CONFIDENCE,
+        stats: SpeculativeStats | None = None,
+    ) -> None:
+        check_draft(target, draft)
+        self.target, self.draft, self.config, self.procs, self.generator = target, draft, config, procs, generator
+        self.eos, self.num_draft_tokens, self.confidence = eos, num_draft_tokens, confidence
+        self.stats = stats if stats is not None else SpeculativeStats()
+        self.device = next(target.parameters()).device
+        self.eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
+        self.d_cache = KVCache.for_model(draft, 1, max_len)
+        # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). `pending`
+        # holds the target's states from position d_cache.length on, the only ones the draft will read;
+        # `round` computes any it lacks (the first round, or a server's batched steps in between)
+        self.pending = torch.empty(0, target.cfg.d_model, device=self.device)
+        # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
+        # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
+        self.plain = not config.sampling and not procs
+
+    def add_states(self, states: torch.Tensor) -> None:
+        """The target's hidden states (n, d) at the positions after those already pending (a caller
+        that computed them anyway, e.g. a server's prefill, saves `round` computing them again)."""
+        self.pending = torch.cat([self.pending, states.to(self.pending.dtype)])
+
+    def _scores(self, logits: torch.Tensor, prefix: list[int]) -> torch.Tensor:
         """The next-token scores after the logits processors."""
-        return apply_processors(procs, torch.tensor([prefix], device=device), logits.float()[None])[0]
+        return apply_processors(self.procs, torch.tensor([prefix], device=self.device), logits.float()[None])[0]
 
-    def dist(scores: torch.Tensor) -> torch.Tensor:
+    def _dist(self, scores: torch.Tensor) -> torch.Tensor:
         """The next-token distribution (one-hot at the argmax when greedy)."""
-        if not config.sampling:
+        if not self.config.sampling:
             return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
         return scores.softmax(-1)
 
-    def pick(probs: torch.Tensor) -> int:
-        if not config.sampling:
+    def _pick(self, probs: torch.Tensor) -> int:
+        if not self.config.sampling:
             return int(probs.argmax())
-        return int(torch.multinomial(probs, 1, generator=generator))
+        g = self.generator
+        return int(torch.multinomial(probs.to(g.device) if g is not None else probs, 1, generator=g))
 
-    def hidden(model: Transformer, cache: KVCache, tokens: list[int], features=None) -> torch.Tensor:
-        ids = torch.tensor([tokens], device=device)
+    def _uniform(self) -> float:
+        g = self.generator
+        return float(torch.rand((), generator=g, device=g.device if g is not None else self.device))
+
+    def _hidden(self, model: Transformer, cache, tokens: list[int], features=None) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=self.device)
         # the target's check feeds k + 1 tokens at once: the decode kernels' matmuls pay off
-        with cpu_kernels.for_rows(len(tokens), device):
+        with cpu_kernels.for_rows(len(tokens), self.device):
             return model.hidden_states(ids, kv_cache=cache, features=features)[0]  # (len(tokens), d)
 
-    def head(model: Transformer, h: torch.Tensor, full: bool = True) -> torch.Tensor:
-        with cpu_kernels.for_rows(h.shape[0], device):
+    def _head(self, model: Transformer, h: torch.Tensor, full: bool = True) -> torch.Tensor:
+        with cpu_kernels.for_rows(h.shape[0], self.device):
             logits = model.lm_head(h)  # (rows, V), or over a reduced head's tokens
         return model.full_vocab(logits) if full else logits
 
-    # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
-    # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
-    plain = not config.sampling and not procs
-    head_ids = draft.cfg.head_tokens
-
-    def verify(drafted: list[int], q: list[torch.Tensor], t_logits: torch.Tensor) -> list[int]:
+    def _verify(self, seq: list[int], drafted: list[int], q: list[torch.Tensor], t_logits: torch.Tensor) -> list[int]:
         """The general rule: each drafted token x kept with probability min(1, p(x) / q(x)); the first
         rejected one replaced by a sample of max(0, p - q); all kept: one more token from the target."""
         accepted: list[int] = []
         for i, token in enumerate(drafted):
-            p = dist(scores(t_logits[i], seq + accepted))
-            u = float(torch.rand((), generator=generator, device=device)) if config.sampling else 0.0
+            p = self._dist(self._scores(t_logits[i], seq + accepted))
+            u = self._uniform() if self.config.sampling else 0.0
             if u >= acceptance_probability(p, q[i], token):
-                accepted.append(pick(residual(p, q[i])))  # rejected: the target's correction ends the round
+                accepted.append(self._pick(residual(p, q[i])))  # rejected: the target's correction ends the round
                 return accepted
             accepted.append(token)
-            stats.accepted += 1
-        accepted.append(pick(dist(scores(t_logits[len(drafted)], seq + accepted))))  # all kept: one comes free
+            self.stats.accepted += 1
+        accepted.append(self._pick(self._dist(self._scores(t_logits[len(drafted)], seq + accepted))))  # one free
         return accepted
 
-    # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). The target's cache
-    # stays one token behind seq; `pending` holds its states at the positions the draft's cache still
-    # lacks (from d_cache.length to len(seq) - 2), the only ones the draft will read
-    pending = torch.empty(0, target.cfg.d_model, device=device)
-    if eagle and len(seq) > 1:
-        pending = hidden(target, t_cache, seq[:-1])
+    @torch.inference_mode()
+    def round(self, seq: list[int], t_cache, budget: int) -> list[int]:
+        """One round after `seq` (prompt and tokens so far): the draft proposes up to num_draft_tokens
+        tokens, the target checks them in one forward. Returns the new tokens, at most `budget`, ending
+        at the first EOS; the caller appends them to `seq`.
 
-    while len(seq) - len(prompt_ids) < config.max_new_tokens:
-        k = min(num_draft_tokens, config.max_new_tokens - (len(seq) - len(prompt_ids)))
-        known = len(seq) - 1  # positions whose target state is known (an EAGLE draft's certain ones)
+        `t_cache` holds the target's keys/values of a prefix of seq[:-1] (any, even none) in one row, and
+        `length` can be set back; after the round it holds everything but the newest token."""
+        target, draft, stats, eagle = self.target, self.draft, self.stats, self.eagle
+        d_cache, confidence, head_ids = self.d_cache, self.confidence, draft.cfg.head_tokens
+        k = min(self.num_draft_tokens, budget)
+        known = len(seq) - 1  # positions whose target state is known after this round's catch-up
+        if eagle and d_cache.length + len(self.pending) < known:
+            # states the draft will read that nobody computed yet: the target runs over those tokens again
+            # (their keys/values come out the same)
+            start = d_cache.length + len(self.pending)
+            if t_cache.length < start:
+                raise ValueError(f"the target's cache holds {t_cache.length} tokens; the draft needs {start}")
+            t_cache.length = start
+            self.add_states(self._hidden(target, t_cache, seq[start:known]))
         # the draft proposes k tokens, one forward each (its cache catches up on accepted tokens first)
         drafted: list[int] = []
         q: list[torch.Tensor] = []
         if eagle:
-            if len(pending):  # (a one-token prompt leaves nothing to read in the first round)
-                h = hidden(draft, d_cache, seq[d_cache.length + 1 :], pending[None])[-1:]
+            if len(self.pending):  # (a one-token prompt leaves nothing to read in the first round)
+                h = self._hidden(draft, d_cache, seq[d_cache.length + 1 :], self.pending[None])[-1:]
             else:
                 k = 0
         else:
-            h = hidden(draft, d_cache, seq[d_cache.length :])[-1:]
+            h = self._hidden(draft, d_cache, seq[d_cache.length :])[-1:]
         for i in range(k):
-            if plain:
-                z = head(draft, h, full=False)[0].float()
+            if self.plain:
+                z = self._head(draft, h, full=False)[0].float()
                 j = int(z.argmax())
                 drafted.append(head_ids[j] if head_ids is not None else j)
                 sure = float(torch.softmax(z, -1)[j]) if confidence > 0 else 1.0  # (a reduced head's others: p = 0)
             else:
-                s = scores(head(draft, h)[0], seq + drafted)
-                q.append(dist(s))
-                drafted.append(pick(q[-1]))
+                s = self._scores(self._head(draft, h)[0], seq + drafted)
+                q.append(self._dist(s))
+                drafted.append(self._pick(q[-1]))
                 # the draft's probability of its own proposal (greedy: under its softmax)
-                sure = float((q[-1] if config.sampling else s.softmax(-1))[drafted[-1]]) if confidence > 0 else 1.0
+                sure = float((q[-1] if self.config.sampling else s.softmax(-1))[drafted[-1]]) if confidence > 0 else 1.0
             if sure < confidence:
                 break
             if i < k - 1:  # an EAGLE draft reads its own predicted state where the target's is not known
-                h = hidden(draft, d_cache, drafted[-1:], h[None] if eagle else None)
+                h = self._hidden(draft, d_cache, drafted[-1:], h[None] if eagle else None)
         k = len(drafted)
         # the target scores all of them in one forward
-        t_hidden = hidden(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
-        t_logits = head(target, t_hidden)
-        if plain:  # each drafted token stands while it is the target's argmax; the first miss is replaced
+        t_hidden = self._hidden(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
+        t_logits = self._head(target, t_hidden)
+        if self.plain:  # each drafted token stands while it is the target's argmax; the first miss is replaced
             best = t_logits.argmax(-1).tolist()
             n = next((i for i, t in enumerate(drafted) if t != best[i]), k)
             accepted = [*drafted[:n], best[n]]
             stats.accepted += n
         else:
-            accepted = verify(drafted, q, t_logits)
+            accepted = self._verify(seq, drafted, q, t_logits)
         stats.rounds += 1
         stats.proposed += k
-        stop_at = next((i + 1 for i, t in enumerate(accepted) if t in eos), None)
-        new = accepted[:stop_at][: config.max_new_tokens - (len(seq) - len(prompt_ids))]
-        seq += new
+        stop_at = next((i + 1 for i, t in enumerate(accepted) if t in self.eos), None)
+        new = accepted[:stop_at][:budget]
         stats.generated += len(new)
         # roll both caches back to what is now certain (everything but the newest token); an EAGLE
         # draft's drafted positions read its own predicted states, so they go even when accepted
-        t_cache.length = min(t_cache.length, len(seq) - 1)
-        d_cache.length = min(d_cache.length, known if eagle else len(seq) - 1)
+        length = len(seq) + len(new)
+        t_cache.length = min(t_cache.length, length - 1)
+        d_cache.length = min(d_cache.length, known if eagle else length - 1)
         if eagle:  # the checked positions from `known` on, up to the newest token's
-            pending = t_hidden[: len(seq) - 1 - known]
-        yield new
-        if stop_at is not None:
-            break
+            self.pending = t_hidden[: length - 1 - known]
+        return new

@@ -149,6 +149,20 @@ class SlotKVCache:
         if self.length + extra > self.capacity:
             self._reserve(self.length + extra)
 
+    def solo(self) -> SlotKVCache:
+        """With one live row: drop its dead prefix, so its tokens sit at columns 0..length-1 and the cache
+        serves as a plain one-row KV cache (`length` may be set back) for speculative decoding. Call
+        `settle()` after."""
+        assert self.rows == 1, "solo() is for a lone row"
+        self._compact_if(lambda s: s > 0)
+        return self
+
+    def settle(self) -> None:
+        """After a solo row's forwards moved `length` (up, or back over rejected tokens): its mask opens
+        columns 0..length-1 and every row's mask is zero from `length` on, as decode steps expect."""
+        self.mask[0, : self.length] = 1
+        self.mask[:, self.length :] = 0
+
     # --- housekeeping ---------------------------------------------------------------------------------
 
     def _compact_if(self, condition) -> None:

@@ -18,6 +18,14 @@ Each scheduler step:
    request's callback, which the HTTP layer points at an asyncio queue;
 5. frees the rows that finished (EOS, a stop string, max_tokens).
 
+With a draft model (`lmlab serve --draft`), a sequence that decodes alone (one live row, nobody
+waiting, no logprobs asked for) goes by speculative rounds instead of step 3: the draft proposes a few
+tokens and the target checks them in one forward (generate/speculative.py), with the row's own
+processors and generator, so greedy answers stay the target's own. With several rows the batched step
+already reads each weight once for all of them, and checking drafts would multiply the rows' work, so
+speculation stops while others run (as vLLM's `disable_by_batch_size`); the sequence's draft state is
+kept and catches up when it is alone again.
+
 The HTTP side never touches the model: it submits requests, cancels them, and queues jobs
 (embeddings) that run in this thread between steps.
 """
@@ -42,6 +50,7 @@ from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
+from lmlab.generate.speculative import DRAFT_CONFIDENCE, Speculation, SpeculativeStats, check_draft
 from lmlab.generate.stream import IncrementalDecoder, StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.serve.batch_cache import SlotKVCache
@@ -152,6 +161,8 @@ class _Sequence:
         self.shown = 0  # characters of decoder.text already sent
         self.pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
         self.finished = False
+        self.spec: Speculation | None = None  # its speculative state, from its first round alone
+        self.states: torch.Tensor | None = None  # the prompt's final hidden states, for an EAGLE draft
 
     @property
     def last(self) -> int:
@@ -175,12 +186,23 @@ class Engine:
         gather_ms: float = 5.0,
         compile: bool = False,
         registry: Registry | None = None,
+        draft: Transformer | None = None,
+        num_draft_tokens: int = 4,
+        draft_confidence: float = DRAFT_CONFIDENCE,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise LmlabError("max_batch must be >= 1 and max_queue >= 0", field="max_batch")
         if max_context is not None and max_context < 2:
             raise LmlabError("max_context must be >= 2 tokens (a prompt and one answer token)", field="max_context")
         self.model, self.tokenizer = model.eval(), tokenizer
+        if draft is not None:
+            check_draft(model, draft)
+            if num_draft_tokens < 1:
+                raise LmlabError("num_draft_tokens must be >= 1", field="num_draft_tokens")
+        self.draft = draft.eval() if draft is not None else None
+        self.eagle = draft is not None and draft.cfg.eagle  # the draft reads the target's hidden states
+        self.num_draft_tokens, self.draft_confidence = num_draft_tokens, draft_confidence
+        self.spec_stats = SpeculativeStats()  # all sequences' rounds together
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.device = next(model.parameters()).device
@@ -225,6 +247,9 @@ class Engine:
         self.m_prefix_tokens = r.add(
             Counter("lmlab_prefix_cache_tokens_total", "Prompt tokens reused from the prefix cache")
         )
+        self.m_spec_rounds = r.add(Counter("lmlab_speculative_rounds_total", "Speculative rounds (target forwards)"))
+        self.m_drafted = r.add(Counter("lmlab_draft_tokens_proposed_total", "Tokens the draft proposed"))
+        self.m_draft_ok = r.add(Counter("lmlab_draft_tokens_accepted_total", "Drafted tokens the target accepted"))
         self.m_stopped = r.add(Counter("lmlab_requests_aborted_total", "Requests stopped early, by reason", ["reason"]))
         self.m_rows = r.add(
             Histogram("lmlab_batch_rows_per_step", "Rows decoded together per step", buckets=(1, 2, 4, 8, 16, 32, 64))
@@ -405,7 +430,7 @@ class Engine:
                     if self.compile:
                         self._poll_compiles()
                     if self._rows:
-                        self._decode_step()
+                        self._speculative_step() if self._alone() else self._decode_step()
                 except Exception as e:  # a bug must not take the server down: fail what was running
                     log.exception("scheduler step failed")
                     self._fail_running(f"internal error: {e}")
@@ -518,8 +543,8 @@ class Engine:
         tmp = KVCache.for_model(self.model, 1, n)
         self.m_prefills.inc()
         with cpu_kernels.for_rows(1, self.device):
-            self.model(ids, kv_cache=tmp, logits_to_keep=1)
-        self.prefixes.add(prompts[0][:n], tmp.k[:, 0], tmp.v[:, 0])
+            h = self.model.hidden_states(ids, kv_cache=tmp)[0]  # (n, d)
+        self.prefixes.add(prompts[0][:n], tmp.k[:, 0], tmp.v[:, 0], h if self.eagle else None)
         return True
 
     def _prefill(self, group: list[tuple[Request, tuple[int, torch.Tensor, torch.Tensor] | None]]) -> None:
@@ -543,7 +568,7 @@ class Engine:
             ids[i, T - len(tail) :] = torch.tensor(tail)
             cached = P - T  # > 0 only where the row has a hit of at least that many tokens
             if cached > 0:
-                _, k, v = hit
+                _, k, v, _ = hit
                 tmp.k[:, i, :, W - P : W - T], tmp.v[:, i, :, W - P : W - T] = k[:, :, :cached], v[:, :, :cached]
                 self.m_prefix_tokens.inc(cached)
         tmp.length = W - T
@@ -551,19 +576,71 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device) if padded else None
         self.m_prefills.inc()
         with cpu_kernels.for_rows(len(reqs), self.device):
-            logits = self.model(ids, attention_mask=mask, kv_cache=tmp, logits_to_keep=1)[:, -1].float()  # (R, V)
-        for i, (req, P) in enumerate(zip(reqs, lengths)):
+            h = self.model.hidden_states(ids, attention_mask=mask, kv_cache=tmp)  # (R, T, d)
+            logits = self.model.full_vocab(self.model.lm_head(h[:, -1])).float()  # (R, V)
+        for i, ((req, hit), P) in enumerate(zip(group, lengths)):
             self.m_prompt.inc(P)
-            self.prefixes.add(req.prompt_ids, tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W])
+            states = self._prompt_states(h[i, T - min(P, T) :], hit, P - T) if self.eagle else None
+            self.prefixes.add(req.prompt_ids, tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W], states)
             self._active.add(req)
             row_logits = logits[i : i + 1]
             logp = row_logits.log_softmax(-1) if req.top_logprobs is not None else None
             for j in range(req.n):
                 seq = _Sequence(req, j, self.tokenizer)
+                seq.states = states if req.n == 1 else None
                 row = self.cache.add_row(tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W])
                 assert row == len(self._rows)
                 self._rows.append(seq)
                 self._accept(seq, self._select(seq, row_logits), logp)
+        self._free_finished()
+
+    def _prompt_states(self, computed: torch.Tensor, hit: tuple | None, cached: int) -> torch.Tensor | None:
+        """A prompt's final hidden states (P, d): those of its first `cached` tokens from the prefix
+        cache, then the `computed` rest; None when the cache entry has none."""
+        if cached <= 0:
+            return computed
+        if hit is None or hit[3] is None:
+            return None
+        return torch.cat([hit[3][:cached], computed])
+
+    def _alone(self) -> bool:
+        """Speculate: a draft, one live row, nobody waiting for a row, no logprobs wanted."""
+        return (
+            self.draft is not None
+            and len(self._rows) == 1
+            and not self._waiting
+            and self._rows[0].req.top_logprobs is None
+        )
+
+    def _speculative_step(self) -> None:
+        """One speculative round for the lone sequence: the draft proposes, the target checks all of its
+        tokens in one forward over the row's cached past, and the round's tokens are accepted in order."""
+        seq = self._rows[0]
+        req = seq.req
+        budget = req.config.max_new_tokens - seq.generated
+        cache = self.cache.solo()
+        cache.ensure_room(min(self.num_draft_tokens, budget) + 1)
+        if seq.spec is None:
+            eos = frozenset() if req.ignore_eos else self.eos
+            seq.spec = Speculation(self.model, self.draft, req.config, seq.procs, seq.generator, eos,
+                                   self.context + self.num_draft_tokens + 1, self.num_draft_tokens,
+                                   self.draft_confidence, self.spec_stats)  # fmt: skip
+            if seq.states is not None:  # the prompt's states from its prefill: the first round needs not rerun it
+                seq.spec.add_states(seq.states)
+                seq.states = None
+        before = (self.spec_stats.proposed, self.spec_stats.accepted)
+        try:
+            new = seq.spec.round(seq.ids, cache, budget)
+        finally:
+            cache.settle()
+        self.m_spec_rounds.inc()
+        self.m_drafted.inc(self.spec_stats.proposed - before[0])
+        self.m_draft_ok.inc(self.spec_stats.accepted - before[1])
+        self.m_rows.observe(1)
+        for tok in new:
+            self._accept(seq, tok, None)
+            if seq.finished:
+                break
         self._free_finished()
 
     def _decode_step(self) -> None:

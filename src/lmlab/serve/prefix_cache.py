@@ -25,15 +25,18 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class PrefixCache:
-    """Recent prompts' K/V (n_layer, H_kv, P, head_dim), at most `max_tokens` tokens in all."""
+    """Recent prompts' K/V (n_layer, H_kv, P, head_dim), at most `max_tokens` tokens in all, and, where
+    given, their final hidden states (P, d_model), which an EAGLE draft reads (serve --draft)."""
 
     def __init__(self, max_tokens: int, min_match: int = 16) -> None:
         self.max_tokens, self.min_match = max_tokens, min_match
-        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict()
+        )
         self.tokens = 0
 
-    def lookup(self, prompt: list[int]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-        """(n, k, v) for the longest cached prefix of `prompt` of at least `min_match` tokens, at most
+    def lookup(self, prompt: list[int]) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(n, k, v, states or None) for the longest cached prefix of `prompt` of at least `min_match` tokens, at most
         all but its last token (whose logits the prefill must produce); None if there is none."""
         best, key = 0, None
         for k in self.entries:
@@ -44,18 +47,18 @@ class PrefixCache:
         if key is None or n < self.min_match:
             return None
         self.entries.move_to_end(key)
-        k, v = self.entries[key]
-        return n, k[:, :, :n], v[:, :, :n]
+        k, v, h = self.entries[key]
+        return n, k[:, :, :n], v[:, :, :n], h[:n] if h is not None else None
 
-    def add(self, prompt: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep a prefilled prompt's K/V (copied), dropping the least recently used beyond the budget."""
+    def add(self, prompt: list[int], k: torch.Tensor, v: torch.Tensor, states: torch.Tensor | None = None) -> None:
+        """Keep a prefilled prompt's K/V (and hidden states, if given; copied), dropping the least recently used beyond the budget."""
         key = tuple(prompt)
         if len(key) < self.min_match or len(key) > self.max_tokens:
             return
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        self.entries[key] = (k.clone(), v.clone())
+        self.entries[key] = (k.clone(), v.clone(), states.clone() if states is not None else None)
         self.tokens += len(key)
         while self.tokens > self.max_tokens:
             old, _ = self.entries.popitem(last=False)

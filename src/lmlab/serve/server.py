@@ -39,6 +39,9 @@ def serve(
     rag: str | os.PathLike | None = None,
     compile: bool = True,
     keep_quantized: bool = False,
+    draft: str | None = None,
+    num_draft_tokens: int = 4,
+    draft_confidence: float | None = None,
 ) -> None:
     """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY.
     With `compile` (the default), decode steps run as compiled graphs once they are built: each batch
@@ -46,7 +49,9 @@ def serve(
     ready), eager steps serving meanwhile. `keep_quantized` keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks
     quantized where lmlab's kernels run them (as `lmlab generate` and `chat` do): 2-2.5x the
     tokens/s for one client, about level for 16, where a batch is bound by multiply-adds, not by
-    reading weights (benchmarks/serve.py [--keep-quantized], docs/compress.md)."""
+    reading weights (benchmarks/serve.py [--keep-quantized], docs/compress.md). `draft` (a checkpoint,
+    or ":N" for the model's first N layers) decodes a request that runs alone by speculative rounds
+    (serve/engine.py); with others running, the batch decodes as usual."""
     import uvicorn
 
     from lmlab.model.checkpoint import load_pretrained
@@ -68,8 +73,21 @@ def serve(
         from lmlab.rag.chat import ChatGrounder
 
         grounder = ChatGrounder(rag)
+    speculative = {}
+    if draft is not None:
+        from lmlab.generate.speculative import load_draft
+
+        speculative = {"draft": load_draft(draft, loaded, device), "num_draft_tokens": num_draft_tokens}
+        if draft_confidence is not None:
+            speculative["draft_confidence"] = draft_confidence
     engine = Engine(
-        loaded, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context, compile=compile
+        loaded,
+        tokenizer,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        compile=compile,
+        **speculative,
     )
     engine_log = logging.getLogger("lmlab.serve")
     if not engine_log.handlers:  # the engine's lines (a graph compiled) beside uvicorn's
