@@ -9,6 +9,11 @@ forward per step for all of them).
 .venv/bin/python benchmarks/serve.py                        # SmolLM2, 64 tokens, 2 rounds
 .venv/bin/python benchmarks/serve.py --model PATH --max-tokens 32 --levels 1 8 32
 .venv/bin/python benchmarks/serve.py --no-compile | --keep-quantized   # eager steps | GGUF blocks as stored
+.venv/bin/python benchmarks/serve.py --draft out/compress/eagle-int4 --levels 1   # speculative, 1 client
+
+With `--draft`, each level runs twice, on a server without the draft and on one with it (a lone
+request decodes by speculative rounds, serve/engine.py), side by side, with the draft's acceptance
+from the server's /metrics.
 """
 
 from __future__ import annotations
@@ -108,6 +113,45 @@ def pending_compiles(url: str) -> float:
     return parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text).get("lmlab_decode_graphs_pending", 0.0)
 
 
+def run_levels(args, flags: list[str]) -> tuple[list[dict], dict[str, float]]:
+    """Each level once to warm up (and let the decode graphs compile), then measured; and /metrics after."""
+    name = Path(str(args.model).rstrip("/")).name
+    with launched(args.model, *flags) as url:
+        for c in args.levels:
+            asyncio.run(level(url, name, c, 1, 8))
+        while args.compile and pending_compiles(url):
+            time.sleep(1)
+        before = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+        rows = [asyncio.run(level(url, name, c, args.rounds, args.max_tokens)) for c in args.levels]
+        after = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+    return rows, {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(("lmlab_draft", "lmlab_spec"))}
+
+
+def compare_draft(args) -> int:
+    """The same levels on a server without and with the draft, printed side by side."""
+    flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
+    flags += ["--keep-quantized"] if args.keep_quantized else []
+    plain, _ = run_levels(args, flags)
+    spec, m = run_levels(args, [*flags, "--draft", args.draft, "--num-draft-tokens", str(args.num_draft_tokens)])
+    steps = "compiled decode steps" if args.compile else "eager decode steps"
+    steps += ", GGUF blocks kept" if args.keep_quantized else ""
+    print(f"lmlab serve {args.model} ({steps}), {args.max_tokens} tokens per request, {args.rounds} rounds per client")
+    print(f"draft {args.draft}, up to {args.num_draft_tokens} tokens a round")
+    print(
+        f"{'clients':>8} {'plain tok/s':>12} {'draft tok/s':>12} {'speedup':>8} {'TTFT p50 plain':>15} {'with draft':>11}"
+    )
+    for a, b in zip(plain, spec):
+        print(
+            f"{a['clients']:>8} {a['tokens_per_s']:>12.1f} {b['tokens_per_s']:>12.1f} "
+            f"{b['tokens_per_s'] / a['tokens_per_s']:>7.2f}x {a['ttft_p50']:>14.3f}s {b['ttft_p50']:>10.3f}s"
+        )
+    proposed, accepted = m.get("lmlab_draft_tokens_proposed_total", 0), m.get("lmlab_draft_tokens_accepted_total", 0)
+    rounds = m.get("lmlab_speculative_rounds_total", 0)
+    print(f"measured runs: {rounds:.0f} speculative rounds, {accepted:.0f}/{proposed:.0f} drafted tokens accepted "
+          f"({accepted / max(proposed, 1):.0%})")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -116,7 +160,11 @@ def main() -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="the server's eager decode steps")
     ap.add_argument("--keep-quantized", action="store_true", help="serve a GGUF file's blocks as stored")
+    ap.add_argument("--draft", default=None, help="also serve with this draft (lmlab serve --draft) and compare")
+    ap.add_argument("--num-draft-tokens", type=int, default=4)
     args = ap.parse_args()
+    if args.draft:
+        return compare_draft(args)
     name = Path(str(args.model).rstrip("/")).name
     flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
     flags += ["--keep-quantized"] if args.keep_quantized else []

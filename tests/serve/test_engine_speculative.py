@@ -101,12 +101,32 @@ def test_an_eagle_drafts_states_are_the_same_from_prefill_prefix_cache_or_recomp
 
 
 @pytest.mark.parametrize("kind", ["eagle", "self"])
-def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind):
+def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, monkeypatch):
     """Request 0 speculates alone, runs in the batch while 1 and 2 do (plain steps; its draft falls
-    behind), then speculates alone again (its draft catching up on the batch's tokens): every greedy
-    answer is still generate's."""
+    behind), then speculates alone again, its draft catching up on the batch's tokens: every greedy
+    answer is still generate's, and every target state an EAGLE draft read is the target's own state at
+    that position, computed from scratch."""
+    from lmlab.generate.speculative import Speculation
+
     model, tok = tiny
-    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=_draft(model, kind)).start()
+    draft = _draft(model, kind)
+    reads: list[tuple[int, torch.Tensor]] = []  # (first position, states) the draft read at each round's start
+    real_round, real_hidden = Speculation.round, draft.hidden_states
+    first_call = [False]
+
+    def round_(self, seq, t_cache, budget):
+        first_call[0] = True
+        return real_round(self, seq, t_cache, budget)
+
+    def hidden(ids, kv_cache=None, features=None, **kw):
+        if first_call[0] and features is not None:
+            reads.append((kv_cache.length, features[0].clone()))
+        first_call[0] = False
+        return real_hidden(ids, kv_cache=kv_cache, features=features, **kw)
+
+    monkeypatch.setattr(Speculation, "round", round_)
+    monkeypatch.setattr(draft, "hidden_states", hidden)
+    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft).start()
     try:
         prompts, max_new = _prompts(tok, 3), [60, 9, 7]
         cols = _staggered(engine, prompts, max_new)
@@ -116,18 +136,41 @@ def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind):
         assert engine.running_requests == 0 and engine.cache.rows == 0
     finally:
         engine.close()
+    if kind == "eagle":
+        ids = lmlab.generate(model, tok, prompts[0], GenerationConfig(max_new_tokens=60, stop_token_ids=[]))[0]
+        full = model.hidden_states(torch.tensor([prompts[0] + ids.token_ids]))[0]  # (P + 60, d), no cache
+        assert reads[0][0] == 0 and len(reads[0][1]) == len(prompts[0])  # the prompt's, from its prefill
+        # back from the batch: a catch-up over more tokens than one round gives (4 drafted + 1), recomputed
+        assert any(len(f) > 5 for _, f in reads[1:])
+        for start, f in reads:
+            torch.testing.assert_close(f, full[start : start + len(f)], atol=1e-4, rtol=1e-4)
 
 
-def test_sampling_is_seeded_and_logprobs_requests_decode_plainly(tiny):
+def test_stop_strings_and_sampling(tiny):
+    """A stop string that falls inside a round cuts the text as generate does; a sampled request without a
+    seed speculates, a seeded one decodes plainly (its text must not depend on what ran beside it) and
+    equals a server's without a draft; a logprobs request decodes plainly."""
     model, tok = tiny
-    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "self")).start()
+    prompt = tok.encode("Once upon a time")
+    whole = _greedy(model, tok, prompt, 20)
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    want = lmlab.generate(model, tok, prompt, GenerationConfig(max_new_tokens=20, stop=[stop]))[0].text
+    seeded = GenerationConfig(max_new_tokens=15, temperature=0.9, top_p=0.9, seed=4)
+    plain = Engine(model, tok, max_batch=2).start()
     try:
-        prompt = tok.encode("Once upon a time")
-        cfg = GenerationConfig(max_new_tokens=15, temperature=0.9, top_p=0.9, seed=4)
-        a, b = (_run(engine, prompt, cfg, ignore_eos=True) for _ in range(2))
-        assert a.texts[0] == b.texts[0] and a.usage.completion_tokens == 15
+        seeded_text = _run(plain, prompt, seeded, ignore_eos=True).texts[0]
+    finally:
+        plain.close()
+    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "self"), draft_confidence=0.0).start()
+    try:
+        col = _run(engine, prompt, GenerationConfig(max_new_tokens=20, stop=[stop]))
+        assert col.texts[0] == want and col.reasons[0] == "stop"
         rounds = engine.m_spec_rounds.value()
         assert rounds > 0
+        col = _run(engine, prompt, seeded.replace(seed=None), ignore_eos=True)
+        assert engine.m_spec_rounds.value() > rounds and col.usage.completion_tokens == 15
+        rounds = engine.m_spec_rounds.value()
+        assert _run(engine, prompt, seeded, ignore_eos=True).texts[0] == seeded_text
         col = _run(engine, prompt, GenerationConfig(max_new_tokens=6), top_logprobs=2, ignore_eos=True)
         assert engine.m_spec_rounds.value() == rounds and col.texts[0] == _greedy(model, tok, prompt, 6)
     finally:

@@ -210,7 +210,8 @@ class Speculation:
         # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). `pending`
         # holds the target's states from position d_cache.length on, the only ones the draft will read;
         # `round` computes any it lacks (the first round, or a server's batched steps in between)
-        self.pending = torch.empty(0, target.cfg.d_model, device=self.device)
+        p = next(target.parameters())
+        self.pending = torch.empty(0, target.cfg.d_model, device=self.device, dtype=p.dtype)
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
         # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
         self.plain = not config.sampling and not procs
@@ -278,6 +279,9 @@ class Speculation:
         d_cache, confidence, head_ids = self.d_cache, self.confidence, draft.cfg.head_tokens
         k = min(self.num_draft_tokens, budget)
         known = len(seq) - 1  # positions whose target state is known after this round's catch-up
+        if eagle and d_cache.length + len(self.pending) > known:
+            raise ValueError(f"{len(self.pending)} target states pending after {d_cache.length} positions: "
+                             f"more than the {known} a sequence of {len(seq)} tokens has")  # fmt: skip
         if eagle and d_cache.length + len(self.pending) < known:
             # states the draft will read that nobody computed yet: the target runs over those tokens again
             # (their keys/values come out the same)

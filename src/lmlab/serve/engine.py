@@ -587,7 +587,7 @@ class Engine:
             logp = row_logits.log_softmax(-1) if req.top_logprobs is not None else None
             for j in range(req.n):
                 seq = _Sequence(req, j, self.tokenizer)
-                seq.states = states if req.n == 1 else None
+                seq.states = states  # (each sibling of n > 1 may end up alone)
                 row = self.cache.add_row(tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W])
                 assert row == len(self._rows)
                 self._rows.append(seq)
@@ -598,19 +598,19 @@ class Engine:
         """A prompt's final hidden states (P, d): those of its first `cached` tokens from the prefix
         cache, then the `computed` rest; None when the cache entry has none."""
         if cached <= 0:
-            return computed
+            return computed.clone()  # not a view that would keep the whole burst's states alive
         if hit is None or hit[3] is None:
             return None
         return torch.cat([hit[3][:cached], computed])
 
     def _alone(self) -> bool:
-        """Speculate: a draft, one live row, nobody waiting for a row, no logprobs wanted."""
-        return (
-            self.draft is not None
-            and len(self._rows) == 1
-            and not self._waiting
-            and self._rows[0].req.top_logprobs is None
-        )
+        """Speculate: a draft, one live row, nobody waiting for a row, no logprobs wanted, and no seed (a
+        seeded request's text must not depend on whether others ran beside it: rounds draw from its
+        generator differently from plain steps)."""
+        if self.draft is None or len(self._rows) != 1 or self._waiting:
+            return False
+        req = self._rows[0].req
+        return req.top_logprobs is None and not (req.config.sampling and req.config.seed is not None)
 
     def _speculative_step(self) -> None:
         """One speculative round for the lone sequence: the draft proposes, the target checks all of its
@@ -622,9 +622,9 @@ class Engine:
         cache.ensure_room(min(self.num_draft_tokens, budget) + 1)
         if seq.spec is None:
             eos = frozenset() if req.ignore_eos else self.eos
-            seq.spec = Speculation(self.model, self.draft, req.config, seq.procs, seq.generator, eos,
-                                   self.context + self.num_draft_tokens + 1, self.num_draft_tokens,
-                                   self.draft_confidence, self.spec_stats)  # fmt: skip
+            max_len = len(req.prompt_ids) + req.config.max_new_tokens + self.num_draft_tokens + 1
+            seq.spec = Speculation(self.model, self.draft, req.config, seq.procs, seq.generator, eos, max_len,
+                                   self.num_draft_tokens, self.draft_confidence, self.spec_stats)  # fmt: skip
             if seq.states is not None:  # the prompt's states from its prefill: the first round needs not rerun it
                 seq.spec.add_states(seq.states)
                 seq.states = None
@@ -636,7 +636,6 @@ class Engine:
         self.m_spec_rounds.inc()
         self.m_drafted.inc(self.spec_stats.proposed - before[0])
         self.m_draft_ok.inc(self.spec_stats.accepted - before[1])
-        self.m_rows.observe(1)
         for tok in new:
             self._accept(seq, tok, None)
             if seq.finished:

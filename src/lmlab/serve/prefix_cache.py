@@ -30,14 +30,13 @@ class PrefixCache:
 
     def __init__(self, max_tokens: int, min_match: int = 16) -> None:
         self.max_tokens, self.min_match = max_tokens, min_match
-        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = (
-            OrderedDict()
-        )
+        # prompt -> (k, v, states or None)
+        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, ...]] = OrderedDict()
         self.tokens = 0
 
     def lookup(self, prompt: list[int]) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """(n, k, v, states or None) for the longest cached prefix of `prompt` of at least `min_match` tokens, at most
-        all but its last token (whose logits the prefill must produce); None if there is none."""
+        """(n, k, v, states or None) for the longest cached prefix of `prompt` of at least `min_match`
+        tokens, at most all but its last token (whose logits the prefill must produce); None if none."""
         best, key = 0, None
         for k in self.entries:
             n = common_prefix(k, prompt)
@@ -51,7 +50,8 @@ class PrefixCache:
         return n, k[:, :, :n], v[:, :, :n], h[:n] if h is not None else None
 
     def add(self, prompt: list[int], k: torch.Tensor, v: torch.Tensor, states: torch.Tensor | None = None) -> None:
-        """Keep a prefilled prompt's K/V (and hidden states, if given; copied), dropping the least recently used beyond the budget."""
+        """Keep a prefilled prompt's K/V (and hidden states, if given; copied), dropping the least
+        recently used beyond the budget."""
         key = tuple(prompt)
         if len(key) < self.min_match or len(key) > self.max_tokens:
             return
