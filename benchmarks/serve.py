@@ -128,27 +128,30 @@ def run_levels(args, flags: list[str]) -> tuple[list[dict], dict[str, float]]:
 
 
 def compare_draft(args) -> int:
-    """The same levels on a server without and with the draft, printed side by side."""
+    """The same levels on a server without the draft and on one with it per --speculate policy."""
     flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
     flags += ["--keep-quantized"] if args.keep_quantized else []
     plain, _ = run_levels(args, flags)
-    spec, m = run_levels(args, [*flags, "--draft", args.draft, "--num-draft-tokens", str(args.num_draft_tokens)])
+    drafted = [*flags, "--draft", args.draft, "--num-draft-tokens", str(args.num_draft_tokens)]
+    runs = {mode: run_levels(args, [*drafted, "--speculate", mode]) for mode in args.speculate}
     steps = "compiled decode steps" if args.compile else "eager decode steps"
     steps += ", GGUF blocks kept" if args.keep_quantized else ""
     print(f"lmlab serve {args.model} ({steps}), {args.max_tokens} tokens per request, {args.rounds} rounds per client")
     print(f"draft {args.draft}, up to {args.num_draft_tokens} tokens a round")
-    print(
-        f"{'clients':>8} {'plain tok/s':>12} {'draft tok/s':>12} {'speedup':>8} {'TTFT p50 plain':>15} {'with draft':>11}"
-    )
-    for a, b in zip(plain, spec):
-        print(
-            f"{a['clients']:>8} {a['tokens_per_s']:>12.1f} {b['tokens_per_s']:>12.1f} "
-            f"{b['tokens_per_s'] / a['tokens_per_s']:>7.2f}x {a['ttft_p50']:>14.3f}s {b['ttft_p50']:>10.3f}s"
+    print(f"{'clients':>8} {'plain tok/s':>12} " + " ".join(f"{'--speculate ' + m:>18} {'speedup':>8}" for m in runs))
+    for i, a in enumerate(plain):
+        line = f"{a['clients']:>8} {a['tokens_per_s']:>12.1f} "
+        for rows, _ in runs.values():
+            line += f"{rows[i]['tokens_per_s']:>18.1f} {rows[i]['tokens_per_s'] / a['tokens_per_s']:>7.2f}x "
+        print(line)
+    for mode, (_, m) in runs.items():
+        proposed, accepted = (
+            m.get("lmlab_draft_tokens_proposed_total", 0),
+            m.get("lmlab_draft_tokens_accepted_total", 0),
         )
-    proposed, accepted = m.get("lmlab_draft_tokens_proposed_total", 0), m.get("lmlab_draft_tokens_accepted_total", 0)
-    rounds = m.get("lmlab_speculative_rounds_total", 0)
-    print(f"measured runs: {rounds:.0f} speculative rounds, {accepted:.0f}/{proposed:.0f} drafted tokens accepted "
-          f"({accepted / max(proposed, 1):.0%})")  # fmt: skip
+        rounds = m.get("lmlab_speculative_rounds_total", 0)
+        print(f"--speculate {mode}: {rounds:.0f} speculative rounds, {accepted:.0f}/{proposed:.0f} drafted tokens "
+              f"accepted ({accepted / max(proposed, 1):.0%})")  # fmt: skip
     return 0
 
 
@@ -162,6 +165,8 @@ def main() -> int:
     ap.add_argument("--keep-quantized", action="store_true", help="serve a GGUF file's blocks as stored")
     ap.add_argument("--draft", default=None, help="also serve with this draft (lmlab serve --draft) and compare")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--speculate", nargs="+", choices=["auto", "always"], default=["auto", "always"],
+                    help="with --draft: the server policies to run, a server each")  # fmt: skip
     args = ap.parse_args()
     if args.draft:
         return compare_draft(args)

@@ -292,6 +292,7 @@ def _serve(args: argparse.Namespace) -> None:
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
         draft_confidence=args.draft_confidence,
+        speculate=args.speculate,
     )
 
 
@@ -753,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (faster for a few clients; "
                           "default: float32 weights, faster for many)")  # fmt: skip
     _add_draft_flags(srv)  # speculative rounds while a request decodes alone
+    srv.add_argument("--speculate", choices=["auto", "always"], default="auto",
+                     help="with --draft: a lone request speculates while rounds measure faster than plain steps "
+                          "(auto), or always")  # fmt: skip
     srv.set_defaults(func=_serve)
     rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
         dest="rag_command", required=True

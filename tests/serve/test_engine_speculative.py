@@ -43,7 +43,8 @@ def _run(engine: Engine, prompt: list[int], config: GenerationConfig, **kw) -> C
 def test_lone_requests_decode_speculatively_and_answer_as_generate(tiny, kind):
     model, tok = tiny
     # confidence 0: the random model is never sure of a token, and a perfect draft should still propose 4
-    engine = Engine(model, tok, max_batch=4, draft=_draft(model, kind), draft_confidence=0.0).start()
+    engine = Engine(model, tok, max_batch=4, draft=_draft(model, kind), draft_confidence=0.0, speculate="always")
+    engine.start()
     try:
         system = tok.encode("You are a helpful assistant who answers briefly and politely, always. " * 2)
         for p in (tok.encode("the"), system + tok.encode("Name a color."), system + tok.encode("Say hi.")):
@@ -64,7 +65,8 @@ def _draft_guesses(model, tok, prompt, **engine_kw) -> list[int]:
     draft = _draft(model, "eagle")
     guesses: list[int] = []
     draft.lm_head.register_forward_hook(lambda m, i, out: guesses.extend(out.argmax(-1).flatten().tolist()))
-    engine = Engine(model, tok, max_batch=2, draft=draft, draft_confidence=0.0, **engine_kw).start()
+    engine = Engine(model, tok, max_batch=2, draft=draft, draft_confidence=0.0, speculate="always", **engine_kw)
+    engine.start()
     try:
         col = _run(engine, prompt, GenerationConfig(max_new_tokens=17), ignore_eos=True)
         assert col.texts[0] == _greedy(model, tok, prompt, 17)
@@ -84,7 +86,7 @@ def test_an_eagle_drafts_states_are_the_same_from_prefill_prefix_cache_or_recomp
     assert len(fresh) > 10
     # the same prompt after another with the same system part: its first 30+ tokens' states come from the cache
     draft = _draft(model, "eagle")
-    engine = Engine(model, tok, max_batch=2, draft=draft, draft_confidence=0.0).start()
+    engine = Engine(model, tok, max_batch=2, draft=draft, draft_confidence=0.0, speculate="always").start()
     guesses: list[int] = []
     try:
         _run(engine, system + tok.encode("Hello."), GenerationConfig(max_new_tokens=2), ignore_eos=True)
@@ -126,7 +128,7 @@ def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, monk
 
     monkeypatch.setattr(Speculation, "round", round_)
     monkeypatch.setattr(draft, "hidden_states", hidden)
-    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft).start()
+    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft, speculate="always").start()
     try:
         prompts, max_new = _prompts(tok, 3), [60, 9, 7]
         cols = _staggered(engine, prompts, max_new)
@@ -161,7 +163,8 @@ def test_stop_strings_and_sampling(tiny):
         seeded_text = _run(plain, prompt, seeded, ignore_eos=True).texts[0]
     finally:
         plain.close()
-    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "self"), draft_confidence=0.0).start()
+    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "self"), draft_confidence=0.0, speculate="always")
+    engine.start()
     try:
         col = _run(engine, prompt, GenerationConfig(max_new_tokens=20, stop=[stop]))
         assert col.texts[0] == want and col.reasons[0] == "stop"
@@ -173,6 +176,24 @@ def test_stop_strings_and_sampling(tiny):
         assert _run(engine, prompt, seeded, ignore_eos=True).texts[0] == seeded_text
         col = _run(engine, prompt, GenerationConfig(max_new_tokens=6), top_logprobs=2, ignore_eos=True)
         assert engine.m_spec_rounds.value() == rounds and col.texts[0] == _greedy(model, tok, prompt, 6)
+    finally:
+        engine.close()
+
+
+def test_auto_mode_measures_both_ways_and_the_answer_stays(tiny):
+    """By default a lone row tries rounds, then plain steps, then keeps the faster (timed): whichever it
+    takes, the greedy answer is generate's, and the server reports the measured ratio."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "self"), draft_confidence=0.0).start()
+    try:
+        prompt = tok.encode("Once upon a time")
+        col = _run(engine, prompt, GenerationConfig(max_new_tokens=80), ignore_eos=True)
+        assert col.texts[0] == _greedy(model, tok, prompt, 80)
+        assert engine.policy.seen[True] >= 8 and engine.policy.seen[False] >= 8
+        assert engine.m_spec_rounds.value() >= 9 and engine.m_steps.value() >= 8
+        ratio = engine.policy.speedup()
+        assert ratio is not None and ratio > 0
+        assert f"lmlab_speculation_speedup {ratio}" in engine.registry.render()
     finally:
         engine.close()
 

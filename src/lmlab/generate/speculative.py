@@ -215,6 +215,7 @@ class Speculation:
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
         # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
         self.plain = not config.sampling and not procs
+        self.caught_up = 0  # tokens the draft read before drafting in the last round (a caller's timing aid)
 
     def add_states(self, states: torch.Tensor) -> None:
         """The target's hidden states (n, d) at the positions after those already pending (a caller
@@ -293,6 +294,7 @@ class Speculation:
         # the draft proposes k tokens, one forward each (its cache catches up on accepted tokens first)
         drafted: list[int] = []
         q: list[torch.Tensor] = []
+        self.caught_up = len(seq) - d_cache.length - (1 if eagle else 0)
         if eagle:
             if len(self.pending):  # (a one-token prompt leaves nothing to read in the first round)
                 h = self._hidden(draft, d_cache, seq[d_cache.length + 1 :], self.pending[None])[-1:]

@@ -56,6 +56,7 @@ from lmlab.model.transformer import Transformer
 from lmlab.serve.batch_cache import SlotKVCache
 from lmlab.serve.metrics import Counter, Gauge, Histogram, Registry
 from lmlab.serve.prefix_cache import PrefixCache, common_prefix
+from lmlab.serve.speculation import SpeculationPolicy
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.device import policy
 
@@ -189,6 +190,7 @@ class Engine:
         draft: Transformer | None = None,
         num_draft_tokens: int = 4,
         draft_confidence: float = DRAFT_CONFIDENCE,
+        speculate: str = "auto",
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise LmlabError("max_batch must be >= 1 and max_queue >= 0", field="max_batch")
@@ -203,6 +205,7 @@ class Engine:
         self.eagle = draft is not None and draft.cfg.eagle  # the draft reads the target's hidden states
         self.num_draft_tokens, self.draft_confidence = num_draft_tokens, draft_confidence
         self.spec_stats = SpeculativeStats()  # all sequences' rounds together
+        self.policy = SpeculationPolicy(speculate)  # rounds or plain steps for a lone row: the faster, measured
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.device = next(model.parameters()).device
@@ -250,6 +253,13 @@ class Engine:
         self.m_spec_rounds = r.add(Counter("lmlab_speculative_rounds_total", "Speculative rounds (target forwards)"))
         self.m_drafted = r.add(Counter("lmlab_draft_tokens_proposed_total", "Tokens the draft proposed"))
         self.m_draft_ok = r.add(Counter("lmlab_draft_tokens_accepted_total", "Drafted tokens the target accepted"))
+        r.add(
+            Gauge(
+                "lmlab_speculation_speedup",
+                "A lone row's measured tokens/s by speculative rounds over plain steps (0: not measured yet)",
+                lambda: self.policy.speedup() or 0.0,
+            )
+        )
         self.m_stopped = r.add(Counter("lmlab_requests_aborted_total", "Requests stopped early, by reason", ["reason"]))
         self.m_rows = r.add(
             Histogram("lmlab_batch_rows_per_step", "Rows decoded together per step", buckets=(1, 2, 4, 8, 16, 32, 64))
@@ -430,7 +440,7 @@ class Engine:
                     if self.compile:
                         self._poll_compiles()
                     if self._rows:
-                        self._speculative_step() if self._alone() else self._decode_step()
+                        self._lone_step() if self._alone() else self._decode_step()
                 except Exception as e:  # a bug must not take the server down: fail what was running
                     log.exception("scheduler step failed")
                     self._fail_running(f"internal error: {e}")
@@ -612,9 +622,19 @@ class Engine:
         req = self._rows[0].req
         return req.top_logprobs is None and not (req.config.sampling and req.config.seed is not None)
 
-    def _speculative_step(self) -> None:
+    def _lone_step(self) -> None:
+        """A lone row's step: a speculative round or a plain step, as the policy says; timed for it."""
+        speculative = self.policy.speculate()
+        seq, start = self._rows[0], time.perf_counter()
+        before = seq.generated
+        steady = self._speculative_step() if speculative else (self._decode_step() or True)
+        if steady:  # (not a round whose draft first caught up on a prompt or on plain steps: a one-off cost)
+            self.policy.record(speculative, time.perf_counter() - start, seq.generated - before)
+
+    def _speculative_step(self) -> bool:
         """One speculative round for the lone sequence: the draft proposes, the target checks all of its
-        tokens in one forward over the row's cached past, and the round's tokens are accepted in order."""
+        tokens in one forward over the row's cached past, and the round's tokens are accepted in order.
+        True when the round was a steady one (its draft had not fallen behind)."""
         seq = self._rows[0]
         req = seq.req
         budget = req.config.max_new_tokens - seq.generated
@@ -641,6 +661,7 @@ class Engine:
             if seq.finished:
                 break
         self._free_finished()
+        return seq.spec.caught_up <= self.num_draft_tokens + 1
 
     def _decode_step(self) -> None:
         """One forward for every live row, then each row's next token."""

@@ -42,6 +42,7 @@ def serve(
     draft: str | None = None,
     num_draft_tokens: int = 4,
     draft_confidence: float | None = None,
+    speculate: str = "auto",
 ) -> None:
     """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY.
     With `compile` (the default), decode steps run as compiled graphs once they are built: each batch
@@ -51,7 +52,8 @@ def serve(
     tokens/s for one client, about level for 16, where a batch is bound by multiply-adds, not by
     reading weights (benchmarks/serve.py [--keep-quantized], docs/compress.md). `draft` (a checkpoint,
     or ":N" for the model's first N layers) decodes a request that runs alone by speculative rounds
-    (serve/engine.py); with others running, the batch decodes as usual."""
+    (serve/engine.py) while those measure faster than plain steps (`speculate` "auto"; "always": every
+    lone step); with others running, the batch decodes as usual."""
     import uvicorn
 
     from lmlab.model.checkpoint import load_pretrained
@@ -77,7 +79,8 @@ def serve(
     if draft is not None:
         from lmlab.generate.speculative import load_draft
 
-        speculative = {"draft": load_draft(draft, loaded, device), "num_draft_tokens": num_draft_tokens}
+        speculative = {"draft": load_draft(draft, loaded, device), "num_draft_tokens": num_draft_tokens,
+                       "speculate": speculate}  # fmt: skip
         if draft_confidence is not None:
             speculative["draft_confidence"] = draft_confidence
     engine = Engine(

@@ -1,0 +1,62 @@
+"""When a lone request should decode by speculative rounds: only while they give more tokens per second.
+
+A round pays when the draft guesses well enough that the tokens it wins outweigh its own steps and
+the extra rows of the target's check. That depends on the text (a draft agrees with the target on
+~70% of tokens in one kind of chat, ~30% in another), on the draft, and on how fast a plain step is:
+a server's compiled decode step ran 2.4x the eager one for SmolLM2's 4-bit blocks, faster than eager
+rounds with a weak draft (docs/serve.md). So the engine measures both ways, as the seconds per token
+of each recent step, and takes the faster, trying the other one for a few steps now and then: the
+compiled graph arrives after a while, and a conversation may turn easier or harder to guess.
+(vLLM's dynamic speculative decoding makes the same choice from a cost model; this measures it.)
+"""
+
+from __future__ import annotations
+
+
+class SpeculationPolicy:
+    """Chooses, before each step of a lone row, speculative round (True) or plain step (False).
+
+    `mode` "always" always speculates (tests, benchmarks of the rounds themselves); "auto" keeps a
+    running mean of seconds per generated token for each way (each recorded step weighs `alpha`),
+    takes the faster, and every `explore_every` steps spends `burst` steps on the other one so its
+    estimate stays current. Before both are known it tries speculation first, then plain steps."""
+
+    def __init__(self, mode: str = "auto", explore_every: int = 128, burst: int = 8, alpha: float = 0.2) -> None:
+        if mode not in ("auto", "always"):
+            raise ValueError(f"speculate must be 'auto' or 'always', not {mode!r}")
+        self.mode, self.explore_every, self.burst, self.alpha = mode, explore_every, burst, alpha
+        self.cost: dict[bool, float | None] = {True: None, False: None}  # seconds per token, per way
+        self.seen = {True: 0, False: 0}  # steps recorded per way
+        self.steps = 0  # decisions since the last exploration ended
+        self.exploring = False  # the way an exploration burst takes
+
+    def speculate(self) -> bool:
+        """Which way the next lone step goes."""
+        if self.mode == "always":
+            return True
+        for way in (True, False):  # first `burst` steps each way, speculation first
+            if self.seen[way] < self.burst:
+                return way
+        self.steps += 1
+        if self.steps <= self.explore_every:
+            return self.cost[True] <= self.cost[False]
+        if self.steps == self.explore_every + 1:  # the slower way, for `burst` steps, then back
+            self.exploring = self.cost[True] > self.cost[False]
+        if self.steps >= self.explore_every + self.burst:
+            self.steps = 0
+        return self.exploring
+
+    def record(self, speculative: bool, seconds: float, tokens: int) -> None:
+        """A lone step went `speculative` way and gave `tokens` tokens in `seconds`."""
+        if tokens <= 0:
+            return
+        per_token = seconds / tokens
+        old = self.cost[speculative]
+        self.cost[speculative] = per_token if old is None else old + self.alpha * (per_token - old)
+        self.seen[speculative] += 1
+
+    def speedup(self) -> float | None:
+        """Measured plain seconds per token over speculative's: above 1, rounds pay."""
+        if self.cost[True] is None or self.cost[False] is None:
+            return None
+        return self.cost[False] / self.cost[True]

@@ -1,0 +1,50 @@
+"""The lone-row policy: speculative rounds only while they measure faster than plain steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmlab.serve.speculation import SpeculationPolicy
+
+
+def _drive(policy: SpeculationPolicy, seconds_per_token: dict[bool, float], steps: int, tokens: dict[bool, int]):
+    """Run `steps` decisions with fixed costs; returns the ways taken."""
+    ways = []
+    for _ in range(steps):
+        way = policy.speculate()
+        ways.append(way)
+        policy.record(way, seconds_per_token[way] * tokens[way], tokens[way])
+    return ways
+
+
+@pytest.mark.parametrize("rounds_faster", [True, False])
+def test_tries_both_then_keeps_the_faster_and_explores_the_other_in_bursts(rounds_faster):
+    policy = SpeculationPolicy(explore_every=20, burst=3)
+    # a round gives 3 tokens; per token it costs 10 ms (or 40 ms) against a plain step's 20 ms
+    cost = {True: 0.010 if rounds_faster else 0.040, False: 0.020}
+    ways = _drive(policy, cost, 3 + 3 + 2 * (20 + 3), {True: 3, False: 1})
+    assert ways[:6] == [True] * 3 + [False] * 3  # each way measured first, rounds first
+    rest = ways[6:]
+    # 20 steps the faster way, 3 the slower (its estimate refreshed), twice
+    assert rest == ([rounds_faster] * 20 + [not rounds_faster] * 3) * 2
+    assert policy.speedup() == pytest.approx(0.020 / cost[True])
+
+
+def test_a_change_in_cost_is_followed():
+    """Rounds were faster; then plain steps get 4x faster (the compiled graph arrived): after the next
+    exploration of plain steps the policy switches to them."""
+    policy = SpeculationPolicy(explore_every=10, burst=4, alpha=0.5)
+    assert _drive(policy, {True: 0.010, False: 0.020}, 8 + 10, {True: 3, False: 1})[-10:] == [True] * 10
+    ways = _drive(policy, {True: 0.010, False: 0.005}, 18, {True: 3, False: 1})
+    # the due exploration of plain steps finds them faster: they stay, and rounds become the explored way
+    assert ways == [False] * 4 + [False] * 10 + [True] * 4
+
+
+def test_always_and_bad_modes():
+    policy = SpeculationPolicy("always")
+    assert _drive(policy, {True: 1.0, False: 0.001}, 50, {True: 1, False: 1}) == [True] * 50
+    with pytest.raises(ValueError, match="'auto' or 'always'"):
+        SpeculationPolicy("sometimes")
+    policy = SpeculationPolicy()
+    policy.record(True, 0.5, 0)  # a step that gave nothing (a cancelled row) teaches nothing
+    assert policy.seen[True] == 0 and policy.speedup() is None
