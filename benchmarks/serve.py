@@ -117,8 +117,8 @@ def run_levels(args, flags: list[str]) -> tuple[list[dict], dict[str, float]]:
     """Each level once to warm up (and let the decode graphs compile), then measured; and /metrics after."""
     name = Path(str(args.model).rstrip("/")).name
     with launched(args.model, *flags) as url:
-        for c in args.levels:
-            asyncio.run(level(url, name, c, 1, 8))
+        for c in args.levels:  # (a draft's policy measures both ways in the first few dozen steps)
+            asyncio.run(level(url, name, c, 1, 64 if "--draft" in flags else 8))
         while args.compile and pending_compiles(url):
             time.sleep(1)
         before = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)

@@ -156,3 +156,49 @@ def test_greedy_with_a_repetition_penalty_equals_the_targets():
     assert want != generate(target, None, prompt, GenerationConfig(max_new_tokens=20))[0].token_ids
     got, _ = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3)
     assert got.token_ids == want
+
+
+@pytest.mark.parametrize("plain_steps", [5, 60])
+def test_an_eagle_draft_that_fell_behind_catches_up_on_the_targets_own_states(plain_steps):
+    """Rounds, then plain steps the draft did not see (a server's), then rounds again: a short gap's states
+    are computed again in full; a long one's only for the last RECOMPUTE_WINDOW tokens, the draft starting
+    over there. Either way every state the draft reads is the target's at that position, and the tokens
+    are the target's greedy ones."""
+    from lmlab.compress.eagle import eagle_draft
+    from lmlab.generate.kv_cache import KVCache
+    from lmlab.generate.speculative import RECOMPUTE_WINDOW, Speculation
+
+    target = _tiny(0)
+    torch.manual_seed(1)
+    draft = eagle_draft(target).eval()
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    n = 8 + plain_steps + 12
+    want = generate(target, None, prompt, GenerationConfig(max_new_tokens=n))[0].token_ids
+    reads: list[tuple[int, torch.Tensor]] = []
+    real_hidden = draft.hidden_states
+    spec: Speculation
+
+    def hidden(ids, kv_cache=None, features=None, **kw):
+        if features is not None and len(ids[0]) > 1:  # a catch-up: these are the target's states
+            reads.append((spec.base + kv_cache.length, features[0].clone()))
+        return real_hidden(ids, kv_cache=kv_cache, features=features, **kw)
+
+    draft.hidden_states = hidden
+    cfg = GenerationConfig(max_new_tokens=n)
+    spec = Speculation(target, draft, cfg, [], None, set(), len(prompt) + n + 8, 3, confidence=0.0)
+    t_cache, seq = KVCache.for_model(target, 1, len(prompt) + n + 8), list(prompt)
+    with torch.inference_mode():
+        while len(seq) - len(prompt) < 8:
+            seq += spec.round(seq, t_cache, n - (len(seq) - len(prompt)))
+        for _ in range(plain_steps):  # plain steps: the target alone, one token each
+            logits = target(torch.tensor([seq[t_cache.length :]]), kv_cache=t_cache, logits_to_keep=1)
+            seq.append(int(logits[0, -1].argmax()))
+        while len(seq) - len(prompt) < n:
+            seq += spec.round(seq, t_cache, n - (len(seq) - len(prompt)))
+        full = target.hidden_states(torch.tensor([seq]))[0]  # every position's state, from scratch
+    assert seq[len(prompt) :] == want
+    assert (spec.base > 0) == (plain_steps > RECOMPUTE_WINDOW)
+    # it caught up after the plain steps: a read reaching past them (before them the text had <= 8 + 3 tokens)
+    assert any(start + len(f) >= len(prompt) + 8 + plain_steps - 1 for start, f in reads)
+    for start, f in reads:
+        torch.testing.assert_close(f, full[start : start + len(f)], atol=1e-4, rtol=1e-4)

@@ -18,15 +18,16 @@ def _drive(policy: SpeculationPolicy, seconds_per_token: dict[bool, float], step
 
 
 @pytest.mark.parametrize("rounds_faster", [True, False])
-def test_tries_both_then_keeps_the_faster_and_explores_the_other_in_bursts(rounds_faster):
+def test_tries_both_then_keeps_the_faster_and_explores_the_other_ever_more_rarely(rounds_faster):
     policy = SpeculationPolicy(explore_every=20, burst=3)
     # a round gives 3 tokens; per token it costs 10 ms (or 40 ms) against a plain step's 20 ms
     cost = {True: 0.010 if rounds_faster else 0.040, False: 0.020}
-    ways = _drive(policy, cost, 3 + 3 + 2 * (20 + 3), {True: 3, False: 1})
+    ways = _drive(policy, cost, 3 + 3 + (20 + 3) + (40 + 3) + (80 + 3), {True: 3, False: 1})
     assert ways[:6] == [True] * 3 + [False] * 3  # each way measured first, rounds first
-    rest = ways[6:]
-    # 20 steps the faster way, 3 the slower (its estimate refreshed), twice
-    assert rest == ([rounds_faster] * 20 + [not rounds_faster] * 3) * 2
+    # 20 steps the faster way, 3 the slower (its estimate refreshed); still slower: 40 before the next look
+    fast, slow = [rounds_faster], [not rounds_faster]
+    assert ways[6:] == fast * 20 + slow * 3 + fast * 40 + slow * 3 + fast * 80 + slow * 3
+    assert policy.every == 160
     assert policy.speedup() == pytest.approx(0.020 / cost[True])
 
 
@@ -36,7 +37,8 @@ def test_a_change_in_cost_is_followed():
     policy = SpeculationPolicy(explore_every=10, burst=4, alpha=0.5)
     assert _drive(policy, {True: 0.010, False: 0.020}, 8 + 10, {True: 3, False: 1})[-10:] == [True] * 10
     ways = _drive(policy, {True: 0.010, False: 0.005}, 18, {True: 3, False: 1})
-    # the due exploration of plain steps finds them faster: they stay, and rounds become the explored way
+    # the due exploration of plain steps finds them faster: they stay, rounds become the explored way, and
+    # the wait starts over (10 steps, not 20)
     assert ways == [False] * 4 + [False] * 10 + [True] * 4
 
 

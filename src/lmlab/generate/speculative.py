@@ -26,6 +26,10 @@ from lmlab.generate.stream import StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 
+# the most tokens a round runs through the target again only to get an EAGLE draft its states, when it
+# fell behind (a server's plain steps): beyond that, the draft starts over on the last this many tokens
+RECOMPUTE_WINDOW = 32
+
 # the default `confidence` (transformers' default too): with SmolLM2 and its distilled draft on a CPU,
 # 0.4 gave 1.22x plain greedy where 0 gave 1.10x (docs/compress.md)
 DRAFT_CONFIDENCE = 0.4
@@ -207,9 +211,10 @@ class Speculation:
         self.device = next(target.parameters()).device
         self.eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
         self.d_cache = KVCache.for_model(draft, 1, max_len)
+        self.base = 0  # the sequence position of the draft cache's first entry (> 0 once it started over)
         # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). `pending`
-        # holds the target's states from position d_cache.length on, the only ones the draft will read;
-        # `round` computes any it lacks (the first round, or a server's batched steps in between)
+        # holds the target's states from position base + d_cache.length on, the only ones the draft will
+        # read; `round` computes any it lacks (the first round, or a server's plain steps in between)
         p = next(target.parameters())
         self.pending = torch.empty(0, target.cfg.d_model, device=self.device, dtype=p.dtype)
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
@@ -280,28 +285,34 @@ class Speculation:
         d_cache, confidence, head_ids = self.d_cache, self.confidence, draft.cfg.head_tokens
         k = min(self.num_draft_tokens, budget)
         known = len(seq) - 1  # positions whose target state is known after this round's catch-up
-        if eagle and d_cache.length + len(self.pending) > known:
-            raise ValueError(f"{len(self.pending)} target states pending after {d_cache.length} positions: "
+        start = self.base + d_cache.length + len(self.pending)  # the first position whose state is missing
+        if eagle and start > known:
+            raise ValueError(f"{len(self.pending)} target states pending from position {start - len(self.pending)}: "
                              f"more than the {known} a sequence of {len(seq)} tokens has")  # fmt: skip
-        if eagle and d_cache.length + len(self.pending) < known:
+        if eagle and start < known:
             # states the draft will read that nobody computed yet: the target runs over those tokens again
             # (their keys/values come out the same)
-            start = d_cache.length + len(self.pending)
             if t_cache.length < start:
                 raise ValueError(f"the target's cache holds {t_cache.length} tokens; the draft needs {start}")
+            if t_cache.length - start > RECOMPUTE_WINDOW:
+                # far behind (many plain steps): rather than rerun them all, the draft starts over on the
+                # last RECOMPUTE_WINDOW tokens, reading positions from 0 again (RoPE sees only distances)
+                start = self.base = t_cache.length - RECOMPUTE_WINDOW
+                d_cache.length, self.pending = 0, self.pending[:0]
             t_cache.length = start
             self.add_states(self._hidden(target, t_cache, seq[start:known]))
         # the draft proposes k tokens, one forward each (its cache catches up on accepted tokens first)
         drafted: list[int] = []
         q: list[torch.Tensor] = []
-        self.caught_up = len(seq) - d_cache.length - (1 if eagle else 0)
+        done = self.base + d_cache.length  # the sequence position the draft's cache reaches
+        self.caught_up = len(seq) - done - (1 if eagle else 0)
         if eagle:
             if len(self.pending):  # (a one-token prompt leaves nothing to read in the first round)
-                h = self._hidden(draft, d_cache, seq[d_cache.length + 1 :], self.pending[None])[-1:]
+                h = self._hidden(draft, d_cache, seq[done + 1 :], self.pending[None])[-1:]
             else:
                 k = 0
         else:
-            h = self._hidden(draft, d_cache, seq[d_cache.length :])[-1:]
+            h = self._hidden(draft, d_cache, seq[done:])[-1:]
         for i in range(k):
             if self.plain:
                 z = self._head(draft, h, full=False)[0].float()
@@ -338,7 +349,7 @@ class Speculation:
         # draft's drafted positions read its own predicted states, so they go even when accepted
         length = len(seq) + len(new)
         t_cache.length = min(t_cache.length, length - 1)
-        d_cache.length = min(d_cache.length, known if eagle else length - 1)
+        d_cache.length = min(d_cache.length, (known if eagle else length - 1) - self.base)
         if eagle:  # the checked positions from `known` on, up to the newest token's
             self.pending = t_hidden[: length - 1 - known]
         return new

@@ -18,13 +18,19 @@ class SpeculationPolicy:
 
     `mode` "always" always speculates (tests, benchmarks of the rounds themselves); "auto" keeps a
     running mean of seconds per generated token for each way (each recorded step weighs `alpha`),
-    takes the faster, and every `explore_every` steps spends `burst` steps on the other one so its
-    estimate stays current. Before both are known it tries speculation first, then plain steps."""
+    takes the faster, and after `explore_every` steps spends `burst` steps on the other one so its
+    estimate stays current. Each exploration that finds the same way faster doubles the wait before
+    the next (up to `max_every`): exploring a way that is 2x slower costs its steps, so a clear
+    winner is re-checked rarely; one that changes the winner starts over at `explore_every`.
+    Before both are known it tries speculation first, then plain steps."""
 
-    def __init__(self, mode: str = "auto", explore_every: int = 128, burst: int = 8, alpha: float = 0.2) -> None:
+    def __init__(
+        self, mode: str = "auto", explore_every: int = 64, burst: int = 4, alpha: float = 0.2, max_every: int = 1024
+    ) -> None:
         if mode not in ("auto", "always"):
             raise ValueError(f"speculate must be 'auto' or 'always', not {mode!r}")
         self.mode, self.explore_every, self.burst, self.alpha = mode, explore_every, burst, alpha
+        self.max_every, self.every = max_every, explore_every  # `every`: the current wait between explorations
         self.cost: dict[bool, float | None] = {True: None, False: None}  # seconds per token, per way
         self.seen = {True: 0, False: 0}  # steps recorded per way
         self.steps = 0  # decisions since the last exploration ended
@@ -38,12 +44,15 @@ class SpeculationPolicy:
             if self.seen[way] < self.burst:
                 return way
         self.steps += 1
-        if self.steps <= self.explore_every:
-            return self.cost[True] <= self.cost[False]
-        if self.steps == self.explore_every + 1:  # the slower way, for `burst` steps, then back
-            self.exploring = self.cost[True] > self.cost[False]
-        if self.steps >= self.explore_every + self.burst:
+        faster = self.cost[True] <= self.cost[False]
+        if self.steps <= self.every:
+            return faster
+        if self.steps == self.every + 1:  # the slower way, for `burst` steps, then back
+            self.exploring = not faster
+        if self.steps >= self.every + self.burst:
             self.steps = 0
+            # the way explored stayed slower: check it half as often from now on; it won: start over
+            self.every = min(2 * self.every, self.max_every) if faster != self.exploring else self.explore_every
         return self.exploring
 
     def record(self, speculative: bool, seconds: float, tokens: int) -> None:
