@@ -50,3 +50,13 @@ def test_always_and_bad_modes():
     policy = SpeculationPolicy()
     policy.record(True, 0.5, 0)  # a step that gave nothing (a cancelled row) teaches nothing
     assert policy.seen[True] == 0 and policy.speedup() is None
+
+
+def test_an_exploration_replaces_a_stale_estimate():
+    """Plain steps measured slow at first (eager, a compile running): 5x their later cost. One exploration
+    burst of the now-fast plain steps is enough to switch to them (blended with the stale figure, it
+    would not have been)."""
+    policy = SpeculationPolicy(explore_every=10, burst=4, alpha=0.2)
+    _drive(policy, {True: 0.010, False: 0.050}, 8 + 10, {True: 3, False: 1})
+    ways = _drive(policy, {True: 0.010, False: 0.005}, 4 + 10, {True: 3, False: 1})
+    assert ways == [False] * 4 + [False] * 10 and policy.cost[False] == pytest.approx(0.005)

@@ -19,7 +19,8 @@ class SpeculationPolicy:
     `mode` "always" always speculates (tests, benchmarks of the rounds themselves); "auto" keeps a
     running mean of seconds per generated token for each way (each recorded step weighs `alpha`),
     takes the faster, and after `explore_every` steps spends `burst` steps on the other one so its
-    estimate stays current. Each exploration that finds the same way faster doubles the wait before
+    estimate stays current (an exploration's steps replace the old estimate, which may date from
+    before the compiled step was ready). Each exploration that finds the same way faster doubles the wait before
     the next (up to `max_every`): exploring a way that is 2x slower costs its steps, so a clear
     winner is re-checked rarely; one that changes the winner starts over at `explore_every`.
     Before both are known it tries speculation first, then plain steps."""
@@ -35,6 +36,7 @@ class SpeculationPolicy:
         self.seen = {True: 0, False: 0}  # steps recorded per way
         self.steps = 0  # decisions since the last exploration ended
         self.exploring = False  # the way an exploration burst takes
+        self.stale: bool | None = None  # the way whose next recorded step replaces its estimate
 
     def speculate(self) -> bool:
         """Which way the next lone step goes."""
@@ -49,6 +51,7 @@ class SpeculationPolicy:
             return faster
         if self.steps == self.every + 1:  # the slower way, for `burst` steps, then back
             self.exploring = not faster
+            self.stale = self.exploring  # its estimate is old (eager steps then, a compile running): start anew
         if self.steps >= self.every + self.burst:
             self.steps = 0
             # the way explored stayed slower: check it half as often from now on; it won: start over
@@ -60,7 +63,8 @@ class SpeculationPolicy:
         if tokens <= 0:
             return
         per_token = seconds / tokens
-        old = self.cost[speculative]
+        old = self.cost[speculative] if self.stale != speculative else None
+        self.stale = None if self.stale == speculative else self.stale
         self.cost[speculative] = per_token if old is None else old + self.alpha * (per_token - old)
         self.seen[speculative] += 1
 
