@@ -19,9 +19,10 @@ Each scheduler step:
 5. frees the rows that finished (EOS, a stop string, max_tokens).
 
 With a draft model (`lmlab serve --draft`), a sequence that decodes alone (one live row, nobody
-waiting, no logprobs asked for) goes by speculative rounds instead of step 3: the draft proposes a few
-tokens and the target checks them in one forward (generate/speculative.py), with the row's own
-processors and generator, so greedy answers stay the target's own. With several rows the batched step
+waiting, no logprobs asked for, no seed) may go by speculative rounds instead of step 3, while they
+measure faster than plain steps (serve/speculation.py): the draft proposes a few tokens and the
+target checks them in one forward (generate/speculative.py), with the row's own processors and
+generator, so greedy answers stay the target's own. With several rows the batched step
 already reads each weight once for all of them, and checking drafts would multiply the rows' work, so
 speculation stops while others run (as vLLM's `disable_by_batch_size`); the sequence's draft state is
 kept and catches up when it is alone again.
