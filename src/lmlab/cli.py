@@ -157,6 +157,12 @@ def _add_draft_flags(p: argparse.ArgumentParser) -> None:
                         "(0: always draft --num-draft-tokens; default: speculative_generate's)")  # fmt: skip
 
 
+def _add_speculate_flag(p: argparse.ArgumentParser, who: str) -> None:
+    p.add_argument("--speculate", choices=["auto", "always"], default="auto",
+                   help=f"with --draft: {who} while speculative rounds measure faster than plain decoding "
+                        "(auto; compiled plain steps often are), or always")  # fmt: skip
+
+
 def _load_draft(args: argparse.Namespace, model):
     """The --draft model: a checkpoint, or the target's first N layers (:N)."""
     from lmlab.generate.speculative import load_draft
@@ -223,7 +229,7 @@ def _chat(args: argparse.Namespace) -> None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     draft = _load_draft(args, model) if args.draft else None
     repl(ChatSession(model, tokenizer, _generation_config(args), args.system, draft, args.num_draft_tokens,
-                     args.draft_confidence))  # fmt: skip
+                     args.draft_confidence, args.speculate))  # fmt: skip
 
 
 def _rag_index(args: argparse.Namespace) -> None:
@@ -636,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_generation_flags(chat, temperature=0.7, compile_default="auto")
     _add_draft_flags(chat)
+    _add_speculate_flag(chat, "an answer is speculative")
     chat.set_defaults(func=_chat)
 
     ev = sub.add_parser("eval", help="perplexity and benchmarks (mmlu) with bootstrap error bars; or: eval compare A B")
@@ -754,9 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (faster for a few clients; "
                           "default: float32 weights, faster for many)")  # fmt: skip
     _add_draft_flags(srv)  # speculative rounds while a request decodes alone
-    srv.add_argument("--speculate", choices=["auto", "always"], default="auto",
-                     help="with --draft: a lone request speculates while rounds measure faster than plain steps "
-                          "(auto), or always")  # fmt: skip
+    _add_speculate_flag(srv, "a lone request speculates")
     srv.set_defaults(func=_serve)
     rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
         dest="rag_command", required=True

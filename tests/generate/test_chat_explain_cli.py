@@ -57,10 +57,16 @@ def test_chat_with_a_draft_streams_the_same_answers(smol):
     cfg = GenerationConfig(max_new_tokens=24)
     draft = truncated_draft(model, 6)
     plain, fast = ChatSession(model, tok, cfg), ChatSession(model, tok, cfg, draft=draft, num_draft_tokens=3)
-    for question in ("What is the capital of France?", "And of Italy?"):
+    ways, costs = [], []
+    for question in ("What is the capital of France?", "And of Italy?", "And of Spain?"):
+        costs.append(dict(fast.policy.cost))
         answer = "".join(fast.reply(question))
         assert answer and answer == "".join(plain.reply(question))
-    assert fast.messages == plain.messages and len(fast.messages) == 4
+        ways.append(fast.stats is not None)
+    assert fast.messages == plain.messages and len(fast.messages) == 6
+    # by default an answer is speculative while that measures faster: the first one is, the second is
+    # plain (both measured), the third whichever was faster per character
+    assert ways[:2] == [True, False] and ways[2] == (costs[2][True] <= costs[2][False])
     prompt = tok.apply_chat_template([{"role": "user", "content": "Count from 1 to 9."}], add_generation_prompt=True)
     full = "".join(stream(model, tok, prompt, cfg))
     stop = full[len(full) // 2 : len(full) // 2 + 2]  # a stop string in the middle of the answer
@@ -116,7 +122,7 @@ def test_chat_command_with_a_draft_prints_what_it_prints_without(tmp_path):
         return subprocess.run([sys.executable, "-m", "lmlab.cli", *args, *extra], input=turns, capture_output=True,
                               text=True, timeout=300)  # fmt: skip
 
-    plain, fast = chat(), chat("--draft", ":6", "--num-draft-tokens", "3")
+    plain, fast = chat(), chat("--draft", ":6", "--num-draft-tokens", "3", "--speculate", "always")
     assert plain.returncode == fast.returncode == 0, fast.stderr
     shown = fast.stdout.splitlines()
     stats = [line for line in shown if line.startswith("[speculative: ")]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 
 from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
+from lmlab.generate.speculation_policy import SpeculationPolicy
 from lmlab.generate.speculative import SpeculativeStats, check_draft, speculative_stream
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
@@ -27,6 +29,7 @@ class ChatSession:
         draft: Transformer | None = None,
         num_draft_tokens: int = 4,
         draft_confidence: float | None = None,
+        speculate: str = "auto",
     ) -> None:
         if tokenizer.chat_template is None:
             raise LmlabError("this checkpoint has no chat template", hint="use `lmlab generate` for plain text")
@@ -35,7 +38,11 @@ class ChatSession:
         if draft is not None:
             check_draft(model, draft)
         self.draft, self.num_draft_tokens, self.draft_confidence = draft, num_draft_tokens, draft_confidence
-        self.stats = None  # the last answer's SpeculativeStats, with a draft
+        self.stats = None  # the last answer's SpeculativeStats, when it was speculative
+        # speculative answers only while they measure faster (seconds per character of answer) than plain
+        # ones: those run as a compiled graph once its background compile is done, which eager rounds
+        # with a middling draft do not beat (docs/serve.md); one answer the other way every 8 or more
+        self.policy = SpeculationPolicy(speculate, explore_every=8, burst=1, alpha=0.5) if draft is not None else None
         self.messages: list[dict[str, str]] = []
 
     def reset(self) -> None:
@@ -71,16 +78,21 @@ class ChatSession:
         """Add a user turn and stream the assistant's answer; the answer joins the history when done."""
         self.messages.append({"role": "user", "content": text})
         pieces = []
-        if self.draft is None:
+        speculative = self.policy is not None and self.policy.speculate()
+        self.stats = None
+        if not speculative:
             answer = stream(self.model, self.tokenizer, self.prompt(), self.config)
         else:
             extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
             self.stats = SpeculativeStats()
             answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
                                         self.num_draft_tokens, stats=self.stats, **extra)  # fmt: skip
+        start = time.perf_counter()
         for piece in answer:
             pieces.append(piece)
             yield piece
+        if self.policy is not None:
+            self.policy.record(speculative, time.perf_counter() - start, len("".join(pieces)))
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -131,5 +143,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
                     st = session.stats
                     out(f"[speculative: {st.accepted}/{st.proposed} drafted tokens accepted ({st.acceptance_rate:.0%}), "
                         f"{st.tokens_per_round:.2f} tokens per target forward]\n")  # fmt: skip
+                elif session.policy is not None:
+                    out("[plain decoding: measured faster than speculative rounds so far]\n")
         except LmlabError as e:
             out(f"error: {e}\n")

@@ -20,7 +20,7 @@ Each scheduler step:
 
 With a draft model (`lmlab serve --draft`), a sequence that decodes alone (one live row, nobody
 waiting, no logprobs asked for, no seed) may go by speculative rounds instead of step 3, while they
-measure faster than plain steps (serve/speculation.py): the draft proposes a few tokens and the
+measure faster than plain steps (generate/speculation_policy.py): the draft proposes a few tokens and the
 target checks them in one forward (generate/speculative.py), with the row's own processors and
 generator, so greedy answers stay the target's own. With several rows the batched step
 already reads each weight once for all of them, and checking drafts would multiply the rows' work, so
@@ -51,13 +51,13 @@ from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
+from lmlab.generate.speculation_policy import SpeculationPolicy
 from lmlab.generate.speculative import DRAFT_CONFIDENCE, Speculation, SpeculativeStats, check_draft
 from lmlab.generate.stream import IncrementalDecoder, StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.serve.batch_cache import SlotKVCache
 from lmlab.serve.metrics import Counter, Gauge, Histogram, Registry
 from lmlab.serve.prefix_cache import PrefixCache, common_prefix
-from lmlab.serve.speculation import SpeculationPolicy
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.device import policy
 

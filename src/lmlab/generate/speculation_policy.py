@@ -1,4 +1,7 @@
-"""When a lone request should decode by speculative rounds: only while they give more tokens per second.
+"""When to decode by speculative rounds: only while they give more tokens per second than plain steps.
+
+A server decides before each step of a lone request (serve/engine.py), a chat before each answer
+(generate/chat.py).
 
 A round pays when the draft guesses well enough that the tokens it wins outweigh its own steps and
 the extra rows of the target's check. That depends on the text (a draft agrees with the target on
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 
 class SpeculationPolicy:
-    """Chooses, before each step of a lone row, speculative round (True) or plain step (False).
+    """Chooses, before each step (or answer), speculative rounds (True) or plain steps (False).
 
     `mode` "always" always speculates (tests, benchmarks of the rounds themselves); "auto" keeps a
     running mean of seconds per generated token for each way (each recorded step weighs `alpha`),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmlab.serve.speculation import SpeculationPolicy
+from lmlab.generate.speculation_policy import SpeculationPolicy
 
 
 def _drive(policy: SpeculationPolicy, seconds_per_token: dict[bool, float], steps: int, tokens: dict[bool, int]):
