@@ -181,6 +181,30 @@ def test_stop_strings_and_sampling(tiny):
         engine.close()
 
 
+def test_timeout_and_cancel_free_a_speculating_row(tiny):
+    """A lone request decoding by rounds that times out or is cancelled leaves its row at the next step,
+    and the next request (speculating from a fresh state) still answers as generate."""
+    import threading
+
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "eagle"), speculate="always").start()
+    try:
+        col = Collector()
+        engine.submit(Request(tok.encode("hello"), GenerationConfig(max_new_tokens=900), col, ignore_eos=True,
+                              timeout=0.05))  # fmt: skip
+        assert col.done.wait(60) and col.failed is not None and col.failed.status == 504
+        col, started = Collector(), threading.Event()
+        col.on_delta = lambda ev: started.set()
+        req = engine.submit(Request(tok.encode("hello"), GenerationConfig(max_new_tokens=900), col, ignore_eos=True))
+        assert started.wait(60)
+        engine.cancel(req)
+        after = _run(engine, tok.encode("hi there"), GenerationConfig(max_new_tokens=12), ignore_eos=True)
+        assert after.texts[0] == _greedy(model, tok, tok.encode("hi there"), 12)
+        assert engine.m_spec_rounds.value() > 0 and engine.running_requests == 0 and engine.cache.rows == 0
+    finally:
+        engine.close()
+
+
 def test_auto_mode_measures_both_ways_and_the_answer_stays(tiny):
     """By default a lone row tries rounds, then plain steps, then keeps the faster (timed): whichever it
     takes, the greedy answer is generate's, and the server reports the measured ratio."""
