@@ -1,0 +1,67 @@
+"""speculative_generate against generate, greedy, on benchmarks/serve.py's chat prompts, in one process.
+
+The same prompts the serving benchmark's clients send ("Write a short paragraph about ..."), answered
+to exactly --new-tokens tokens (EOS ignored) by the target alone and with the draft, each twice,
+interleaved; outputs checked identical; the median time of each is kept. It is the library-level
+figure beside `benchmarks/serve.py --draft` (the same draft in a server).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft out/compress/eagle-small-int4
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --fp32-target
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from lmlab.generate import GenerationConfig, generate
+from lmlab.generate.speculative import SpeculativeStats, load_draft, speculative_generate
+from lmlab.model.checkpoint import load_pretrained
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve import TOPICS  # the serving benchmark's prompts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--draft", required=True, help="a draft checkpoint, or :N")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--fp32-target", action="store_true", help="float32 weights (default: GGUF blocks kept)")
+    args = ap.parse_args()
+    target, tok = load_pretrained(args.model, dequantize=True if args.fp32_target else "auto")
+    target.eval()
+    draft = load_draft(args.draft, target)
+    asks = [f"Write a short paragraph about {t} (request {i})." for i, t in enumerate(TOPICS.split()[: args.prompts])]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True) for a in asks]
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
+    generate(target, tok, prompts[0], GenerationConfig(max_new_tokens=8))  # kernels built, caches warm
+    times: dict[str, list[float]] = {"greedy": [], "draft": []}
+    stats, identical = SpeculativeStats(), True
+    for rep in range(args.repeats):
+        t = time.perf_counter()
+        want = [generate(target, tok, p, cfg)[0].token_ids for p in prompts]
+        times["greedy"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for p, w in zip(prompts, want):
+            g, st = speculative_generate(target, draft, tok, p, cfg)
+            identical &= g.token_ids == w
+            if rep == 0:
+                stats.accepted, stats.proposed = stats.accepted + st.accepted, stats.proposed + st.proposed
+        times["draft"].append(time.perf_counter() - t)
+    n = len(prompts) * args.new_tokens
+    g, d = statistics.median(times["greedy"]), statistics.median(times["draft"])
+    weights = "float32" if args.fp32_target else "GGUF blocks as stored"
+    print(f"{args.model} ({weights}), draft {args.draft}: {len(prompts)} prompts x {args.new_tokens} tokens")
+    print(f"greedy {n / g:.1f} tok/s, with the draft {n / d:.1f} tok/s: {g / d:.2f}x; drafted tokens accepted "
+          f"{stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%}); outputs identical: {identical}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
