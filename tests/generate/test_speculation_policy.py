@@ -27,7 +27,7 @@ def test_tries_both_then_keeps_the_faster_and_explores_the_other_ever_more_rarel
     # 20 steps the faster way, 3 the slower (its estimate refreshed); still slower: 40 before the next look
     fast, slow = [rounds_faster], [not rounds_faster]
     assert ways[6:] == fast * 20 + slow * 3 + fast * 40 + slow * 3 + fast * 80 + slow * 3
-    assert policy.every == 160
+    assert policy.every == 80 and policy.speculate() == rounds_faster and policy.every == 160  # judged after
     assert policy.speedup() == pytest.approx(0.020 / cost[True])
 
 
@@ -60,3 +60,15 @@ def test_an_exploration_replaces_a_stale_estimate():
     _drive(policy, {True: 0.010, False: 0.050}, 8 + 10, {True: 3, False: 1})
     ways = _drive(policy, {True: 0.010, False: 0.005}, 4 + 10, {True: 3, False: 1})
     assert ways == [False] * 4 + [False] * 10 and policy.cost[False] == pytest.approx(0.005)
+
+
+def test_a_one_step_exploration_that_finds_a_new_winner_starts_the_wait_over():
+    """A chat explores one answer at a time (burst 1): when that answer shows the other way is now faster,
+    the policy switches and looks back after `explore_every`, not after a doubled wait."""
+    policy = SpeculationPolicy(explore_every=4, burst=1, alpha=0.5)
+    ways = _drive(policy, {True: 0.010, False: 0.020}, 2 + 4 + 1 + 8, {True: 3, False: 1})
+    assert ways == [True, False] + [True] * 4 + [False] + [True] * 8 and policy.every == 8
+    ways = _drive(policy, {True: 0.010, False: 0.002}, 1 + 4 + 1, {True: 3, False: 1})
+    # the due look at plain steps finds them 5x faster: plain from then on, rounds looked at after 4
+    assert ways == [False] + [False] * 4 + [True] and policy.every == 4
+    assert policy.reason == "exploring"

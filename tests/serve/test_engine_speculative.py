@@ -205,11 +205,13 @@ def test_timeout_and_cancel_free_a_speculating_row(tiny):
         engine.close()
 
 
-def test_auto_mode_measures_both_ways_and_the_answer_stays(tiny):
+@pytest.mark.parametrize("kind", ["self", "eagle"])
+def test_auto_mode_measures_both_ways_and_the_answer_stays(tiny, kind):
     """By default a lone row tries rounds, then plain steps, then keeps the faster (timed): whichever it
-    takes, the greedy answer is generate's, and the server reports the measured ratio."""
+    takes (an EAGLE draft catching up after plain steps), the greedy answer is generate's, and the
+    server reports the measured ratio."""
     model, tok = tiny
-    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "self"), draft_confidence=0.0).start()
+    engine = Engine(model, tok, max_batch=2, draft=_draft(model, kind), draft_confidence=0.0).start()
     try:
         prompt = tok.encode("Once upon a time")
         col = _run(engine, prompt, GenerationConfig(max_new_tokens=80), ignore_eos=True)

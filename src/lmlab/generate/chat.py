@@ -87,12 +87,14 @@ class ChatSession:
             self.stats = SpeculativeStats()
             answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
                                         self.num_draft_tokens, stats=self.stats, **extra)  # fmt: skip
-        start = time.perf_counter()
+        start = first = None
         for piece in answer:
+            if start is None:  # the clock starts at the first piece: decoding, not the prompt's prefill
+                start, first = time.perf_counter(), len(piece)
             pieces.append(piece)
             yield piece
-        if self.policy is not None:
-            self.policy.record(speculative, time.perf_counter() - start, len("".join(pieces)))
+        if self.policy is not None and start is not None:
+            self.policy.record(speculative, time.perf_counter() - start, len("".join(pieces)) - first)
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -144,6 +146,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
                     out(f"[speculative: {st.accepted}/{st.proposed} drafted tokens accepted ({st.acceptance_rate:.0%}), "
                         f"{st.tokens_per_round:.2f} tokens per target forward]\n")  # fmt: skip
                 elif session.policy is not None:
-                    out("[plain decoding: measured faster than speculative rounds so far]\n")
+                    why = {"faster": "measured faster than speculative rounds so far"}
+                    out(f"[plain decoding: {why.get(session.policy.reason, 'timed against speculative rounds')}]\n")
         except LmlabError as e:
             out(f"error: {e}\n")

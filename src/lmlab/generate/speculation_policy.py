@@ -40,25 +40,30 @@ class SpeculationPolicy:
         self.steps = 0  # decisions since the last exploration ended
         self.exploring = False  # the way an exploration burst takes
         self.stale: bool | None = None  # the way whose next recorded step replaces its estimate
+        self.reason = ""  # why the last decision went its way
 
     def speculate(self) -> bool:
-        """Which way the next lone step goes."""
+        """Which way the next lone step goes (`reason` says why: "measuring", "faster" or "exploring")."""
         if self.mode == "always":
+            self.reason = "always"
             return True
         for way in (True, False):  # first `burst` steps each way, speculation first
             if self.seen[way] < self.burst:
+                self.reason = "measuring"
                 return way
         self.steps += 1
         faster = self.cost[True] <= self.cost[False]
+        if self.steps > self.every + self.burst:  # an exploration just ended, all its steps recorded
+            # the way explored stayed slower: look at it half as often from now on; it won: start over
+            self.every = min(2 * self.every, self.max_every) if faster != self.exploring else self.explore_every
+            self.steps = 1
         if self.steps <= self.every:
+            self.reason = "faster"
             return faster
         if self.steps == self.every + 1:  # the slower way, for `burst` steps, then back
             self.exploring = not faster
             self.stale = self.exploring  # its estimate is old (eager steps then, a compile running): start anew
-        if self.steps >= self.every + self.burst:
-            self.steps = 0
-            # the way explored stayed slower: check it half as often from now on; it won: start over
-            self.every = min(2 * self.every, self.max_every) if faster != self.exploring else self.explore_every
+        self.reason = "exploring"
         return self.exploring
 
     def record(self, speculative: bool, seconds: float, tokens: int) -> None:

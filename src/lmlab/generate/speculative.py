@@ -220,7 +220,9 @@ class Speculation:
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
         # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
         self.plain = not config.sampling and not procs
-        self.caught_up = 0  # tokens the draft read before drafting in the last round (a caller's timing aid)
+        # the last round's extra work before drafting (a caller's timing aid): tokens the draft read, and
+        # tokens the target ran again for their states
+        self.caught_up = self.recomputed = 0
 
     def add_states(self, states: torch.Tensor) -> None:
         """The target's hidden states (n, d) at the positions after those already pending (a caller
@@ -286,6 +288,7 @@ class Speculation:
         k = min(self.num_draft_tokens, budget)
         known = len(seq) - 1  # positions whose target state is known after this round's catch-up
         start = self.base + d_cache.length + len(self.pending)  # the first position whose state is missing
+        self.recomputed = 0
         if eagle and start > known:
             raise ValueError(f"{len(self.pending)} target states pending from position {start - len(self.pending)}: "
                              f"more than the {known} a sequence of {len(seq)} tokens has")  # fmt: skip
@@ -301,6 +304,7 @@ class Speculation:
                 d_cache.length, self.pending = 0, self.pending[:0]
             t_cache.length = start
             self.add_states(self._hidden(target, t_cache, seq[start:known]))
+            self.recomputed = known - start
         # the draft proposes k tokens, one forward each (its cache catches up on accepted tokens first)
         drafted: list[int] = []
         q: list[torch.Tensor] = []

@@ -254,13 +254,14 @@ class Engine:
         self.m_spec_rounds = r.add(Counter("lmlab_speculative_rounds_total", "Speculative rounds (target forwards)"))
         self.m_drafted = r.add(Counter("lmlab_draft_tokens_proposed_total", "Tokens the draft proposed"))
         self.m_draft_ok = r.add(Counter("lmlab_draft_tokens_accepted_total", "Drafted tokens the target accepted"))
-        r.add(
-            Gauge(
-                "lmlab_speculation_speedup",
-                "A lone row's measured tokens/s by speculative rounds over plain steps (0: not measured yet)",
-                lambda: self.policy.speedup() or 0.0,
+        if self.draft is not None:
+            r.add(
+                Gauge(
+                    "lmlab_speculation_speedup",
+                    "A lone row's measured tokens/s by speculative rounds over plain steps (0: not measured yet)",
+                    lambda: self.policy.speedup() or 0.0,
+                )
             )
-        )
         self.m_stopped = r.add(Counter("lmlab_requests_aborted_total", "Requests stopped early, by reason", ["reason"]))
         self.m_rows = r.add(
             Histogram("lmlab_batch_rows_per_step", "Rows decoded together per step", buckets=(1, 2, 4, 8, 16, 32, 64))
@@ -629,7 +630,9 @@ class Engine:
         seq, start = self._rows[0], time.perf_counter()
         before = seq.generated
         steady = self._speculative_step() if speculative else (self._decode_step() or True)
-        if steady:  # (not a round whose draft first caught up on a prompt or on plain steps: a one-off cost)
+        # not timed: a round whose draft first caught up (on a prompt, on plain steps: a one-off cost), and a
+        # step that ended the request (tokens past an EOS or a stop string, a cancel, the row's freeing)
+        if steady and not seq.finished:
             self.policy.record(speculative, time.perf_counter() - start, seq.generated - before)
 
     def _speculative_step(self) -> bool:
@@ -662,7 +665,7 @@ class Engine:
             if seq.finished:
                 break
         self._free_finished()
-        return seq.spec.caught_up <= self.num_draft_tokens + 1
+        return seq.spec.recomputed == 0 and seq.spec.caught_up <= self.num_draft_tokens + 1
 
     def _decode_step(self) -> None:
         """One forward for every live row, then each row's next token."""
