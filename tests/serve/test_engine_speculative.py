@@ -217,7 +217,7 @@ def test_auto_mode_measures_both_ways_and_the_answer_stays(tiny, kind):
         col = _run(engine, prompt, GenerationConfig(max_new_tokens=80), ignore_eos=True)
         assert col.texts[0] == _greedy(model, tok, prompt, 80)
         assert engine.policy.seen[True] >= 4 and engine.policy.seen[False] >= 4
-        assert engine.m_spec_rounds.value() >= 5 and engine.m_steps.value() >= 4
+        assert engine.m_spec_rounds.value() >= 4 and engine.m_steps.value() >= 4  # the measuring phase
         ratio = engine.policy.speedup()
         assert ratio is not None and ratio > 0
         assert f"lmlab_speculation_speedup {ratio}" in engine.registry.render()
