@@ -113,8 +113,16 @@ def pending_compiles(url: str) -> float:
     return parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text).get("lmlab_decode_graphs_pending", 0.0)
 
 
+def server_flags(args) -> list[str]:
+    """`lmlab serve` flags for the batch size, compile and quantization settings asked for."""
+    flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
+    return flags + (["--keep-quantized"] if args.keep_quantized else [])
+
+
 def run_levels(args, flags: list[str]) -> tuple[list[dict], dict[str, float]]:
-    """Each level once to warm up (and let the decode graphs compile), then measured; and /metrics after."""
+    """Each level once to warm up, so that each batch size's decode graph is built (in the background)
+    before the measured runs, which then see what a server that has run a while gives; then each level
+    measured; and the speculative counters of /metrics over the measured runs."""
     name = Path(str(args.model).rstrip("/")).name
     with launched(args.model, *flags) as url:
         for c in args.levels:  # (a draft's policy measures both ways in the first few dozen steps)
@@ -129,8 +137,7 @@ def run_levels(args, flags: list[str]) -> tuple[list[dict], dict[str, float]]:
 
 def compare_draft(args) -> int:
     """The same levels on a server without the draft and on one with it per --speculate policy."""
-    flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
-    flags += ["--keep-quantized"] if args.keep_quantized else []
+    flags = server_flags(args)
     plain, _ = run_levels(args, flags)
     drafted = [*flags, "--draft", args.draft, "--num-draft-tokens", str(args.num_draft_tokens)]
     runs = {mode: run_levels(args, [*drafted, "--speculate", mode]) for mode in args.speculate}
@@ -170,17 +177,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.draft:
         return compare_draft(args)
-    name = Path(str(args.model).rstrip("/")).name
-    flags = ["--max-batch", str(max(args.levels))] + ([] if args.compile else ["--no-compile"])
-    flags += ["--keep-quantized"] if args.keep_quantized else []
-    with launched(args.model, *flags) as url:
-        # warm up: every level once, so that each batch size's decode graph is built (in the background)
-        # before the measured runs, which then see what a server that has run a while gives
-        for c in args.levels:
-            asyncio.run(level(url, name, c, 1, 8))
-        while args.compile and pending_compiles(url):
-            time.sleep(1)
-        rows = [asyncio.run(level(url, name, c, args.rounds, args.max_tokens)) for c in args.levels]
+    rows, _ = run_levels(args, server_flags(args))
     steps = "compiled decode steps" if args.compile else "eager decode steps (--no-compile)"
     steps += ", GGUF blocks kept (--keep-quantized)" if args.keep_quantized else ""
     print(f"lmlab serve {args.model}: {args.max_tokens} tokens per request, {args.rounds} rounds per client, {steps}")

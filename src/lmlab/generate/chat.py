@@ -93,9 +93,10 @@ class ChatSession:
                 start, first = time.perf_counter(), len(piece)
             pieces.append(piece)
             yield piece
+        text = "".join(pieces)
         if self.policy is not None and start is not None:
-            self.policy.record(speculative, time.perf_counter() - start, len("".join(pieces)) - first)
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            self.policy.record(speculative, time.perf_counter() - start, len(text) - first)
+        self.messages.append({"role": "assistant", "content": text})
 
 
 def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:

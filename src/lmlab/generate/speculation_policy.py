@@ -6,8 +6,8 @@ A server decides before each step of a lone request (serve/engine.py), a chat be
 A round pays when the draft guesses well enough that the tokens it wins outweigh its own steps and
 the extra rows of the target's check. That depends on the text (a draft agrees with the target on
 ~70% of tokens in one kind of chat, ~30% in another), on the draft, and on how fast a plain step is:
-a server's compiled decode step ran 2.4x the eager one for SmolLM2's 4-bit blocks, faster than eager
-rounds with a weak draft (docs/serve.md). So the engine measures both ways, as the seconds per token
+with SmolLM2's Q4_1 blocks a server's compiled one-row step ran ~110 tok/s, `generate`'s eager one
+~46, and eager rounds with a weak draft lost to the compiled step (docs/serve.md). So the engine measures both ways, as the seconds per token
 of each recent step, and takes the faster, trying the other one for a few steps now and then: the
 compiled graph arrives after a while, and a conversation may turn easier or harder to guess.
 (vLLM's dynamic speculative decoding makes the same choice from a cost model; this measures it.)

@@ -629,7 +629,11 @@ class Engine:
         speculative = self.policy.speculate()
         seq, start = self._rows[0], time.perf_counter()
         before = seq.generated
-        steady = self._speculative_step() if speculative else (self._decode_step() or True)
+        if speculative:
+            steady = self._speculative_step()
+        else:
+            self._decode_step()
+            steady = True
         # not timed: a round whose draft first caught up (on a prompt, on plain steps: a one-off cost), and a
         # step that ended the request (tokens past an EOS or a stop string, a cancel, the row's freeing)
         if steady and not seq.finished:
