@@ -105,9 +105,11 @@ def new_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Gen
     return DecodeState(input_ids, attention_mask, config.max_new_tokens, capacity_for(end) if config.compile else 0)
 
 
-def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = None) -> Callable:
+def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = None, width: int = 0) -> Callable:
     """`model`'s forward under torch.compile for decode steps of `batch` rows over a static cache
     of `capacity` columns; built on first use (one graph serves every step) and kept for reuse.
+    With `width` > 0 instead: `width` tokens of one sequence at once, returning their final hidden
+    states and head logits (`_rows_forward`), the calls of speculative decoding's rounds.
 
     Each (model, batch, capacity) gets a compiled function of its own, a copy of `_forward` with
     its own code object. torch.compile keeps at most 8 graphs per code object (dynamo's
@@ -126,13 +128,17 @@ def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = 
     decode kernels; on a GPU, the policy's mode ("reduce-overhead": the step replays as one CUDA
     graph, no per-kernel launch cost) and no CPU kernels.
     """
-    key = key or _key(model, batch, capacity)
+    key = key or _key(model, batch, capacity, width)
     forward = _compiled.pop(key, None)
     if forward is None:
         device = next(model.parameters()).device
         p = policy(device)
-        template = _forward if p.cpu_kernels else _forward_plain
-        code = template.__code__.replace(co_name=f"_forward_{batch}x{capacity}")
+        if width:
+            template = _rows_forward if p.cpu_kernels else _rows_forward_plain
+        else:
+            template = _forward if p.cpu_kernels else _forward_plain
+        name = f"_rows_{width}x{capacity}" if width else f"_forward_{batch}x{capacity}"
+        code = template.__code__.replace(co_name=name)
         fn = types.FunctionType(code, template.__globals__, code.co_name)
         unguarded = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if p.cpu_kernels:
@@ -182,8 +188,8 @@ def fingerprint(model: torch.nn.Module) -> int:
 _PLAIN = frozenset({bool, int, float, str, type(None)})
 
 
-def _key(model: Transformer, batch: int, capacity: int) -> tuple[int, int, int, int]:
-    return (id(model), batch, capacity, fingerprint(model))
+def _key(model: Transformer, batch: int, capacity: int, width: int = 0) -> tuple[int, int, int, int, int]:
+    return (id(model), batch, capacity, fingerprint(model), width)
 
 
 def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
@@ -194,6 +200,19 @@ def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
 
 def _forward_plain(model: Transformer, *args, **kwargs) -> torch.Tensor:
     return model(*args, **kwargs)
+
+
+def _rows_forward(model: Transformer, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    # (hidden states (1, T, d), head logits (1, T, V')): an EAGLE draft reads the states, and a
+    # reduced head's logits stay reduced (speculative decoding's greedy draft takes their argmax)
+    with cpu_kernels.DecodeKernels():
+        h = model.hidden_states(*args, **kwargs)
+        return h, model.lm_head(h)
+
+
+def _rows_forward_plain(model: Transformer, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    h = model.hidden_states(*args, **kwargs)
+    return h, model.lm_head(h)
 
 
 def static_cache(model: Transformer, batch: int, capacity: int, key: tuple | None = None) -> StaticKVCache:
@@ -219,8 +238,8 @@ def static_cache(model: Transformer, batch: int, capacity: int, key: tuple | Non
     return cache
 
 
-_caches: dict[tuple[int, int, int, int], StaticKVCache] = {}
-_compiled: collections.OrderedDict[tuple[int, int, int, int], Callable] = collections.OrderedDict()
+_caches: dict[tuple, StaticKVCache] = {}
+_compiled: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
 _KEEP = 16
 
 
@@ -228,21 +247,29 @@ class _Warmup:
     """A compile of one decode graph running in a background thread: `ready` once the graph is built
     (by one call on a scratch cache of the same shapes), `failed` if building it raised."""
 
-    def __init__(self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device) -> None:
+    def __init__(
+        self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device, width: int = 0
+    ) -> None:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self.forward = forward  # the compiled function, once `ready` (not looked up again: it may have left the LRU)
-        args = (forward, model, batch, capacity, device)
+        args = (forward, model, batch, capacity, device, width)
         threading.Thread(target=self._run, args=args, name="lmlab-compile", daemon=True).start()
 
-    def _run(self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device) -> None:
+    def _run(
+        self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device, width: int
+    ) -> None:
         try:
             with torch.inference_mode():
                 cache = StaticKVCache.for_model(model, batch, capacity)
-                cache.advance(1)
-                token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+                cache.advance(max(width, 1))
                 mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
-                forward(token, attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+                if width:  # the call speculative decoding makes (generate/speculative.py)
+                    tokens = torch.zeros(1, width, dtype=torch.long, device=device)
+                    forward(tokens, attention_mask=mask, kv_cache=cache, **rows_features(model, width))
+                else:
+                    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+                    forward(token, attention_mask=mask, kv_cache=cache, logits_to_keep=1)
         except BaseException as e:  # a failed compile leaves the eager steps running: say why, once
             self.failed = e
             warnings.warn(f"lmlab: compiling the decode step failed, decoding stays eager: {e}", stacklevel=1)
@@ -250,19 +277,34 @@ class _Warmup:
             self.ready.set()
 
 
-def warmup(model: Transformer, batch: int, capacity: int, device: torch.device, key: tuple | None = None) -> _Warmup:
-    """The background compile of (model, batch, capacity)'s decode graph, started on first request."""
-    key = key or _key(model, batch, capacity)
+def rows_features(model: Transformer, width: int, features: torch.Tensor | None = None) -> dict:
+    """The `features` argument of a width-`width` rows graph: an EAGLE draft's (1, width, d) input (zeros
+    where none are given), nothing for other models (the graph is built for one or the other)."""
+    if not model.cfg.eagle:
+        return {}
+    p = next(model.parameters())
+    if features is None:
+        return {"features": torch.zeros(1, width, model.cfg.d_model, dtype=p.dtype, device=p.device)}
+    return {"features": features}
+
+
+def warmup(
+    model: Transformer, batch: int, capacity: int, device: torch.device, key: tuple | None = None, width: int = 0
+) -> _Warmup:
+    """The background compile of (model, batch, capacity)'s decode graph (or of its `width`-token rows
+    graph), started on first request."""
+    key = key or _key(model, batch, capacity, width)
     with _warm_lock:
         w = _warming.get(key)
         if w is None or (w.ready.is_set() and key not in _compiled):
-            w = _warming[key] = _Warmup(compiled(model, batch, capacity, key), model, batch, capacity, device)
+            forward = compiled(model, batch, capacity, key, width)
+            w = _warming[key] = _Warmup(forward, model, batch, capacity, device, width)
             while len(_warming) > _KEEP:
                 _warming.pop(next(iter(_warming)))
     return w
 
 
-_warming: dict[tuple[int, int, int, int], _Warmup] = {}
+_warming: dict[tuple, _Warmup] = {}
 _warm_lock = threading.Lock()
 
 

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.generate import cpu_kernels
+from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
-from lmlab.generate.kv_cache import KVCache
+from lmlab.generate.kv_cache import KVCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
+from lmlab.utils.device import policy
 
 # the most tokens a round runs through the target again only to get an EAGLE draft its states, when it
 # fell behind (a server's plain steps): beyond that, the draft starts over on the last this many tokens
@@ -174,7 +175,7 @@ def speculative_rounds(
         generator = torch.Generator(device=device).manual_seed(config.seed)
     spec = Speculation(target, draft, config, build_processors(config, len(prompt_ids), config.sampling), generator,
                        stop_token_ids(target, tokenizer, config), max_len, num_draft_tokens, confidence, stats)  # fmt: skip
-    t_cache = KVCache.for_model(target, 1, max_len)
+    t_cache = spec.target_cache(max_len)
     seq = list(prompt_ids)
     while len(seq) - len(prompt_ids) < config.max_new_tokens:
         new = spec.round(seq, t_cache, config.max_new_tokens - (len(seq) - len(prompt_ids)))
@@ -189,7 +190,17 @@ class Speculation:
     states an EAGLE draft has yet to read, and the sequence's sampling state (processors, generator).
 
     The target's KV cache stays the caller's (`round` takes it), so a server can keep a sequence in its
-    shared batch cache and speculate only while the sequence decodes alone (serve/engine.py)."""
+    shared batch cache and speculate only while the sequence decodes alone (serve/engine.py).
+
+    With `compile` (True: wait for the graphs; "auto": eager calls until their background compile is
+    done; default: the config's), a round's forwards run as torch.compile graphs over static caches, as
+    `generate`'s compiled decode steps do: the target's check always as num_draft_tokens + 1 rows, the
+    draft's steps as one row, its catch-up as num_draft_tokens + 1 (shorter calls padded with tokens that
+    nobody attends to; their keys/values land past the sequence and are overwritten later). A round's
+    eager forwards cost more in per-op overhead than a small model's arithmetic, so against compiled
+    plain steps eager rounds lose; compiled ones need not. The target's cache must then be a
+    StaticKVCache (`target_cache`); any other keeps the target's forwards eager.
+    """
 
     def __init__(
         self,
@@ -203,6 +214,7 @@ class Speculation:
         num_draft_tokens: int,
         confidence: float = DRAFT_CONFIDENCE,
         stats: SpeculativeStats | None = None,
+        compile: bool | str | None = None,
     ) -> None:
         check_draft(target, draft)
         self.target, self.draft, self.config, self.procs, self.generator = target, draft, config, procs, generator
@@ -210,7 +222,14 @@ class Speculation:
         self.stats = stats if stats is not None else SpeculativeStats()
         self.device = next(target.parameters()).device
         self.eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
-        self.d_cache = KVCache.for_model(draft, 1, max_len)
+        self.compile = config.compile if compile is None else compile
+        self.width = num_draft_tokens + 1  # the widest call a steady round makes: the target's check
+        self._warm: dict[tuple, decode._Warmup] = {}  # (draft?, width, capacity) -> its graph's compile
+        self.replays = policy(self.device).decode_compile_mode == "reduce-overhead"
+        if self.compile:
+            self.d_cache = StaticKVCache.for_model(draft, 1, decode.capacity_for(max_len + self.width))
+        else:
+            self.d_cache = KVCache.for_model(draft, 1, max_len)
         self.base = 0  # the sequence position of the draft cache's first entry (> 0 once it started over)
         # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). `pending`
         # holds the target's states from position base + d_cache.length on, the only ones the draft will
@@ -249,16 +268,60 @@ class Speculation:
         g = self.generator
         return float(torch.rand((), generator=g, device=g.device if g is not None else self.device))
 
-    def _hidden(self, model: Transformer, cache, tokens: list[int], features=None) -> torch.Tensor:
-        ids = torch.tensor([tokens], device=self.device)
-        # the target's check feeds k + 1 tokens at once: the decode kernels' matmuls pay off
-        with cpu_kernels.for_rows(len(tokens), self.device):
-            return model.hidden_states(ids, kv_cache=cache, features=features)[0]  # (len(tokens), d)
+    def target_cache(self, max_len: int) -> KVCache | StaticKVCache:
+        """A one-row cache for the target's keys/values of up to `max_len` tokens: static (room for a
+        padded check past the end) where the rounds compile."""
+        if self.compile:
+            return StaticKVCache.for_model(self.target, 1, decode.capacity_for(max_len + self.width))
+        return KVCache.for_model(self.target, 1, max_len)
 
-    def _head(self, model: Transformer, h: torch.Tensor, full: bool = True) -> torch.Tensor:
-        with cpu_kernels.for_rows(h.shape[0], self.device):
-            logits = model.lm_head(h)  # (rows, V), or over a reduced head's tokens
-        return model.full_vocab(logits) if full else logits
+    def _run(self, model: Transformer, cache, tokens: list[int], features=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`tokens` fed after the cache's contents: their final hidden states (T, d), and where a
+        compiled graph ran, its head logits (T, V') too (else None: `_head` computes the rows wanted)."""
+        T = len(tokens)
+        if not getattr(cache, "static", False):
+            ids = torch.tensor([tokens], device=self.device)
+            # the target's check feeds k + 1 tokens at once: the decode kernels' matmuls pay off
+            with cpu_kernels.for_rows(T, self.device):
+                return model.hidden_states(ids, kv_cache=cache, features=features)[0], None  # (T, d)
+        # a static cache: a compiled graph of width W >= T where one is ready, padded; else eager, unpadded
+        W = next((w for w in ((1, self.width) if model is self.draft else (self.width,)) if w >= T), 0)
+        graph = self._graph(model, W, cache.max_len) if W else None
+        W = W if graph is not None else T
+        start = cache.length
+        cache.advance(W)
+        cache.length = start + T  # the pad's columns are left out of the mask, and overwritten later
+        mask = (torch.arange(cache.max_len, device=self.device) < start + T).long()[None]  # (1, C)
+        ids = torch.tensor([tokens + tokens[-1:] * (W - T)], device=self.device)
+        if features is not None and W > T:
+            features = torch.cat([features, features.new_zeros(1, W - T, features.shape[-1])], 1)
+        if graph is not None:
+            h, z = graph(ids, attention_mask=mask, kv_cache=cache, **decode.rows_features(model, W, features))
+            if self.replays:  # a replayed CUDA graph's outputs are overwritten by the next replay
+                h, z = h.clone(), z.clone()
+            return h[0, :T], z[0, :T]
+        with cpu_kernels.for_rows(T, self.device):
+            return model.hidden_states(ids, attention_mask=mask, kv_cache=cache, features=features)[0], None
+
+    def _graph(self, model: Transformer, width: int, capacity: int):
+        """The compiled rows graph of `model` for `width` tokens over `capacity` columns, if ready."""
+        if not self.compile:
+            return None
+        slot = (model is self.draft, width, capacity)
+        warm = self._warm.get(slot)
+        if warm is None:  # (looked up once per sequence: the key's fingerprint of the model takes ~2 ms)
+            warm = self._warm[slot] = decode.warmup(model, 1, capacity, self.device, width=width)
+            if self.compile != "auto":
+                warm.ready.wait()
+        return warm.forward if warm.ready.is_set() and warm.failed is None else None
+
+    def _head(self, model: Transformer, h: torch.Tensor, z: torch.Tensor | None = None, full: bool = True) -> torch.Tensor:
+        """Head logits (rows, V) of final states `h` (or those a graph computed, `z`); full=False keeps a
+        reduced head's (rows, len(head_tokens))."""
+        if z is None:
+            with cpu_kernels.for_rows(h.shape[0], self.device):
+                z = model.lm_head(h)  # (rows, V), or over a reduced head's tokens
+        return model.full_vocab(z) if full else z
 
     def _verify(self, seq: list[int], drafted: list[int], q: list[torch.Tensor], t_logits: torch.Tensor) -> list[int]:
         """The general rule: each drafted token x kept with probability min(1, p(x) / q(x)); the first
@@ -303,7 +366,7 @@ class Speculation:
                 start = self.base = t_cache.length - RECOMPUTE_WINDOW
                 d_cache.length, self.pending = 0, self.pending[:0]
             t_cache.length = start
-            self.add_states(self._hidden(target, t_cache, seq[start:known]))
+            self.add_states(self._run(target, t_cache, seq[start:known])[0])
             self.recomputed = known - start
         # the draft proposes k tokens, one forward each (its cache catches up on accepted tokens first)
         drafted: list[int] = []
@@ -312,19 +375,21 @@ class Speculation:
         self.caught_up = len(seq) - done - (1 if eagle else 0)
         if eagle:
             if len(self.pending):  # (a one-token prompt leaves nothing to read in the first round)
-                h = self._hidden(draft, d_cache, seq[done + 1 :], self.pending[None])[-1:]
+                h, z = self._run(draft, d_cache, seq[done + 1 :], self.pending[None])
             else:
                 k = 0
         else:
-            h = self._hidden(draft, d_cache, seq[done:])[-1:]
+            h, z = self._run(draft, d_cache, seq[done:])
+        if k:
+            h, z = h[-1:], (z[-1:] if z is not None else None)
         for i in range(k):
             if self.plain:
-                z = self._head(draft, h, full=False)[0].float()
+                z = self._head(draft, h, z, full=False)[0].float()
                 j = int(z.argmax())
                 drafted.append(head_ids[j] if head_ids is not None else j)
                 sure = float(torch.softmax(z, -1)[j]) if confidence > 0 else 1.0  # (a reduced head's others: p = 0)
             else:
-                s = self._scores(self._head(draft, h)[0], seq + drafted)
+                s = self._scores(self._head(draft, h, z)[0], seq + drafted)
                 q.append(self._dist(s))
                 drafted.append(self._pick(q[-1]))
                 # the draft's probability of its own proposal (greedy: under its softmax)
@@ -332,11 +397,12 @@ class Speculation:
             if sure < confidence:
                 break
             if i < k - 1:  # an EAGLE draft reads its own predicted state where the target's is not known
-                h = self._hidden(draft, d_cache, drafted[-1:], h[None] if eagle else None)
+                h, z = self._run(draft, d_cache, drafted[-1:], h[None] if eagle else None)
         k = len(drafted)
         # the target scores all of them in one forward
-        t_hidden = self._hidden(target, t_cache, seq[t_cache.length :] + drafted)[-(k + 1) :]
-        t_logits = self._head(target, t_hidden)
+        t_hidden, t_z = self._run(target, t_cache, seq[t_cache.length :] + drafted)
+        t_hidden, t_z = t_hidden[-(k + 1) :], (t_z[-(k + 1) :] if t_z is not None else None)
+        t_logits = self._head(target, t_hidden, t_z)
         if self.plain:  # each drafted token stands while it is the target's argmax; the first miss is replaced
             best = t_logits.argmax(-1).tolist()
             n = next((i for i, t in enumerate(drafted) if t != best[i]), k)

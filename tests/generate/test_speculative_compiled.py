@@ -1,0 +1,114 @@
+"""Compiled speculative rounds (static caches, fixed-width padded calls) give the target's greedy tokens.
+
+Most tests stand an eager function in for the compiled graph (`decode.compiled` patched), which checks
+what the compiled path adds, the padding and the static caches, in seconds; one test compiles for real.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.compress.eagle import eagle_draft
+from lmlab.generate import GenerationConfig, decode, generate
+from lmlab.generate.speculative import SpeculativeStats, speculative_generate, truncated_draft
+from lmlab.model.config import ModelConfig
+
+
+def _tiny(seed: int, **kw) -> lmlab.Transformer:
+    torch.manual_seed(seed)
+    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None, **kw)).eval()
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """`decode.compiled` returns the rows template itself, uncompiled; records each call's (model, width)."""
+    calls: list[tuple[int, int]] = []
+
+    def fake(model, batch, capacity, key=None, width=0):
+        assert width, "only rows graphs are asked for here"
+
+        def call(ids, **kw):
+            assert ids.shape == (1, width) and kw["attention_mask"].shape == (1, capacity)
+            calls.append((id(model), width))
+            return decode._rows_forward_plain(model, ids, **kw)
+
+        return call
+
+    monkeypatch.setattr(decode, "compiled", fake)
+    monkeypatch.setattr(decode, "_warming", {})
+    return calls
+
+
+def _drafts(target):
+    torch.manual_seed(3)
+    return {"eagle": eagle_draft(target).eval(), "layers": truncated_draft(target, 1), "self": target}
+
+
+@pytest.mark.parametrize("kind", ["eagle", "layers", "self"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_compiled_rounds_give_the_targets_greedy_tokens(eager_graphs, kind, k):
+    target = _tiny(0)
+    draft = _drafts(target)[kind]
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    want = generate(target, None, prompt, GenerationConfig(max_new_tokens=30))[0].token_ids
+    stats = SpeculativeStats()
+    cfg = GenerationConfig(max_new_tokens=30, compile=True)
+    # confidence 0.05: some rounds stop drafting early, so calls shorter than the graph's width are padded
+    got, stats = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=k, confidence=0.05)
+    assert got.token_ids == want
+    widths = {w for _, w in eager_graphs}
+    assert (id(target), k + 1) in eager_graphs and widths <= {1, k + 1}
+    if kind != "self":
+        assert stats.proposed < stats.rounds * k or k == 1  # some rounds drafted fewer: padded checks
+
+
+# (a random tiny model's distributions are flat: the perfect draft needs confidence 0 to draft more than one)
+@pytest.mark.parametrize("kind, confidence", [("eagle", 0.05), ("layers", 0.05), ("self", 0.0)])
+def test_padded_and_unpadded_rounds_agree_round_for_round(eager_graphs, kind, confidence):
+    """The same rounds eager over dynamic caches and through padded static calls: equal tokens, and the
+    draft guessed the same (a pad left in a cache would change what it reads, and its guesses)."""
+    target = _tiny(0)
+    draft = _drafts(target)[kind]
+    prompt = torch.randint(0, 512, (6,)).tolist()
+    runs = []
+    for compile in (False, True):
+        cfg = GenerationConfig(max_new_tokens=40, compile=compile)
+        g, st = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3, confidence=confidence)
+        runs.append((g.token_ids, st.rounds, st.accepted, st.proposed))
+    assert runs[0] == runs[1]
+    assert runs[0][2] > 0 or kind == "eagle"  # (an untrained EAGLE draft guesses nothing right)
+    assert any(m == id(draft) and w == 1 for m, w in eager_graphs)  # the draft's one-token steps ran through their graph too
+
+
+def test_auto_runs_eagerly_until_the_graphs_are_ready(monkeypatch):
+    """compile="auto": while the compiles run, the round's forwards run eagerly over the static caches."""
+    target = _tiny(0)
+    draft = _drafts(target)["layers"]
+
+    class Pending:  # a compile that never finishes
+        ready, failed = threading.Event(), None
+
+    monkeypatch.setattr(decode, "warmup", lambda *a, **k: Pending)
+    prompt = torch.randint(0, 512, (5,)).tolist()
+    want = generate(target, None, prompt, GenerationConfig(max_new_tokens=12))[0].token_ids
+    cfg = GenerationConfig(max_new_tokens=12, compile="auto")
+    got, _ = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3)
+    assert got.token_ids == want
+
+
+def test_rounds_really_compiled_match():
+    """One real compile of each graph (tiny models): the same greedy tokens as plain decoding."""
+    target = _tiny(0, n_layer=2)
+    torch.manual_seed(3)
+    draft = eagle_draft(target).eval()
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    want = generate(target, None, prompt, GenerationConfig(max_new_tokens=16))[0].token_ids
+    cfg = GenerationConfig(max_new_tokens=16, compile=True)
+    got, stats = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=2, confidence=0.0)
+    assert got.token_ids == want
+    compiled = [k for k in decode._compiled if k[0] in (id(target), id(draft)) and k[4]]
+    assert {(k[0] == id(draft), k[4]) for k in compiled} == {(False, 3), (True, 1), (True, 3)}
