@@ -7,6 +7,10 @@ figure beside `benchmarks/serve.py --draft` (the same draft in a server).
 
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft out/compress/eagle-small-int4
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --fp32-target
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile
+
+With --compile both sides run compiled graphs (plain decode steps; the rounds' target check and
+draft steps), compiled before timing: the figure a chat or a server gets once its compiles are done.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from pathlib import Path
 
 from lmlab.generate import GenerationConfig, generate
-from lmlab.generate.speculative import SpeculativeStats, load_draft, speculative_generate
+from lmlab.generate.speculative import DRAFT_CONFIDENCE, SpeculativeStats, load_draft, speculative_generate
 from lmlab.model.checkpoint import load_pretrained
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,14 +37,19 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--fp32-target", action="store_true", help="float32 weights (default: GGUF blocks kept)")
+    ap.add_argument("--compile", action="store_true", help="compiled steps and rounds on both sides")
+    ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--confidence", type=float, default=DRAFT_CONFIDENCE, help="the draft's stopping threshold")
     args = ap.parse_args()
     target, tok = load_pretrained(args.model, dequantize=True if args.fp32_target else "auto")
     target.eval()
     draft = load_draft(args.draft, target)
     asks = [f"Write a short paragraph about {t} (request {i})." for i, t in enumerate(TOPICS.split()[: args.prompts])]
     prompts = [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True) for a in asks]
-    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[])
-    generate(target, tok, prompts[0], GenerationConfig(max_new_tokens=8))  # kernels built, caches warm
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=args.compile)
+    generate(target, tok, prompts[0], cfg)  # kernels built, caches warm, graphs compiled
+    spec = {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence}
+    speculative_generate(target, draft, tok, prompts[0], cfg, **spec)
     times: dict[str, list[float]] = {"greedy": [], "draft": []}
     stats, identical = SpeculativeStats(), True
     for rep in range(args.repeats):
@@ -49,15 +58,18 @@ def main() -> int:
         times["greedy"].append(time.perf_counter() - t)
         t = time.perf_counter()
         for p, w in zip(prompts, want):
-            g, st = speculative_generate(target, draft, tok, p, cfg)
+            g, st = speculative_generate(target, draft, tok, p, cfg, **spec)
             identical &= g.token_ids == w
             if rep == 0:
                 stats.accepted, stats.proposed = stats.accepted + st.accepted, stats.proposed + st.proposed
         times["draft"].append(time.perf_counter() - t)
     n = len(prompts) * args.new_tokens
     g, d = statistics.median(times["greedy"]), statistics.median(times["draft"])
-    weights = "float32" if args.fp32_target else "GGUF blocks as stored"
-    print(f"{args.model} ({weights}), draft {args.draft}: {len(prompts)} prompts x {args.new_tokens} tokens")
+    weights = ("float32" if args.fp32_target else "GGUF blocks as stored") + (
+        ", compiled" if args.compile else ", eager"
+    )
+    print(f"{args.model} ({weights}), draft {args.draft} (k = {args.num_draft_tokens}, confidence "
+          f"{args.confidence}): {len(prompts)} prompts x {args.new_tokens} tokens")  # fmt: skip
     print(f"greedy {n / g:.1f} tok/s, with the draft {n / d:.1f} tok/s: {g / d:.2f}x; drafted tokens accepted "
           f"{stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%}); outputs identical: {identical}")  # fmt: skip
     return 0

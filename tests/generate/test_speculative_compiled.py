@@ -14,7 +14,7 @@ import torch
 import lmlab
 from lmlab.compress.eagle import eagle_draft
 from lmlab.generate import GenerationConfig, decode, generate
-from lmlab.generate.speculative import SpeculativeStats, speculative_generate, truncated_draft
+from lmlab.generate.speculative import speculative_generate, truncated_draft
 from lmlab.model.config import ModelConfig
 
 
@@ -55,7 +55,6 @@ def test_compiled_rounds_give_the_targets_greedy_tokens(eager_graphs, kind, k):
     draft = _drafts(target)[kind]
     prompt = torch.randint(0, 512, (9,)).tolist()
     want = generate(target, None, prompt, GenerationConfig(max_new_tokens=30))[0].token_ids
-    stats = SpeculativeStats()
     cfg = GenerationConfig(max_new_tokens=30, compile=True)
     # confidence 0.05: some rounds stop drafting early, so calls shorter than the graph's width are padded
     got, stats = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=k, confidence=0.05)
@@ -81,7 +80,9 @@ def test_padded_and_unpadded_rounds_agree_round_for_round(eager_graphs, kind, co
         runs.append((g.token_ids, st.rounds, st.accepted, st.proposed))
     assert runs[0] == runs[1]
     assert runs[0][2] > 0 or kind == "eagle"  # (an untrained EAGLE draft guesses nothing right)
-    assert any(m == id(draft) and w == 1 for m, w in eager_graphs)  # the draft's one-token steps ran through their graph too
+    assert any(
+        m == id(draft) and w == 1 for m, w in eager_graphs
+    )  # the draft's one-token steps ran through their graph too
 
 
 def test_auto_runs_eagerly_until_the_graphs_are_ready(monkeypatch):
@@ -108,7 +109,7 @@ def test_rounds_really_compiled_match():
     prompt = torch.randint(0, 512, (7,)).tolist()
     want = generate(target, None, prompt, GenerationConfig(max_new_tokens=16))[0].token_ids
     cfg = GenerationConfig(max_new_tokens=16, compile=True)
-    got, stats = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=2, confidence=0.0)
+    got, _ = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=2, confidence=0.0)
     assert got.token_ids == want
     compiled = [k for k in decode._compiled if k[0] in (id(target), id(draft)) and k[4]]
     # the target's check (3 rows) and the draft's step (1 row); an untrained draft's catch-up is one token too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 import lmlab
 from lmlab.compress.eagle import eagle_draft
-from lmlab.generate import GenerationConfig, speculative
+from lmlab.generate import GenerationConfig, decode, speculative
 from lmlab.generate.speculative import truncated_draft
 from lmlab.serve.engine import Engine, Request
 from tests.serve.conftest import running_server
@@ -103,15 +104,38 @@ def test_an_eagle_drafts_states_are_the_same_from_prefill_prefix_cache_or_recomp
     assert _draft_guesses(model, tok, prompt, prefix_cache_tokens=0) == fresh
 
 
+def _eager_graphs(monkeypatch) -> list[int]:
+    """Compiled graphs stood in for by their uncompiled templates (a compile of each would take minutes in
+    all): what compiled serving adds, static views and padded rounds, checked in seconds. Returns the
+    widths of the rows graphs called (speculative rounds)."""
+    widths: list[int] = []
+
+    def fake(model, batch, capacity, key=None, width=0):
+        def call(*a, **kw):
+            if width:
+                widths.append(width)
+                return decode._rows_forward_plain(model, *a, **kw)
+            return decode._forward_plain(model, *a, **kw)
+
+        return call
+
+    monkeypatch.setattr(decode, "compiled", fake)
+    monkeypatch.setattr(decode, "_warming", {})
+    return widths
+
+
 @pytest.mark.parametrize("kind", ["eagle", "self"])
-def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, monkeypatch):
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, compile, monkeypatch):
     """Request 0 speculates alone, runs in the batch while 1 and 2 do (plain steps; its draft falls
     behind), then speculates alone again, its draft catching up on the batch's tokens: every greedy
     answer is still generate's, and every target state an EAGLE draft read is the target's own state at
-    that position, computed from scratch."""
+    that position, computed from scratch. With `compile`, the rounds' calls go through (stand-in) graphs of
+    fixed width over a static view of the slot cache, and plain steps through the decode graphs."""
     from lmlab.generate.speculative import Speculation
 
     model, tok = tiny
+    widths = _eager_graphs(monkeypatch) if compile else []
     draft = _draft(model, kind)
     reads: list[tuple[int, torch.Tensor]] = []  # (first position, states) the draft read at each round's start
     real_round, real_hidden = Speculation.round, draft.hidden_states
@@ -122,20 +146,30 @@ def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, monk
         return real_round(self, seq, t_cache, budget)
 
     def hidden(ids, kv_cache=None, features=None, **kw):
-        if first_call[0] is not None and features is not None:
-            reads.append((first_call[0].base + kv_cache.length, features[0].clone()))
+        compiling = threading.current_thread().name == "lmlab-compile"  # a stand-in graph's warm-up call
+        if first_call[0] is not None and features is not None and not compiling:
+            start, n = kv_cache.length, len(features[0])
+            if getattr(kv_cache, "static", False):  # a padded call: its real tokens from slots[0] to length
+                start = int(kv_cache.slots[0])
+                n = kv_cache.length - start
+            reads.append((first_call[0].base + start, features[0, :n].clone()))
         first_call[0] = None
         return real_hidden(ids, kv_cache=kv_cache, features=features, **kw)
 
     monkeypatch.setattr(Speculation, "round", round_)
     monkeypatch.setattr(draft, "hidden_states", hidden)
-    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft, speculate="always").start()
+    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft, speculate="always", compile=compile)
+    if compile and not engine.compile:
+        pytest.skip("compiled serving needs lmlab's CPU kernels (AVX-512)")
+    engine.start()
     try:
         prompts, max_new = _prompts(tok, 3), [60, 9, 7]
         cols = _staggered(engine, prompts, max_new)
         for p, m, c in zip(prompts, max_new, cols):
             assert c.failed is None and c.texts[0] == _greedy(model, tok, p, m)
         assert engine.m_spec_rounds.value() > 0 and engine.m_steps.value() > 0
+        if compile:  # the check (4 drafted + 1) ran through its graph; plain steps through theirs
+            assert 5 in widths and engine.m_compiled.value() > 0
         assert engine.running_requests == 0 and engine.cache.rows == 0
     finally:
         engine.close()

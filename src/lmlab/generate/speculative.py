@@ -275,7 +275,9 @@ class Speculation:
             return StaticKVCache.for_model(self.target, 1, decode.capacity_for(max_len + self.width))
         return KVCache.for_model(self.target, 1, max_len)
 
-    def _run(self, model: Transformer, cache, tokens: list[int], features=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(
+        self, model: Transformer, cache, tokens: list[int], features=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`tokens` fed after the cache's contents: their final hidden states (T, d), and where a
         compiled graph ran, its head logits (T, V') too (else None: `_head` computes the rows wanted)."""
         T = len(tokens)
@@ -315,7 +317,9 @@ class Speculation:
                 warm.ready.wait()
         return warm.forward if warm.ready.is_set() and warm.failed is None else None
 
-    def _head(self, model: Transformer, h: torch.Tensor, z: torch.Tensor | None = None, full: bool = True) -> torch.Tensor:
+    def _head(
+        self, model: Transformer, h: torch.Tensor, z: torch.Tensor | None = None, full: bool = True
+    ) -> torch.Tensor:
         """Head logits (rows, V) of final states `h` (or those a graph computed, `z`); full=False keeps a
         reduced head's (rows, len(head_tokens))."""
         if z is None:

@@ -49,7 +49,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
-from lmlab.generate.kv_cache import KVCache
+from lmlab.generate.kv_cache import KVCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.speculation_policy import SpeculationPolicy
 from lmlab.generate.speculative import DRAFT_CONFIDENCE, Speculation, SpeculativeStats, check_draft
@@ -647,19 +647,29 @@ class Engine:
         req = seq.req
         budget = req.config.max_new_tokens - seq.generated
         cache = self.cache.solo()
-        cache.ensure_room(min(self.num_draft_tokens, budget) + 1)
+        # (compiled rounds check num_draft_tokens + 1 columns however many were drafted: room for all)
+        cache.ensure_room((self.num_draft_tokens if self.compile else min(self.num_draft_tokens, budget)) + 1)
         if seq.spec is None:
             eos = frozenset() if req.ignore_eos else self.eos
             max_len = len(req.prompt_ids) + req.config.max_new_tokens + self.num_draft_tokens + 1
+            # compiled rounds where plain steps compile: against those, eager rounds lose (docs/serve.md)
             seq.spec = Speculation(self.model, self.draft, req.config, seq.procs, seq.generator, eos, max_len,
-                                   self.num_draft_tokens, self.draft_confidence, self.spec_stats)  # fmt: skip
+                                   self.num_draft_tokens, self.draft_confidence, self.spec_stats,
+                                   compile="auto" if self.compile else False)  # fmt: skip
             if seq.states is not None:  # the prompt's states from its prefill: the first round needs not rerun it
                 seq.spec.add_states(seq.states)
                 seq.states = None
         before = (self.spec_stats.proposed, self.spec_stats.accepted)
+        # the row as a one-row static cache over the slot cache's own buffers, for the compiled check
+        t_cache = (
+            StaticKVCache.over([k[:1] for k in cache.k], [v[:1] for v in cache.v], cache.length)
+            if self.compile
+            else cache
+        )
         try:
-            new = seq.spec.round(seq.ids, cache, budget)
+            new = seq.spec.round(seq.ids, t_cache, budget)
         finally:
+            cache.length = t_cache.length
             cache.settle()
         self.m_spec_rounds.inc()
         self.m_drafted.inc(self.spec_stats.proposed - before[0])
