@@ -308,10 +308,10 @@ _warming: dict[tuple, _Warmup] = {}
 _warm_lock = threading.Lock()
 
 
-def compiles_pending() -> bool:
-    """Whether a background decode-graph compile is still running."""
+def compiles_pending() -> int:
+    """How many background graph compiles are still running (0: none)."""
     with _warm_lock:
-        return any(not w.ready.is_set() for w in _warming.values())
+        return sum(not w.ready.is_set() for w in _warming.values())
 
 
 def wait_for_compiles() -> None:

@@ -227,7 +227,7 @@ class Speculation:
         self._warm: dict[tuple, decode._Warmup] = {}  # (draft?, width, capacity) -> its graph's compile
         self.replays = policy(self.device).decode_compile_mode == "reduce-overhead"
         if self.compile:
-            self.d_cache = StaticKVCache.for_model(draft, 1, decode.capacity_for(max_len + self.width))
+            self.d_cache = self._static(draft, decode.capacity_for(max_len + self.width))
         else:
             self.d_cache = KVCache.for_model(draft, 1, max_len)
         self.base = 0  # the sequence position of the draft cache's first entry (> 0 once it started over)
@@ -272,8 +272,15 @@ class Speculation:
         """A one-row cache for the target's keys/values of up to `max_len` tokens: static (room for a
         padded check past the end) where the rounds compile."""
         if self.compile:
-            return StaticKVCache.for_model(self.target, 1, decode.capacity_for(max_len + self.width))
+            return self._static(self.target, decode.capacity_for(max_len + self.width))
         return KVCache.for_model(self.target, 1, max_len)
+
+    def _static(self, model: Transformer, capacity: int) -> StaticKVCache:
+        cache = StaticKVCache.for_model(model, 1, capacity)
+        if self.replays:  # a CUDA graph replays over the buffers it recorded: these stay where they are
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_static_address(t)
+        return cache
 
     def _run(
         self, model: Transformer, cache, tokens: list[int], features=None

@@ -276,8 +276,8 @@ class Engine:
         r.add(
             Gauge(
                 "lmlab_decode_graphs_pending",
-                "Decode graphs compiling or waiting to compile",
-                lambda: len(self._wanted) + (self._compiling is not None),
+                "Decode graphs compiling or waiting to compile (speculative rounds' graphs included)",
+                lambda: len(self._wanted) + decode.compiles_pending(),
             )
         )
         r.add(Gauge("lmlab_kv_cache_used_tokens", "Real tokens held in the KV cache", self.kv_used_tokens))
