@@ -260,6 +260,38 @@ def test_auto_mode_measures_both_ways_and_the_answer_stays(tiny, kind):
         engine.close()
 
 
+@pytest.mark.parametrize("ready", [False, True])
+def test_auto_mode_times_only_what_runs_as_it_will_once_compiled(tiny, monkeypatch, ready):
+    """With compiled steps, a round or step that ran eagerly because its graph is still compiling is not
+    timed (eager calls are not what either way costs once its graphs are built): while every compile is
+    pending the policy records nothing (and keeps measuring, speculatively); once the graphs are there
+    (stand-ins here) it records both ways. The answer is generate's either way."""
+    model, tok = tiny
+
+    class Pending:  # a compile that never finishes
+        ready, failed = threading.Event(), None
+
+    if ready:
+        _eager_graphs(monkeypatch)
+    else:
+        monkeypatch.setattr(decode, "warmup", lambda *a, **k: Pending)
+    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "self"), draft_confidence=0.0, compile=True)
+    if not engine.compile:
+        pytest.skip("compiled serving needs lmlab's CPU kernels (AVX-512)")
+    engine.start()
+    try:
+        prompt = tok.encode("Once upon a time")
+        col = _run(engine, prompt, GenerationConfig(max_new_tokens=40), ignore_eos=True)
+        assert col.texts[0] == _greedy(model, tok, prompt, 40)
+        if ready:
+            assert engine.policy.seen[True] >= 4 and engine.policy.seen[False] >= 4
+        else:
+            assert engine.policy.seen == {True: 0, False: 0} and engine.m_steps.value() == 0
+            assert engine.m_spec_rounds.value() > 4  # still measuring: every step a round
+    finally:
+        engine.close()
+
+
 def test_serve_with_a_draft_over_http_and_a_bad_draft_is_one_line(tiny, tiny_dir):
     model, tok = tiny
     with running_server(tiny_dir, "--no-compile", "--draft", ":1") as url:

@@ -240,8 +240,10 @@ class Speculation:
         # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
         self.plain = not config.sampling and not procs
         # the last round's extra work before drafting (a caller's timing aid): tokens the draft read, and
-        # tokens the target ran again for their states
+        # tokens the target ran again for their states; and whether a call of it ran eagerly while its
+        # graph compiles (its time is not what a round costs once they are built)
         self.caught_up = self.recomputed = 0
+        self.compiling = False
 
     def add_states(self, states: torch.Tensor) -> None:
         """The target's hidden states (n, d) at the positions after those already pending (a caller
@@ -322,7 +324,10 @@ class Speculation:
             warm = self._warm[slot] = decode.warmup(model, 1, capacity, self.device, width=width)
             if self.compile != "auto":
                 warm.ready.wait()
-        return warm.forward if warm.ready.is_set() and warm.failed is None else None
+        if not warm.ready.is_set():
+            self.compiling = True
+            return None
+        return warm.forward if warm.failed is None else None
 
     def _head(
         self, model: Transformer, h: torch.Tensor, z: torch.Tensor | None = None, full: bool = True
@@ -362,7 +367,7 @@ class Speculation:
         k = min(self.num_draft_tokens, budget)
         known = len(seq) - 1  # positions whose target state is known after this round's catch-up
         start = self.base + d_cache.length + len(self.pending)  # the first position whose state is missing
-        self.recomputed = 0
+        self.recomputed, self.compiling = 0, False
         if eagle and start > known:
             raise ValueError(f"{len(self.pending)} target states pending from position {start - len(self.pending)}: "
                              f"more than the {known} a sequence of {len(seq)} tokens has")  # fmt: skip

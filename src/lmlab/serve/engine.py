@@ -632,9 +632,9 @@ class Engine:
         if speculative:
             steady = self._speculative_step()
         else:
-            self._decode_step()
-            steady = True
-        # not timed: a round whose draft first caught up (on a prompt, on plain steps: a one-off cost), and a
+            steady = self._decode_step()
+        # not timed: a round whose draft first caught up (on a prompt, on plain steps: a one-off cost), a step
+        # or round that ran eagerly while its graph compiles (not what that way costs once it is built), and a
         # step that ended the request (tokens past an EOS or a stop string, a cancel, the row's freeing)
         if steady and not seq.finished:
             self.policy.record(speculative, time.perf_counter() - start, seq.generated - before)
@@ -679,13 +679,16 @@ class Engine:
             if seq.finished:
                 break
         self._free_finished()
-        return seq.spec.recomputed == 0 and seq.spec.caught_up <= self.num_draft_tokens + 1
+        spec = seq.spec
+        return spec.recomputed == 0 and spec.caught_up <= self.num_draft_tokens + 1 and not spec.compiling
 
-    def _decode_step(self) -> None:
-        """One forward for every live row, then each row's next token."""
+    def _decode_step(self) -> bool:
+        """One forward for every live row, then each row's next token. False when the forward ran eagerly
+        while its compiled graph is still to come."""
         self.cache.ensure_room(1)
         n = len(self._rows)
         bucket, graph = self._graph(n)
+        final = graph is not None or not self.compile or (self._bucket(n), self.cache.capacity) in self._failed
         if graph is not None:
             view, mask = self.cache.static_view(bucket)
             ids = [[s.last] for s in self._rows] + [[self.pad_id]] * (bucket - n)
@@ -712,6 +715,7 @@ class Engine:
             tok = greedy[i] if seq.plain_greedy else self._select(seq, logits[i : i + 1])
             self._accept(seq, tok, logp[i : i + 1] if logp is not None else None)
         self._free_finished()
+        return final
 
     def _graph(self, rows: int) -> tuple[int, Any]:
         """(bucket, its compiled decode graph at the cache's width), or (rows, None) to run eagerly,
