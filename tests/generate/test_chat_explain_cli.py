@@ -82,6 +82,30 @@ def test_chat_with_a_draft_streams_the_same_answers(smol):
         next(speculative_stream(model, draft, tok, prompt, cfg.replace(num_beams=2)))
 
 
+def test_chat_answers_decoded_while_graphs_compile_are_not_timed(smol, monkeypatch):
+    """With compile "auto", answers that ran (partly) eagerly while a graph compiles do not count for the
+    policy (their speed is not what either way costs once compiled): it records nothing and keeps
+    measuring, speculatively, and the answers stay the plain chat's."""
+    import threading
+
+    from lmlab.generate import decode
+    from lmlab.generate.speculative import truncated_draft
+
+    class Pending:  # a compile that never finishes
+        ready, failed = threading.Event(), None
+
+    monkeypatch.setattr(decode, "warmup", lambda *a, **k: Pending)
+    monkeypatch.setattr(decode, "compiles_pending", lambda: 1)
+    model, tok = smol
+    cfg = GenerationConfig(max_new_tokens=8, compile="auto")
+    plain = ChatSession(model, tok, cfg)
+    fast = ChatSession(model, tok, cfg, draft=truncated_draft(model, 6), num_draft_tokens=3)
+    for question in ("What is the capital of France?", "And of Italy?"):
+        assert "".join(fast.reply(question)) == "".join(plain.reply(question))
+        assert fast.stats is not None  # still measuring: speculative first
+    assert fast.policy.seen == {True: 0, False: 0}
+
+
 def test_explain_stages_reshape_as_defined(smol, tmp_path):
     model, tok = smol
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a joke."}], add_generation_prompt=True)

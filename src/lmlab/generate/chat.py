@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from lmlab.errors import LmlabError
+from lmlab.generate import decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
 from lmlab.generate.speculation_policy import SpeculationPolicy
@@ -88,13 +89,18 @@ class ChatSession:
             answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
                                         self.num_draft_tokens, stats=self.stats, **extra)  # fmt: skip
         start = first = None
+        # an answer decoded (partly) eagerly while its graphs compile is not timed: it is not what either
+        # way costs once they are built
+        compiling = False
         for piece in answer:
             if start is None:  # the clock starts at the first piece: decoding, not the prompt's prefill
                 start, first = time.perf_counter(), len(piece)
+                compiling = bool(self.config.compile and decode.compiles_pending())
             pieces.append(piece)
             yield piece
         text = "".join(pieces)
-        if self.policy is not None and start is not None:
+        compiling = compiling or bool(self.config.compile and decode.compiles_pending())
+        if self.policy is not None and start is not None and not compiling:
             self.policy.record(speculative, time.perf_counter() - start, len(text) - first)
         self.messages.append({"role": "assistant", "content": text})
 
