@@ -72,3 +72,15 @@ def test_a_one_step_exploration_that_finds_a_new_winner_starts_the_wait_over():
     # the due look at plain steps finds them 5x faster: plain from then on, rounds looked at after 4
     assert ways == [False] + [False] * 4 + [True] and policy.every == 4
     assert policy.reason == "exploring"
+
+
+def test_rounds_are_rated_by_their_tokens_not_by_a_mean_of_per_round_rates():
+    """Rounds of 24 ms giving 1 and 3 tokens in turn make 12 ms a token over a run; plain steps take 14 ms.
+    The policy must see rounds as faster (a mean of per-round rates, 24 and 8 ms, would say 16 ms)."""
+    policy = SpeculationPolicy()
+    for i in range(40):
+        policy.record(True, 0.024, 1 + 2 * (i % 2))
+    for _ in range(10):
+        policy.record(False, 0.014, 1)
+    assert policy.cost[True] == pytest.approx(0.012, rel=0.15)
+    assert policy.speculate() is True and policy.reason == "faster"

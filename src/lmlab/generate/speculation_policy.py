@@ -19,8 +19,10 @@ from __future__ import annotations
 class SpeculationPolicy:
     """Chooses, before each step (or answer), speculative rounds (True) or plain steps (False).
 
-    `mode` "always" always speculates (tests, benchmarks of the rounds themselves); "auto" keeps a
-    running mean of seconds per generated token for each way (each recorded step weighs `alpha`),
+    `mode` "always" always speculates (tests, benchmarks of the rounds themselves); "auto" keeps
+    seconds per generated token for each way, as running means of seconds and of tokens per step (each
+    recorded step weighs `alpha`; their ratio, so that a round of 5 tokens counts 5 times what a round of
+    1 does, as in a long run, where a mean of per-step ratios would rate rounds slower than they are),
     takes the faster, and after `explore_every` steps spends `burst` steps on the other one so its
     estimate stays current (an exploration's steps replace the old estimate, which may date from
     before the compiled step was ready). Each exploration that finds the same way faster doubles the wait before
@@ -36,6 +38,7 @@ class SpeculationPolicy:
         self.mode, self.explore_every, self.burst, self.alpha = mode, explore_every, burst, alpha
         self.max_every, self.every = max_every, explore_every  # `every`: the current wait between explorations
         self.cost: dict[bool, float | None] = {True: None, False: None}  # seconds per token, per way
+        self.mean: dict[bool, tuple[float, float] | None] = {True: None, False: None}  # (seconds, tokens) a step
         self.seen = {True: 0, False: 0}  # steps recorded per way
         self.steps = 0  # decisions since the last exploration ended
         self.exploring = False  # the way an exploration burst takes
@@ -70,10 +73,14 @@ class SpeculationPolicy:
         """A lone step went `speculative` way and gave `tokens` tokens in `seconds`."""
         if tokens <= 0:
             return
-        per_token = seconds / tokens
-        old = self.cost[speculative] if self.stale != speculative else None
+        old = self.mean[speculative] if self.stale != speculative else None
         self.stale = None if self.stale == speculative else self.stale
-        self.cost[speculative] = per_token if old is None else old + self.alpha * (per_token - old)
+        if old is None:
+            mean = (seconds, float(tokens))
+        else:
+            mean = (old[0] + self.alpha * (seconds - old[0]), old[1] + self.alpha * (tokens - old[1]))
+        self.mean[speculative] = mean
+        self.cost[speculative] = mean[0] / mean[1]
         self.seen[speculative] += 1
 
     def speedup(self) -> float | None:
