@@ -124,26 +124,21 @@ def _eager_graphs(monkeypatch) -> list[int]:
     return widths
 
 
-@pytest.mark.parametrize("kind", ["eagle", "self"])
-@pytest.mark.parametrize("compile", [False, True])
-def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, compile, monkeypatch):
-    """Request 0 speculates alone, runs in the batch while 1 and 2 do (plain steps; its draft falls
-    behind), then speculates alone again, its draft catching up on the batch's tokens: every greedy
-    answer is still generate's, and every target state an EAGLE draft read is the target's own state at
-    that position, computed from scratch. With `compile`, the rounds' calls go through (stand-in) graphs of
-    fixed width over a static view of the slot cache, and plain steps through the decode graphs."""
+def _record_reads(monkeypatch, draft) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
+    """Records, at each round's start, the target states the draft reads there (first position, states), and
+    after each round how many tokens it ran the target again for (`Speculation.recomputed`)."""
     from lmlab.generate.speculative import Speculation
 
-    model, tok = tiny
-    widths = _eager_graphs(monkeypatch) if compile else []
-    draft = _draft(model, kind)
-    reads: list[tuple[int, torch.Tensor]] = []  # (first position, states) the draft read at each round's start
+    reads: list[tuple[int, torch.Tensor]] = []
+    recomputed: list[int] = []
     real_round, real_hidden = Speculation.round, draft.hidden_states
     first_call: list = [None]  # the Speculation whose round just began
 
     def round_(self, seq, t_cache, budget):
         first_call[0] = self
-        return real_round(self, seq, t_cache, budget)
+        new = real_round(self, seq, t_cache, budget)
+        recomputed.append(self.recomputed)
+        return new
 
     def hidden(ids, kv_cache=None, features=None, **kw):
         if threading.current_thread().name == "lmlab-compile":  # a stand-in graph's warm-up call
@@ -159,6 +154,61 @@ def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, comp
 
     monkeypatch.setattr(Speculation, "round", round_)
     monkeypatch.setattr(draft, "hidden_states", hidden)
+    return reads, recomputed
+
+
+def _assert_target_states(model, prompt: list[int], tokens: list[int], reads) -> None:
+    """Every state the draft read equals the target's own at that position, computed from scratch."""
+    full = model.hidden_states(torch.tensor([prompt + tokens]))[0]  # (P + n, d), no cache
+    for start, f in reads:
+        torch.testing.assert_close(f, full[start : start + len(f)], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_lone_plain_steps_hand_their_states_to_the_eagle_draft(tiny, monkeypatch, compile):
+    """A lone request whose steps go round, plain, plain, plain, round, ... (as auto mode may): each plain
+    step keeps its final state for the EAGLE draft, so no round after the first runs the target again for
+    states, every state read is the target's own, and the answer is generate's. Eager and (stand-in)
+    compiled: there the plain step is the target's one-token rows graph."""
+    model, tok = tiny
+    widths = _eager_graphs(monkeypatch) if compile else []
+    draft = _draft(model, "eagle")
+    reads, recomputed = _record_reads(monkeypatch, draft)
+    engine = Engine(model, tok, max_batch=2, draft=draft, draft_confidence=0.0, compile=compile)
+    if compile and not engine.compile:
+        pytest.skip("compiled serving needs lmlab's CPU kernels (AVX-512)")
+    ways = iter([True, False, False, False] * 100)
+    monkeypatch.setattr(engine.policy, "speculate", lambda: next(ways))
+    engine.start()
+    try:
+        prompt = tok.encode("Once upon a time")
+        if compile:  # the graphs' compiles first (stand-ins: at once), so that every plain step can use them
+            _run(engine, tok.encode("hi"), GenerationConfig(max_new_tokens=3), ignore_eos=True)
+            reads.clear(), recomputed.clear()
+        col = _run(engine, prompt, GenerationConfig(max_new_tokens=40), ignore_eos=True)
+    finally:
+        engine.close()
+    want = lmlab.generate(model, tok, prompt, GenerationConfig(max_new_tokens=40, stop_token_ids=[]))[0]
+    assert col.texts[0] == want.text and engine.m_steps.value() > 0
+    assert len(recomputed) >= 8 and not any(recomputed)  # plain steps kept every state
+    assert any(len(f) >= 4 for _, f in reads[1:])  # a catch-up over a round's tokens and 3 plain steps' states
+    _assert_target_states(model, prompt, want.token_ids, reads)
+    if compile:
+        assert 1 in widths  # the plain steps as the one-token rows graph
+
+
+@pytest.mark.parametrize("kind", ["eagle", "self"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, compile, monkeypatch):
+    """Request 0 speculates alone, runs in the batch while 1 and 2 do (plain steps; its draft falls
+    behind), then speculates alone again, its draft catching up on the batch's tokens: every greedy
+    answer is still generate's, and every target state an EAGLE draft read is the target's own state at
+    that position, computed from scratch. With `compile`, the rounds' calls go through (stand-in) graphs of
+    fixed width over a static view of the slot cache, and plain steps through the decode graphs."""
+    model, tok = tiny
+    widths = _eager_graphs(monkeypatch) if compile else []
+    draft = _draft(model, kind)
+    reads, _ = _record_reads(monkeypatch, draft)
     engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft, speculate="always", compile=compile)
     if compile and not engine.compile:
         pytest.skip("compiled serving needs lmlab's CPU kernels (AVX-512)")
@@ -176,12 +226,10 @@ def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, comp
         engine.close()
     if kind == "eagle":
         ids = lmlab.generate(model, tok, prompts[0], GenerationConfig(max_new_tokens=60, stop_token_ids=[]))[0]
-        full = model.hidden_states(torch.tensor([prompts[0] + ids.token_ids]))[0]  # (P + 60, d), no cache
         assert reads[0][0] == 0 and len(reads[0][1]) == len(prompts[0])  # the prompt's, from its prefill
         # back from the batch: a catch-up over more tokens than one round gives (4 drafted + 1), recomputed
         assert any(len(f) > 5 for _, f in reads[1:])
-        for start, f in reads:
-            torch.testing.assert_close(f, full[start : start + len(f)], atol=1e-4, rtol=1e-4)
+        _assert_target_states(model, prompts[0], ids.token_ids, reads)
 
 
 def test_stop_strings_and_sampling(tiny):

@@ -165,6 +165,9 @@ class _Sequence:
         self.finished = False
         self.spec: Speculation | None = None  # its speculative state, from its first round alone
         self.states: torch.Tensor | None = None  # the prompt's final hidden states, for an EAGLE draft
+        # whether the target states an EAGLE draft will read (`states`, or `spec.pending`) reach the newest
+        # fed token: lone plain steps hand theirs on, so a round after them need not run the target again
+        self.synced = False
 
     @property
     def last(self) -> int:
@@ -237,6 +240,7 @@ class Engine:
         self._wanted: list[tuple[int, int]] = []
         self._compiling: tuple[tuple[int, int], Any, float] | None = None
         self._failed: set[tuple[int, int]] = set()
+        self._rows1: dict[int, Any] = {}  # cache width -> the target's one-token rows graph's compile
         if self.compile:
             self._wanted.append((1, self.cache.capacity))  # a lone chat first; other buckets when needed
         self._init_metrics(registry or Registry())
@@ -600,6 +604,7 @@ class Engine:
             for j in range(req.n):
                 seq = _Sequence(req, j, self.tokenizer)
                 seq.states = states  # (each sibling of n > 1 may end up alone)
+                seq.synced = states is not None
                 row = self.cache.add_row(tmp.k[:, i, :, W - P : W], tmp.v[:, i, :, W - P : W])
                 assert row == len(self._rows)
                 self._rows.append(seq)
@@ -678,6 +683,7 @@ class Engine:
             self._accept(seq, tok, None)
             if seq.finished:
                 break
+        seq.synced = True  # the round's checked states are pending, up to the newest token
         self._free_finished()
         spec = seq.spec
         return spec.recomputed == 0 and spec.caught_up <= self.num_draft_tokens + 1 and not spec.compiling
@@ -689,7 +695,18 @@ class Engine:
         n = len(self._rows)
         bucket, graph = self._graph(n)
         final = graph is not None or not self.compile or (self._bucket(n), self.cache.capacity) in self._failed
-        if graph is not None:
+        states = None  # a lone row's final hidden state, for its EAGLE draft
+        with_states = self.eagle and n == 1 and self._rows[0].synced
+        rows = self._rows_graph() if with_states and graph is not None else None
+        # with the step compiled but not yet (or never) its rows twin: the fast step, the state left out
+        with_states = with_states and (graph is None or rows is not None)
+        if rows is not None:  # the step as a one-token rows graph: the same forward, its state kept
+            view, mask = self.cache.static_view(1)
+            h, z = rows(torch.tensor([[self._rows[0].last]], device=self.device), attention_mask=mask, kv_cache=view)
+            logits, states = self.model.full_vocab(z[:, -1]).float(), h[0]
+            self.cache.advance_static()
+            self.m_compiled.inc()
+        elif graph is not None:
             view, mask = self.cache.static_view(bucket)
             ids = [[s.last] for s in self._rows] + [[self.pad_id]] * (bucket - n)
             tokens = torch.tensor(ids, device=self.device)
@@ -705,7 +722,19 @@ class Engine:
             mask = self.cache.step_mask()
             tokens = torch.tensor([[s.last] for s in self._rows], device=self.device)
             with cpu_kernels.for_rows(n, self.device):
-                logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1].float()
+                if with_states:
+                    h = self.model.hidden_states(tokens, attention_mask=mask, kv_cache=self.cache)
+                    logits, states = self.model.full_vocab(self.model.lm_head(h[:, -1])).float(), h[0]
+                else:
+                    logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1]
+                    logits = logits.float()
+        for seq in self._rows:  # a row whose state was not kept: its draft will have to recompute it
+            if states is None:
+                seq.synced = False
+            elif seq.spec is not None:
+                seq.spec.add_states(states)
+            else:
+                seq.states = torch.cat([seq.states, states])
         self.m_steps.inc()
         self.m_rows.observe(len(self._rows))
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in self._rows) else None
@@ -716,6 +745,15 @@ class Engine:
             self._accept(seq, tok, logp[i : i + 1] if logp is not None else None)
         self._free_finished()
         return final
+
+    def _rows_graph(self) -> Any:
+        """The target's compiled one-token rows graph at the cache's width (final states and logits), for a
+        lone row whose EAGLE draft reads every state; None while it compiles (or if it failed)."""
+        warm = self._rows1.get(self.cache.capacity)
+        if warm is None:  # (once per width: the key's fingerprint of the model takes ~2 ms)
+            warm = self._rows1[self.cache.capacity] = decode.warmup(self.model, 1, self.cache.capacity, self.device,
+                                                                    width=1)  # fmt: skip
+        return warm.forward if warm.ready.is_set() and warm.failed is None else None
 
     def _graph(self, rows: int) -> tuple[int, Any]:
         """(bucket, its compiled decode graph at the cache's width), or (rows, None) to run eagerly,
