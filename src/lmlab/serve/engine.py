@@ -639,9 +639,10 @@ class Engine:
         else:
             steady = self._decode_step()
         # not timed: a round whose draft first caught up (on a prompt, on plain steps: a one-off cost), a step
-        # or round that ran eagerly while its graph compiles (not what that way costs once it is built), and a
+        # or round that ran eagerly while its graph compiles, or beside any compile (which takes the cores and
+        # the GIL: one-row steps measured 0.7-5 s beside one), neither being what that way costs later; and a
         # step that ended the request (tokens past an EOS or a stop string, a cancel, the row's freeing)
-        if steady and not seq.finished:
+        if steady and not seq.finished and not decode.compiles_pending():
             self.policy.record(speculative, time.perf_counter() - start, seq.generated - before)
 
     def _speculative_step(self) -> bool:
@@ -697,7 +698,9 @@ class Engine:
         final = graph is not None or not self.compile or (self._bucket(n), self.cache.capacity) in self._failed
         states = None  # a lone row's final hidden state, for its EAGLE draft
         with_states = self.eagle and n == 1 and self._rows[0].synced
-        rows = self._rows_graph() if with_states and graph is not None else None
+        # (asked for as soon as a lone row could use it, so that it compiles beside the step's own graph, early,
+        # rather than when that one is done: a compile slows every step running beside it several times over)
+        rows = self._rows_graph() if with_states and self.compile else None
         # with the step compiled but not yet (or never) its rows twin: the fast step, the state left out
         with_states = with_states and (graph is None or rows is not None)
         if rows is not None:  # the step as a one-token rows graph: the same forward, its state kept
