@@ -5,11 +5,11 @@ A server decides before each step of a lone request (serve/engine.py), a chat be
 
 A round pays when the draft guesses well enough that the tokens it wins outweigh its own steps and
 the extra rows of the target's check. That depends on the text (a draft agrees with the target on
-~70% of tokens in one kind of chat, ~30% in another), on the draft, and on how fast a plain step is:
-with SmolLM2's Q4_1 blocks a server's compiled one-row step ran ~110 tok/s, `generate`'s eager one
-~46, and eager rounds with a weak draft lost to the compiled step (docs/serve.md). So the engine measures both ways, as the seconds per token
-of each recent step, and takes the faster, trying the other one for a few steps now and then: the
-compiled graph arrives after a while, and a conversation may turn easier or harder to guess.
+~70% of tokens in one kind of chat, ~30% in another), on the draft, on the weights (a check of 5
+tokens costs about one step in float32, 2.5 with Q4_1 blocks on 2 cores: benchmarks/speculative_check.py)
+and on whether steps run compiled yet (docs/serve.md). So the engine measures both ways, as seconds per
+token over recent steps, and takes the faster, trying the other one for a few steps now and then: the
+compiled graphs arrive after a while, and a conversation may turn easier or harder to guess.
 (vLLM's dynamic speculative decoding makes the same choice from a cost model; this measures it.)
 """
 
@@ -37,7 +37,6 @@ class SpeculationPolicy:
             raise ValueError(f"speculate must be 'auto' or 'always', not {mode!r}")
         self.mode, self.explore_every, self.burst, self.alpha = mode, explore_every, burst, alpha
         self.max_every, self.every = max_every, explore_every  # `every`: the current wait between explorations
-        self.cost: dict[bool, float | None] = {True: None, False: None}  # seconds per token, per way
         self.mean: dict[bool, tuple[float, float] | None] = {True: None, False: None}  # (seconds, tokens) a step
         self.seen = {True: 0, False: 0}  # steps recorded per way
         self.steps = 0  # decisions since the last exploration ended
@@ -80,8 +79,12 @@ class SpeculationPolicy:
         else:
             mean = (old[0] + self.alpha * (seconds - old[0]), old[1] + self.alpha * (tokens - old[1]))
         self.mean[speculative] = mean
-        self.cost[speculative] = mean[0] / mean[1]
         self.seen[speculative] += 1
+
+    @property
+    def cost(self) -> dict[bool, float | None]:
+        """Seconds per generated token, per way (None: not measured yet)."""
+        return {way: m[0] / m[1] if m is not None else None for way, m in self.mean.items()}
 
     def speedup(self) -> float | None:
         """Measured plain seconds per token over speculative's: above 1, rounds pay."""

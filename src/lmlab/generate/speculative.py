@@ -28,7 +28,7 @@ from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.device import policy
 
 # the most tokens a round runs through the target again only to get an EAGLE draft its states, when it
-# fell behind (a server's plain steps): beyond that, the draft starts over on the last this many tokens
+# fell behind (a server's batched steps): beyond that, the draft starts over on the last this many tokens
 RECOMPUTE_WINDOW = 32
 
 # the default `confidence` (transformers' default too): with SmolLM2 and its distilled draft on a CPU,
@@ -233,7 +233,7 @@ class Speculation:
         self.base = 0  # the sequence position of the draft cache's first entry (> 0 once it started over)
         # an EAGLE draft's position i reads (the target's state after seq[i], seq[i + 1]). `pending`
         # holds the target's states from position base + d_cache.length on, the only ones the draft will
-        # read; `round` computes any it lacks (the first round, or a server's plain steps in between)
+        # read; `round` computes any it lacks (the first round, or a server's batched steps in between)
         p = next(target.parameters())
         self.pending = torch.empty(0, target.cfg.d_model, device=self.device, dtype=p.dtype)
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
@@ -377,7 +377,7 @@ class Speculation:
             if t_cache.length < start:
                 raise ValueError(f"the target's cache holds {t_cache.length} tokens; the draft needs {start}")
             if t_cache.length - start > RECOMPUTE_WINDOW:
-                # far behind (many plain steps): rather than rerun them all, the draft starts over on the
+                # far behind (many batched steps): rather than rerun them all, the draft starts over on the
                 # last RECOMPUTE_WINDOW tokens, reading positions from 0 again (RoPE sees only distances)
                 start = self.base = t_cache.length - RECOMPUTE_WINDOW
                 d_cache.length, self.pending = 0, self.pending[:0]

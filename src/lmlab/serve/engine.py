@@ -49,7 +49,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
-from lmlab.generate.kv_cache import KVCache, StaticKVCache
+from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.speculation_policy import SpeculationPolicy
 from lmlab.generate.speculative import DRAFT_CONFIDENCE, Speculation, SpeculativeStats, check_draft
@@ -638,7 +638,7 @@ class Engine:
             steady = self._speculative_step()
         else:
             steady = self._decode_step()
-        # not timed: a round whose draft first caught up (on a prompt, on plain steps: a one-off cost), a step
+        # not timed: a round whose draft first caught up (on a prompt, on other steps: a one-off cost), a step
         # or round that ran eagerly while its graph compiles, or beside any compile (which takes the cores and
         # the GIL: one-row steps measured 0.7-5 s beside one), neither being what that way costs later; and a
         # step that ended the request (tokens past an EOS or a stop string, a cancel, the row's freeing)
@@ -666,12 +666,9 @@ class Engine:
                 seq.spec.add_states(seq.states)
                 seq.states = None
         before = (self.spec_stats.proposed, self.spec_stats.accepted)
-        # the row as a one-row static cache over the slot cache's own buffers, for the compiled check
-        t_cache = (
-            StaticKVCache.over([k[:1] for k in cache.k], [v[:1] for v in cache.v], cache.length)
-            if self.compile
-            else cache
-        )
+        # compiled: the row as a one-row static cache over the slot cache's own buffers (the mask column
+        # static_view opens is put right by settle())
+        t_cache = cache.static_view(1)[0] if self.compile else cache
         try:
             new = seq.spec.round(seq.ids, t_cache, budget)
         finally:
@@ -731,7 +728,7 @@ class Engine:
                 else:
                     logits = self.model(tokens, attention_mask=mask, kv_cache=self.cache, logits_to_keep=1)[:, -1]
                     logits = logits.float()
-        for seq in self._rows:  # a row whose state was not kept: its draft will have to recompute it
+        for seq in self._rows if self.eagle else ():  # a row whose state was not kept: its draft recomputes it
             if states is None:
                 seq.synced = False
             elif seq.spec is not None:
