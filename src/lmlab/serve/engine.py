@@ -640,7 +640,7 @@ class Engine:
             steady = self._decode_step()
         # not timed: a round whose draft first caught up (on a prompt, on other steps: a one-off cost), a step
         # or round that ran eagerly while its graph compiles, or beside any compile (which takes the cores and
-        # the GIL: one-row steps measured 0.7-5 s beside one), neither being what that way costs later; and a
+        # the GIL: one-row steps ran many times slower beside one), neither being what that way costs later; and a
         # step that ended the request (tokens past an EOS or a stop string, a cancel, the row's freeing)
         if steady and not seq.finished and not decode.compiles_pending():
             self.policy.record(speculative, time.perf_counter() - start, seq.generated - before)
