@@ -106,6 +106,56 @@ def test_chat_answers_decoded_while_graphs_compile_are_not_timed(smol, monkeypat
     assert fast.policy.seen == {True: 0, False: 0}
 
 
+def test_chat_compiles_the_next_answers_graphs_while_the_user_types(smol, monkeypatch):
+    """With compile "auto", the REPL starts the background compiles of the graphs the next answer runs
+    before it reads the question: every graph an answer to a short question asks for, plain or
+    speculative, was asked for before its question was read, also when the conversation outgrows a
+    graph width (here 64 -> 128 -> 256 columns). The compiles never finish here: answers run eagerly."""
+    import threading
+
+    from lmlab.generate import decode
+    from lmlab.generate.speculative import truncated_draft
+
+    class Pending:  # a compile that never finishes
+        ready, failed = threading.Event(), None
+
+    events = []
+
+    def warmup(model, batch, capacity, device, key=None, width=0):
+        events.append((id(model), batch, capacity, width))
+        return Pending
+
+    monkeypatch.setattr(decode, "warmup", warmup)
+    model, tok = smol
+    cfg = GenerationConfig(max_new_tokens=8, compile="auto")
+    questions = ["What is the capital of France?", "And of Italy?", "And of Spain?", "Of Peru?", "Chile?", "Japan?"]
+    for draft in (None, truncated_draft(model, 6)):
+        session = ChatSession(model, tok, cfg, draft=draft, num_draft_tokens=3)
+        events.clear()
+        lines = iter([*questions, "/quit"])
+        real = session.precompile
+
+        def precompile(real=real):
+            events.append("precompile")
+            real()
+
+        def read(_, lines=lines):
+            events.append("read")
+            return next(lines)
+
+        monkeypatch.setattr(session, "precompile", precompile)
+        repl(session, read=read, write=lambda s: None)
+        reads = [i for i, e in enumerate(events) if e == "read"]
+        assert len(reads) == len(questions) + 1
+        for r in reads[:-1]:  # each answer's lookups: from its read to the next precompile
+            end = events.index("precompile", r)
+            asked = set(events[r + 1 : end])
+            assert asked and asked <= set(events[:r]), (events[r - 1 :], asked - set(events[:r]))
+        widths = {e[2] for e in events if isinstance(e, tuple)}
+        assert {64, 128, 256} <= widths, widths
+        assert (draft is not None) == any(e[3] for e in events if isinstance(e, tuple))
+
+
 def test_explain_stages_reshape_as_defined(smol, tmp_path):
     model, tok = smol
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me a joke."}], add_generation_prompt=True)

@@ -114,3 +114,46 @@ def test_rounds_really_compiled_match():
     compiled = [k for k in decode._compiled if k[0] in (id(target), id(draft)) and k[4]]
     # the target's check (3 rows) and the draft's step (1 row); an untrained draft's catch-up is one token too
     assert {(k[0] == id(draft), k[4]) for k in compiled} >= {(False, 3), (True, 1)}
+
+
+def test_precompile_asks_for_the_graphs_an_answer_then_runs(monkeypatch):
+    """`decode.precompile` and `speculative.precompile` (what a chat compiles while its user types) ask
+    for the very graphs a plain or a speculative answer to a prompt of that length then looks up, for
+    prompt lengths on both sides of a width boundary (64 columns: plain steps cross it at 57 prompt
+    tokens + 8 new, rounds at 49 + 8 + 4 + 4 of room for a padded check)."""
+    from lmlab.generate import speculative
+
+    class Pending:  # a compile that never finishes: everything runs eagerly
+        ready, failed = threading.Event(), None
+
+    asked = []
+
+    def warmup(model, batch, capacity, device, key=None, width=0):
+        asked.append((id(model), batch, capacity, width))
+        return Pending
+
+    monkeypatch.setattr(decode, "warmup", warmup)
+    target = _tiny(0)
+    draft = truncated_draft(target, 1)
+    cfg = GenerationConfig(max_new_tokens=8, compile="auto")
+    widths = set()
+    for n in range(46, 60):
+        prompt = torch.randint(0, 512, (n,)).tolist()
+        asked.clear()
+        decode.precompile(target, n, cfg)
+        want = set(asked)
+        asked.clear()
+        generate(target, None, prompt, cfg)
+        assert set(asked) == want, n
+        asked.clear()
+        speculative.precompile(target, draft, n, cfg, 3)
+        want = set(asked)
+        asked.clear()
+        speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3)
+        # (the draft's catch-up graph is asked for only after a round it guessed all of)
+        assert (id(target), 1, max(e[2] for e in want), 4) in asked and set(asked) <= want, n
+        widths |= {e[2] for e in want}
+    assert widths == {64, 128}
+    asked.clear()
+    assert decode.precompile(target, 50, cfg.replace(compile=True)) is None
+    assert speculative.precompile(target, draft, 50, cfg.replace(compile=True), 3) == [] and not asked

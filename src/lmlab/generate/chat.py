@@ -11,7 +11,7 @@ from lmlab.generate import decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
 from lmlab.generate.speculation_policy import SpeculationPolicy
-from lmlab.generate.speculative import SpeculativeStats, check_draft, speculative_stream
+from lmlab.generate.speculative import SpeculativeStats, check_draft, precompile, speculative_stream
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 
@@ -70,10 +70,27 @@ class ChatSession:
             parsed = int(value)
         self.config = self.config.replace(**{name: parsed})
 
-    def prompt(self) -> str:
-        """The templated text for the next assistant turn."""
+    def prompt(self, messages: list[dict[str, str]] | None = None) -> str:
+        """The templated text for the next assistant turn (after `messages`, default the conversation's)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.apply_chat_template(system + self.messages, add_generation_prompt=True)
+        messages = self.messages if messages is None else messages
+        return self.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
+
+    def precompile(self, question_tokens: int = 64) -> None:
+        """Start compiling, in the background, the graphs the next answer will run, for a question of a
+        few tokens and of `question_tokens` (compile "auto" only). `repl` calls it while the user types:
+        a conversation outgrows its graphs' width (a power of two: `decode.capacity_for`) every few
+        answers, and the answer that crossed it ran eagerly while its graphs compiled on the same cores.
+        Graphs already built or compiling are only looked up."""
+        if self.config.compile != "auto":
+            return
+        # the next prompt: the conversation, an empty question's template around it, the question
+        n = len(self.tokenizer.encode(self.prompt([*self.messages, {"role": "user", "content": ""}])))
+        for length in (n, n + question_tokens):  # often one width; else the next one too, ahead of need
+            if self.policy is None or self.policy.mode != "always":
+                decode.precompile(self.model, length, self.config)
+            if self.draft is not None:
+                precompile(self.model, self.draft, length, self.config, self.num_draft_tokens)
 
     def reply(self, text: str) -> Iterator[str]:
         """Add a user turn and stream the assistant's answer; the answer joins the history when done."""
@@ -116,6 +133,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
 
     out(HELP + "\n")
     while True:
+        session.precompile()  # while the user types
         try:
             line = read("you> ").strip()
         except (EOFError, KeyboardInterrupt):

@@ -105,6 +105,17 @@ def new_state(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Gen
     return DecodeState(input_ids, attention_mask, config.max_new_tokens, capacity_for(end) if config.compile else 0)
 
 
+def precompile(model: Transformer, prompt_len: int, config: GenerationConfig, batch: int = 1) -> _Warmup | None:
+    """Start the background compile of the decode graph that `batch` rows of a `prompt_len`-token
+    prompt under `config` will run (`new_state`'s capacity), so that it is built before they come: a
+    chat compiles while its user types. Only with compile "auto" (the decode loop's background
+    compile is this one, looked up by its key; with True the loop compiles on its own thread)."""
+    if config.compile != "auto":
+        return None
+    device = next(model.parameters()).device
+    return warmup(model, batch, capacity_for(prompt_len + config.max_new_tokens), device)
+
+
 def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = None, width: int = 0) -> Callable:
     """`model`'s forward under torch.compile for decode steps of `batch` rows over a static cache
     of `capacity` columns; built on first use (one graph serves every step) and kept for reuse.

@@ -169,7 +169,7 @@ def speculative_rounds(
     """The speculative loop: yields each round's new tokens (the accepted draft tokens and the target's
     own), up to an EOS (included) or max_new_tokens, and counts them into `stats`."""
     device = next(target.parameters()).device
-    max_len = len(prompt_ids) + config.max_new_tokens + num_draft_tokens + 1
+    max_len = _max_len(len(prompt_ids), config, num_draft_tokens)
     generator = None
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -183,6 +183,26 @@ def speculative_rounds(
         yield new
         if new[-1] in spec.eos:
             break
+
+
+def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -> int:
+    # the longest a sequence gets: a round may accept num_draft_tokens + 1 past max_new_tokens' last
+    return prompt_len + config.max_new_tokens + num_draft_tokens + 1
+
+
+def precompile(
+    target: Transformer, draft: Transformer, prompt_len: int, config: GenerationConfig, num_draft_tokens: int
+) -> list[decode._Warmup]:
+    """Start the background compiles of the graphs that compiled rounds over a `prompt_len`-token
+    prompt run (the target's check, the draft's step and catch-up: `Speculation._run`, over
+    `target_cache`'s and the draft cache's width), as `decode.precompile` does for plain steps: a chat
+    compiles them while its user types. Only with compile "auto"."""
+    if config.compile != "auto":
+        return []
+    width = num_draft_tokens + 1
+    capacity = decode.capacity_for(_max_len(prompt_len, config, num_draft_tokens) + width)
+    device = next(target.parameters()).device
+    return [decode.warmup(m, 1, capacity, device, width=w) for m, w in ((target, width), (draft, 1), (draft, width))]
 
 
 class Speculation:
