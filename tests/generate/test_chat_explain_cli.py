@@ -106,26 +106,14 @@ def test_chat_answers_decoded_while_graphs_compile_are_not_timed(smol, monkeypat
     assert fast.policy.seen == {True: 0, False: 0}
 
 
-def test_chat_compiles_the_next_answers_graphs_while_the_user_types(smol, monkeypatch):
+def test_chat_compiles_the_next_answers_graphs_while_the_user_types(smol, monkeypatch, pending_warmups):
     """With compile "auto", the REPL starts the background compiles of the graphs the next answer runs
     before it reads the question: every graph an answer to a short question asks for, plain or
     speculative, was asked for before its question was read, also when the conversation outgrows a
     graph width (here 64 -> 128 -> 256 columns). The compiles never finish here: answers run eagerly."""
-    import threading
-
-    from lmlab.generate import decode
     from lmlab.generate.speculative import truncated_draft
 
-    class Pending:  # a compile that never finishes
-        ready, failed = threading.Event(), None
-
-    events = []
-
-    def warmup(model, batch, capacity, device, key=None, width=0):
-        events.append((id(model), batch, capacity, width))
-        return Pending
-
-    monkeypatch.setattr(decode, "warmup", warmup)
+    events = pending_warmups
     model, tok = smol
     cfg = GenerationConfig(max_new_tokens=8, compile="auto")
     questions = ["What is the capital of France?", "And of Italy?", "And of Spain?", "Of Peru?", "Chile?", "Japan?"]

@@ -116,23 +116,14 @@ def test_rounds_really_compiled_match():
     assert {(k[0] == id(draft), k[4]) for k in compiled} >= {(False, 3), (True, 1)}
 
 
-def test_precompile_asks_for_the_graphs_an_answer_then_runs(monkeypatch):
+def test_precompile_asks_for_the_graphs_an_answer_then_runs(pending_warmups):
     """`decode.precompile` and `speculative.precompile` (what a chat compiles while its user types) ask
     for the very graphs a plain or a speculative answer to a prompt of that length then looks up, for
     prompt lengths on both sides of a width boundary (64 columns: plain steps cross it at 57 prompt
     tokens + 8 new, rounds at 49 + 8 + 4 + 4 of room for a padded check)."""
     from lmlab.generate import speculative
 
-    class Pending:  # a compile that never finishes: everything runs eagerly
-        ready, failed = threading.Event(), None
-
-    asked = []
-
-    def warmup(model, batch, capacity, device, key=None, width=0):
-        asked.append((id(model), batch, capacity, width))
-        return Pending
-
-    monkeypatch.setattr(decode, "warmup", warmup)
+    asked = pending_warmups
     target = _tiny(0)
     draft = truncated_draft(target, 1)
     cfg = GenerationConfig(max_new_tokens=8, compile="auto")
