@@ -8,6 +8,7 @@ figure beside `benchmarks/serve.py --draft` (the same draft in a server).
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft out/compress/eagle-small-int4
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --fp32-target
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --prompt-set tweets-en
 
 With --compile both sides run compiled graphs (plain decode steps; the rounds' target check and
 draft steps), compiled before timing: the figure a chat or a server gets once its compiles are done.
@@ -26,6 +27,7 @@ from lmlab.generate.speculative import DRAFT_CONFIDENCE, SpeculativeStats, load_
 from lmlab.model.checkpoint import load_pretrained
 
 sys.path.insert(0, str(Path(__file__).parent))
+from compress import chat_prompts  # held-out chat prompts
 from serve import TOPICS  # the serving benchmark's prompts
 
 
@@ -40,16 +42,25 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="compiled steps and rounds on both sides")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--confidence", type=float, default=DRAFT_CONFIDENCE, help="the draft's stopping threshold")
+    ap.add_argument("--prompt-set", choices=["topics", "chatterbot", "tweets-en"], default="topics",
+                    help="the serving benchmark's requests, or held-out chatterbot turns or tweets")  # fmt: skip
     args = ap.parse_args()
     target, tok = load_pretrained(args.model, dequantize=True if args.fp32_target else "auto")
     target.eval()
     draft = load_draft(args.draft, target)
-    asks = [f"Write a short paragraph about {t} (request {i})." for i, t in enumerate(TOPICS.split()[: args.prompts])]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True) for a in asks]
+    if args.prompt_set == "topics":
+        asks = [
+            f"Write a short paragraph about {t} (request {i})." for i, t in enumerate(TOPICS.split()[: args.prompts])
+        ]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True) for a in asks]
+    else:  # held-out user turns the drafts were not trained on (benchmarks/compress.py's draft stage)
+        prompts = chat_prompts(tok, args.prompts, args.prompt_set)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=args.compile)
-    generate(target, tok, prompts[0], cfg)  # kernels built, caches warm, graphs compiled
     spec = {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence}
-    speculative_generate(target, draft, tok, prompts[0], cfg, **spec)
+    # kernels built, caches warm, and every graph the prompts' lengths need compiled before timing
+    for p in prompts if args.compile else prompts[:1]:
+        generate(target, tok, p, cfg)
+        speculative_generate(target, draft, tok, p, cfg, **spec)
     times: dict[str, list[float]] = {"greedy": [], "draft": []}
     stats, identical = SpeculativeStats(), True
     for rep in range(args.repeats):
@@ -69,7 +80,7 @@ def main() -> int:
         ", compiled" if args.compile else ", eager"
     )
     print(f"{args.model} ({weights}), draft {args.draft} (k = {args.num_draft_tokens}, confidence "
-          f"{args.confidence}): {len(prompts)} prompts x {args.new_tokens} tokens")  # fmt: skip
+          f"{args.confidence}): {len(prompts)} {args.prompt_set} prompts x {args.new_tokens} tokens")  # fmt: skip
     print(f"greedy {n / g:.1f} tok/s, with the draft {n / d:.1f} tok/s: {g / d:.2f}x; drafted tokens accepted "
           f"{stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%}); outputs identical: {identical}")  # fmt: skip
     return 0
