@@ -11,7 +11,8 @@ from lmlab.generate import decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
 from lmlab.generate.speculation_policy import SpeculationPolicy
-from lmlab.generate.speculative import SpeculativeStats, check_draft, precompile, speculative_stream
+from lmlab.generate.speculative import SpeculativeStats, check_draft, speculative_stream
+from lmlab.generate.speculative import precompile as precompile_rounds
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 
@@ -90,7 +91,7 @@ class ChatSession:
             if self.policy is None or self.policy.mode != "always":
                 decode.precompile(self.model, length, self.config)
             if self.draft is not None:
-                precompile(self.model, self.draft, length, self.config, self.num_draft_tokens)
+                precompile_rounds(self.model, self.draft, length, self.config, self.num_draft_tokens)
 
     def reply(self, text: str) -> Iterator[str]:
         """Add a user turn and stream the assistant's answer; the answer joins the history when done."""

@@ -109,7 +109,7 @@ def precompile(model: Transformer, prompt_len: int, config: GenerationConfig, ba
     """Start the background compile of the decode graph that `batch` rows of a `prompt_len`-token
     prompt under `config` will run (`new_state`'s capacity), so that it is built before they come: a
     chat compiles while its user types. Only with compile "auto" (the decode loop's background
-    compile is this one, looked up by its key; with True the loop compiles on its own thread)."""
+    compile is this one, looked up by its key; with True the loop compiles in the caller's thread)."""
     if config.compile != "auto":
         return None
     device = next(model.parameters()).device

@@ -6,7 +6,7 @@ A server decides before each step of a lone request (serve/engine.py), a chat be
 A round pays when the draft guesses well enough that the tokens it wins outweigh its own steps and
 the extra rows of the target's check. That depends on the text (a draft agrees with the target on
 ~70% of tokens in one kind of chat, ~30% in another), on the draft, on the weights (a check of 5
-tokens costs about one step in float32, 2.5 with Q4_1 blocks on 2 cores: benchmarks/speculative_check.py)
+tokens costs about one step in float32, 2.2-2.5 with Q4_1 blocks on 2 cores: benchmarks/speculative_check.py)
 and on whether steps run compiled yet (docs/serve.md). So the engine measures both ways, as seconds per
 token over recent steps, and takes the faster, trying the other one for a few steps now and then: the
 compiled graphs arrive after a while, and a conversation may turn easier or harder to guess.

@@ -190,6 +190,11 @@ def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -
     return prompt_len + config.max_new_tokens + num_draft_tokens + 1
 
 
+def _capacity(max_len: int, width: int) -> int:
+    # a compiled round's static caches: room for a check padded to `width` past the sequence's end
+    return decode.capacity_for(max_len + width)
+
+
 def precompile(
     target: Transformer, draft: Transformer, prompt_len: int, config: GenerationConfig, num_draft_tokens: int
 ) -> list[decode._Warmup]:
@@ -200,7 +205,7 @@ def precompile(
     if config.compile != "auto":
         return []
     width = num_draft_tokens + 1
-    capacity = decode.capacity_for(_max_len(prompt_len, config, num_draft_tokens) + width)
+    capacity = _capacity(_max_len(prompt_len, config, num_draft_tokens), width)
     device = next(target.parameters()).device
     return [decode.warmup(m, 1, capacity, device, width=w) for m, w in ((target, width), (draft, 1), (draft, width))]
 
@@ -247,7 +252,7 @@ class Speculation:
         self._warm: dict[tuple, decode._Warmup] = {}  # (draft?, width, capacity) -> its graph's compile
         self.replays = policy(self.device).decode_compile_mode == "reduce-overhead"
         if self.compile:
-            self.d_cache = self._static(draft, decode.capacity_for(max_len + self.width))
+            self.d_cache = self._static(draft, _capacity(max_len, self.width))
         else:
             self.d_cache = KVCache.for_model(draft, 1, max_len)
         self.base = 0  # the sequence position of the draft cache's first entry (> 0 once it started over)
@@ -294,7 +299,7 @@ class Speculation:
         """A one-row cache for the target's keys/values of up to `max_len` tokens: static (room for a
         padded check past the end) where the rounds compile."""
         if self.compile:
-            return self._static(self.target, decode.capacity_for(max_len + self.width))
+            return self._static(self.target, _capacity(max_len, self.width))
         return KVCache.for_model(self.target, 1, max_len)
 
     def _static(self, model: Transformer, capacity: int) -> StaticKVCache:
