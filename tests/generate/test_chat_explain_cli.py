@@ -46,6 +46,40 @@ def test_chat_turns_enter_the_template(smol):
     assert prompt.count("<|im_start|>user") == 1 and answer in prompt
 
 
+def test_a_chat_turn_runs_only_its_new_tokens_and_answers_as_from_scratch(smol):
+    """The chat keeps its conversation's keys/values: after the first turn a turn's prefill is its
+    question and the template's few tokens around it (the answer's text, encoded again in the template,
+    is the tokens generated for it), and each answer is the one a chat that prefills everything gives,
+    also after /system and /reset change how the conversation begins."""
+    model, tok = smol
+    cfg = GenerationConfig(max_new_tokens=24)
+    kept, fresh = ChatSession(model, tok, cfg), ChatSession(model, tok, cfg)
+    fresh.past = None
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    try:
+        for turn, q in enumerate(["What is the capital of France?", "And of Italy?", "Name a river there.",
+                                  "/system You answer in one word.", "And of Spain?"]):  # fmt: skip
+            if q.startswith("/system"):
+                for s in (kept, fresh):
+                    s.system = q.split(" ", 1)[1]
+                    s.reset()
+                continue
+            prompt = tok.encode(kept.prompt([*kept.messages, {"role": "user", "content": q}]))
+            calls.clear()
+            answer = "".join(kept.reply(q))
+            assert answer == "".join(fresh.reply(q)), turn
+            question = len(tok.encode(q, add_special_tokens=False))
+            if turn in (1, 2):
+                # the answer's last token (never fed back), "<|im_end|>\n<|im_start|>user\n" (5), the question,
+                # "<|im_end|>\n<|im_start|>assistant\n" (5)
+                assert calls[0] <= question + 11, (turn, calls[0], question)
+            else:  # the first turn; a new system prompt: all of it (the default one's first tokens differ)
+                assert calls[0] >= len(prompt) - 8, (turn, calls[0], len(prompt))
+    finally:
+        hook.remove()
+
+
 def test_chat_with_a_draft_streams_the_same_answers(smol):
     """Speculative decoding in a chat: each turn streams exactly what the chat without a draft does,
     stop strings cut alike; a draft with another vocabulary is refused when the session opens."""

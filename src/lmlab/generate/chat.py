@@ -10,6 +10,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
+from lmlab.generate.kv_cache import PromptCache
 from lmlab.generate.speculation_policy import SpeculationPolicy
 from lmlab.generate.speculative import SpeculativeStats, check_draft, speculative_stream
 from lmlab.generate.speculative import precompile as precompile_rounds
@@ -46,6 +47,9 @@ class ChatSession:
         # with a middling draft do not beat (docs/serve.md); one answer the other way every 8 or more
         self.policy = SpeculationPolicy(speculate, explore_every=8, burst=1, alpha=0.5) if draft is not None else None
         self.messages: list[dict[str, str]] = []
+        # the conversation's keys/values, kept from answer to answer: a turn runs only its new tokens
+        # (the question, and the template's tokens around it) instead of the whole conversation again
+        self.past = PromptCache()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
@@ -100,12 +104,12 @@ class ChatSession:
         speculative = self.policy is not None and self.policy.speculate()
         self.stats = None
         if not speculative:
-            answer = stream(self.model, self.tokenizer, self.prompt(), self.config)
+            answer = stream(self.model, self.tokenizer, self.prompt(), self.config, past=self.past)
         else:
             extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
             self.stats = SpeculativeStats()
             answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
-                                        self.num_draft_tokens, stats=self.stats, **extra)  # fmt: skip
+                                        self.num_draft_tokens, stats=self.stats, past=self.past, **extra)  # fmt: skip
         start = first = None
         # an answer decoded (partly) eagerly while its graphs compile is not timed: it is not what either
         # way costs once they are built

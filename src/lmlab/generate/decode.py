@@ -19,7 +19,7 @@ import torch
 from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels
 from lmlab.generate.config import GenerationConfig
-from lmlab.generate.kv_cache import KVCache, StaticKVCache
+from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import IncrementalDecoder, StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
@@ -374,10 +374,21 @@ def decode_steps(
     config: GenerationConfig,
     eos: list[int],
     pad_id: int,
+    past: PromptCache | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields each step's tokens (B,). Rows the caller marks in
-    `state.finished` (a stop string, a cancelled request) stop like rows that produced EOS."""
+    `state.finished` (a stop string, a cancelled request) stop like rows that produced EOS.
+
+    `past` (one unpadded row): keys/values kept from an earlier call; the prompt's part that begins
+    with them is not run again, and when the steps end `past` keeps this call's (the prompt and the
+    tokens fed back so far) for the next."""
     B = state.ids.shape[0]
+    owner, reused = None, 0
+    if past is not None:
+        if B != 1 or state.padded:
+            raise ValueError("a prompt cache serves one unpadded row")
+        owner = prompt_cache_owner(model)
+        reused = past.reusable(state.ids[0, : state.prompt_len].tolist(), owner)
     procs = build_processors(config, state.prompt_len, config.sampling, state.mask[:, : state.prompt_len])
     generator = None
     if config.sampling and config.seed is not None:
@@ -393,13 +404,19 @@ def decode_steps(
         cache = static_cache(model, B, state.ids.shape[1], key)
         warm = warmup(model, B, state.ids.shape[1], state.ids.device, key) if background else None
         forward = compiled(model, B, state.ids.shape[1], key)
-        cache.advance(state.length)
-        logits = model(state.ids[:, : state.length], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
+        if past is not None:
+            past.fill(cache, reused)
+        cache.advance(state.length - reused)
+        logits = model(state.ids[:, reused : state.length], attention_mask=state.mask, kv_cache=cache,
+                       logits_to_keep=1)  # fmt: skip
         first_compiled = None  # the step at which the graph was first used (its guards are checked then)
     else:
         cache, forward = KVCache.for_model(model, B, state.end), model
+        if past is not None:
+            past.fill(cache, reused)
         mask = state.mask[:, : state.length] if state.padded else None
-        logits = model(state.ids[:, : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+        logits = model(state.ids[:, reused : state.length], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+    fed = state.length  # tokens whose keys/values the cache holds (a step's token is fed on the next step)
     logits = logits[:, -1]
     cache.in_use = True
     try:
@@ -425,6 +442,7 @@ def decode_steps(
                 if background and (not warm.ready.is_set() or warm.failed is not None):
                     with kernels:  # the graph is not ready (or failed): this step runs eagerly
                         logits = model(nxt[:, None], attention_mask=state.mask, kv_cache=cache, logits_to_keep=1)
+                    fed = state.length
                     logits = logits[:, -1]
                     continue
                 first_compiled = step if first_compiled is None else first_compiled
@@ -436,9 +454,19 @@ def decode_steps(
                 mask = state.mask[:, : state.length] if state.padded else None
                 with kernels:
                     logits = forward(nxt[:, None], attention_mask=mask, kv_cache=cache, logits_to_keep=1)
+            fed = state.length
             logits = logits[:, -1]
     finally:
         cache.in_use = False  # also when the caller stops early (a stop string, a closed stream)
+        if past is not None:  # (a step cut short by an exception left `fed` at the last whole one)
+            shared = any(c is cache for c in _caches.values())
+            past.keep(cache, state.ids[0, :fed].tolist(), owner, shared=shared)
+
+
+def prompt_cache_owner(model: Transformer) -> tuple[int, int]:
+    """Which model a PromptCache's keys/values belong to: the model and its `fingerprint` (a LoRA
+    attached or a layer quantized since gives other keys and values)."""
+    return id(model), fingerprint(model)
 
 
 def generate_ids(
@@ -550,10 +578,12 @@ def stream(
     tokenizer: Tokenizer,
     prompt: str | list[int],
     config: GenerationConfig | None = None,
+    past: PromptCache | None = None,
     **overrides,
 ) -> Iterator[str]:
     """Generate for one prompt, yielding text pieces as soon as they are complete characters; stop
-    strings are never shown (text that could begin one is held back until it cannot)."""
+    strings are never shown (text that could begin one is held back until it cannot). With `past`,
+    the prompt's part that an earlier call kept there is not run again (`decode_steps`)."""
     config = (config or GenerationConfig()).replace(**overrides) if overrides else (config or GenerationConfig())
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise LmlabError("streaming takes one sequence: num_beams and num_return_sequences must be 1")
@@ -561,7 +591,7 @@ def stream(
     pad_id = pad_token_id(model, tokenizer, eos)
     input_ids, mask = left_pad(_as_token_rows(tokenizer, prompt), pad_id, next(model.parameters()).device)
     state = new_state(input_ids, mask, config)
-    steps = decode_steps(model, state, config, eos, pad_id)
+    steps = decode_steps(model, state, config, eos, pad_id, past)
     try:
         yield from text_pieces((int(nxt[0]) for nxt in steps), tokenizer, eos, config.stop)
     finally:

@@ -118,3 +118,64 @@ class StaticKVCache:
     def nbytes(self) -> int:
         """Memory held by the buffers."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class PromptCache:
+    """The keys and values of one token sequence, kept between generate calls (a chat's conversation
+    so far), so that a prompt beginning with it runs only its new tokens, as llama.cpp's server does
+    with `cache_prompt` and transformers' `generate` with `past_key_values` passed back in.
+
+    A token's keys/values depend only on the tokens up to it, so the kept ones are what a fresh
+    prefill would compute for a shared prefix (to float rounding: a decode step's matmuls add in
+    another order than a prefill's). They are valid for the model that computed them with the
+    weights it had then (`owner`, set by the caller, says which model).
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.cache: KVCache | StaticKVCache | None = None
+        self.owner = None
+
+    def reusable(self, prompt: list[int], owner) -> int:
+        """How many of `prompt`'s first tokens have kept keys/values: the common prefix, at most all
+        but the last token (its logits start the answer), 0 for another model."""
+        if owner != self.owner or self.cache is None:
+            return 0
+        n = 0
+        for a, b in zip(self.ids, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def fill(self, cache: KVCache | StaticKVCache, n: int) -> None:
+        """Copy the first `n` kept tokens' keys/values into the fresh `cache` (one row), whose next call
+        writes after them."""
+        if n:
+            for (sk, sv), (dk, dv) in zip(_layers(self.cache), _layers(cache)):
+                h = min(sk.shape[1], dk.shape[1])  # a pruned model's layers may have fewer KV heads
+                dk[:, :h, :n] = sk[:, :h, :n]
+                dv[:, :h, :n] = sv[:, :h, :n]
+        cache.length = n
+
+    def keep(self, cache: KVCache | StaticKVCache, ids: list[int], owner, shared: bool = False) -> None:
+        """Keep `cache`'s first len(ids) tokens (those of `ids`). A `shared` cache (a kept CUDA-graph
+        cache that the next decode writes over) is copied; any other is held as it is."""
+        if shared:
+            n = len(ids)
+            copy = StaticKVCache.__new__(StaticKVCache)
+            copy.k = [t[:, :, :n].clone() for t in cache.k]
+            copy.v = [t[:, :, :n].clone() for t in cache.v]
+            cache = copy
+        self.cache, self.ids, self.owner = cache, list(ids), owner
+
+    def clear(self) -> None:
+        """Forget what is kept (and free its memory)."""
+        self.cache, self.ids, self.owner = None, [], None
+
+
+def _layers(cache: KVCache | StaticKVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) buffers (B, H_kv, columns, head_dim), for either kind of cache."""
+    if isinstance(cache.k, list):
+        return list(zip(cache.k, cache.v))
+    return [(cache.k[i], cache.v[i]) for i in range(cache.k.shape[0])]

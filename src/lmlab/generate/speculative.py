@@ -20,7 +20,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
-from lmlab.generate.kv_cache import KVCache, StaticKVCache
+from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
@@ -139,15 +139,17 @@ def speculative_stream(
     num_draft_tokens: int = 4,
     confidence: float = DRAFT_CONFIDENCE,
     stats: SpeculativeStats | None = None,
+    past: PromptCache | None = None,
 ) -> Iterator[str]:
     """`speculative_generate` as `decode.stream` shows text: pieces as each round's accepted tokens
-    complete characters, stop strings never shown. `stats`, if given, fills in as rounds go."""
+    complete characters, stop strings never shown. `stats`, if given, fills in as rounds go; `past`
+    as in `decode.stream` (the target's keys/values)."""
     config = config or GenerationConfig()
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise LmlabError("speculative decoding takes one sequence: num_beams and num_return_sequences must be 1")
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
     rounds = speculative_rounds(target, draft, tokenizer, prompt_ids, config, num_draft_tokens, confidence,
-                                stats if stats is not None else SpeculativeStats())  # fmt: skip
+                                stats if stats is not None else SpeculativeStats(), past)  # fmt: skip
     try:
         yield from text_pieces((t for new in rounds for t in new), tokenizer, stop_token_ids(target, tokenizer, config),
                                config.stop)  # fmt: skip
@@ -165,9 +167,14 @@ def speculative_rounds(
     num_draft_tokens: int,
     confidence: float,
     stats: SpeculativeStats,
+    past: PromptCache | None = None,
 ) -> Iterator[list[int]]:
     """The speculative loop: yields each round's new tokens (the accepted draft tokens and the target's
-    own), up to an EOS (included) or max_new_tokens, and counts them into `stats`."""
+    own), up to an EOS (included) or max_new_tokens, and counts them into `stats`.
+
+    `past`: the target's keys/values kept from an earlier call (`decode.decode_steps`); the prompt's
+    part that begins with them is not run again, and `past` keeps this call's when the rounds end. (An
+    EAGLE draft then reads the target's states of the last RECOMPUTE_WINDOW kept tokens, run again.)"""
     device = next(target.parameters()).device
     max_len = _max_len(len(prompt_ids), config, num_draft_tokens)
     generator = None
@@ -176,13 +183,23 @@ def speculative_rounds(
     spec = Speculation(target, draft, config, build_processors(config, len(prompt_ids), config.sampling), generator,
                        stop_token_ids(target, tokenizer, config), max_len, num_draft_tokens, confidence, stats)  # fmt: skip
     t_cache = spec.target_cache(max_len)
+    owner = decode.prompt_cache_owner(target) if past is not None else None
+    if past is not None:
+        past.fill(t_cache, past.reusable(prompt_ids, owner))
     seq = list(prompt_ids)
-    while len(seq) - len(prompt_ids) < config.max_new_tokens:
-        new = spec.round(seq, t_cache, config.max_new_tokens - (len(seq) - len(prompt_ids)))
-        seq += new
-        yield new
-        if new[-1] in spec.eos:
-            break
+    whole = True  # between rounds the cache holds seq[:-1] (a round cut short by an exception: unknown)
+    try:
+        while len(seq) - len(prompt_ids) < config.max_new_tokens:
+            whole = False
+            new = spec.round(seq, t_cache, config.max_new_tokens - (len(seq) - len(prompt_ids)))
+            seq += new
+            whole = True
+            yield new
+            if new[-1] in spec.eos:
+                break
+    finally:
+        if past is not None and whole:  # (else `past` keeps what it had: fill copied it)
+            past.keep(t_cache, seq[: t_cache.length], owner)
 
 
 def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -> int:

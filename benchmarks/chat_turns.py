@@ -1,0 +1,72 @@
+"""A chat of several turns with the conversation's keys/values kept between answers (what `lmlab chat`
+does: `ChatSession.past`) and without (each turn prefills the whole conversation again), side by side
+in one process, turn by turn: time to the first piece of each answer and to its last, and the tokens
+each turn ran through its prefill. The answers must be the same both ways.
+
+Compile "auto" as the chat runs; the graphs are built before each timed answer (`wait_for_compiles`),
+so both ways time compiled steps and only the prefill differs.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py [--model smollm2-135m-instruct] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from chat_widths import QUESTIONS
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+
+    import torch
+
+    from lmlab.generate import GenerationConfig, decode
+    from lmlab.generate.chat import ChatSession
+    from lmlab.model.checkpoint import load_pretrained
+
+    torch.set_num_threads(torch.get_num_threads())
+    model, tok = load_pretrained(args.model, dequantize="auto")  # as `lmlab chat` loads it
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, compile="auto")
+    kept, fresh = ChatSession(model, tok, cfg), ChatSession(model, tok, cfg)
+    fresh.past = None
+    owner = decode.prompt_cache_owner(model)
+
+    def answer(session: ChatSession, q: str) -> tuple[str, float, float, int]:
+        session.precompile()
+        decode.wait_for_compiles()
+        ids = tok.encode(session.prompt([*session.messages, {"role": "user", "content": q}]))
+        prefill = len(ids) - (session.past.reusable(ids, owner) if session.past is not None else 0)
+        t = time.perf_counter()
+        first, pieces = None, []
+        for piece in session.reply(q):
+            first = first or time.perf_counter() - t
+            pieces.append(piece)
+        return "".join(pieces), first or 0.0, time.perf_counter() - t, prefill
+
+    print(f"{args.model}, {args.new_tokens} new tokens per answer, compiled steps; kept = keys/values kept between "
+          f"turns, fresh = the whole conversation prefilled each turn")  # fmt: skip
+    print(f"{'turn':>4} {'prompt':>6} {'prefilled kept/fresh':>21} {'first piece s kept/fresh':>25} "
+          f"{'answer s kept/fresh':>20} {'answer':>7}")  # fmt: skip
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for i, q in enumerate(QUESTIONS):
+        prompt = len(tok.encode(kept.prompt([*kept.messages, {"role": "user", "content": q}])))
+        a_kept, f_kept, s_kept, n_kept = answer(kept, q)
+        a_fresh, f_fresh, s_fresh, n_fresh = answer(fresh, q)
+        if a_kept != a_fresh:
+            raise SystemExit(f"turn {i + 1}: the answers differ:\n{a_kept!r}\n{a_fresh!r}")
+        for j, v in enumerate((f_kept, f_fresh, s_kept, s_fresh)):
+            totals[j] += v
+        print(f"{i + 1:>4} {prompt:>6} {n_kept:>10}/{n_fresh:<10} {f_kept:>12.3f}/{f_fresh:<12.3f} "
+              f"{s_kept:>9.2f}/{s_fresh:<10.2f} {len(tok.encode(a_kept, add_special_tokens=False)):>7}")  # fmt: skip
+    print(f"all turns: first pieces {totals[0]:.2f} s kept / {totals[1]:.2f} s fresh ({totals[1] / totals[0]:.1f}x); "
+          f"answers {totals[2]:.1f} s / {totals[3]:.1f} s ({totals[3] / totals[2]:.2f}x); answers identical")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

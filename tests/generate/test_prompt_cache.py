@@ -1,0 +1,114 @@
+"""A prompt cache: keys/values kept from one call to the next run only a prompt's new tokens, and the
+output is what a fresh prefill of the whole prompt gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.generate import GenerationConfig, decode
+from lmlab.generate.kv_cache import PromptCache
+from lmlab.generate.speculative import RECOMPUTE_WINDOW, SpeculativeStats, speculative_rounds, truncated_draft
+from lmlab.model.config import ModelConfig
+
+
+def _tiny(seed: int, **kw) -> lmlab.Transformer:
+    torch.manual_seed(seed)
+    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None, **kw)).eval()
+
+
+def _prefills(model: lmlab.Transformer) -> list[int]:
+    """The token count of each of `model`'s forward calls, in order (the first of a call: its prefill)."""
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    return calls
+
+
+def _decode(model, ids: list[int], cfg: GenerationConfig, past: PromptCache | None) -> tuple[list[int], torch.Tensor]:
+    state = decode.new_state(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), cfg)
+    for _ in decode.decode_steps(model, state, cfg, [], 0, past):
+        pass
+    return state.generated[0].tolist(), state.logprobs[0].clone()
+
+
+@pytest.mark.parametrize("compiles", [(False, False, False), ("auto", "auto", "auto"), (False, "auto", False)])
+def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(compiles, pending_warmups):
+    """Three turns, each prompt the last one, its answer and a new question (the third with an earlier
+    token edited): each turn's prefill runs the tokens after the kept prefix (all but the answer's last
+    token, which was never fed back), and its tokens and log-probabilities are those of a fresh run.
+    The compile setting may change between turns (an eager cache kept, a static one filled, and back);
+    with "auto" the compiles never finish, so the static cache's eager steps run."""
+    model = _tiny(0)
+    calls = _prefills(model)
+    past = PromptCache()
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    kept = 0
+    for turn, compile in enumerate(compiles):
+        cfg = GenerationConfig(max_new_tokens=12, compile=compile, logprobs=True)
+        calls.clear()
+        got, got_lp = _decode(model, prompt, cfg, past)
+        assert calls[0] == len(prompt) - kept, turn  # the prefill
+        assert past.ids == prompt + got[:-1]
+        want, want_lp = _decode(model, prompt, cfg, None)
+        assert got == want
+        torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
+        extra = torch.randint(0, 512, (5,)).tolist()
+        prompt, kept = prompt + got + extra, len(prompt) + len(got) - 1
+        if turn == 1:  # an edited earlier turn: only the part before the edit is reused
+            prompt[4] = (prompt[4] + 1) % 512
+            kept = 4
+
+
+def test_keys_and_values_of_another_model_are_not_reused():
+    a, b = _tiny(0), _tiny(1)
+    past, cfg = PromptCache(), GenerationConfig(max_new_tokens=6)
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    _decode(a, prompt, cfg, past)
+    assert past.reusable(prompt + [1, 2], decode.prompt_cache_owner(a)) == len(prompt)
+    assert past.reusable(prompt + [1, 2], decode.prompt_cache_owner(b)) == 0
+    assert _decode(b, prompt, cfg, past)[0] == _decode(b, prompt, cfg, None)[0]
+    # the whole prompt kept: its last token still runs (its logits start the answer)
+    assert past.reusable(past.ids, decode.prompt_cache_owner(b)) == len(past.ids) - 1
+
+
+@pytest.mark.parametrize("eagle", [False, True])
+@pytest.mark.parametrize("compile", [False, "auto"])
+def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compile, pending_warmups):
+    """Turns of speculative rounds over one prompt cache: the output is the target's greedy one, the
+    cache keeps everything but the newest token, and the target's first call runs only the new tokens
+    with the drafted ones; an EAGLE draft's instead runs the prompt for its states, from the last
+    RECOMPUTE_WINDOW kept tokens on once more are kept (the third turn)."""
+    from lmlab.compress.eagle import eagle_draft
+
+    target = _tiny(0)
+    torch.manual_seed(1)
+    draft = eagle_draft(target).eval() if eagle else truncated_draft(target, 1)
+    calls: list[int] = []
+    real = target.hidden_states
+
+    def hidden(ids, *a, **k):
+        calls.append(ids.shape[1])
+        return real(ids, *a, **k)
+
+    target.hidden_states = hidden
+    past, k = PromptCache(), 3
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    kept, kepts = 0, []
+    for turn in range(3):
+        kepts.append(kept)
+        cfg = GenerationConfig(max_new_tokens=16, compile=compile)
+        want = decode.generate(target, None, prompt, cfg.replace(compile=False))[0].token_ids
+        calls.clear()
+        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), past)
+               for t in new]  # fmt: skip
+        assert got == want, turn
+        assert past.ids == prompt + got[:-1]
+        if eagle:
+            assert calls[0] == len(prompt) - 1 - (kept - RECOMPUTE_WINDOW if kept > RECOMPUTE_WINDOW else 0), turn
+        else:
+            assert calls[0] == len(prompt) - kept + k, turn
+        prompt, kept = prompt + got + torch.randint(0, 512, (6,)).tolist(), len(prompt) + len(got) - 1
+    assert kepts[1] <= RECOMPUTE_WINDOW < kepts[2]  # (the third turn restarts an EAGLE draft's window)
