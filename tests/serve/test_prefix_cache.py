@@ -119,3 +119,43 @@ def test_a_first_burst_caches_its_shared_prefix_first(tiny):
         assert engine.m_prefix_tokens.value() == sum(max(0, len(p) - rest) for p in prompts)
     finally:
         engine.close()
+
+
+def test_a_chats_next_turn_prefills_only_the_new_turn(tiny):
+    """A finished answer's keys/values join the prefix cache (replacing its prompt's entry, which begins
+    it): the next request, the conversation and a new turn, reuses all of it but the answer's last
+    token (never fed back), and its answer is still what lmlab.generate gives. A cancelled request's
+    are not kept."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=4).start()
+    cfg = GenerationConfig(max_new_tokens=12)
+    turn = tok.encode("You are a helpful assistant who answers briefly. What is two plus two?")
+    try:
+        for i in range(3):
+            c = Collector()
+            reused = engine.m_prefix_tokens.value()
+            engine.submit(Request(turn, cfg, c, ignore_eos=True))
+            assert c.done.wait(120) and c.failed is None
+            ref = lmlab.generate(model, tok, turn, cfg.replace(stop_token_ids=[]))[0]
+            assert c.texts[0] == ref.text
+            if i:
+                assert engine.m_prefix_tokens.value() - reused == kept, i
+            kept = len(turn) + len(ref.token_ids) - 1
+            assert list(engine.prefixes.entries) == [tuple(turn + ref.token_ids[:-1])]
+            turn = turn + ref.token_ids + tok.encode(f" And {i} more?")
+    finally:
+        engine.close()
+
+
+def test_an_entry_that_begins_a_new_one_gives_way_unless_it_has_states_the_new_one_lacks():
+    cache = PrefixCache(max_tokens=100, min_match=4)
+    a = list(range(20))
+    cache.add(a, *_kv(20))
+    cache.add([*a, 50, 51], *_kv(22))  # a begins it: replaced
+    assert list(cache.entries) == [(*a, 50, 51)] and cache.tokens == 22
+    cache.add([*a, 60], *_kv(21))  # a sibling, not an extension: both stay
+    assert len(cache.entries) == 2 and cache.tokens == 43
+    states = torch.randn(10, 8)
+    cache.add(list(range(100, 110)), *_kv(10), states)
+    cache.add([*range(100, 110), 7], *_kv(11))  # no states: the entry with them stays
+    assert len(cache.entries) == 4 and cache.lookup([*range(100, 110), 3])[3] is not None

@@ -126,6 +126,18 @@ class SlotKVCache:
         self.rows += 1
         return row
 
+    def row_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A live row's keys/values, (n_layer, H_kv, n, hd) each (n: its tokens; a layer with fewer KV
+        heads, in a structurally pruned model, padded with zeros to the most), copies."""
+        start, H = self.start[row], max(self.heads)
+        out = []
+        for buffers in (self.k, self.v):
+            t = torch.zeros(self.n_layer, H, self.length - start, self.head_dim, dtype=self.dtype, device=self.device)
+            for layer, b in enumerate(buffers):
+                t[layer, : b.shape[1]] = b[row, :, start : self.length]
+            out.append(t)
+        return out[0], out[1]
+
     def remove_row(self, row: int) -> None:
         """Free a row: the last live row moves into it, so live rows stay 0..rows-1."""
         last, L = self.rows - 1, self.length

@@ -871,6 +871,7 @@ class Engine:
             seq = self._rows[i]
             if not seq.finished:
                 continue
+            self._keep_conversation(i, seq)
             self.cache.remove_row(i)
             last = self._rows.pop()
             if i < len(self._rows):
@@ -880,6 +881,19 @@ class Engine:
         completed, self._completed = self._completed, []
         for req in completed:
             self._emit(req, Done(len(req.prompt_ids), req.completion_tokens))
+
+    def _keep_conversation(self, row: int, seq: _Sequence) -> None:
+        """A finished sequence's keys/values (its prompt and every token fed back: all but the last) into
+        the prefix cache, as llama.cpp's server keeps a slot's: a chat's next request is this
+        conversation and a new turn, and then prefills only the new turn (and the template's tokens
+        around it). Not for a cancelled request, nor where the row does not hold exactly those tokens."""
+        if self.prefixes.max_tokens <= 0 or seq.req.cancelled or seq.generated == 0:
+            return
+        n = len(seq.ids) - 1
+        if self.cache.length - self.cache.start[row] != n or n > self.prefixes.max_tokens:
+            return
+        k, v = self.cache.row_kv(row)
+        self.prefixes.add(seq.ids[:-1], k, v)
 
     def _fail_running(self, message: str) -> None:
         for req in list(self._active):

@@ -6,6 +6,10 @@ exactly what a fresh prefill would compute for it; only the rest is run, with th
 past. Entries are whole prompts, least recently used first out, bounded by their total tokens
 (for SmolLM2 a token's K/V take 46 KB). vLLM and SGLang do the same with block- and radix-tree
 indexes over a paged cache; this scans a handful of entries, which costs microseconds here.
+
+The engine adds each prompt after its prefill and each finished sequence (its prompt and answer), so
+a chat's next request, the conversation and a new turn, prefills only the new turn. An entry that
+begins another one serves no lookup the other does not, so the longer one replaces it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
+        for old in [e for e, (_, _, h) in self.entries.items() if len(e) < len(key) and key[: len(e)] == e]:
+            if states is not None or self.entries[old][2] is None:  # (keep the states an EAGLE draft reads)
+                del self.entries[old]
+                self.tokens -= len(old)
         self.entries[key] = (k.clone(), v.clone(), states.clone() if states is not None else None)
         self.tokens += len(key)
         while self.tokens > self.max_tokens:
