@@ -66,8 +66,8 @@ def test_keys_and_values_of_another_model_are_not_reused():
     past, cfg = PromptCache(), GenerationConfig(max_new_tokens=6)
     prompt = torch.randint(0, 512, (9,)).tolist()
     _decode(a, prompt, cfg, past)
-    assert past.reusable(prompt + [1, 2], decode.prompt_cache_owner(a)) == len(prompt)
-    assert past.reusable(prompt + [1, 2], decode.prompt_cache_owner(b)) == 0
+    assert past.reusable([*prompt, 1, 2], decode.prompt_cache_owner(a)) == len(prompt)
+    assert past.reusable([*prompt, 1, 2], decode.prompt_cache_owner(b)) == 0
     assert _decode(b, prompt, cfg, past)[0] == _decode(b, prompt, cfg, None)[0]
     # the whole prompt kept: its last token still runs (its logits start the answer)
     assert past.reusable(past.ids, decode.prompt_cache_owner(b)) == len(past.ids) - 1

@@ -130,6 +130,7 @@ def test_a_chats_next_turn_prefills_only_the_new_turn(tiny):
     engine = Engine(model, tok, max_batch=4).start()
     cfg = GenerationConfig(max_new_tokens=12)
     turn = tok.encode("You are a helpful assistant who answers briefly. What is two plus two?")
+    kept = 0
     try:
         for i in range(3):
             c = Collector()
