@@ -6,7 +6,14 @@ each turn ran through its prefill. The answers must be the same both ways.
 Compile "auto" as the chat runs; the graphs are built before each timed answer (`wait_for_compiles`),
 so both ways time compiled steps and only the prefill differs.
 
+With --server the same chat goes to a serving `Engine` (in this process, its scheduler in a thread of
+its own) as a chat page's requests do, each the whole conversation: the engine keeps each finished
+answer's keys/values in its prefix cache, against the same engine keeping only prompts' (what it did
+before; `_keep_conversation` switched off), two engines one after the other. Time to first token is
+the engine's own (`Request.first_token_at`).
+
     PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py [--model smollm2-135m-instruct] [--new-tokens 128]
+    PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py --server
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--server", action="store_true", help="through a serving Engine's prefix cache")
     args = ap.parse_args()
+    if args.server:
+        return server(args)
 
     import torch
 
@@ -65,6 +75,57 @@ def main() -> int:
               f"{s_kept:>9.2f}/{s_fresh:<10.2f} {len(tok.encode(a_kept, add_special_tokens=False)):>7}")  # fmt: skip
     print(f"all turns: first pieces {totals[0]:.2f} s kept / {totals[1]:.2f} s fresh ({totals[1] / totals[0]:.1f}x); "
           f"answers {totals[2]:.1f} s / {totals[3]:.1f} s ({totals[3] / totals[2]:.2f}x); answers identical")  # fmt: skip
+    return 0
+
+
+def server(args: argparse.Namespace) -> int:
+    import threading
+
+    from lmlab.generate import GenerationConfig
+    from lmlab.model.checkpoint import load_pretrained
+    from lmlab.serve.engine import Delta, Engine, Request
+
+    model, tok = load_pretrained(args.model, dequantize="auto")  # as `lmlab serve` loads it
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens)
+    runs: dict[str, list[tuple]] = {}
+    for way in ("prompts only", "answers kept"):
+        engine = Engine(model, tok)  # eager steps: the prefill, which is what differs, is eager either way
+        if way == "prompts only":
+            engine._keep_conversation = lambda row, seq: None
+        engine.start()
+        messages: list[dict[str, str]] = []
+        runs[way] = []
+        try:
+            for q in QUESTIONS:
+                messages.append({"role": "user", "content": q})
+                ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+                text, done = [], threading.Event()
+
+                def on_event(ev, text=text, done=done):
+                    if isinstance(ev, Delta):
+                        text.append(ev.text)
+                    else:
+                        done.set()
+
+                reused = engine.m_prefix_tokens.value()
+                req = Request(ids, cfg, on_event)
+                engine.submit(req)
+                done.wait()
+                answer = "".join(text)
+                runs[way].append((len(ids), int(engine.m_prefix_tokens.value() - reused),
+                                  req.first_token_at - req.submitted, answer))  # fmt: skip
+                messages.append({"role": "assistant", "content": answer})
+        finally:
+            engine.close()
+    a, b = runs["prompts only"], runs["answers kept"]
+    print(f"{args.model}, {args.new_tokens} new tokens per answer, serving Engine (eager steps, scheduler thread)")
+    print(f"{'turn':>4} {'prompt':>6} {'reused kept/prompts only':>25} {'first token s kept/prompts only':>32}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x[3] != y[3]:
+            raise SystemExit(f"turn {i + 1}: the answers differ")
+        print(f"{i + 1:>4} {y[0]:>6} {y[1]:>12}/{x[1]:<12} {y[2]:>15.3f}/{x[2]:<16.3f}")
+    ta, tb = sum(x[2] for x in a), sum(y[2] for y in b)
+    print(f"all turns: first tokens {tb:.2f} s kept / {ta:.2f} s prompts only ({ta / tb:.1f}x); answers identical")
     return 0
 
 
