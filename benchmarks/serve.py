@@ -86,7 +86,8 @@ async def level(url: str, model: str, clients: int, rounds: int, max_tokens: int
 
 def openmp_from_threads() -> tuple[float, float]:
     """Microseconds of one parallel ATen op (an add over 1M floats) from the main thread and from a second
-    thread: why `lmlab serve` runs its scheduler in the main thread (libgomp is slower from any other)."""
+    thread while the main thread's idle OpenMP pool lives: why `lmlab serve` runs its scheduler in the main
+    thread (libgomp stops spinning between regions once two threads keep pools: utils/threads.py)."""
     import threading
 
     import torch

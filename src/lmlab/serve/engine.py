@@ -60,6 +60,7 @@ from lmlab.serve.metrics import Counter, Gauge, Histogram, Registry
 from lmlab.serve.prefix_cache import PrefixCache, common_prefix
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.device import policy
+from lmlab.utils.threads import release_openmp_pool
 
 log = logging.getLogger("lmlab.serve")
 
@@ -310,7 +311,11 @@ class Engine:
     # --- public API (any thread) ----------------------------------------------------------------------
 
     def start(self) -> Engine:
-        """Start the scheduler thread."""
+        """Start the scheduler thread. The calling thread's idle OpenMP workers are handed back first:
+        while two threads keep OpenMP pools on a machine with few cores, libgomp stops spinning between
+        parallel regions and the scheduler's steps ran 2.5x slower (utils/threads.py). (Parallel work in
+        the calling thread later starts its pool again; `serve_forever` in the main thread avoids that.)"""
+        release_openmp_pool()
         self._thread.start()
         return self
 
@@ -318,9 +323,9 @@ class Engine:
         """Run the scheduler in the calling thread until `close()` (from another thread).
 
         `lmlab serve` runs it in the process's main thread, with the HTTP server in a thread of its
-        own: ATen's OpenMP parallel regions run about 2x slower from any thread other than the first
-        one that used OpenMP (libgomp; `benchmarks/serve.py` prints both, and one client's tokens/s),
-        and the model was loaded, so OpenMP started, in the main thread."""
+        own, so that the thread that loaded the model (and started an OpenMP pool doing so) is the one
+        that runs its steps: a second thread's steps are slow while the first's pool lives
+        (utils/threads.py; `benchmarks/thread_steps.py`)."""
         self._loop()
 
     def precompile(self, rows: list[int] | None = None, columns: list[int] | None = None) -> None:
