@@ -112,3 +112,26 @@ def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compil
             assert calls[0] == len(prompt) - kept + k, turn
         prompt, kept = prompt + got + torch.randint(0, 512, (6,)).tolist(), len(prompt) + len(got) - 1
     assert kepts[1] <= RECOMPUTE_WINDOW < kepts[2]  # (the third turn restarts an EAGLE draft's window)
+
+
+def test_generate_and_speculative_generate_take_a_prompt_cache():
+    """The library calls a notebook makes turn by turn: with `past` each prompt after the first runs its
+    new tokens only and the outputs are those without; a batch, several sequences or beams are refused."""
+    from lmlab.errors import LmlabError
+    from lmlab.generate.speculative import speculative_generate
+
+    model = _tiny(0)
+    draft = truncated_draft(model, 1)
+    cfg = GenerationConfig(max_new_tokens=10)
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    plain, spec = PromptCache(), PromptCache()
+    for _ in range(3):
+        want = decode.generate(model, None, prompt, cfg)[0].token_ids
+        assert decode.generate(model, None, prompt, cfg, past=plain)[0].token_ids == want
+        assert speculative_generate(model, draft, None, prompt, cfg, 3, past=spec)[0].token_ids == want
+        assert plain.ids == spec.ids == prompt + want[:-1]
+        prompt = prompt + want + torch.randint(0, 512, (4,)).tolist()
+    for bad in ({"prompts": [prompt, prompt]}, {"num_return_sequences": 2, "temperature": 1.0}, {"num_beams": 2}):
+        with pytest.raises(LmlabError, match="one prompt and one sequence"):
+            decode.generate(model, None, bad.pop("prompts", prompt), cfg, past=plain, **bad)

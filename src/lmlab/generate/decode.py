@@ -517,12 +517,16 @@ def generate(
     tokenizer: Tokenizer | None,
     prompts: str | list[str] | list[int] | list[list[int]],
     config: GenerationConfig | None = None,
+    past: PromptCache | None = None,
     **overrides,
 ) -> list[Generation]:
     """Generate for one prompt or a batch (text or token ids); returns num_return_sequences results per
-    prompt, in prompt order. Keyword arguments override fields of `config`."""
+    prompt, in prompt order. Keyword arguments override fields of `config`. `past` (one prompt, one
+    sequence): keys/values kept by an earlier call, as in `stream`."""
     config = (config or GenerationConfig()).replace(**overrides) if overrides else (config or GenerationConfig())
     rows = _as_token_rows(tokenizer, prompts)
+    if past is not None and (len(rows) > 1 or config.num_return_sequences > 1 or config.num_beams > 1):
+        raise LmlabError("a prompt cache (past) serves one prompt and one sequence, without beams", field="past")
     limit = model.cfg.max_seq_len if model.cfg.pos == "learned" else None
     if limit is not None and max(map(len, rows)) + config.max_new_tokens > limit:
         raise LmlabError(f"prompt + max_new_tokens exceeds the model's {limit} positions", field="max_new_tokens")
@@ -542,7 +546,7 @@ def generate(
     state = new_state(input_ids, mask, config)
     # with stop strings, follow each row's text so a row can stop as soon as one appears
     decoders = [IncrementalDecoder(tokenizer) for _ in prompt_lens] if stops.stops and tokenizer else []
-    for nxt in decode_steps(model, state, config, eos, pad_id):
+    for nxt in decode_steps(model, state, config, eos, pad_id, past):
         for row, decoder in enumerate(decoders):
             if not bool(state.finished[row]):
                 before = len(decoder.text)

@@ -114,18 +114,20 @@ def speculative_generate(
     config: GenerationConfig | None = None,
     num_draft_tokens: int = 4,
     confidence: float = DRAFT_CONFIDENCE,
+    past: PromptCache | None = None,
 ) -> tuple[Generation, SpeculativeStats]:
     """Generate for one prompt with a draft model; returns the generation and acceptance statistics.
 
     A round drafts up to num_draft_tokens tokens, fewer when the draft's probability for the token it
     just proposed falls below `confidence` (transformers' assistant_confidence_threshold): a guess the
     draft itself doubts is likely rejected, and each drafted token costs a draft step and a row of the
-    target's check. The output is the same for any setting; only the speed changes."""
+    target's check. The output is the same for any setting; only the speed changes. `past`: the
+    target's keys/values kept by an earlier call (`speculative_rounds`)."""
     config = config or GenerationConfig()
     stats = SpeculativeStats()
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
     generated = [t for new in speculative_rounds(target, draft, tokenizer, prompt_ids, config, num_draft_tokens,
-                                                 confidence, stats) for t in new]  # fmt: skip
+                                                 confidence, stats, past) for t in new]  # fmt: skip
     eos = stop_token_ids(target, tokenizer, config)
     return _finish(tokenizer, generated, eos, len(prompt_ids), StopStrings(config.stop)), stats
 
