@@ -135,3 +135,29 @@ def test_generate_and_speculative_generate_take_a_prompt_cache():
     for bad in ({"prompts": [prompt, prompt]}, {"num_return_sequences": 2, "temperature": 1.0}, {"num_beams": 2}):
         with pytest.raises(LmlabError, match="one prompt and one sequence"):
             decode.generate(model, None, bad.pop("prompts", prompt), cfg, past=plain, **bad)
+
+
+def test_under_the_gpu_policy_the_kept_keys_and_values_are_a_copy_of_the_shared_cache(monkeypatch, pending_warmups):
+    """Where the policy replays CUDA graphs (forced here on the CPU), a compiled decode runs over a static
+    cache kept for every decode of its shape. A prompt cache keeps a copy of it: another decode of the
+    same shape between two turns overwrites the shared buffers, and the second turn still answers as a
+    fresh prefill does."""
+    from lmlab.utils.device import forced_policy, policy
+
+    monkeypatch.setattr(decode, "_caches", {})
+    model = _tiny(0)
+    cfg = GenerationConfig(max_new_tokens=8, compile="auto", logprobs=True)
+    torch.manual_seed(5)
+    prompt, other = torch.randint(0, 512, (9,)).tolist(), torch.randint(0, 512, (9,)).tolist()
+    past = PromptCache()
+    with forced_policy(policy("cuda")):
+        got, _ = _decode(model, prompt, cfg, past)
+        shared = list(decode._caches.values())
+        assert len(shared) == 1 and past.cache is not shared[0]
+        _decode(model, other, cfg, None)  # the same shape: the same kept cache, written over
+        assert list(decode._caches.values()) == shared
+        prompt = prompt + got + [7, 8, 9]
+        got, got_lp = _decode(model, prompt, cfg, past)
+    want, want_lp = _decode(model, prompt, cfg.replace(compile=False), None)
+    assert got == want
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
