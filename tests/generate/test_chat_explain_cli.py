@@ -80,6 +80,42 @@ def test_a_chat_turn_runs_only_its_new_tokens_and_answers_as_from_scratch(smol):
         hook.remove()
 
 
+def test_a_conversation_that_outgrows_the_context_drops_its_oldest_exchanges(smol):
+    """A random model with SmolLM2's tokenizer and a 160-token context: each turn's prompt and answer
+    fit it, the oldest question-and-answer pairs going first (the REPL says so), the system prompt
+    and the newest question staying; a question that cannot fit alone is refused and not kept."""
+    from lmlab.errors import LmlabError
+
+    _, tok = smol
+    torch.manual_seed(0)
+    cfg = lmlab.ModelConfig.from_preset("llama-tiny", vocab_size=49152, max_seq_len=160, eos_token_id=None)
+    model = lmlab.Transformer(cfg).eval()
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=24), system="Be brief.")
+    lens, drops = [], []
+    real = model.forward
+
+    def forward(ids, *a, kv_cache=None, **k):  # every token a call sees: the cached ones and its own
+        lens.append(kv_cache.length + ids.shape[1] if kv_cache is not None else ids.shape[1])
+        return real(ids, *a, kv_cache=kv_cache, **k)
+
+    model.forward = forward
+    for i in range(6):
+        "".join(session.reply(f"Question number {i}: what comes next?"))
+        drops.append(session.dropped)
+        assert session.messages[0]["content"].startswith("Question number") and len(session.messages) % 2 == 0
+        assert session.messages[-2]["content"] == f"Question number {i}: what comes next?"
+    assert max(lens) <= 160 and sum(drops) > 0 and drops[0] == 0
+    assert "Be brief." in session.prompt()
+    written = []
+    lines = iter(["One more question, please?", "/quit"])
+    repl(session, read=lambda _: next(lines), write=written.append)
+    assert any("oldest messages were dropped" in w for w in written) == (session.dropped > 0)
+    before = list(session.messages)
+    with pytest.raises(LmlabError, match="exceed the model's context of 160"):
+        session.reply("word " * 200)
+    assert session.messages == before
+
+
 def test_chat_with_a_draft_streams_the_same_answers(smol):
     """Speculative decoding in a chat: each turn streams exactly what the chat without a draft does,
     stop strings cut alike; a draft with another vocabulary is refused when the session opens."""

@@ -50,6 +50,7 @@ class ChatSession:
         # the conversation's keys/values, kept from answer to answer: a turn runs only its new tokens
         # (the question, and the template's tokens around it) instead of the whole conversation again
         self.past = PromptCache()
+        self.dropped = 0  # messages the last turn dropped to fit the model's context (`fit`)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
@@ -97,18 +98,43 @@ class ChatSession:
             if self.draft is not None:
                 precompile_rounds(self.model, self.draft, length, self.config, self.num_draft_tokens)
 
+    def fit(self) -> list[int]:
+        """The next prompt's tokens, after dropping the oldest exchanges (a question and its answer) until
+        it and `max_new_tokens` fit the model's context (its `max_seq_len`, as `lmlab serve` counts it);
+        `dropped` says how many messages went. The system prompt and the newest question always stay."""
+        self.dropped = 0
+        limit = self.model.cfg.max_seq_len - self.config.max_new_tokens
+        ids = self.tokenizer.encode(self.prompt())
+        if len(ids) > limit:
+            alone = len(self.tokenizer.encode(self.prompt(self.messages[-1:])))
+            if alone > limit:  # not even the question alone fits: refused, and nothing is dropped for it
+                self.messages.pop()
+                raise LmlabError(f"the question's prompt ({alone} tokens) and max_new_tokens "
+                                 f"({self.config.max_new_tokens}) exceed the model's context of "
+                                 f"{self.model.cfg.max_seq_len} tokens", field="max_new_tokens")  # fmt: skip
+        while len(ids) > limit:
+            del self.messages[:2]
+            self.dropped += 2
+            ids = self.tokenizer.encode(self.prompt())
+        return ids
+
     def reply(self, text: str) -> Iterator[str]:
-        """Add a user turn and stream the assistant's answer; the answer joins the history when done."""
+        """Add a user turn and stream the assistant's answer; the answer joins the history when done.
+        A conversation that outgrows the model's context loses its oldest exchanges first (`fit`, done
+        in this call, before the answer is iterated)."""
         self.messages.append({"role": "user", "content": text})
+        return self._answer(self.fit())
+
+    def _answer(self, prompt: list[int]) -> Iterator[str]:
         pieces = []
         speculative = self.policy is not None and self.policy.speculate()
         self.stats = None
         if not speculative:
-            answer = stream(self.model, self.tokenizer, self.prompt(), self.config, past=self.past)
+            answer = stream(self.model, self.tokenizer, prompt, self.config, past=self.past)
         else:
             extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
             self.stats = SpeculativeStats()
-            answer = speculative_stream(self.model, self.draft, self.tokenizer, self.prompt(), self.config,
+            answer = speculative_stream(self.model, self.draft, self.tokenizer, prompt, self.config,
                                         self.num_draft_tokens, stats=self.stats, past=self.past, **extra)  # fmt: skip
         start = first = None
         # an answer decoded (partly) eagerly while its graphs compile is not timed: it is not what either
@@ -167,8 +193,12 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
             elif line.startswith("/"):
                 out(HELP + "\n")
             else:
+                answer = session.reply(line)
+                if session.dropped:
+                    out(f"(the {session.dropped} oldest messages were dropped to fit the model's context of "
+                        f"{session.model.cfg.max_seq_len} tokens)\n")  # fmt: skip
                 out("assistant> ")
-                for piece in session.reply(line):
+                for piece in answer:
                     out(piece)
                 out("\n")
                 if session.stats is not None:  # how the draft did: the answer is the same either way
