@@ -90,7 +90,7 @@ def test_a_conversation_that_outgrows_the_context_drops_its_oldest_exchanges(smo
     torch.manual_seed(0)
     cfg = lmlab.ModelConfig.from_preset("llama-tiny", vocab_size=49152, max_seq_len=160, eos_token_id=None)
     model = lmlab.Transformer(cfg).eval()
-    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=24), system="Be brief.")
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=60), system="Be brief.")
     lens, drops = [], []
     real = model.forward
 
