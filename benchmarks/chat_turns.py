@@ -14,6 +14,10 @@ the engine's own (`Request.first_token_at`).
 
     PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py [--model smollm2-135m-instruct] [--new-tokens 128]
     PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py --server
+    PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py --fp32 --draft out/compress/eagle-int4 --new-tokens 96
+
+With --draft every answer is speculative (an EAGLE draft reads the target's states of the last 32 kept
+tokens, run again, where a fresh prefill gives it the whole conversation's): its acceptance both ways.
 """
 
 from __future__ import annotations
@@ -29,21 +33,23 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--server", action="store_true", help="through a serving Engine's prefix cache")
+    ap.add_argument("--draft", default=None, help="every answer speculative with this draft; prints acceptance")
+    ap.add_argument("--fp32", action="store_true", help="float32 weights (default: GGUF blocks, as the chat loads)")
     args = ap.parse_args()
     if args.server:
         return server(args)
 
-    import torch
-
     from lmlab.generate import GenerationConfig, decode
     from lmlab.generate.chat import ChatSession
+    from lmlab.generate.speculative import load_draft
     from lmlab.model.checkpoint import load_pretrained
 
-    torch.set_num_threads(torch.get_num_threads())
-    model, tok = load_pretrained(args.model, dequantize="auto")  # as `lmlab chat` loads it
+    model, tok = load_pretrained(args.model, dequantize=True if args.fp32 else "auto")  # "auto": as `lmlab chat`
+    draft = load_draft(args.draft, model) if args.draft else None
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, compile="auto")
-    kept, fresh = ChatSession(model, tok, cfg), ChatSession(model, tok, cfg)
+    kept, fresh = (ChatSession(model, tok, cfg, draft=draft, speculate="always") for _ in range(2))
     fresh.past = None
+    drafted = {"kept": [0, 0], "fresh": [0, 0]}  # accepted, proposed
     owner = decode.prompt_cache_owner(model)
 
     def answer(session: ChatSession, q: str) -> tuple[str, float, float, int]:
@@ -69,12 +75,18 @@ def main() -> int:
         a_fresh, f_fresh, s_fresh, n_fresh = answer(fresh, q)
         if a_kept != a_fresh:
             raise SystemExit(f"turn {i + 1}: the answers differ:\n{a_kept!r}\n{a_fresh!r}")
+        for name, session in (("kept", kept), ("fresh", fresh)):
+            if session.stats is not None:
+                drafted[name][0] += session.stats.accepted
+                drafted[name][1] += session.stats.proposed
         for j, v in enumerate((f_kept, f_fresh, s_kept, s_fresh)):
             totals[j] += v
         print(f"{i + 1:>4} {prompt:>6} {n_kept:>10}/{n_fresh:<10} {f_kept:>12.3f}/{f_fresh:<12.3f} "
               f"{s_kept:>9.2f}/{s_fresh:<10.2f} {len(tok.encode(a_kept, add_special_tokens=False)):>7}")  # fmt: skip
     print(f"all turns: first pieces {totals[0]:.2f} s kept / {totals[1]:.2f} s fresh ({totals[1] / totals[0]:.1f}x); "
           f"answers {totals[2]:.1f} s / {totals[3]:.1f} s ({totals[3] / totals[2]:.2f}x); answers identical")  # fmt: skip
+    if draft is not None:
+        print("drafted tokens accepted: " + ", ".join(f"{a}/{p} {k}" for k, (a, p) in drafted.items()))
     return 0
 
 
