@@ -134,3 +134,31 @@ def test_embeddings_float_and_base64(client, tiny):
     # the same text embeds the same alone and in a batch (padding is masked out)
     alone = client.embeddings.create(model="tiny", input=texts[2], encoding_format="float")
     assert alone.data[0].embedding == pytest.approx(floats.data[2].embedding, abs=1e-4)
+
+
+def test_a_chats_second_turn_reuses_the_first_turns_answer(client, tiny, tiny_server):
+    """Through the API as the chat page sends it (the whole conversation each time): the second request
+    reuses from the prefix cache every token it shares with the first request's prompt and answer (the
+    answer's last token was never fed back), not only the first prompt."""
+    import httpx
+
+    from lmlab.serve.metrics import parse_metrics
+    from lmlab.serve.prefix_cache import common_prefix
+
+    model, tok = tiny
+
+    def reused() -> float:
+        return parse_metrics(httpx.get(f"{tiny_server}/metrics", timeout=30).text)["lmlab_prefix_cache_tokens_total"]
+
+    messages = [{"role": "system", "content": "You are a helpful assistant who answers briefly."},
+                {"role": "user", "content": "Name three colors of the rainbow, please."}]  # fmt: skip
+    first = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    answer = lmlab.generate(model, tok, first, max_new_tokens=16)[0]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == answer.text
+    messages += [{"role": "assistant", "content": answer.text}, {"role": "user", "content": "And two more?"}]
+    second = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    before = reused()
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    want = min(common_prefix(tuple(first + answer.token_ids[:-1]), second), len(second) - 1)
+    assert reused() - before == want and want > len(first)
