@@ -897,8 +897,8 @@ class Engine:
         n = len(seq.ids) - 1
         if self.cache.length - self.cache.start[row] != n or n > self.prefixes.max_tokens:
             return
-        k, v = self.cache.row_kv(row)
-        self.prefixes.add(seq.ids[:-1], k, v)
+        k, v = self.cache.row_kv(row)  # (copies already)
+        self.prefixes.add(seq.ids[:-1], k, v, copy=False)
 
     def _fail_running(self, message: str) -> None:
         for req in list(self._active):

@@ -53,20 +53,24 @@ class PrefixCache:
         k, v, h = self.entries[key]
         return n, k[:, :, :n], v[:, :, :n], h[:n] if h is not None else None
 
-    def add(self, prompt: list[int], k: torch.Tensor, v: torch.Tensor, states: torch.Tensor | None = None) -> None:
-        """Keep a prefilled prompt's K/V (and hidden states, if given; copied), dropping the least
-        recently used beyond the budget."""
+    def add(
+        self, prompt: list[int], k: torch.Tensor, v: torch.Tensor, states: torch.Tensor | None = None, copy: bool = True
+    ) -> None:
+        """Keep a prefilled prompt's K/V (and hidden states, if given; copied unless `copy` is False: the
+        caller's own copies), dropping the least recently used beyond the budget."""
         key = tuple(prompt)
         if len(key) < self.min_match or len(key) > self.max_tokens:
             return
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        for old in [e for e, (_, _, h) in self.entries.items() if len(e) < len(key) and key[: len(e)] == e]:
+        for old in [e for e in self.entries if len(e) < len(key) and key[: len(e)] == e]:
             if states is not None or self.entries[old][2] is None:  # (keep the states an EAGLE draft reads)
                 del self.entries[old]
                 self.tokens -= len(old)
-        self.entries[key] = (k.clone(), v.clone(), states.clone() if states is not None else None)
+        if copy:
+            k, v, states = k.clone(), v.clone(), states.clone() if states is not None else None
+        self.entries[key] = (k, v, states)
         self.tokens += len(key)
         while self.tokens > self.max_tokens:
             old, _ = self.entries.popitem(last=False)
