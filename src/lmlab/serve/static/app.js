@@ -130,12 +130,28 @@ async function send(text) {
   let pieces = 0;
   let tokens = null;
   try {
-    const r = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
-    });
-    if (!r.ok) {
+    // a conversation that outgrew the model's context: the oldest question and answer are left out of
+    // the request until it fits, as `lmlab chat` does (they stay on the page); the newest question stays
+    let r;
+    let dropped = 0;
+    for (;;) {
+      r = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+      });
+      if (r.ok) break;
       const err = await r.json().catch(() => ({}));
+      if (err.error && err.error.code === "context_length_exceeded" && history.length > 2) {
+        history.splice(0, 2);
+        dropped += 2;
+        body.messages = (system ? [{ role: "system", content: system }] : []).concat(history);
+        continue;
+      }
       throw new Error(err.error ? err.error.message : r.status + " " + r.statusText);
+    }
+    if (dropped) {
+      const note = addMessage("note", `the ${dropped} oldest messages no longer fit the model's context: ` +
+        "the model does not see them any more");
+      $("messages").insertBefore(note, bubble);
     }
     for await (const chunk of sseEvents(r)) {
       if (chunk.error) throw new Error(chunk.error.message);
