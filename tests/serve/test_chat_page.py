@@ -88,33 +88,35 @@ def test_a_chat_that_outgrows_the_context_leaves_its_oldest_messages_out(tiny_di
     from tests.serve.conftest import running_server
 
     requests = []
-    with running_server(tiny_dir, "--api-key", KEY, "--no-compile", "--max-context", "160") as url:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1100, "height": 700})
-                page.on(
-                    "request",
-                    lambda r: requests.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
-                )
-                page.goto(url + "/")
-                page.fill("#api-key", KEY)
-                page.dispatch_event("#api-key", "change")
-                page.reload()
-                expect(page.locator("#model-name")).to_have_text("tiny")
-                page.fill("#temperature", "0")
-                page.fill("#max-tokens", "40")
-                for i in range(4):
-                    page.fill("#input", f"Question {i}: tell me something about the number {i * 7}, please.")
-                    page.keyboard.press("Enter")
-                    expect(page.locator(".msg.assistant")).to_have_count(i + 1)
-                    expect(page.locator("#stats")).to_contain_text("tok/s", timeout=60_000)
-                    expect(page.locator("#send")).to_be_enabled(timeout=60_000)
-                notes = page.locator(".msg.note").all_inner_texts()
-                errors = page.locator(".msg.error").count()
-                page.screenshot(path=str(Path(os.environ.get("LMLAB_SCREENSHOT_DIR", tmp_path)) / "chat_page_long.png"))
-            finally:
-                browser.close()
+    with (
+        running_server(tiny_dir, "--api-key", KEY, "--no-compile", "--max-context", "160") as url,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            page.on(
+                "request",
+                lambda r: requests.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
+            )
+            page.goto(url + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            page.reload()
+            expect(page.locator("#model-name")).to_have_text("tiny")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "40")
+            for i in range(4):
+                page.fill("#input", f"Question {i}: tell me something about the number {i * 7}, please.")
+                page.keyboard.press("Enter")
+                expect(page.locator(".msg.assistant")).to_have_count(i + 1)
+                expect(page.locator("#stats")).to_contain_text("tok/s", timeout=60_000)
+                expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+            notes = page.locator(".msg.note").all_inner_texts()
+            errors = page.locator(".msg.error").count()
+            page.screenshot(path=str(Path(os.environ.get("LMLAB_SCREENSHOT_DIR", tmp_path)) / "chat_page_long.png"))
+        finally:
+            browser.close()
     assert errors == 0 and notes and all("oldest messages no longer fit" in n for n in notes)
     # each turn's last request: the newest question last, and from the third on fewer messages than sent
     last = [r for r in requests if r["messages"][-1]["content"].startswith("Question")]
