@@ -20,7 +20,7 @@ def _calls(prof, op: str) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == op)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 33, 64])
 @pytest.mark.parametrize(("n", "k"), [(2, 16), (3, 17), (192, 576), (577, 100), (5, 1536)])
 def test_linear_equals_f_linear(rows, n, k):
     torch.manual_seed(rows * n + k)
@@ -48,7 +48,7 @@ def test_linear_keeps_leading_dimensions_and_takes_the_kernel():
 def test_linear_leaves_what_it_does_not_cover_to_torch(case):
     x, w = torch.randn(4, 32), torch.randn(8, 32)
     if case == "many rows":
-        x = torch.randn(cpu_kernels.MAX_ROWS + 1, 32)
+        x = torch.randn(cpu_kernels.LINEAR_MAX_ROWS + 1, 32)
     elif case == "gradient wanted":
         w.requires_grad_(True)
     elif case == "float64":

@@ -6,7 +6,7 @@ matrices (at 8 rows MKL reads SmolLM2's weights at about 11 GB/s on a 2-core Xeo
 the memory gives). Its attention has one query per head, where torch's CPU flash attention spends
 most of its time setting up tiles. Two small C++ operators do these directly:
 
-- `lmlab::skinny_linear` (kernels/csrc/skinny_matmul.cpp): y = x Wᵀ + b for up to `MAX_ROWS` rows of x,
+- `lmlab::skinny_linear` (kernels/csrc/skinny_matmul.cpp): y = x Wᵀ + b for up to `LINEAR_MAX_ROWS` rows of x,
   reading each weight row once for all rows and prefetching ahead.
 - `lmlab::decode_attention` (kernels/csrc/decode_attention.cpp): one query per (sequence, head), grouped
   heads, a boolean or additive mask.
@@ -32,8 +32,14 @@ from torch.overrides import TorchFunctionMode
 from lmlab.kernels import build
 from lmlab.utils.device import policy
 
+LINEAR_MAX_ROWS = 64
+"""Up to this many rows `linear` takes the kernel, which reads each weight row once for all of them. In
+a model the weights stream from memory, and MKL's small-M products (which pack each weight first) lost
+to it up to 96 rows in a float32 SmolLM2 prefill (1.2-1.5x from 17 to 64 rows; 0.92x at 128:
+`benchmarks/prefill_rows.py`), though a single product with its weight warm in cache times level at
+16-32 rows. Past this, BLAS."""
 MAX_ROWS = 16
-"""Above this many rows BLAS is as fast or faster (its packing pays off), so `linear` leaves them to it."""
+"""Up to this many queries of one sequence `attention` takes the decode kernel (below)."""
 
 
 @functools.cache
@@ -76,13 +82,13 @@ def _plain(*tensors: torch.Tensor | None) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, by `lmlab::skinny_linear` where x has at most `MAX_ROWS` rows."""
+    """`F.linear(x, weight, bias)`, by `lmlab::skinny_linear` where x has at most `LINEAR_MAX_ROWS` rows."""
     if (
         x.dim() >= 1
         and weight.dim() == 2
         and weight.shape[0] >= 2
         and weight.is_contiguous()
-        and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+        and 0 < x.numel() // max(x.shape[-1], 1) <= LINEAR_MAX_ROWS
         and _plain(x, weight, bias)
         and available()
     ):
