@@ -28,6 +28,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _open(browser, url: str, requests: list, external: list | None = None):
+    """The chat page of the server at `url` with the API key entered, its model listed; each chat
+    request's JSON body goes to `requests`, and each URL outside the server to `external`."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    if external is not None:
+        page.on("request", lambda r: external.append(r.url) if not r.url.startswith(url) else None)
+    page.on(
+        "request",
+        lambda r: requests.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None,
+    )
+    page.goto(url + "/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.reload()  # the key comes back from localStorage, and the model list loads with it
+    expect(page.locator("#model-name")).to_have_text("tiny")
+    return page
+
+
 def test_chat_page_streams_an_answer_and_sends_the_sliders(tiny_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -36,18 +56,8 @@ def test_chat_page_streams_an_answer_and_sends_the_sliders(tiny_server, tmp_path
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 700})
             external = []
-            page.on("request", lambda r: external.append(r.url) if not r.url.startswith(tiny_server) else None)
-            page.on(
-                "request",
-                lambda r: requests.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None,
-            )
-            page.goto(tiny_server + "/")
-            page.fill("#api-key", KEY)
-            page.dispatch_event("#api-key", "change")
-            page.reload()  # the key comes back from localStorage, and the model list loads with it
-            expect(page.locator("#model-name")).to_have_text("tiny")
+            page = _open(browser, tiny_server, requests, external)
 
             page.fill("#system", "You are terse.")
             page.fill("#temperature", "0")  # a slider: the label follows it
@@ -94,16 +104,7 @@ def test_a_chat_that_outgrows_the_context_leaves_its_oldest_messages_out(tiny_di
     ):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 700})
-            page.on(
-                "request",
-                lambda r: requests.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
-            )
-            page.goto(url + "/")
-            page.fill("#api-key", KEY)
-            page.dispatch_event("#api-key", "change")
-            page.reload()
-            expect(page.locator("#model-name")).to_have_text("tiny")
+            page = _open(browser, url, requests)
             page.fill("#temperature", "0")
             page.fill("#max-tokens", "40")
             for i in range(4):
