@@ -106,6 +106,13 @@ def test_a_conversation_that_outgrows_the_context_drops_its_oldest_exchanges(smo
         assert session.messages[-2]["content"] == f"Question number {i}: what comes next?"
     assert max(lens) <= 160 and sum(drops) > 0 and drops[0] == 0
     assert "Be brief." in session.prompt()
+    # an answer that never came (a stream abandoned) leaves two questions in a row: dropping then must
+    # not take the newest question with the old one
+    session.reset()
+    session.messages.append({"role": "user", "content": "An abandoned question about numbers. " * 14})
+    "".join(session.reply("The newest question: what about the number 100?"))
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] and session.dropped == 1
+    assert session.messages[0]["content"] == "The newest question: what about the number 100?"
     written = []
     lines = iter(["One more question, please?", "/quit"])
     repl(session, read=lambda _: next(lines), write=written.append)

@@ -113,8 +113,9 @@ class ChatSession:
                                  f"({self.config.max_new_tokens}) exceed the model's context of "
                                  f"{self.model.cfg.max_seq_len} tokens", field="max_new_tokens")  # fmt: skip
         while len(ids) > limit:
-            del self.messages[:2]
-            self.dropped += 2
+            n = min(2, len(self.messages) - 1)  # (an unanswered question, if any, goes alone; the newest stays)
+            del self.messages[:n]
+            self.dropped += n
             ids = self.tokenizer.encode(self.prompt())
         return ids
 
