@@ -8,6 +8,8 @@ serves them all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lmlab.model.transformer import Transformer
@@ -141,12 +143,7 @@ class PromptCache:
         but the last token (its logits start the answer), 0 for another model."""
         if owner != self.owner or self.cache is None:
             return 0
-        n = 0
-        for a, b in zip(self.ids, prompt[:-1]):
-            if a != b:
-                break
-            n += 1
-        return n
+        return min(common_prefix(self.ids, prompt), len(prompt) - 1)
 
     def fill(self, cache: KVCache | StaticKVCache, n: int) -> None:
         """Copy the first `n` kept tokens' keys/values into the fresh `cache` (one row), whose next call
@@ -169,9 +166,14 @@ class PromptCache:
             cache = copy
         self.cache, self.ids, self.owner = cache, list(ids), owner
 
-    def clear(self) -> None:
-        """Forget what is kept (and free its memory)."""
-        self.cache, self.ids, self.owner = None, [], None
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _layers(cache: KVCache | StaticKVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -185,8 +185,8 @@ def speculative_rounds(
     spec = Speculation(target, draft, config, build_processors(config, len(prompt_ids), config.sampling), generator,
                        stop_token_ids(target, tokenizer, config), max_len, num_draft_tokens, confidence, stats)  # fmt: skip
     t_cache = spec.target_cache(max_len)
-    owner = decode.prompt_cache_owner(target) if past is not None else None
     if past is not None:
+        owner = decode.prompt_cache_owner(target)
         past.fill(t_cache, past.reusable(prompt_ids, owner))
     seq = list(prompt_ids)
     whole = True  # between rounds the cache holds seq[:-1] (a round cut short by an exception: unknown)

@@ -18,14 +18,7 @@ from collections import OrderedDict
 
 import torch
 
-
-def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+from lmlab.generate.kv_cache import common_prefix  # (the engine and tests import it from here too)
 
 
 class PrefixCache:

@@ -44,8 +44,7 @@ def release_openmp_pool() -> bool:
     """Hand back the calling thread's OpenMP worker threads; its next parallel region starts them
     again. Call it in a thread that is done with parallel work while another thread runs steps (the
     `Engine.start()` caller). False where the runtime was not found or refused."""
-    import torch  # (loads the runtime: it must be mapped before it can be found)
+    import torch  # noqa: F401 (loads the runtime: it must be mapped before it can be found)
 
-    del torch
     lib = _openmp_runtime()
     return lib is not None and lib.omp_pause_resource_all(OMP_PAUSE_SOFT) == 0
