@@ -68,6 +68,7 @@ def variants(gptq_samples: int, out: Path | None = None) -> dict[str, object]:
         "fp32": lambda: load_pretrained(MODEL)[0],
         "int8 (per channel)": rtn(QuantConfig(bits=8)),
         "int8 pc, int8 act": rtn(QuantConfig(bits=8, activations="int8")),  # W8A8 dynamic
+        "int8 pc, int16 act": rtn(QuantConfig(bits=8, activations="int16")),  # prefill in two int8 halves
         "int4 RTN g64": rtn(QuantConfig(bits=4, group_size=64, sym=False)),
         "int4 GPTQ g64": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq")),
         "int4 GPTQ g64 act-order": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq", desc_act=True)),
@@ -182,6 +183,7 @@ def speed(args: argparse.Namespace) -> None:
         # W8A8 dynamic (lmlab quantize --activations int8): its prefill beside llama.cpp's Q8_0, which
         # also rounds activations to 8 bits
         "int8 pc, int8 act": (builds["int8 pc, int8 act"], files["Q8_0"]),
+        "int8 pc, int16 act": (builds["int8 pc, int16 act"], files["Q8_0"]),
         "GGUF Q8_0 (blocks)": (lambda: load_pretrained(files["Q8_0"], dequantize=False)[0], files["Q8_0"]),
         "GGUF Q4_0 (blocks)": (lambda: load_pretrained(files["Q4_0"], dequantize=False)[0], files["Q4_0"]),
         "GGUF Q4_1 (blocks)": (lambda: load_pretrained(files["Q4_1"], dequantize=False)[0], files["Q4_1"]),

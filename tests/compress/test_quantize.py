@@ -124,6 +124,10 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert "MB ->" in capsys.readouterr().out
     model, _ = load_pretrained(tmp_path / "int4")
     assert model.quant_config.bits == 4 and model.quant_config.group_size == 32
+    assert main(["quantize", src, str(tmp_path / "int16"), "--bits", "8", "--activations", "int16"]) == 0
+    model, _ = load_pretrained(tmp_path / "int16")
+    assert model.quant_config.activations == "int16"
+    assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"int16"}
 
 
 @pytest.mark.parametrize(
@@ -133,6 +137,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
         (["--bits", "4", "--group", "48"], "multiple of 32"),
         (["--bits", "4", "--group", "128"], "group size 128 does not divide the width 64"),
         (["--bits", "4", "--activations", "int8"], "int8 activations need per-channel int8 weights"),
+        (["--bits", "8", "--group", "32", "--activations", "int16"], "int16 activations need per-channel int8"),
     ],
 )
 def test_cli_bad_settings_are_one_line(tmp_path, capsys, args, message):
@@ -156,8 +161,12 @@ def test_compiled_decode_of_a_quantized_model_equals_eager():
     assert not counters["graph_break"]
 
 
-def test_int8_dynamic_linear_is_the_integer_product_of_rounded_activations():
-    """W8A8: x rounded per row to int8, then exact integer sums, each scaled once."""
+@pytest.mark.parametrize(
+    ("activations", "top", "low", "high"), [("int8", 127, 1e-4, 2e-2), ("int16", 32639, 1e-7, 1e-4)]
+)
+def test_dynamic_linear_is_the_integer_product_of_rounded_activations(activations, top, low, high):
+    """W8A8 / int16 activations: x rounded per row (max |x| -> top), then exact integer sums, each
+    scaled once; int16's error is ~256x smaller than int8's."""
     from lmlab.kernels import quant
 
     torch.manual_seed(0)
@@ -165,30 +174,31 @@ def test_int8_dynamic_linear_is_the_integer_product_of_rounded_activations():
     scale, bias = torch.rand(48, 1) / 50, torch.randn(48)
     x = torch.randn(2, 70, 96)
     rows = x.reshape(-1, 96)
-    sx = rows.abs().amax(-1, keepdim=True) / 127
+    sx = rows.abs().amax(-1, keepdim=True) / top
     xq = torch.round(rows / sx).long()
     want = (xq @ q.long().t()).double() * sx.double() * scale.view(1, -1).double() + bias.double()
-    got = quant.int8_dynamic_linear(x, q, scale, bias)
+    got = getattr(quant, f"{activations}_dynamic_linear")(x, q, scale, bias)
     torch.testing.assert_close(got.reshape(-1, 48).double(), want, rtol=1e-6, atol=1e-6)
     exact = x @ (q.float() * scale).t() + bias  # the rounding of x: near the exact product, not equal
     err = float((got - exact).norm() / exact.norm())
-    assert 1e-4 < err < 2e-2
+    assert low < err < high
 
 
-def test_int8_activations_run_only_a_prefill_and_survive_save_and_load(tmp_path):
+@pytest.mark.parametrize(("activations", "high"), [("int8", 5e-2), ("int16", 1e-4)])
+def test_integer_activations_run_only_a_prefill_and_survive_save_and_load(tmp_path, activations, high):
     model = _tiny("llama-tiny")
-    quantize_model(model, QuantConfig(bits=8, activations="int8"))
+    quantize_model(model, QuantConfig(bits=8, activations=activations))
     twin = _dequantized_twin(model)
     short, long = torch.randint(0, 512, (1, 16)), torch.randint(0, 512, (1, 80))
     with torch.no_grad():
         # a decode step or a short prompt (<= 64 rows): the exact kernels
         assert _rel(model(short), twin(short)) < 1e-5
-        # a long prefill: int8 activations, close to the exact result but not equal
+        # a long prefill: integer activations, close to the exact result but not equal
         err = _rel(model(long), twin(long))
-        assert 1e-6 < err < 5e-2
+        assert 1e-7 < err < high
     save_pretrained(model, None, tmp_path / "w8a8")
     back, _ = load_pretrained(tmp_path / "w8a8")
-    assert back.quant_config.activations == "int8"
+    assert back.quant_config.activations == activations
     with torch.no_grad():
         torch.testing.assert_close(back(long), model(long), rtol=0, atol=0)
     plain = _tiny("llama-tiny")

@@ -86,3 +86,47 @@ def test_under_torch_compile():
     with torch.no_grad():
         ref = F.linear(F.linear(x, quant.dequantize_int8(q, scale)), quant.dequantize_int4(q4, s4, o4))
         assert _rel(fn(x), ref) <= TOL
+
+
+def _formula(monkeypatch, fn, *args):
+    """`fn(*args)` through quant.py's torch formula instead of the C++ operators."""
+    with monkeypatch.context() as m:
+        m.setattr(quant, "_dynamic_ops", lambda: False)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("m", "k", "n"), [(70, 96, 48), (3, 40, 17), (130, 576, 33), (1, 16, 1)])
+def test_dynamic_quantization_ops_are_bit_identical_to_the_formula(monkeypatch, split, m, k, n):
+    """quantize_rows / dequantize_sums (one pass each) give exactly the torch formula's bits: the same
+    float operations in the same order, round half to even (x / s lands on .5 often: x is scaled)."""
+    if not quant._dynamic_ops():
+        pytest.skip("no AVX-512 build here: the formula is all there is")
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, k // 2] = 500.0  # an outlier sets its row's scale
+    x[-1, :3] = 0.0
+    if m > 2:
+        x[1] = 0.0  # an all-zero row: the clamped scale, all codes 0
+        x[2] = torch.arange(k) * 0.5 - k / 4  # many exact halves after scaling: the rounding mode shows
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale, bias = torch.rand(n, 1, generator=g) / 50, torch.randn(n, generator=g)
+    codes, sx = quant.quantize_rows(x, split)
+    want_codes, want_sx = _formula(monkeypatch, quant.quantize_rows, x, split)
+    assert torch.equal(codes, want_codes) and torch.equal(sx, want_sx)
+    sums = torch._int_mm(codes, q.t()) if codes.shape[0] > 16 else codes.int() @ q.int().t()
+    for b in (bias, None):
+        got = quant.dequantize_sums(sums, sx, scale, b, split)
+        assert torch.equal(got, _formula(monkeypatch, quant.dequantize_sums, sums, sx, scale, b, split))
+
+
+def test_int16_codes_split_into_int8_halves_exactly():
+    """v = round(x / s) in [-32639, 32639] comes back as 256 h + l with both halves in int8."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 96, generator=g)
+    x[:, 0] = torch.linspace(-2, 2, 40)  # every row's extremes, both signs
+    codes, sx = quant.quantize_rows(x, split=True)
+    h, low = codes[:40].int(), codes[40:].int()
+    v = torch.round(x / sx)
+    assert torch.equal(256 * h + low, v.int())
+    assert int(v.abs().max()) == quant.INT16_MAX and int(h.abs().max()) <= 127

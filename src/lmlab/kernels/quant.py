@@ -93,19 +93,79 @@ def int8_linear(
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+INT16_MAX = 127 * 256 + 127
+"""int16 activations stop here, so that v = 256 h + l splits into two int8 halves."""
+
+
+@functools.cache
+def _dynamic_ops() -> bool:
+    if not (build.has("quantize_rows") and build.has("dequantize_sums")):
+        return False
+
+    @torch.library.register_fake("lmlab::quantize_rows")
+    def _(x, split):
+        return x.new_empty(x.shape[0] * (2 if split else 1), x.shape[1], dtype=torch.int8), x.new_empty(x.shape[0], 1)
+
+    @torch.library.register_fake("lmlab::dequantize_sums")
+    def _(s, scale_x, scale_w, bias, split):
+        return scale_x.new_empty(s.shape[0] // (2 if split else 1), s.shape[1])
+
+    return True
+
+
+def quantize_rows(x: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float32 rounded per row: (codes int8, scales (M, 1)). split False: int8, max |x| -> 127.
+    split True: int16 in [-INT16_MAX, INT16_MAX] as two int8 halves v = 256 h + l, codes (2M, K) with
+    h in rows [0, M) and l in rows [M, 2M), so one int8 matmul of them gives both halves' sums."""
+    if x.device.type == "cpu" and _dynamic_ops():
+        return torch.ops.lmlab.quantize_rows(x, split)
+    sx = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / (INT16_MAX if split else 127.0)
+    v = torch.round(x / sx)
+    if not split:
+        return v.to(torch.int8), sx
+    h = torch.floor((v + 128) / 256)  # exact: |v| < 2^15, and a power of two divides
+    return torch.cat([h, v - 256 * h]).to(torch.int8), sx
+
+
+def dequantize_sums(
+    s: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None, split: bool
+) -> torch.Tensor:
+    """int32 sums of quantize_rows' codes x weight codes -> float32 (M, N): each sum (256 h + l's
+    when split) times its row's and its column's scale, plus bias."""
+    if s.device.type == "cpu" and _dynamic_ops():
+        return torch.ops.lmlab.dequantize_sums(s, scale_x, scale_w.reshape(-1), bias, split)
+    s = s.float()
+    if split:
+        m = s.shape[0] // 2
+        s = s[:m] * 256.0 + s[m:]
+    y = s * scale_x * scale_w.reshape(1, -1)
+    return y if bias is None else y + bias
+
+
+def _dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, split: bool):
+    shape = x.shape
+    xq, sx = quantize_rows(x.reshape(-1, shape[-1]).float().contiguous(), split)
+    s = torch._int_mm(xq, q.t())  # int8 x int8 -> int32 (oneDNN, VNNI): exact integer sums
+    y = dequantize_sums(s, sx, scale, None if bias is None else bias.float(), split)
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
 def int8_dynamic_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x @ dequantize_int8(q, scale).T + bias with x rounded per row to int8 (symmetric, max |x| -> 127)
     and an int8 x int8 -> int32 product: W8A8 dynamic. Per-channel scales (N, 1) only. Not exact."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()
-    sx = x2.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0  # (M, 1)
-    xq = torch.round(x2 / sx).to(torch.int8)
-    y = torch._int_mm(xq, q.t()).float() * sx * scale.view(1, -1)  # int32 sums: exact, then one scale each
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*shape[:-1], -1).to(x.dtype)
+    return _dynamic_linear(x, q, scale, bias, split=False)
+
+
+def int16_dynamic_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """As int8_dynamic_linear with x rounded per row to 16-bit integers (max |x| -> 32639), multiplied
+    as two int8 halves in one int8 matmul of twice the rows: each activation within max |x| / 65278
+    of its value (int8: / 254), so the result is float32's to ~1e-5 of the row's largest product, at
+    twice int8's arithmetic (still half of float32's on VNNI). Per-channel scales (N, 1) only."""
+    return _dynamic_linear(x, q, scale, bias, split=True)
 
 
 def int4_linear(

@@ -26,6 +26,9 @@ from lmlab.kernels import quant
 from lmlab.model.config import ModelConfig
 from lmlab.utils.device import policy
 
+ACTIVATIONS = ("float32", "int8", "int16")
+"""QuantConfig.activations: how a quantized prefill treats its activations (see there)."""
+
 
 @dataclass
 class QuantConfig:
@@ -37,10 +40,14 @@ class QuantConfig:
     method: str = "rtn"  # rtn | gptq | gguf
     desc_act: bool = False  # GPTQ's act-order
     modules_not_to_convert: list[str] = field(default_factory=list)
-    # "int8": W8A8 dynamic. A prefill's activations (more rows than the device policy's
-    # int8_prefill_rows) are rounded per token to int8 and multiplied int8 x int8 (oneDNN's VNNI
-    # kernels), as llama.cpp's Q8_0 does: 1.7x a float32 matmul here, but not exact (x loses bits).
-    # Per-channel int8 only; decode steps stay on the exact kernels. "float32": weight-only, exact.
+    # How a prefill's activations (more rows than the device policy's int8_prefill_rows) meet the
+    # per-channel int8 codes. "float32": weight-only, exact (the dequantized model's result up to
+    # summation order). "int8": W8A8 dynamic, rounded per token to int8 and multiplied int8 x int8
+    # (oneDNN's VNNI kernels), as llama.cpp's Q8_0 does: ~2.5x the exact prefill here, perplexity
+    # +3.5% (a few outlier channels set each token's scale). "int16": rounded per token to 16-bit
+    # integers, multiplied as two int8 halves: ~1.7x the exact prefill, the logits within ~1e-3 of
+    # the row's largest and perplexity equal to float32's to four digits (docs/compress.md).
+    # Per-channel int8 only; decode steps and short prompts stay on the exact kernels.
     activations: str = "float32"
 
     def __post_init__(self) -> None:
@@ -48,10 +55,11 @@ class QuantConfig:
             raise LmlabError(f"bits must be 8 or 4, not {self.bits}", field="bits")
         if self.bits == 4 and self.group_size is None:
             raise LmlabError("int4 needs a group size (32, 64, 128, ...)", field="group_size")
-        if self.activations not in ("float32", "int8"):
-            raise LmlabError(f"activations must be float32 or int8, not {self.activations!r}", field="activations")
-        if self.activations == "int8" and (self.bits != 8 or self.group_size is not None):
-            raise LmlabError("int8 activations need per-channel int8 weights (bits 8, no group size)",
+        if self.activations not in ACTIVATIONS:
+            raise LmlabError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {self.activations!r}",
+                             field="activations")  # fmt: skip
+        if self.activations != "float32" and (self.bits != 8 or self.group_size is not None):
+            raise LmlabError(f"{self.activations} activations need per-channel int8 weights (bits 8, no group size)",
                              field="activations")  # fmt: skip
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % quant.BLOCK):
             raise LmlabError(
@@ -99,14 +107,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("offsets", torch.zeros(out_features, groups) if bits == 4 else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
-    int8_activations = False  # set by attach_config from QuantConfig.activations
+    activations = "float32"  # set by attach_config from QuantConfig.activations (per-channel int8 only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the device policy says where W8A8 runs (a CPU's prefill, where it was measured); elsewhere the
-        # dequantized, exact path
-        rows = policy(x.device).int8_prefill_rows if self.int8_activations else None
+        # the device policy says where integer activations run (a CPU's prefill, where they were
+        # measured); elsewhere the dequantized, exact path
+        rows = policy(x.device).int8_prefill_rows if self.activations != "float32" else None
         if rows is not None and x.numel() > rows * self.in_features:
-            return quant.int8_dynamic_linear(x, self.qweight, self.scales, self.bias)
+            dynamic = quant.int8_dynamic_linear if self.activations == "int8" else quant.int16_dynamic_linear
+            return dynamic(x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return quant.int8_linear(x, self.qweight, self.scales, self.bias)
         return quant.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias)
@@ -205,7 +214,8 @@ def attach_config(model: nn.Module, config: QuantConfig) -> None:
     model.quant_config = config
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.int8_activations = config.activations == "int8" and m.bits == 8 and m.scales.shape[1] == 1
+            per_channel = m.bits == 8 and m.scales.shape[1] == 1
+            m.activations = config.activations if per_channel else "float32"
 
 
 def runs_quantized(device: str | torch.device) -> bool:

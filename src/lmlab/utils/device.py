@@ -56,8 +56,9 @@ class DevicePolicy:
     # the LM loss drops positions labelled -100 before the vocabulary projection; finding them reads
     # a flag on the host, which on a GPU stalls the queued step (an MLM head drops them anyway: 85% saved)
     drop_ignored_rows: bool = True
-    # W8A8 (QuantConfig.activations "int8"): inputs of more rows than this go through int8 activations
-    # (oneDNN's int8 matmul, measured 2x llama.cpp Q8_0 on a CPU prefill); None: never (the exact path)
+    # integer activations (QuantConfig.activations "int8" or "int16"): inputs of more rows than this go
+    # through oneDNN's int8 matmul (measured 2.4x and 1.6x llama.cpp Q8_0 on a CPU prefill); None:
+    # never (the exact path)
     int8_prefill_rows: int | None = None
 
 
