@@ -147,10 +147,10 @@ def test_distilled_draft_keeps_speculative_decoding_exact(tmp_path, mode):
     loss = DistillLoss(dc, target, cache)
     data = Windows(w, 8)
     # train mode: the cache run is scored on its own objective (top-k), the online run on the full KL
-    before = float(loss(student.train(), data.get_batch(0)))
+    before = float(loss(student.train(), data.get_batch(0)).detach())
     cfg = config(tmp_path, max_steps=30, lr=3e-3, warmup_steps=0, eval_every=1000, save_checkpoints=False)
     Trainer(student, data, cfg, loss_fn=loss, progress=False).fit()
-    after = float(loss(student.train(), data.get_batch(0)))
+    after = float(loss(student.train(), data.get_batch(0)).detach())
     assert after < before  # it learned from the teacher
     prompt = torch.randint(0, 512, (5,)).tolist()
     gen = GenerationConfig(max_new_tokens=24)
