@@ -88,6 +88,17 @@ def test_under_torch_compile():
         assert _rel(fn(x), ref) <= TOL
 
 
+@pytest.mark.parametrize("activations", ["int8", "int16"])
+def test_dynamic_linear_under_torch_compile(activations):
+    """The rounding and scaling operators trace (their fake shapes), and the graph gives the eager bits."""
+    q, scale = _int8(48, 96, 96)
+    dynamic = getattr(quant, f"{activations}_dynamic_linear")
+    fn = torch.compile(lambda x: dynamic(x, q, scale), dynamic=False, fullgraph=True)
+    x = torch.randn(70, 96)
+    with torch.no_grad():
+        assert torch.equal(fn(x), dynamic(x, q, scale))
+
+
 def _formula(monkeypatch, fn, *args):
     """`fn(*args)` through quant.py's torch formula instead of the C++ operators."""
     with monkeypatch.context() as m:

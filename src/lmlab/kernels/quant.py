@@ -98,7 +98,7 @@ INT16_MAX = 127 * 256 + 127
 
 
 @functools.cache
-def _dynamic_ops() -> bool:
+def _load_dynamic() -> bool:
     if not (build.has("quantize_rows") and build.has("dequantize_sums")):
         return False
 
@@ -111,6 +111,12 @@ def _dynamic_ops() -> bool:
         return scale_x.new_empty(s.shape[0] // (2 if split else 1), s.shape[1])
 
     return True
+
+
+@torch.compiler.assume_constant_result
+def _dynamic_ops() -> bool:
+    """Whether the rounding and scaling operators run here (a constant to torch.compile, as `available`)."""
+    return _load_dynamic()
 
 
 def quantize_rows(x: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
