@@ -17,7 +17,7 @@ run alternates with one of lmlab's compiled batch-1 runs and the median of --rep
 shared machine drifts by 30% within minutes, so sequential blocks would compare different
 machines).
 
-    .venv/bin/python benchmarks/quantize.py [--ppl [--mmlu 500]] [--speed] [--ppl-chars 60000] [--repeats 3]
+    .venv/bin/python benchmarks/quantize.py [--ppl [--mmlu 500]] [--speed] [--act-error] [--ppl-chars 60000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -250,6 +250,36 @@ def speed(args: argparse.Namespace) -> None:
         del model
 
 
+def activation_error(args: argparse.Namespace) -> None:
+    """How far integer activations move a prefill's logits: per-channel int8 SmolLM2 on --act-tokens
+    tokens of the KJV test split, each scheme against float32 activations (the exact path) on the same
+    weights: the largest logit difference over the largest logit, and the share of positions whose
+    greedy token is the same."""
+    from lmlab.model.quantized import QuantLinear
+
+    model, tok = load_pretrained(MODEL)
+    quantize_model(model, QuantConfig(bits=8))
+    ids = torch.tensor([tok.encode(" ".join(load_texts("kjv", "test")[:400]))[: args.act_tokens]])
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    print(f"logits of a {ids.shape[1]}-token prefill against float32 activations (same int8 weights)")
+    exact = None
+    for activations in ("float32", "int16", "int8"):
+        for m in layers:
+            m.activations = activations
+        with torch.inference_mode():
+            logits = model(ids)[0].float()  # (T, V)
+        if exact is None:
+            exact = logits
+            continue
+        err = float((logits - exact).abs().max() / exact.abs().max())
+        differ = logits.argmax(-1) != exact.argmax(-1)
+        top2 = exact.topk(2, -1).values
+        gaps = (top2[:, 0] - top2[:, 1])[differ]  # how close the exact path's own choice was where they part
+        widest = f", exact top-2 gap there at most {float(gaps.max()):.3f}" if len(gaps) else ""
+        print(f"  {activations:<6} max |diff| / max |logit| {err:.1e}   greedy token the same at "
+              f"{1 - float(differ.float().mean()):.2%} of positions{widest}")  # fmt: skip
+
+
 def main() -> None:
     global CALIB
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,13 +294,17 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench-quantize", help="where the exported GGUF files are kept")
     ap.add_argument("--mmlu", type=int, default=0, help="--ppl: also MMLU accuracy on this many questions (0: none)")
     ap.add_argument("--only", nargs="*", help="only these rows (names as printed)")
+    ap.add_argument("--act-error", action="store_true", help="how far int16/int8 activations move the logits")
+    ap.add_argument("--act-tokens", type=int, default=512, help="--act-error: prefill length")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    if not (args.ppl or args.speed):
+    if not (args.ppl or args.speed or args.act_error):
         args.ppl = args.speed = True
     if not Path(packaged_path(MODEL)).exists():
         sys.exit("SmolLM2 is not installed: run make setup")
     CALIB = args.calib
+    if args.act_error:
+        activation_error(args)
     if args.ppl:
         quality(args)
     if args.speed:
