@@ -119,7 +119,11 @@ def test_dynamic_quantization_ops_are_bit_identical_to_the_formula(monkeypatch, 
     x[-1, :3] = 0.0
     if m > 2:
         x[1] = 0.0  # an all-zero row: the clamped scale, all codes 0
-        x[2] = torch.arange(k) * 0.5 - k / 4  # many exact halves after scaling: the rounding mode shows
+        # a row whose scale is exactly 1 and whose values are all halves: -2.5, -1.5, ..., 2.5 round
+        # to even (-2, -2, ..., 2), where rounding half away from zero would give -3 and 3
+        top = quant.INT16_MAX if split else 127
+        x[2] = (torch.arange(k) % 6 - 2.5).float()
+        x[2, 0] = top
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scale, bias = torch.rand(n, 1, generator=g) / 50, torch.randn(n, generator=g)
     codes, sx = quant.quantize_rows(x, split)
@@ -134,10 +138,27 @@ def test_dynamic_quantization_ops_are_bit_identical_to_the_formula(monkeypatch, 
 def test_int16_codes_split_into_int8_halves_exactly():
     """v = round(x / s) in [-32639, 32639] comes back as 256 h + l with both halves in int8."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 96, generator=g)
-    x[:, 0] = torch.linspace(-2, 2, 40)  # every row's extremes, both signs
+    x = torch.randn(40, 96, generator=g) * 0.1
+    x[:, 0] = (1 + torch.rand(40, generator=g)) * torch.tensor([1.0, -1.0]).repeat(20)  # each row's extreme, both signs
     codes, sx = quant.quantize_rows(x, split=True)
     h, low = codes[:40].int(), codes[40:].int()
     v = torch.round(x / sx)
     assert torch.equal(256 * h + low, v.int())
-    assert int(v.abs().max()) == quant.INT16_MAX and int(h.abs().max()) <= 127
+    assert torch.equal(v[:, 0].abs(), torch.full((40,), float(quant.INT16_MAX)))  # the extremes: h = +-127, l = +-127
+    assert int(h.abs().max()) == 127 and int(low.min()) >= -128 and int(low.max()) <= 127
+
+
+def test_dynamic_linear_keeps_nan_and_takes_bfloat16():
+    """A NaN activation makes its row's outputs NaN (as torch's formula does; the C++ max would drop
+    it), the other rows untouched; bfloat16 activations and scales (a model moved with .to) run."""
+    q, scale = _int8(24, 80, 80)
+    x = torch.randn(70, 80)
+    x[3, 7] = float("nan")
+    for dynamic in (quant.int8_dynamic_linear, quant.int16_dynamic_linear):
+        y = dynamic(x, q, scale)
+        assert torch.isnan(y[3]).all() and not torch.isnan(y[torch.arange(70) != 3]).any()
+        clean = x.nan_to_num(0.0)
+        want = dynamic(clean, q, scale)
+        got = dynamic(clean.bfloat16(), q, scale.bfloat16())
+        assert got.dtype == torch.bfloat16
+        assert _rel(got.float(), want) < 2e-2  # bfloat16 in and out: its own rounding only

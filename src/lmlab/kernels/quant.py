@@ -152,7 +152,7 @@ def _dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     shape = x.shape
     xq, sx = quantize_rows(x.reshape(-1, shape[-1]).float().contiguous(), split)
     s = torch._int_mm(xq, q.t())  # int8 x int8 -> int32 (oneDNN, VNNI): exact integer sums
-    y = dequantize_sums(s, sx, scale, None if bias is None else bias.float(), split)
+    y = dequantize_sums(s, sx, scale.float(), None if bias is None else bias.float(), split)
     return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 

@@ -40,14 +40,15 @@ class QuantConfig:
     method: str = "rtn"  # rtn | gptq | gguf
     desc_act: bool = False  # GPTQ's act-order
     modules_not_to_convert: list[str] = field(default_factory=list)
-    # How a prefill's activations (more rows than the device policy's int8_prefill_rows) meet the
-    # per-channel int8 codes. "float32": weight-only, exact (the dequantized model's result up to
-    # summation order). "int8": W8A8 dynamic, rounded per token to int8 and multiplied int8 x int8
-    # (oneDNN's VNNI kernels), as llama.cpp's Q8_0 does: ~2.5x the exact prefill here, perplexity
-    # +3.5% (a few outlier channels set each token's scale). "int16": rounded per token to 16-bit
-    # integers, multiplied as two int8 halves: ~1.7x the exact prefill, the logits within ~1e-3 of
-    # the row's largest and perplexity equal to float32's to four digits (docs/compress.md).
-    # Per-channel int8 only; decode steps and short prompts stay on the exact kernels.
+    # How a prefill's activations (inputs of more rows than the device policy's int8_prefill_rows,
+    # a batch's tokens together; a VNNI CPU only) meet the per-channel int8 codes. "float32":
+    # weight-only, exact (the dequantized model's result up to summation order). "int8": W8A8 dynamic,
+    # rounded per token to int8 and multiplied int8 x int8 (oneDNN's VNNI kernels), as llama.cpp's
+    # Q8_0 does: ~2.8x the exact 512-token prefill here, perplexity +3.5% (a few outlier channels set
+    # each token's scale). "int16": rounded per token to 16-bit integers, multiplied as two int8
+    # halves: ~2x the exact prefill; a 512-token prefill's logits move by ~1e-3 of the largest and
+    # perplexity equals float32's to four digits (docs/compress.md). Per-channel int8 only; decode
+    # steps and short prompts stay on the exact kernels.
     activations: str = "float32"
 
     def __post_init__(self) -> None:

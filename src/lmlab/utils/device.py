@@ -57,14 +57,33 @@ class DevicePolicy:
     # a flag on the host, which on a GPU stalls the queued step (an MLM head drops them anyway: 85% saved)
     drop_ignored_rows: bool = True
     # integer activations (QuantConfig.activations "int8" or "int16"): inputs of more rows than this go
-    # through oneDNN's int8 matmul (measured 2.4x and 1.6x llama.cpp Q8_0 on a CPU prefill); None:
-    # never (the exact path)
+    # through oneDNN's int8 matmul (measured 2.4x and 1.6x llama.cpp Q8_0 on a VNNI CPU's prefill);
+    # None: never (the exact path)
     int8_prefill_rows: int | None = None
 
 
-_POLICIES = {
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies int8 by VNNI dot products (AVX-512 VNNI or AVX-VNNI). Without them
+    oneDNN's int8 matmul sums byte pairs into saturating 16-bit lanes (its int8 guide), so integer
+    activations could come back clipped: the policy keeps such CPUs on the exact path."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: a capability that implies VNNI
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def cpu_policy(vnni: bool) -> DevicePolicy:
+    """The CPU's policy; integer activations only where VNNI multiplies int8 (see cpu_has_vnni)."""
     # (64 rows: where the C++ skinny kernels stop, kMaxSkinnyRows in kernels/csrc/quant_matmul.cpp)
-    "cpu": DevicePolicy("cpu", 8 << 20, 64, 1024, 2048, True, False, None, False, True, int8_prefill_rows=64),
+    return DevicePolicy(
+        "cpu", 8 << 20, 64, 1024, 2048, True, False, None, False, True, int8_prefill_rows=64 if vnni else None
+    )
+
+
+_POLICIES = {
+    "cpu": cpu_policy(cpu_has_vnni()),
     # a GPU runs a 2.6k-row chunk of a 50k vocabulary (512 MB of fp32 logits) in one launch; few chunks mean few
     # launches, and the loss's Python loop no longer sets the step's pace
     "cuda": DevicePolicy("cuda", 1 << 29, 1024, 1 << 16, 8192, False, True, "reduce-overhead", True, False, False),

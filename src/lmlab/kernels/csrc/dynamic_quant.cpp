@@ -10,9 +10,11 @@
 //     (oneDNN's int8 matmul of the codes above) -> y float32 (M, N):
 //     y = (split ? 256 * s_h + s_l : s) * scale_x[m] * scale_w[n] (+ bias[n])
 //
-// Both do the same float operations in the same order as the torch formula in quant.py (no fused
-// multiply-adds, round half to even), so their results are bit-identical to it. In a 512-token
-// prefill of SmolLM2 the formula's elementwise passes cost nearly as much as the int8 matmuls.
+// Both do the same float operations in the same order as the torch formula in quant.py (round half
+// to even, and no fused multiply-adds: GCC contracts a * b + c by default in C++, turned off below),
+// so their results are bit-identical to it; a row holding a NaN gets a NaN scale, as torch's amax
+// gives. In a 512-token prefill of SmolLM2 the formula's elementwise passes cost nearly as much as
+// the int8 matmuls.
 #if defined(__AVX512F__)
 
 #include <ATen/Parallel.h>
@@ -20,10 +22,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <limits>
 #include <tuple>
 
 #include "simd.h"
+
+#pragma GCC optimize("fp-contract=off")
 
 namespace {
 
@@ -47,13 +51,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, bool split
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = xp + m * K;
       __m512 amax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16)
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(k, K), row + k)));
-      const float s = std::max(_mm512_reduce_max_ps(amax), 1e-12f) / top;  // torch: amax.clamp(min=1e-12) / top
+      __mmask16 nan = 0;  // (max_ps drops a NaN operand; torch's amax keeps it)
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(lanes(k, K), row + k);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      }
+      const float biggest = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(amax);
+      const float s = (biggest < 1e-12f ? 1e-12f : biggest) / top;  // torch: amax.clamp(min=1e-12) / top (NaN stays)
       sp[m] = s;
       const __m512 sv = _mm512_set1_ps(s);
       int8_t* hi = qp + m * K;
-      int8_t* lo = qp + (M + m) * K;
+      int8_t* lo = split ? qp + (M + m) * K : nullptr;
       for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 mask = lanes(k, K);
         const __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, row + k), sv),
@@ -100,7 +109,7 @@ at::Tensor dequantize_sums(const at::Tensor& s, const at::Tensor& scale_x, const
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const int32_t* hi = sp + m * N;
-      const int32_t* lo = sp + (M + m) * N;
+      const int32_t* lo = split ? sp + (M + m) * N : nullptr;
       const __m512 xs = _mm512_set1_ps(sx[m]);
       for (int64_t n = 0; n < N; n += 16) {
         const __mmask16 mask = lanes(n, N);
