@@ -78,40 +78,81 @@ def test_keys_and_values_of_another_model_are_not_reused():
 def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compile, pending_warmups):
     """Turns of speculative rounds over one prompt cache: the output is the target's greedy one, the
     cache keeps everything but the newest token, and the target's first call runs only the new tokens
-    with the drafted ones; an EAGLE draft's instead runs the prompt for its states, from the last
-    RECOMPUTE_WINDOW kept tokens on once more are kept (the third turn)."""
+    (with the drafted ones); the draft starts from its kept state, so it reads only the new tokens and
+    drafts what a fresh run over the whole prompt drafts. Without a kept draft state (after plain
+    answers) an EAGLE draft's first call instead runs the prompt for its states, from the last
+    RECOMPUTE_WINDOW kept tokens on once more are kept (the fourth turn)."""
     from lmlab.compress.eagle import eagle_draft
 
     target = _tiny(0)
     torch.manual_seed(1)
     draft = eagle_draft(target).eval() if eagle else truncated_draft(target, 1)
-    calls: list[int] = []
-    real = target.hidden_states
+    calls: dict[str, list[int]] = {"target": [], "draft": []}
+    for name, model in (("target", target), ("draft", draft)):
+        real = model.hidden_states
 
-    def hidden(ids, *a, **k):
-        calls.append(ids.shape[1])
-        return real(ids, *a, **k)
+        def hidden(ids, *a, real=real, name=name, **k):
+            calls[name].append(ids.shape[1])
+            return real(ids, *a, **k)
 
-    target.hidden_states = hidden
+        model.hidden_states = hidden
     past, k = PromptCache(), 3
     torch.manual_seed(5)
     prompt = torch.randint(0, 512, (9,)).tolist()
-    kept, kepts = 0, []
-    for turn in range(3):
-        kepts.append(kept)
+    kept = 0
+    for turn in range(4):
+        if turn == 3:
+            past.draft = None  # as after plain answers: the target's cache kept, no draft state
+        had = past.draft is not None
+        restart = eagle and not had and kept > RECOMPUTE_WINDOW
         cfg = GenerationConfig(max_new_tokens=16, compile=compile)
         want = decode.generate(target, None, prompt, cfg.replace(compile=False))[0].token_ids
-        calls.clear()
-        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), past)
-               for t in new]  # fmt: skip
+        fresh = SpeculativeStats()  # the same prompt, nothing kept: what the draft proposes from scratch
+        list(speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, fresh, None))
+        calls["target"].clear(), calls["draft"].clear()
+        stats = SpeculativeStats()
+        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, stats, past) for t in new]
         assert got == want, turn
         assert past.ids == prompt + got[:-1]
         if eagle:
-            assert calls[0] == len(prompt) - 1 - (kept - RECOMPUTE_WINDOW if kept > RECOMPUTE_WINDOW else 0), turn
+            first = len(prompt) - 1 - (kept - RECOMPUTE_WINDOW if restart else kept)
+            assert calls["target"][0] == first, turn
         else:
-            assert calls[0] == len(prompt) - kept + k, turn
+            assert calls["target"][0] == len(prompt) - kept + k, turn
+            assert calls["draft"][0] == len(prompt) - (kept if had else 0), turn  # the draft's kept keys/values
+        if turn < 3:  # a kept draft state drafts exactly what a fresh run does
+            assert (stats.proposed, stats.accepted) == (fresh.proposed, fresh.accepted), turn
         prompt, kept = prompt + got + torch.randint(0, 512, (6,)).tolist(), len(prompt) + len(got) - 1
-    assert kepts[1] <= RECOMPUTE_WINDOW < kepts[2]  # (the third turn restarts an EAGLE draft's window)
+    assert not eagle or restart  # (the fourth turn did restart an EAGLE draft's window)
+
+
+def test_a_kept_draft_state_serves_only_its_own_draft():
+    """Another draft (or the same one changed since) starts over: it reads the whole prompt."""
+    target = _tiny(0)
+    first, other = truncated_draft(target, 1), truncated_draft(target, 1)  # two objects, the same weights
+    calls: list[int] = []
+    real = other.hidden_states
+    other.hidden_states = lambda ids, *a, **k: calls.append(ids.shape[1]) or real(ids, *a, **k)
+    past, cfg = PromptCache(), GenerationConfig(max_new_tokens=8)
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 512, (9,)).tolist()
+    got = [
+        t for new in speculative_rounds(target, first, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past) for t in new
+    ]
+    assert past.draft is not None and past.draft.length > 0
+    prompt = prompt + got + [7, 8]
+    list(speculative_rounds(target, other, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past))
+    assert calls[0] == len(prompt)
+    # a plain answer to an edited conversation keeps the target's cache but not the draft's state (it
+    # was computed on the unedited one): the next speculative turn's draft reads everything again
+    kept = past.draft
+    edited = [prompt[0] + 1, *prompt[1:]]
+    answer = decode.generate(target, None, edited, cfg, past=past)[0].token_ids
+    assert past.draft is kept and past.ids[0] == edited[0]
+    calls.clear()
+    prompt = edited + answer + [9]
+    list(speculative_rounds(target, other, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past))
+    assert calls[0] == len(prompt)
 
 
 def test_generate_and_speculative_generate_take_a_prompt_cache():

@@ -137,6 +137,9 @@ class PromptCache:
         self.ids: list[int] = []
         self.cache: KVCache | StaticKVCache | None = None
         self.owner = None
+        # a speculative draft's state when the last speculative answer ended (speculative.KeptDraft):
+        # its own keys/values and an EAGLE draft's pending target states, checked against the next prompt
+        self.draft = None
 
     def reusable(self, prompt: list[int], owner) -> int:
         """How many of `prompt`'s first tokens have kept keys/values: the common prefix, at most all
@@ -148,23 +151,34 @@ class PromptCache:
     def fill(self, cache: KVCache | StaticKVCache, n: int) -> None:
         """Copy the first `n` kept tokens' keys/values into the fresh `cache` (one row), whose next call
         writes after them."""
-        if n:
-            for (sk, sv), (dk, dv) in zip(_layers(self.cache), _layers(cache)):
-                h = min(sk.shape[1], dk.shape[1])  # a pruned model's layers may have fewer KV heads
-                dk[:, :h, :n] = sk[:, :h, :n]
-                dv[:, :h, :n] = sv[:, :h, :n]
-        cache.length = n
+        copy_prefix(self.cache, cache, n)
 
     def keep(self, cache: KVCache | StaticKVCache, ids: list[int], owner, shared: bool = False) -> None:
         """Keep `cache`'s first len(ids) tokens (those of `ids`). A `shared` cache (a kept CUDA-graph
         cache that the next decode writes over) is copied; any other is held as it is."""
-        if shared:
-            n = len(ids)
-            copy = StaticKVCache.__new__(StaticKVCache)
-            copy.k = [t[:, :, :n].clone() for t in cache.k]
-            copy.v = [t[:, :, :n].clone() for t in cache.v]
-            cache = copy
-        self.cache, self.ids, self.owner = cache, list(ids), owner
+        self.cache, self.ids, self.owner = held(cache, len(ids), shared), list(ids), owner
+
+
+def copy_prefix(src: KVCache | StaticKVCache | None, dst: KVCache | StaticKVCache, n: int) -> None:
+    """Copy the first `n` columns of keys/values from `src` into the fresh one-row `dst`, whose next call
+    writes after them."""
+    if n:
+        for (sk, sv), (dk, dv) in zip(_layers(src), _layers(dst)):
+            h = min(sk.shape[1], dk.shape[1])  # a pruned model's layers may have fewer KV heads
+            dk[:, :h, :n] = sk[:, :h, :n]
+            dv[:, :h, :n] = sv[:, :h, :n]
+    dst.length = n
+
+
+def held(cache: KVCache | StaticKVCache, n: int, shared: bool) -> KVCache | StaticKVCache:
+    """`cache` to keep for its first `n` columns: a `shared` one (a CUDA graph's, written over by the
+    next replay) copied, any other as it is."""
+    if not shared:
+        return cache
+    copy = StaticKVCache.__new__(StaticKVCache)
+    copy.k = [t[:, :, :n].clone() for t in cache.k]
+    copy.v = [t[:, :, :n].clone() for t in cache.v]
+    return copy
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

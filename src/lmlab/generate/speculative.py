@@ -20,7 +20,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
-from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache
+from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache, common_prefix, copy_prefix, held
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
@@ -34,6 +34,29 @@ RECOMPUTE_WINDOW = 32
 # the default `confidence` (transformers' default too): with SmolLM2 and its distilled draft on a CPU,
 # 0.4 gave 1.22x plain greedy where 0 gave 1.10x (docs/compress.md)
 DRAFT_CONFIDENCE = 0.4
+
+
+@dataclass
+class KeptDraft:
+    """A Speculation's draft state when its rounds ended, kept in a PromptCache (`draft`) so that the
+    next answer of a conversation starts from it rather than over on the last RECOMPUTE_WINDOW tokens."""
+
+    ids: list[int]  # the sequence it was computed on
+    cache: KVCache | StaticKVCache  # the draft's keys/values: sequence positions base .. base + length
+    length: int
+    base: int
+    pending: torch.Tensor  # an EAGLE draft's target states from position base + length on
+    owner: tuple  # (target, draft) prompt_cache_owner: the models and weights that computed it
+
+    @property
+    def start(self) -> int:
+        """The first sequence position whose target state it lacks."""
+        return self.base + self.length + len(self.pending)
+
+    def reads(self, eagle: bool) -> int:
+        """How many leading tokens of `ids` it depends on (an EAGLE draft's position p reads token p + 1;
+        a target state at p, tokens up to p)."""
+        return max(self.base + self.length + (1 if eagle and self.length else 0), self.start)
 
 
 @dataclass
@@ -175,8 +198,10 @@ def speculative_rounds(
     own), up to an EOS (included) or max_new_tokens, and counts them into `stats`.
 
     `past`: the target's keys/values kept from an earlier call (`decode.decode_steps`); the prompt's
-    part that begins with them is not run again, and `past` keeps this call's when the rounds end. (An
-    EAGLE draft then reads the target's states of the last RECOMPUTE_WINDOW kept tokens, run again.)"""
+    part that begins with them is not run again, and `past` keeps this call's when the rounds end, with
+    the draft's state (`KeptDraft`), which the next call starts from where the prompt begins with what
+    it read. (Without one, e.g. after plain answers only, an EAGLE draft reads the target's states of
+    the last RECOMPUTE_WINDOW kept tokens, run again.)"""
     device = next(target.parameters()).device
     max_len = _max_len(len(prompt_ids), config, num_draft_tokens)
     generator = None
@@ -188,6 +213,7 @@ def speculative_rounds(
     if past is not None:
         owner = decode.prompt_cache_owner(target)
         past.fill(t_cache, past.reusable(prompt_ids, owner))
+        spec.adopt(past.draft, prompt_ids, t_cache.length)
     seq = list(prompt_ids)
     whole = True  # between rounds the cache holds seq[:-1] (a round cut short by an exception: unknown)
     try:
@@ -202,6 +228,7 @@ def speculative_rounds(
     finally:
         if past is not None and whole:  # (else `past` keeps what it had: fill copied it)
             past.keep(t_cache, seq[: t_cache.length], owner)
+            past.draft = spec.kept(seq)
 
 
 def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -> int:
@@ -288,6 +315,26 @@ class Speculation:
         # graph compiles (its time is not what a round costs once they are built)
         self.caught_up = self.recomputed = 0
         self.compiling = False
+
+    def adopt(self, kept: KeptDraft | None, prompt: list[int], reused: int) -> bool:
+        """Start from `kept` (an earlier answer's state) where it is valid for `prompt`: the same
+        models, computed on a prefix of it, and covering no more than the `reused` tokens whose keys/
+        values the target's cache already holds. False (nothing changed) otherwise."""
+        if kept is None or kept.owner != self._owner():
+            return False
+        if common_prefix(kept.ids, prompt) < kept.reads(self.eagle) or kept.start > reused:
+            return False
+        copy_prefix(kept.cache, self.d_cache, kept.length)
+        self.base, self.pending = kept.base, kept.pending
+        return True
+
+    def kept(self, seq: list[int]) -> KeptDraft:
+        """The draft's state after the rounds over `seq`, to keep (copied out of a CUDA graph's cache)."""
+        n = self.d_cache.length
+        return KeptDraft(list(seq), held(self.d_cache, n, self.replays), n, self.base, self.pending, self._owner())
+
+    def _owner(self) -> tuple:
+        return decode.prompt_cache_owner(self.target), decode.prompt_cache_owner(self.draft)
 
     def add_states(self, states: torch.Tensor) -> None:
         """The target's hidden states (n, d) at the positions after those already pending (a caller
