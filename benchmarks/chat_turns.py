@@ -16,8 +16,12 @@ the engine's own (`Request.first_token_at`).
     PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py --server
     PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py --fp32 --draft out/compress/eagle-int4 --new-tokens 96
 
-With --draft every answer is speculative (an EAGLE draft reads the target's states of the last 32 kept
-tokens, run again, where a fresh prefill gives it the whole conversation's): its acceptance both ways.
+With --draft every answer is speculative, and the draft's state is kept between turns with the
+target's keys/values (`PromptCache.draft`): acceptance both ways. With --draft --restart-draft the
+second way keeps the target's keys/values too but drops the draft's state before each turn, so an
+EAGLE draft starts over on the last 32 kept tokens (what a chat did before the state was kept):
+
+    PYTHONPATH=src .venv/bin/python benchmarks/chat_turns.py --fp32 --draft out/compress/eagle-int4 --new-tokens 96 --restart-draft
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> int:
     ap.add_argument("--server", action="store_true", help="through a serving Engine's prefix cache")
     ap.add_argument("--draft", default=None, help="every answer speculative with this draft; prints acceptance")
     ap.add_argument("--fp32", action="store_true", help="float32 weights (default: GGUF blocks, as the chat loads)")
+    ap.add_argument("--restart-draft", action="store_true",
+                    help="--draft: the second way keeps the target's cache but not the draft's state")  # fmt: skip
     args = ap.parse_args()
     if args.server:
         return server(args)
@@ -48,11 +54,16 @@ def main() -> int:
     draft = load_draft(args.draft, model) if args.draft else None
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, compile="auto")
     kept, fresh = (ChatSession(model, tok, cfg, draft=draft, speculate="always") for _ in range(2))
-    fresh.past = None
-    drafted = {"kept": [0, 0], "fresh": [0, 0]}  # accepted, proposed
+    restart = bool(args.restart_draft and draft is not None)
+    if not restart:
+        fresh.past = None
+    second = "restarted" if restart else "fresh"  # what the second way is called in the table
+    drafted = {"kept": [0, 0], "second": [0, 0]}  # accepted, proposed
     owner = decode.prompt_cache_owner(model)
 
     def answer(session: ChatSession, q: str) -> tuple[str, float, float, int]:
+        if restart and session is fresh:
+            session.past.draft = None  # the target's keys/values kept, the draft starting over
         session.precompile()
         decode.wait_for_compiles()
         ids = tok.encode(session.prompt([*session.messages, {"role": "user", "content": q}]))
@@ -65,9 +76,10 @@ def main() -> int:
         return "".join(pieces), first or 0.0, time.perf_counter() - t, prefill
 
     print(f"{args.model}, {args.new_tokens} new tokens per answer, compiled steps; kept = keys/values kept between "
-          f"turns, fresh = the whole conversation prefilled each turn")  # fmt: skip
-    print(f"{'turn':>4} {'prompt':>6} {'prefilled kept/fresh':>21} {'first piece s kept/fresh':>25} "
-          f"{'answer s kept/fresh':>20} {'answer':>7}")  # fmt: skip
+          + ("turns, restarted = the same with the draft's state dropped before each turn" if restart
+             else "turns, fresh = the whole conversation prefilled each turn"))  # fmt: skip
+    print(f"{'turn':>4} {'prompt':>6} {'prefilled kept/' + second:>21} {'first piece s kept/' + second:>25} "
+          f"{'answer s kept/' + second:>20} {'answer':>7}")  # fmt: skip
     totals = [0.0, 0.0, 0.0, 0.0]
     for i, q in enumerate(QUESTIONS):
         prompt = len(tok.encode(kept.prompt([*kept.messages, {"role": "user", "content": q}])))
@@ -75,7 +87,7 @@ def main() -> int:
         a_fresh, f_fresh, s_fresh, n_fresh = answer(fresh, q)
         if a_kept != a_fresh:
             raise SystemExit(f"turn {i + 1}: the answers differ:\n{a_kept!r}\n{a_fresh!r}")
-        for name, session in (("kept", kept), ("fresh", fresh)):
+        for name, session in (("kept", kept), ("second", fresh)):
             if session.stats is not None:
                 drafted[name][0] += session.stats.accepted
                 drafted[name][1] += session.stats.proposed
@@ -83,10 +95,11 @@ def main() -> int:
             totals[j] += v
         print(f"{i + 1:>4} {prompt:>6} {n_kept:>10}/{n_fresh:<10} {f_kept:>12.3f}/{f_fresh:<12.3f} "
               f"{s_kept:>9.2f}/{s_fresh:<10.2f} {len(tok.encode(a_kept, add_special_tokens=False)):>7}")  # fmt: skip
-    print(f"all turns: first pieces {totals[0]:.2f} s kept / {totals[1]:.2f} s fresh ({totals[1] / totals[0]:.1f}x); "
+    print(f"all turns: first pieces {totals[0]:.2f} s kept / {totals[1]:.2f} s {second} ({totals[1] / totals[0]:.1f}x); "
           f"answers {totals[2]:.1f} s / {totals[3]:.1f} s ({totals[3] / totals[2]:.2f}x); answers identical")  # fmt: skip
     if draft is not None:
-        print("drafted tokens accepted: " + ", ".join(f"{a}/{p} {k}" for k, (a, p) in drafted.items()))
+        print("drafted tokens accepted: " + ", ".join(f"{a}/{p} {k if k == 'kept' else second}"
+                                                      for k, (a, p) in drafted.items()))  # fmt: skip
     return 0
 
 
