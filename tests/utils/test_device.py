@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.utils.device import default_device, forced_policy, loss_chunk_rows, policy
+from lmlab.utils.device import cpu_has_vnni, cpu_policy, default_device, forced_policy, loss_chunk_rows, policy
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "lmlab"
 
@@ -39,11 +40,26 @@ def test_policy_never_lets_a_cpu_constant_reach_a_gpu():
     assert loss_chunk_rows(50_304, "cpu") == 64 and loss_chunk_rows(50_304, "cuda") == 2668
     mps = policy("mps")  # other accelerators: the GPU's sizes, no CUDA graphs, no CPU kernels
     assert not mps.cpu_kernels and mps.decode_compile_mode is None
-    # W8A8's int8 activations: a CPU prefill only (where they were measured)
-    assert cpu.int8_prefill_rows == 64 and gpu.int8_prefill_rows is None and mps.int8_prefill_rows is None
+    # integer activations (W8A8, int16): a VNNI CPU's prefill only (where they were measured)
+    assert cpu.int8_prefill_rows == (64 if cpu_has_vnni() else None)
+    assert gpu.int8_prefill_rows is None and mps.int8_prefill_rows is None
     with forced_policy(gpu):
         assert policy("cpu") is gpu
     assert policy("cpu") is cpu
+
+
+def test_integer_activations_need_vnni(tmp_path):
+    """The CPU policy grants integer activations only where /proc/cpuinfo lists VNNI (AVX-512 or AVX)."""
+    for flags, want in (
+        ("fpu avx512f avx512_vnni", True),
+        ("fpu avx2 avx_vnni", True),
+        ("fpu avx512f avx512bw", False),
+    ):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_vnni(str(info)) is want
+        assert cpu_policy(want).int8_prefill_rows == (64 if want else None)
+    assert cpu_policy(False) == dataclasses.replace(cpu_policy(True), int8_prefill_rows=None)  # nothing else differs
 
 
 @pytest.mark.parametrize("module", ["cli.py", "serve/server.py", "eval/harness.py"])

@@ -62,12 +62,12 @@ class DevicePolicy:
     int8_prefill_rows: int | None = None
 
 
-def cpu_has_vnni() -> bool:
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies int8 by VNNI dot products (AVX-512 VNNI or AVX-VNNI). Without them
     oneDNN's int8 matmul sums byte pairs into saturating 16-bit lanes (its int8 guide), so integer
     activations could come back clipped: the policy keeps such CPUs on the exact path."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line.split() for line in f if line.startswith("flags")), [])
     except OSError:  # not Linux: a capability that implies VNNI
         return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
