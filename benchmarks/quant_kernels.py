@@ -9,6 +9,8 @@ At batch 1 these kernels are bound by the instructions that turn codes into floa
 of the kernels, run this at each commit (the library is rebuilt when its sources change):
 
     .venv/bin/python benchmarks/quant_kernels.py [--repeats 5]
+
+It also prints int4_linear at 1-16 rows of x beside float32 BLAS on the same shape (GMAC/s, 1 thread).
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ def main() -> None:
             print(
                 f"{threads:>7}  {name:<24}{n * k / t8 / 1e9:>10.1f}{n * k / t4 / 1e9:>10.1f}{4 * n * k / t32 / 1e9:>10.1f}"
             )
+
+    # several rows (a speculative check, a short prefill, a batch): the codes are turned into floats
+    # once per row pair and multiplied with up to 8 rows of x, so from a few rows on the float32
+    # multiply-adds set the pace; beside them, the same multiply-adds in BLAS's float32 GEMM
+    torch.set_num_threads(1)
+    n, k = SHAPES["gate, up (1536 x 576)"]
+    q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    s4, o4 = torch.rand(n, k // 32), torch.rand(n, k // 32)
+    print(
+        "int4_linear at several rows, gate/up shape, 1 thread (in cache): GMAC/s (multiply-adds of a row of x by a weight)"
+    )
+    for rows in (1, 2, 4, 5, 8, 16):
+        t = best_s(torch.ops.lmlab.int4_linear, (torch.randn(rows, k), q4, s4, o4, None), 200, args.repeats)
+        print(f"  {rows:>2} rows  {rows * n * k / t / 1e9:6.1f} GMAC/s  {n * k / t / 1e9:6.1f} Gw/s")
+    x, w = torch.randn(512, k), torch.randn(n, k)
+    t = best_s(torch.nn.functional.linear, (x, w), 10, args.repeats)
+    print(f"  float32 BLAS, 512 rows: {512 * n * k / t / 1e9:6.1f} GMAC/s")
 
     torch.set_num_threads(2)
     x, w = torch.randn(512, 576), torch.randn(1536, 576)
