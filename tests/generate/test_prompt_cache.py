@@ -9,7 +9,13 @@ import torch
 import lmlab
 from lmlab.generate import GenerationConfig, decode
 from lmlab.generate.kv_cache import PromptCache
-from lmlab.generate.speculative import RECOMPUTE_WINDOW, SpeculativeStats, speculative_rounds, truncated_draft
+from lmlab.generate.speculative import (
+    RECOMPUTE_WINDOW,
+    Speculation,
+    SpeculativeStats,
+    speculative_rounds,
+    truncated_draft,
+)
 from lmlab.model.config import ModelConfig
 
 
@@ -73,86 +79,132 @@ def test_keys_and_values_of_another_model_are_not_reused():
     assert past.reusable(past.ids, decode.prompt_cache_owner(b)) == len(past.ids) - 1
 
 
+def _spy(monkeypatch, target, draft) -> dict[str, list]:
+    """Record each model's forward widths, each draft head's argmaxes (its proposals) and each
+    Speculation.adopt's answer."""
+    seen: dict[str, list] = {"target": [], "draft": [], "proposals": [], "adopted": []}
+    for name, model in (("target", target), ("draft", draft)):
+        real = model.hidden_states
+
+        def hidden(ids, *a, real=real, name=name, **k):
+            seen[name].append(ids.shape[1])
+            return real(ids, *a, **k)
+
+        monkeypatch.setattr(model, "hidden_states", hidden)
+    head, adopt = Speculation._head, Speculation.adopt
+
+    def spy_head(self, model, h, z=None, full=True):
+        out = head(self, model, h, z, full)
+        if model is self.draft:
+            seen["proposals"].append(out.argmax(-1).tolist())
+        return out
+
+    def spy_adopt(self, *a):
+        seen["adopted"].append(adopt(self, *a))
+        return seen["adopted"][-1]
+
+    monkeypatch.setattr(Speculation, "_head", spy_head)
+    monkeypatch.setattr(Speculation, "adopt", spy_adopt)
+    return seen
+
+
 @pytest.mark.parametrize("eagle", [False, True])
 @pytest.mark.parametrize("compile", [False, "auto"])
-def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compile, pending_warmups):
+def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compile, pending_warmups, monkeypatch):
     """Turns of speculative rounds over one prompt cache: the output is the target's greedy one, the
     cache keeps everything but the newest token, and the target's first call runs only the new tokens
-    (with the drafted ones); the draft starts from its kept state, so it reads only the new tokens and
-    drafts what a fresh run over the whole prompt drafts. Without a kept draft state (after plain
-    answers) an EAGLE draft's first call instead runs the prompt for its states, from the last
-    RECOMPUTE_WINDOW kept tokens on once more are kept (the fourth turn)."""
+    (with the drafted ones); the draft starts from its kept state, reads only the new tokens and
+    proposes exactly what a fresh run over the whole prompt proposes. Without a kept draft state an
+    EAGLE draft's first call instead runs the prompt for its states, from the last RECOMPUTE_WINDOW
+    kept tokens on once more are kept (turn 3); the state it then keeps (base > 0) is adopted next
+    (turn 4); after a plain answer (turn 5) the older state is adopted and catches up (turn 6)."""
     from lmlab.compress.eagle import eagle_draft
 
     target = _tiny(0)
     torch.manual_seed(1)
     draft = eagle_draft(target).eval() if eagle else truncated_draft(target, 1)
-    calls: dict[str, list[int]] = {"target": [], "draft": []}
-    for name, model in (("target", target), ("draft", draft)):
-        real = model.hidden_states
-
-        def hidden(ids, *a, real=real, name=name, **k):
-            calls[name].append(ids.shape[1])
-            return real(ids, *a, **k)
-
-        model.hidden_states = hidden
+    seen = _spy(monkeypatch, target, draft)
     past, k = PromptCache(), 3
     torch.manual_seed(5)
     prompt = torch.randint(0, 512, (9,)).tolist()
-    kept = 0
-    for turn in range(4):
-        if turn == 3:
-            past.draft = None  # as after plain answers: the target's cache kept, no draft state
-        had = past.draft is not None
-        restart = eagle and not had and kept > RECOMPUTE_WINDOW
+    kept, state_start, from_scratch = 0, 0, True  # from_scratch: the kept state's chain began with a full read
+    for turn in range(7):
         cfg = GenerationConfig(max_new_tokens=16, compile=compile)
         want = decode.generate(target, None, prompt, cfg.replace(compile=False))[0].token_ids
-        fresh = SpeculativeStats()  # the same prompt, nothing kept: what the draft proposes from scratch
-        list(speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, fresh, None))
-        calls["target"].clear(), calls["draft"].clear()
-        stats = SpeculativeStats()
-        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, stats, past) for t in new]
+        if turn == 5:  # a plain answer: the target's cache moves on, the draft's state stays
+            got = decode.generate(target, None, prompt, cfg, past=past)[0].token_ids
+            assert got == want and past.draft is not None
+            prompt, kept = prompt + got + torch.randint(0, 512, (6,)).tolist(), len(prompt) + len(got) - 1
+            continue
+        if turn == 3:
+            past.draft = None  # nothing kept for the draft (as after a cache from plain answers only)
+        had = past.draft is not None
+        restart = eagle and not had and kept > RECOMPUTE_WINDOW
+        seen["proposals"].clear()
+        list(speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), None))
+        fresh = list(seen["proposals"])  # the same prompt, nothing kept
+        for key in seen:
+            seen[key].clear()
+        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), past)
+               for t in new]  # fmt: skip
         assert got == want, turn
         assert past.ids == prompt + got[:-1]
+        assert seen["adopted"] == [had], turn
         if eagle:
-            first = len(prompt) - 1 - (kept - RECOMPUTE_WINDOW if restart else kept)
-            assert calls["target"][0] == first, turn
+            first = len(prompt) - 1 - (kept - RECOMPUTE_WINDOW if restart else state_start if had else kept)
+            assert seen["target"][0] == first, turn
         else:
-            assert calls["target"][0] == len(prompt) - kept + k, turn
-            assert calls["draft"][0] == len(prompt) - (kept if had else 0), turn  # the draft's kept keys/values
-        if turn < 3:  # a kept draft state drafts exactly what a fresh run does
-            assert (stats.proposed, stats.accepted) == (fresh.proposed, fresh.accepted), turn
-        prompt, kept = prompt + got + torch.randint(0, 512, (6,)).tolist(), len(prompt) + len(got) - 1
-    assert not eagle or restart  # (the fourth turn did restart an EAGLE draft's window)
+            assert seen["target"][0] == len(prompt) - kept + k, turn
+            assert seen["draft"][0] == len(prompt) - (state_start if had else 0), turn  # its kept keys/values
+        from_scratch = from_scratch and not restart
+        if from_scratch:  # a state whose chain began with a full read proposes what a fresh run does
+            assert seen["proposals"] == fresh, turn
+        state_start = len(prompt) + len(got) - 1  # where the kept state ends: all but the newest token
+        prompt, kept = prompt + got + torch.randint(0, 512, (6,)).tolist(), state_start
+    assert not eagle or not from_scratch  # (turn 3 did restart an EAGLE draft's window)
 
 
-def test_a_kept_draft_state_serves_only_its_own_draft():
-    """Another draft (or the same one changed since) starts over: it reads the whole prompt."""
+@pytest.mark.parametrize("eagle", [False, True])
+def test_a_kept_draft_state_serves_only_its_own_draft_and_conversation(eagle, monkeypatch):
+    """A kept draft state is refused by another draft object, by a conversation edited at the last
+    token it read (a plain answer in between keeps the target's cache on the edited one), and by a
+    prompt that ends where it does (nothing left to check against); refused, the rounds start over and
+    still give the target's greedy output."""
+    from lmlab.compress.eagle import eagle_draft
+
     target = _tiny(0)
-    first, other = truncated_draft(target, 1), truncated_draft(target, 1)  # two objects, the same weights
-    calls: list[int] = []
-    real = other.hidden_states
-    other.hidden_states = lambda ids, *a, **k: calls.append(ids.shape[1]) or real(ids, *a, **k)
+    torch.manual_seed(1)
+    make = (lambda: eagle_draft(target).eval()) if eagle else (lambda: truncated_draft(target, 1))
+    first, other = make(), make()
+    other.load_state_dict(first.state_dict())  # the same weights, another object
+    seen = _spy(monkeypatch, target, other)
     past, cfg = PromptCache(), GenerationConfig(max_new_tokens=8)
     torch.manual_seed(5)
     prompt = torch.randint(0, 512, (9,)).tolist()
-    got = [
-        t for new in speculative_rounds(target, first, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past) for t in new
-    ]
-    assert past.draft is not None and past.draft.length > 0
-    prompt = prompt + got + [7, 8]
-    list(speculative_rounds(target, other, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past))
-    assert calls[0] == len(prompt)
-    # a plain answer to an edited conversation keeps the target's cache but not the draft's state (it
-    # was computed on the unedited one): the next speculative turn's draft reads everything again
+
+    def turn(draft, prompt) -> list[int]:
+        seen["adopted"].clear()
+        out = [t for new in speculative_rounds(target, draft, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past)
+               for t in new]  # fmt: skip
+        assert out == decode.generate(target, None, prompt, cfg)[0].token_ids
+        return out
+
+    prompt = prompt + turn(first, prompt) + [7, 8]
+    prompt = prompt + turn(other, prompt) + [9]
+    assert seen["adopted"] == [False]  # another draft's state
+    prompt = prompt + turn(other, prompt) + [10]
+    assert seen["adopted"] == [True]  # its own
     kept = past.draft
-    edited = [prompt[0] + 1, *prompt[1:]]
+    # after whole rounds the state read all but the newest token: change the last one it read
+    assert kept.reads(eagle) == kept.start == len(kept.ids) - 1
+    last = len(kept.ids) - 2
+    edited = [*prompt[:last], (prompt[last] + 1) % 512, *prompt[last + 1 :]]
     answer = decode.generate(target, None, edited, cfg, past=past)[0].token_ids
-    assert past.draft is kept and past.ids[0] == edited[0]
-    calls.clear()
-    prompt = edited + answer + [9]
-    list(speculative_rounds(target, other, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past))
-    assert calls[0] == len(prompt)
+    assert past.draft is kept and past.ids[last] == edited[last]
+    turn(other, edited + answer + [9])
+    assert seen["adopted"] == [False]  # an edited conversation
+    turn(other, past.draft.ids[: past.draft.start])
+    assert seen["adopted"] == [False]  # nothing past it to check: the target's cache cannot cover it
 
 
 def test_generate_and_speculative_generate_take_a_prompt_cache():

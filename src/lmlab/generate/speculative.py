@@ -46,7 +46,7 @@ class KeptDraft:
     length: int
     base: int
     pending: torch.Tensor  # an EAGLE draft's target states from position base + length on
-    owner: tuple  # (target, draft) prompt_cache_owner: the models and weights that computed it
+    owner: tuple  # (target, draft) prompt_cache_owner: the model objects and their fingerprints
 
     @property
     def start(self) -> int:
