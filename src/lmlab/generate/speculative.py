@@ -10,6 +10,7 @@ output token for token; only the speed depends on how often the draft agrees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -320,7 +321,7 @@ class Speculation:
         """Start from `kept` (an earlier answer's state) where it is valid for `prompt`: the same
         models, computed on a prefix of it, and covering no more than the `reused` tokens whose keys/
         values the target's cache already holds. False (nothing changed) otherwise."""
-        if kept is None or kept.owner != self._owner():
+        if kept is None or kept.owner != self._owner:
             return False
         if common_prefix(kept.ids, prompt) < kept.reads(self.eagle) or kept.start > reused:
             return False
@@ -331,9 +332,11 @@ class Speculation:
     def kept(self, seq: list[int]) -> KeptDraft:
         """The draft's state after the rounds over `seq`, to keep (copied out of a CUDA graph's cache)."""
         n = self.d_cache.length
-        return KeptDraft(list(seq), held(self.d_cache, n, self.replays), n, self.base, self.pending, self._owner())
+        return KeptDraft(list(seq), held(self.d_cache, n, self.replays), n, self.base, self.pending, self._owner)
 
+    @functools.cached_property
     def _owner(self) -> tuple:
+        # (once per answer: a fingerprint walks the model, ~2 ms for SmolLM2)
         return decode.prompt_cache_owner(self.target), decode.prompt_cache_owner(self.draft)
 
     def add_states(self, states: torch.Tensor) -> None:
