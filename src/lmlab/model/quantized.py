@@ -111,7 +111,7 @@ class QuantLinear(nn.Module):
     activations = "float32"  # set by attach_config from QuantConfig.activations (per-channel int8 only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the device policy says where integer activations run (a CPU's prefill, where they were
+        # the device policy says where integer activations run (a VNNI CPU's prefill, where they were
         # measured); elsewhere the dequantized, exact path
         rows = policy(x.device).int8_prefill_rows if self.activations != "float32" else None
         if rows is not None and x.numel() > rows * self.in_features:
