@@ -245,6 +245,37 @@ def _decode_times(ours, theirs, shapes: Shapes, device: torch.device, batch: int
         return time_interleaved(fns, 3, device)
 
 
+@check("chat turns with kept caches")
+def kept_turns(device: torch.device, compile_modes: list[bool]) -> None:
+    """Three turns of speculative rounds (an EAGLE draft) over one PromptCache, compiled where the run
+    compiles (on a GPU: CUDA graphs, whose static caches the kept target cache and draft state are
+    copied out of): every turn's tokens equal plain greedy decoding's, and turns after the first adopt
+    the draft's kept state."""
+    from lmlab.compress.eagle import eagle_draft
+    from lmlab.generate import GenerationConfig, decode
+    from lmlab.generate.kv_cache import PromptCache
+    from lmlab.generate.speculative import SpeculativeStats, speculative_rounds
+
+    target = ours_model(lmlab.ModelConfig.from_preset("llama-tiny"), device).eval()
+    torch.manual_seed(1)
+    draft = eagle_draft(target).to(device).eval()
+    past, prompt, ok = (
+        PromptCache(),
+        torch.randint(3, 500, (9,), generator=torch.Generator().manual_seed(5)).tolist(),
+        True,
+    )
+    cfg = GenerationConfig(max_new_tokens=16, compile=True in compile_modes)
+    for turn in range(3):
+        want = decode.generate(target, None, prompt, cfg.replace(compile=False))[0].token_ids
+        had = past.draft is not None
+        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past)
+               for t in new]  # fmt: skip
+        ok &= got == want and had == (turn > 0) and past.ids == prompt + got[:-1]
+        prompt = prompt + got + [7, 8, 9]
+    record("chat turns with kept caches", ok, f"3 turns, {'compiled' if cfg.compile else 'eager'}: "
+           + ("tokens equal plain greedy, draft state adopted" if ok else "tokens or kept state differ"))  # fmt: skip
+
+
 # -- 4. the real commands --------------------------------------------------------------------------
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -383,6 +414,7 @@ def main() -> int:
         training(shapes, device, compile_modes)
     if "decoding" in only:
         decoding(shapes, device, compile_modes)
+        kept_turns(device, compile_modes)
     if "commands" in only:
         with tempfile.TemporaryDirectory() as work:
             commands(device, Path(work))
