@@ -248,9 +248,9 @@ def _decode_times(ours, theirs, shapes: Shapes, device: torch.device, batch: int
 @check("chat turns with kept caches")
 def kept_turns(device: torch.device, compile_modes: list[bool]) -> None:
     """Three turns of speculative rounds (an EAGLE draft) over one PromptCache, compiled where the run
-    compiles (on a GPU: CUDA graphs, whose static caches the kept target cache and draft state are
-    copied out of): every turn's tokens equal plain greedy decoding's, and turns after the first adopt
-    the draft's kept state."""
+    compiles (on a GPU: CUDA graphs over each answer's own static caches, which the PromptCache then
+    holds): every turn's tokens equal plain greedy decoding's, and turns after the first adopt the
+    draft's kept state."""
     from lmlab.compress.eagle import eagle_draft
     from lmlab.generate import GenerationConfig, decode
     from lmlab.generate.kv_cache import PromptCache

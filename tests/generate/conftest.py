@@ -5,8 +5,18 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
+import lmlab
 from lmlab.generate import decode
+from lmlab.model.config import ModelConfig
+
+
+def tiny_llama(seed: int, **kw) -> lmlab.Transformer:
+    """A random llama-tiny (weights wide enough to give varied tokens, no EOS) seeded with `seed`: the
+    target and drafts of the speculative and prompt-cache tests."""
+    torch.manual_seed(seed)
+    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None, **kw)).eval()
 
 
 @pytest.fixture

@@ -16,12 +16,7 @@ from lmlab.generate.speculative import (
     speculative_rounds,
     truncated_draft,
 )
-from lmlab.model.config import ModelConfig
-
-
-def _tiny(seed: int, **kw) -> lmlab.Transformer:
-    torch.manual_seed(seed)
-    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None, **kw)).eval()
+from tests.generate.conftest import tiny_llama
 
 
 def _prefills(model: lmlab.Transformer) -> list[int]:
@@ -45,7 +40,7 @@ def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(com
     token, which was never fed back), and its tokens and log-probabilities are those of a fresh run.
     The compile setting may change between turns (an eager cache kept, a static one filled, and back);
     with "auto" the compiles never finish, so the static cache's eager steps run."""
-    model = _tiny(0)
+    model = tiny_llama(0)
     calls = _prefills(model)
     past = PromptCache()
     torch.manual_seed(5)
@@ -68,7 +63,7 @@ def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(com
 
 
 def test_keys_and_values_of_another_model_are_not_reused():
-    a, b = _tiny(0), _tiny(1)
+    a, b = tiny_llama(0), tiny_llama(1)
     past, cfg = PromptCache(), GenerationConfig(max_new_tokens=6)
     prompt = torch.randint(0, 512, (9,)).tolist()
     _decode(a, prompt, cfg, past)
@@ -120,7 +115,7 @@ def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compil
     (turn 4); after a plain answer (turn 5) the older state is adopted and catches up (turn 6)."""
     from lmlab.compress.eagle import eagle_draft
 
-    target = _tiny(0)
+    target = tiny_llama(0)
     torch.manual_seed(1)
     draft = eagle_draft(target).eval() if eagle else truncated_draft(target, 1)
     seen = _spy(monkeypatch, target, draft)
@@ -172,7 +167,7 @@ def test_a_kept_draft_state_serves_only_its_own_draft_and_conversation(eagle, mo
     still give the target's greedy output."""
     from lmlab.compress.eagle import eagle_draft
 
-    target = _tiny(0)
+    target = tiny_llama(0)
     torch.manual_seed(1)
     make = (lambda: eagle_draft(target).eval()) if eagle else (lambda: truncated_draft(target, 1))
     first, other = make(), make()
@@ -213,7 +208,7 @@ def test_generate_and_speculative_generate_take_a_prompt_cache():
     from lmlab.errors import LmlabError
     from lmlab.generate.speculative import speculative_generate
 
-    model = _tiny(0)
+    model = tiny_llama(0)
     draft = truncated_draft(model, 1)
     cfg = GenerationConfig(max_new_tokens=10)
     torch.manual_seed(5)
@@ -238,7 +233,7 @@ def test_under_the_gpu_policy_the_kept_keys_and_values_are_a_copy_of_the_shared_
     from lmlab.utils.device import forced_policy, policy
 
     monkeypatch.setattr(decode, "_caches", {})
-    model = _tiny(0)
+    model = tiny_llama(0)
     cfg = GenerationConfig(max_new_tokens=8, compile="auto", logprobs=True)
     torch.manual_seed(5)
     prompt, other = torch.randint(0, 512, (9,)).tolist(), torch.randint(0, 512, (9,)).tolist()

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-import lmlab
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate
 from lmlab.generate.speculative import (
@@ -18,17 +17,12 @@ from lmlab.generate.speculative import (
     speculative_rounds,
     truncated_draft,
 )
-from lmlab.model.config import ModelConfig
-
-
-def _tiny(seed: int, **kw) -> lmlab.Transformer:
-    torch.manual_seed(seed)
-    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None, **kw)).eval()
+from tests.generate.conftest import tiny_llama
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_output_equals_the_targets(k):
-    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    target, draft = tiny_llama(0), tiny_llama(1, n_layer=1)
     prompt = torch.randint(0, 512, (7,)).tolist()
     cfg = GenerationConfig(max_new_tokens=20)
     want = generate(target, None, prompt, cfg)[0].token_ids
@@ -38,7 +32,7 @@ def test_greedy_output_equals_the_targets(k):
 
 
 def test_a_perfect_draft_is_always_accepted():
-    target = _tiny(0)
+    target = tiny_llama(0)
     prompt = torch.randint(0, 512, (5,)).tolist()
     got, stats = speculative_generate(
         target, target, None, prompt, GenerationConfig(max_new_tokens=16), 4, confidence=0
@@ -50,7 +44,7 @@ def test_a_perfect_draft_is_always_accepted():
 
 
 def test_rounds_yield_each_rounds_new_tokens_up_to_the_limit_or_eos():
-    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    target, draft = tiny_llama(0), tiny_llama(1, n_layer=1)
     prompt = torch.randint(0, 512, (7,)).tolist()
     cfg = GenerationConfig(max_new_tokens=13)
     want = generate(target, None, prompt, cfg)[0].token_ids
@@ -69,7 +63,7 @@ def test_rounds_yield_each_rounds_new_tokens_up_to_the_limit_or_eos():
 
 
 def test_truncated_draft_shares_weights_and_speaks_the_same_vocabulary():
-    target = _tiny(0, n_layer=4)
+    target = tiny_llama(0, n_layer=4)
     for bad in (0, 4):
         with pytest.raises(LmlabError, match=f"a draft of {bad} layers: the target has 4, so 1 to 3"):
             truncated_draft(target, bad)
@@ -99,7 +93,7 @@ def test_rejection_sampling_preserves_the_target_distribution_exactly():
 
 
 def test_seeded_speculative_sampling_is_reproducible():
-    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    target, draft = tiny_llama(0), tiny_llama(1, n_layer=1)
     prompt = torch.randint(0, 512, (5,)).tolist()
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=3)
     a, _ = speculative_generate(target, draft, None, prompt, cfg)
@@ -108,7 +102,7 @@ def test_seeded_speculative_sampling_is_reproducible():
 
 
 def test_a_doubting_draft_proposes_fewer_tokens_and_the_output_stays():
-    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    target, draft = tiny_llama(0), tiny_llama(1, n_layer=1)
     prompt = torch.randint(0, 512, (7,)).tolist()
     cfg = GenerationConfig(max_new_tokens=20)
     want = generate(target, None, prompt, cfg)[0].token_ids
@@ -134,7 +128,7 @@ def test_plain_greedy_takes_argmaxes_and_matches_the_general_rule(confidence):
     longer than the text, which changes nothing) gives the same tokens, rounds and acceptances."""
     from lmlab.compress.draft import reduce_head
 
-    target = _tiny(0)
+    target = tiny_llama(0)
     # the target itself with a head over 400 of its 512 tokens, listed out of vocabulary order: right
     # wherever the target's choice is among them, wrong elsewhere
     draft = reduce_head(copy.deepcopy(target), sorted(torch.randperm(512)[:400].tolist(), reverse=True))
@@ -149,7 +143,7 @@ def test_plain_greedy_takes_argmaxes_and_matches_the_general_rule(confidence):
 
 
 def test_greedy_with_a_repetition_penalty_equals_the_targets():
-    target, draft = _tiny(0), _tiny(1, n_layer=1)
+    target, draft = tiny_llama(0), tiny_llama(1, n_layer=1)
     prompt = torch.randint(0, 512, (7,)).tolist()
     cfg = GenerationConfig(max_new_tokens=20, repetition_penalty=1.5)
     want = generate(target, None, prompt, cfg)[0].token_ids
@@ -168,7 +162,7 @@ def test_an_eagle_draft_that_fell_behind_catches_up_on_the_targets_own_states(pl
     from lmlab.generate.kv_cache import KVCache
     from lmlab.generate.speculative import RECOMPUTE_WINDOW, Speculation
 
-    target = _tiny(0)
+    target = tiny_llama(0)
     torch.manual_seed(1)
     draft = eagle_draft(target).eval()
     prompt = torch.randint(0, 512, (9,)).tolist()

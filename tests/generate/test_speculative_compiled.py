@@ -11,16 +11,10 @@ import threading
 import pytest
 import torch
 
-import lmlab
 from lmlab.compress.eagle import eagle_draft
 from lmlab.generate import GenerationConfig, decode, generate
 from lmlab.generate.speculative import speculative_generate, truncated_draft
-from lmlab.model.config import ModelConfig
-
-
-def _tiny(seed: int, **kw) -> lmlab.Transformer:
-    torch.manual_seed(seed)
-    return lmlab.Transformer(ModelConfig.from_preset("llama-tiny", init_std=0.1, eos_token_id=None, **kw)).eval()
+from tests.generate.conftest import tiny_llama
 
 
 @pytest.fixture
@@ -51,7 +45,7 @@ def _drafts(target):
 @pytest.mark.parametrize("kind", ["eagle", "layers", "self"])
 @pytest.mark.parametrize("k", [1, 4])
 def test_compiled_rounds_give_the_targets_greedy_tokens(eager_graphs, kind, k):
-    target = _tiny(0)
+    target = tiny_llama(0)
     draft = _drafts(target)[kind]
     prompt = torch.randint(0, 512, (9,)).tolist()
     want = generate(target, None, prompt, GenerationConfig(max_new_tokens=30))[0].token_ids
@@ -70,7 +64,7 @@ def test_compiled_rounds_give_the_targets_greedy_tokens(eager_graphs, kind, k):
 def test_padded_and_unpadded_rounds_agree_round_for_round(eager_graphs, kind, confidence):
     """The same rounds eager over dynamic caches and through padded static calls: equal tokens, and the
     draft guessed the same (a pad left in a cache would change what it reads, and its guesses)."""
-    target = _tiny(0)
+    target = tiny_llama(0)
     draft = _drafts(target)[kind]
     prompt = torch.randint(0, 512, (6,)).tolist()
     runs = []
@@ -87,7 +81,7 @@ def test_padded_and_unpadded_rounds_agree_round_for_round(eager_graphs, kind, co
 
 def test_auto_runs_eagerly_until_the_graphs_are_ready(monkeypatch):
     """compile="auto": while the compiles run, the round's forwards run eagerly over the static caches."""
-    target = _tiny(0)
+    target = tiny_llama(0)
     draft = _drafts(target)["layers"]
 
     class Pending:  # a compile that never finishes
@@ -103,7 +97,7 @@ def test_auto_runs_eagerly_until_the_graphs_are_ready(monkeypatch):
 
 def test_rounds_really_compiled_match():
     """One real compile of each graph (tiny models): the same greedy tokens as plain decoding."""
-    target = _tiny(0, n_layer=2)
+    target = tiny_llama(0, n_layer=2)
     torch.manual_seed(3)
     draft = eagle_draft(target).eval()
     prompt = torch.randint(0, 512, (7,)).tolist()
@@ -124,7 +118,7 @@ def test_precompile_asks_for_the_graphs_an_answer_then_runs(pending_warmups):
     from lmlab.generate import speculative
 
     asked = pending_warmups
-    target = _tiny(0)
+    target = tiny_llama(0)
     draft = truncated_draft(target, 1)
     cfg = GenerationConfig(max_new_tokens=8, compile="auto")
     widths = set()

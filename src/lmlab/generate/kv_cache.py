@@ -156,7 +156,13 @@ class PromptCache:
     def keep(self, cache: KVCache | StaticKVCache, ids: list[int], owner, shared: bool = False) -> None:
         """Keep `cache`'s first len(ids) tokens (those of `ids`). A `shared` cache (a kept CUDA-graph
         cache that the next decode writes over) is copied; any other is held as it is."""
-        self.cache, self.ids, self.owner = held(cache, len(ids), shared), list(ids), owner
+        if shared:
+            n = len(ids)
+            copy = StaticKVCache.__new__(StaticKVCache)
+            copy.k = [t[:, :, :n].clone() for t in cache.k]
+            copy.v = [t[:, :, :n].clone() for t in cache.v]
+            cache = copy
+        self.cache, self.ids, self.owner = cache, list(ids), owner
 
 
 def copy_prefix(src: KVCache | StaticKVCache | None, dst: KVCache | StaticKVCache, n: int) -> None:
@@ -168,17 +174,6 @@ def copy_prefix(src: KVCache | StaticKVCache | None, dst: KVCache | StaticKVCach
             dk[:, :h, :n] = sk[:, :h, :n]
             dv[:, :h, :n] = sv[:, :h, :n]
     dst.length = n
-
-
-def held(cache: KVCache | StaticKVCache, n: int, shared: bool) -> KVCache | StaticKVCache:
-    """`cache` to keep for its first `n` columns: a `shared` one (a CUDA graph's, written over by the
-    next replay) copied, any other as it is."""
-    if not shared:
-        return cache
-    copy = StaticKVCache.__new__(StaticKVCache)
-    copy.k = [t[:, :, :n].clone() for t in cache.k]
-    copy.v = [t[:, :, :n].clone() for t in cache.v]
-    return copy
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -21,7 +21,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
-from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache, common_prefix, copy_prefix, held
+from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache, common_prefix, copy_prefix
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
 from lmlab.model.transformer import Transformer
@@ -212,7 +212,7 @@ def speculative_rounds(
                        stop_token_ids(target, tokenizer, config), max_len, num_draft_tokens, confidence, stats)  # fmt: skip
     t_cache = spec.target_cache(max_len)
     if past is not None:
-        owner = decode.prompt_cache_owner(target)
+        owner = spec.owners[0]
         past.fill(t_cache, past.reusable(prompt_ids, owner))
         spec.adopt(past.draft, prompt_ids, t_cache.length)
     seq = list(prompt_ids)
@@ -321,7 +321,7 @@ class Speculation:
         """Start from `kept` (an earlier answer's state) where it is valid for `prompt`: the same
         models, computed on a prefix of it, and covering no more than the `reused` tokens whose keys/
         values the target's cache already holds. False (nothing changed) otherwise."""
-        if kept is None or kept.owner != self._owner:
+        if kept is None or kept.owner != self.owners:
             return False
         if common_prefix(kept.ids, prompt) < kept.reads(self.eagle) or kept.start > reused:
             return False
@@ -330,13 +330,15 @@ class Speculation:
         return True
 
     def kept(self, seq: list[int]) -> KeptDraft:
-        """The draft's state after the rounds over `seq`, to keep (copied out of a CUDA graph's cache)."""
-        n = self.d_cache.length
-        return KeptDraft(list(seq), held(self.d_cache, n, self.replays), n, self.base, self.pending, self._owner)
+        """The draft's state after the rounds over `seq`, to keep. Its cache is held as it is: each
+        Speculation makes its own (a decode step's static cache, shared between calls, is what
+        PromptCache.keep copies)."""
+        return KeptDraft(list(seq), self.d_cache, self.d_cache.length, self.base, self.pending, self.owners)
 
     @functools.cached_property
-    def _owner(self) -> tuple:
-        # (once per answer: a fingerprint walks the model, ~2 ms for SmolLM2)
+    def owners(self) -> tuple:
+        """(target, draft) `decode.prompt_cache_owner`s: which models' kept state this can use (computed
+        once: a fingerprint walks the model, ~2 ms for SmolLM2)."""
         return decode.prompt_cache_owner(self.target), decode.prompt_cache_owner(self.draft)
 
     def add_states(self, states: torch.Tensor) -> None:
