@@ -23,6 +23,7 @@ machines).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -66,9 +67,10 @@ def variants(gptq_samples: int, out: Path | None = None) -> dict[str, object]:
 
     return {
         "fp32": lambda: load_pretrained(MODEL)[0],
-        "int8 (per channel)": rtn(QuantConfig(bits=8)),
+        "int8 (per channel)": rtn(QuantConfig(bits=8)),  # the default: int24 activations in a long prefill
+        "int8 pc, float32 act": rtn(QuantConfig(bits=8, activations="float32")),  # weight-only
         "int8 pc, int8 act": rtn(QuantConfig(bits=8, activations="int8")),  # W8A8 dynamic
-        "int8 pc, int16 act": rtn(QuantConfig(bits=8, activations="int16")),  # prefill in two int8 halves
+        "int8 pc, int16 act": rtn(QuantConfig(bits=8, activations="int16")),  # prefill in two int8 limbs
         "int4 RTN g64": rtn(QuantConfig(bits=4, group_size=64, sym=False)),
         "int4 GPTQ g64": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq")),
         "int4 GPTQ g64 act-order": gptq(QuantConfig(bits=4, group_size=64, sym=False, method="gptq", desc_act=True)),
@@ -179,7 +181,9 @@ def speed(args: argparse.Namespace) -> None:
     builds = variants(args.gptq_samples)
     rows = {  # name -> (lmlab model builder, the GGUF file llama.cpp runs beside it)
         "fp32 / F32": (builds["fp32"], files["F32"]),
-        "int8 per channel": (builds["int8 (per channel)"], None),
+        # the default (int24 activations in a prefill on a VNNI CPU) beside llama.cpp's Q8_0
+        "int8 per channel": (builds["int8 (per channel)"], files["Q8_0"]),
+        "int8 pc, float32 act": (builds["int8 pc, float32 act"], None),
         # W8A8 dynamic (lmlab quantize --activations int8): its prefill beside llama.cpp's Q8_0, which
         # also rounds activations to 8 bits
         "int8 pc, int8 act": (builds["int8 pc, int8 act"], files["Q8_0"]),
@@ -196,7 +200,8 @@ def speed(args: argparse.Namespace) -> None:
     print(f"{threads} threads (llama.cpp too); {args.new_tokens} new tokens; median of {args.repeats}; "
           "MB/step: weight bytes one decode step streams")  # fmt: skip
     print(f"{'model':<20}{'MB/step':>8}{'batch':>6}{'eager':>8}{'compiled':>10}{'GB/s':>6}{'prefill 512':>12}"
-          f"{'llama.cpp':>11}{'its prefill':>12}{'ours/llama.cpp':>16}{'with prompt':>13}{'prefill 40':>11}")  # fmt: skip
+          f"{'llama.cpp':>11}{'its prefill':>12}{'ours/llama.cpp':>16}{'with prompt':>13}{'prefill 40':>11}"
+          f"{'prefill ours/llama.cpp':>24}")  # fmt: skip
     for name, (build, gguf) in rows.items():
         if args.only and name not in args.only:
             continue
@@ -246,7 +251,8 @@ def speed(args: argparse.Namespace) -> None:
                     else " " * 39
                 )
                 print(f"{name:<20}{nbytes / 1e6:>8.0f}{batch:>6}{res['eager']:>8.1f}{res['compiled']:>10.1f}{gbs:>6.1f}"
-                      f"{prefill:>12.0f}{theirs}{res['compiled whole']:>13.1f}{prefill_short:>11.0f}", flush=True)  # fmt: skip
+                      f"{prefill:>12.0f}{theirs}{res['compiled whole']:>13.1f}{prefill_short:>11.0f}"
+                      f"{f'{prefill / ref[1]:.2f}x' if ref and batch == 1 else '':>24}", flush=True)  # fmt: skip
         del model
 
 
@@ -262,21 +268,26 @@ def activation_error(args: argparse.Namespace) -> None:
     ids = torch.tensor([tok.encode(" ".join(load_texts("kjv", "test")[:400]))[: args.act_tokens]])
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     print(f"logits of a {ids.shape[1]}-token prefill against float32 activations (same int8 weights)")
+    with torch.inference_mode():  # the scale of float32's own rounding: the same model in float64
+        reference = copy.deepcopy(model).double()(ids)[0]
     exact = None
-    for activations in ("float32", "int16", "int8"):
+    for activations in ("float32", "int24", "int16", "int8"):
         for m in layers:
             m.activations = activations
         with torch.inference_mode():
             logits = model(ids)[0].float()  # (T, V)
         if exact is None:
             exact = logits
+            err = float((logits.double() - reference).abs().max() / reference.abs().max())
+            print(f"  float32 (the exact path) against float64: max |diff| / max |logit| {err:.1e}")
             continue
         err = float((logits - exact).abs().max() / exact.abs().max())
+        err64 = float((logits.double() - reference).abs().max() / reference.abs().max())
         differ = logits.argmax(-1) != exact.argmax(-1)
         top2 = exact.topk(2, -1).values
         gaps = (top2[:, 0] - top2[:, 1])[differ]  # how close the exact path's own choice was where they part
         widest = f", exact top-2 gap there at most {float(gaps.max()):.3f}" if len(gaps) else ""
-        print(f"  {activations:<6} max |diff| / max |logit| {err:.1e}   greedy token the same at "
+        print(f"  {activations:<6} max |diff| / max |logit| {err:.1e} (against float64 {err64:.1e})   greedy token the same at "
               f"{1 - float(differ.float().mean()):.2%} of positions{widest}")  # fmt: skip
 
 
@@ -294,7 +305,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench-quantize", help="where the exported GGUF files are kept")
     ap.add_argument("--mmlu", type=int, default=0, help="--ppl: also MMLU accuracy on this many questions (0: none)")
     ap.add_argument("--only", nargs="*", help="only these rows (names as printed)")
-    ap.add_argument("--act-error", action="store_true", help="how far int16/int8 activations move the logits")
+    ap.add_argument("--act-error", action="store_true", help="how far int24/int16/int8 activations move the logits")
     ap.add_argument("--act-tokens", type=int, default=512, help="--act-error: prefill length")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)

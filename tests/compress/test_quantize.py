@@ -60,17 +60,33 @@ CONFIGS = [
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"int{c.bits}-g{c.group_size}-{'sym' if c.sym else 'asym'}")
 def test_quantized_model_equals_its_dequantized_twin(cfg):
+    """The default settings: per-channel int8's long prefills (over 64 rows, on a VNNI CPU) take
+    int24 activations, which stay within float32's rounding of the twin; the rest is weight-only."""
     model = _tiny()
     quantize_model(model, cfg)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7 + 1  # every block linear + head
+    assert model.quant_config.activations == ("int24" if cfg.bits == 8 and cfg.group_size is None else "float32")
     twin = _dequantized_twin(model)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40))
     with torch.no_grad():
-        assert _rel(model(ids), twin(ids)) <= 1e-5  # prefill: many rows (tiles + BLAS)
+        assert _rel(model(ids), twin(ids)) <= 1e-5  # prefill: 80 rows (int24, or tiles + BLAS)
+        assert _rel(model(ids[:, :12]), twin(ids[:, :12])) <= 1e-5  # 24 rows: the exact kernels
         assert _rel(model(ids[:, :1]), twin(ids[:, :1])) <= 1e-5  # decode-sized: the skinny kernels
     gen = GenerationConfig(max_new_tokens=12)  # greedy
-    prompt = ids[:, :6]
-    assert torch.equal(generate_ids(model, prompt, config=gen, eos=[]), generate_ids(twin, prompt, config=gen, eos=[]))
+    for prompt in (ids[:, :6], ids):
+        want = generate_ids(twin, prompt, config=gen, eos=[])
+        assert torch.equal(generate_ids(model, prompt, config=gen, eos=[]), want)
+
+
+def test_default_activations_follow_the_weights():
+    """activations unset: int24 where the weights are per-channel int8 (an integer matmul can apply
+    their scales), float32 for grouped ones; written out as resolved, read back as written."""
+    assert QuantConfig(bits=8).activations == "int24"
+    assert QuantConfig(bits=8, group_size=32).activations == "float32"
+    assert QuantConfig(bits=4, group_size=32).activations == "float32"
+    assert QuantConfig.from_dict({"quant_method": "lmlab", "bits": 8}).activations == "int24"  # older files
+    assert QuantConfig.from_dict(QuantConfig(bits=8, activations="float32").to_dict()).activations == "float32"
+    assert QuantConfig(bits=8).to_dict()["activations"] == "int24"
 
 
 def test_quantization_error_is_small_and_int8_beats_int4():
@@ -125,10 +141,12 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert "MB ->" in capsys.readouterr().out
     model, _ = load_pretrained(tmp_path / "int4")
     assert model.quant_config.bits == 4 and model.quant_config.group_size == 32
-    assert main(["quantize", src, str(tmp_path / "int16"), "--bits", "8", "--activations", "int16"]) == 0
-    model, _ = load_pretrained(tmp_path / "int16")
-    assert model.quant_config.activations == "int16"
-    assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"int16"}
+    assert model.quant_config.activations == "float32"
+    for flags, activations in ((["--activations", "int16"], "int16"), ([], "int24")):
+        assert main(["quantize", src, str(tmp_path / activations), "--bits", "8", *flags]) == 0
+        model, _ = load_pretrained(tmp_path / activations)
+        assert model.quant_config.activations == activations
+        assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {activations}
 
 
 @pytest.mark.parametrize(
@@ -139,6 +157,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
         (["--bits", "4", "--group", "128"], "group size 128 does not divide the width 64"),
         (["--bits", "4", "--activations", "int8"], "int8 activations need per-channel int8 weights"),
         (["--bits", "8", "--group", "32", "--activations", "int16"], "int16 activations need per-channel int8"),
+        (["--bits", "4", "--activations", "int24"], "int24 activations need per-channel int8 weights"),
     ],
 )
 def test_cli_bad_settings_are_one_line(tmp_path, capsys, args, message):
@@ -168,30 +187,34 @@ needs_vnni = pytest.mark.skipif(not cpu_has_vnni(), reason="no VNNI: integer act
 
 @needs_vnni
 @pytest.mark.parametrize(
-    ("activations", "top", "low", "high"), [("int8", 127, 1e-4, 2e-2), ("int16", 32639, 1e-7, 1e-4)]
+    ("activations", "low", "high"), [("int8", 1e-4, 2e-2), ("int16", 1e-7, 1e-4), ("int24", 1e-9, 1e-6)]
 )
-def test_dynamic_linear_is_the_integer_product_of_rounded_activations(activations, top, low, high):
-    """W8A8 / int16 activations: x rounded per row (max |x| -> top), then exact integer sums, each
-    scaled once; int16's error is ~256x smaller than int8's."""
+def test_dynamic_linear_is_the_integer_product_of_rounded_activations(activations, low, high):
+    """W8A8 / int16 / int24 activations: x rounded per row (max |x| -> top), then exact integer sums,
+    each scaled once; each limb more makes the error ~256x smaller, and int24's is float32's own."""
     from lmlab.kernels import quant
 
     torch.manual_seed(0)
+    top = quant.LIMB_TOP[{"int8": 1, "int16": 2, "int24": 3}[activations]]
     q = torch.randint(-127, 128, (48, 96), dtype=torch.int8)
     scale, bias = torch.rand(48, 1) / 50, torch.randn(48)
     x = torch.randn(2, 70, 96)
     rows = x.reshape(-1, 96)
     sx = rows.abs().amax(-1, keepdim=True) / top
-    xq = torch.round(rows / sx).long()
+    xq = torch.round(rows / sx).clamp(-top, top).long()
     want = (xq @ q.long().t()).double() * sx.double() * scale.view(1, -1).double() + bias.double()
     got = getattr(quant, f"{activations}_dynamic_linear")(x, q, scale, bias)
     torch.testing.assert_close(got.reshape(-1, 48).double(), want, rtol=1e-6, atol=1e-6)
     exact = x @ (q.float() * scale).t() + bias  # the rounding of x: near the exact product, not equal
     err = float((got - exact).norm() / exact.norm())
     assert low < err < high
+    if activations == "int24":  # against float64, no further from the true product than float32 is
+        true = x.double() @ (q.double() * scale.double()).t() + bias.double()
+        assert float((got - true).norm() / true.norm()) <= 2 * float((exact - true).norm() / true.norm())
 
 
 @needs_vnni
-@pytest.mark.parametrize(("activations", "high"), [("int8", 5e-2), ("int16", 1e-4)])
+@pytest.mark.parametrize(("activations", "high"), [("int8", 5e-2), ("int16", 1e-4), ("int24", 1e-5)])
 def test_integer_activations_run_only_a_prefill_and_survive_save_and_load(tmp_path, activations, high):
     model = _tiny("llama-tiny")
     quantize_model(model, QuantConfig(bits=8, activations=activations))
@@ -208,10 +231,10 @@ def test_integer_activations_run_only_a_prefill_and_survive_save_and_load(tmp_pa
     assert back.quant_config.activations == activations
     with torch.no_grad():
         torch.testing.assert_close(back(long), model(long), rtol=0, atol=0)
-    plain = _tiny("llama-tiny")
-    quantize_model(plain, QuantConfig(bits=8))
+    weights_only = _tiny("llama-tiny")
+    quantize_model(weights_only, QuantConfig(bits=8, activations="float32"))
     with torch.no_grad():
-        assert _rel(plain(long), _dequantized_twin(plain)(long)) < 1e-5  # the default stays exact
+        assert _rel(weights_only(long), _dequantized_twin(weights_only)(long)) < 1e-5
     # the device policy decides: under a GPU's policy (no W8A8) the same layers take the exact path
     from lmlab.utils.device import forced_policy, policy
 

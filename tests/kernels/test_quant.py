@@ -88,7 +88,7 @@ def test_under_torch_compile():
         assert _rel(fn(x), ref) <= TOL
 
 
-@pytest.mark.parametrize("activations", ["int8", "int16"])
+@pytest.mark.parametrize("activations", ["int8", "int16", "int24"])
 def test_dynamic_linear_under_torch_compile(activations):
     """The rounding and scaling operators trace (their fake shapes), and the graph gives the eager bits."""
     q, scale = _int8(48, 96, 96)
@@ -106,9 +106,9 @@ def _formula(monkeypatch, fn, *args):
         return fn(*args)
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("limbs", [1, 2, 3])
 @pytest.mark.parametrize(("m", "k", "n"), [(70, 96, 48), (3, 40, 17), (130, 576, 33), (1, 16, 1)])
-def test_dynamic_quantization_ops_are_bit_identical_to_the_formula(monkeypatch, split, m, k, n):
+def test_dynamic_quantization_ops_are_bit_identical_to_the_formula(monkeypatch, limbs, m, k, n):
     """quantize_rows / dequantize_sums (one pass each) give exactly the torch formula's bits: the same
     float operations in the same order, round half to even (x / s lands on .5 often: x is scaled)."""
     if not quant._dynamic_ops():
@@ -121,31 +121,67 @@ def test_dynamic_quantization_ops_are_bit_identical_to_the_formula(monkeypatch, 
         x[1] = 0.0  # an all-zero row: the clamped scale, all codes 0
         # a row whose scale is exactly 1 and whose values are all halves: -2.5, -1.5, ..., 2.5 round
         # to even (-2, -2, ..., 2), where rounding half away from zero would give -3 and 3
-        top = quant.INT16_MAX if split else 127
+        top = quant.LIMB_TOP[limbs]
         x[2] = (torch.arange(k) % 6 - 2.5).float()
         x[2, 0] = top
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scale, bias = torch.rand(n, 1, generator=g) / 50, torch.randn(n, generator=g)
-    codes, sx = quant.quantize_rows(x, split)
-    want_codes, want_sx = _formula(monkeypatch, quant.quantize_rows, x, split)
+    codes, sx = quant.quantize_rows(x, limbs)
+    want_codes, want_sx = _formula(monkeypatch, quant.quantize_rows, x, limbs)
     assert torch.equal(codes, want_codes) and torch.equal(sx, want_sx)
     sums = torch._int_mm(codes, q.t()) if codes.shape[0] > 16 else codes.int() @ q.int().t()
     for b in (bias, None):
-        got = quant.dequantize_sums(sums, sx, scale, b, split)
-        assert torch.equal(got, _formula(monkeypatch, quant.dequantize_sums, sums, sx, scale, b, split))
+        got = quant.dequantize_sums(sums, sx, scale, b, limbs)
+        assert torch.equal(got, _formula(monkeypatch, quant.dequantize_sums, sums, sx, scale, b, limbs))
 
 
-def test_int16_codes_split_into_int8_halves_exactly():
-    """v = round(x / s) in [-32639, 32639] comes back as 256 h + l with both halves in int8."""
+@pytest.mark.parametrize("limbs", [2, 3])
+def test_integer_codes_split_into_int8_limbs_exactly(limbs):
+    """v = round(x / s) in [-top, top] comes back as its base-256 digits (256 h + l; 65536 h + 256 m + l),
+    every digit in int8. Each row's extreme lands on +-top (all digits +-127); with three limbs
+    max |x| / s may round one past it (float32's spacing there is 0.5: 5 of these 40 rows) and is
+    clamped back, or one short (5 rows)."""
     g = torch.Generator().manual_seed(1)
+    top = quant.LIMB_TOP[limbs]
     x = torch.randn(40, 96, generator=g) * 0.1
     x[:, 0] = (1 + torch.rand(40, generator=g)) * torch.tensor([1.0, -1.0]).repeat(20)  # each row's extreme, both signs
-    codes, sx = quant.quantize_rows(x, split=True)
-    h, low = codes[:40].int(), codes[40:].int()
-    v = torch.round(x / sx)
-    assert torch.equal(256 * h + low, v.int())
-    assert torch.equal(v[:, 0].abs(), torch.full((40,), float(quant.INT16_MAX)))  # the extremes: h = +-127, l = +-127
-    assert int(h.abs().max()) == 127 and int(low.min()) >= -128 and int(low.max()) <= 127
+    codes, sx = quant.quantize_rows(x, limbs)
+    digits = codes.int().reshape(limbs, 40, 96)
+    total = digits[0]
+    for d in digits[1:]:
+        total = total * 256 + d
+    unclamped = torch.round(x / sx)
+    v = unclamped.clamp(-top, top)
+    assert torch.equal(total, v.int())
+    extremes = unclamped[:, 0].abs() - top
+    if limbs == 3:
+        assert int((extremes == 1).sum()) == 5 and int((extremes == -1).sum()) == 5
+    else:
+        assert not extremes.any()
+    at_top = extremes >= 0
+    assert torch.equal(v[at_top, 0].abs(), torch.full((int(at_top.sum()),), float(top)))
+    assert torch.equal(digits[:, at_top, 0].abs(), torch.full((limbs, int(at_top.sum())), 127, dtype=torch.int32))
+    assert int(digits.min()) >= -128 and int(digits.max()) <= 127
+    # the sums of the digits' codes put together equal the sums of the integers themselves (exact)
+    q = torch.randint(-127, 128, (8, 96), dtype=torch.int8, generator=g)
+    ones = torch.ones(8, 1)
+    got = quant.dequantize_sums(torch._int_mm(codes, q.t()), torch.ones(40, 1), ones, None, limbs)
+    assert torch.equal(got.double(), (v.double() @ q.double().t()).float().double())
+
+
+@pytest.mark.parametrize("limbs", [2, 3])
+def test_digit_sums_are_put_together_exactly_then_rounded_once(monkeypatch, limbs):
+    """Large digit sums (a wide layer's, up to 2^30): 65536 s_h + 256 s_m + s_l is exact in float64
+    and rounded to float32 once; float32 steps would round twice, off by an ulp here and there."""
+    g = torch.Generator().manual_seed(limbs)
+    sums = torch.randint(-(2**30), 2**30, (limbs * 64, 48), generator=g, dtype=torch.int32)
+    digits = sums.double().reshape(limbs, 64, 48)
+    want = digits[0]
+    for d in digits[1:]:
+        want = want * 256 + d  # exact: |want| < 2^53
+    ones_x, ones_w = torch.ones(64, 1), torch.ones(48, 1)
+    for fn in (quant.dequantize_sums, lambda *a: _formula(monkeypatch, quant.dequantize_sums, *a)):
+        assert torch.equal(fn(sums, ones_x, ones_w, None, limbs), want.float())
 
 
 def test_dynamic_linear_keeps_nan_and_takes_bfloat16():
@@ -154,7 +190,7 @@ def test_dynamic_linear_keeps_nan_and_takes_bfloat16():
     q, scale = _int8(24, 80, 80)
     x = torch.randn(70, 80)
     x[3, 7] = float("nan")
-    for dynamic in (quant.int8_dynamic_linear, quant.int16_dynamic_linear):
+    for dynamic in quant.DYNAMIC_LINEARS.values():
         y = dynamic(x, q, scale)
         assert torch.isnan(y[3]).all() and not torch.isnan(y[torch.arange(70) != 3]).any()
         clean = x.nan_to_num(0.0)

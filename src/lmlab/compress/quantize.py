@@ -87,7 +87,7 @@ def quantize_checkpoint(
     calib: str = "kjv",
     calib_samples: int = 128,
     calib_len: int = 512,
-    activations: str = "float32",
+    activations: str | None = None,
 ) -> dict[str, float]:
     """Load `src`, quantize it, write `out`; sizes before and after (MB) and GPTQ's error ratio."""
     from lmlab.model.checkpoint import load_pretrained, save_pretrained

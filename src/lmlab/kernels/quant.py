@@ -1,4 +1,6 @@
-"""Weight-only quantized matmuls: int8 and int4 codes with float32 scales, float32 activations.
+"""Quantized matmuls: int8 and int4 codes with float32 scales, float32 activations; and for
+per-channel int8 a prefill's activations rounded per token to int8/int16/int24 integers (int8 limbs)
+for oneDNN's int8 x int8 matmul (`int24_dynamic_linear` and its siblings, below).
 
 The layouts are the kernels' (csrc/quant_matmul.cpp) and GGUF's:
 
@@ -93,8 +95,9 @@ def int8_linear(
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-INT16_MAX = 127 * 256 + 127
-"""int16 activations stop here, so that v = 256 h + l splits into two int8 halves."""
+LIMB_TOP = {1: 127, 2: 127 * 256 + 127, 3: (127 * 256 + 127) * 256 + 127}
+"""Integer activations of 1, 2 or 3 int8 limbs (int8, int16, int24) stop here: the largest |v| whose
+base-256 digits all fit int8 (v = 256 h + l, 65536 h + 256 m + l)."""
 
 
 @functools.cache
@@ -103,12 +106,12 @@ def _load_dynamic() -> bool:
         return False
 
     @torch.library.register_fake("lmlab::quantize_rows")
-    def _(x, split):
-        return x.new_empty(x.shape[0] * (2 if split else 1), x.shape[1], dtype=torch.int8), x.new_empty(x.shape[0], 1)
+    def _(x, limbs):
+        return x.new_empty(x.shape[0] * limbs, x.shape[1], dtype=torch.int8), x.new_empty(x.shape[0], 1)
 
     @torch.library.register_fake("lmlab::dequantize_sums")
-    def _(s, scale_x, scale_w, bias, split):
-        return scale_x.new_empty(s.shape[0] // (2 if split else 1), s.shape[1])
+    def _(s, scale_x, scale_w, bias, limbs):
+        return scale_x.new_empty(s.shape[0] // limbs, s.shape[1])
 
     return True
 
@@ -119,40 +122,49 @@ def _dynamic_ops() -> bool:
     return _load_dynamic()
 
 
-def quantize_rows(x: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float32 rounded per row: (codes int8, scales (M, 1)). split False: int8, max |x| -> 127.
-    split True: int16 in [-INT16_MAX, INT16_MAX] as two int8 halves v = 256 h + l, codes (2M, K) with
-    h in rows [0, M) and l in rows [M, 2M), so one int8 matmul of them gives both halves' sums."""
+def quantize_rows(x: torch.Tensor, limbs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float32 rounded per row to integers v in [-top, top] (top = LIMB_TOP[limbs], max |x| ->
+    top): (codes int8 (limbs * M, K), scales (M, 1)). v is written in base 256 with signed int8 digits,
+    the highest in rows [0, M), the next in [M, 2M), ..., so one int8 matmul of the codes gives every
+    digit's sums."""
     if x.device.type == "cpu" and _dynamic_ops():
-        return torch.ops.lmlab.quantize_rows(x, split)
-    sx = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / (INT16_MAX if split else 127.0)
-    v = torch.round(x / sx)
-    if not split:
-        return v.to(torch.int8), sx
-    h = torch.floor((v + 128) / 256)  # exact: |v| < 2^15, and a power of two divides
-    return torch.cat([h, v - 256 * h]).to(torch.int8), sx
+        return torch.ops.lmlab.quantize_rows(x, limbs)
+    top = float(LIMB_TOP[limbs])
+    sx = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / top
+    v = torch.round(x / sx).clamp(-top, top)  # max |x| / sx may round one past the top
+    digits = []
+    for _ in range(limbs - 1):  # lowest first; exact in float32 (|v| < 2^23, a power of two divides)
+        h = torch.floor((v + 128) / 256)
+        digits.append(v - 256 * h)
+        v = h
+    return torch.cat([v, *reversed(digits)]).to(torch.int8), sx
 
 
 def dequantize_sums(
-    s: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None, split: bool
+    s: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor, bias: torch.Tensor | None, limbs: int
 ) -> torch.Tensor:
-    """int32 sums of quantize_rows' codes x weight codes -> float32 (M, N): each sum (256 h + l's
-    when split) times its row's and its column's scale, plus bias."""
+    """int32 sums of quantize_rows' codes x weight codes -> float32 (M, N): the digits' sums put
+    together (in float64, exactly, then rounded once) times each row's and each column's scale, plus
+    bias."""
     if s.device.type == "cpu" and _dynamic_ops():
-        return torch.ops.lmlab.dequantize_sums(s, scale_x, scale_w.reshape(-1), bias, split)
-    s = s.float()
-    if split:
-        m = s.shape[0] // 2
-        s = s[:m] * 256.0 + s[m:]
-    y = s * scale_x * scale_w.reshape(1, -1)
+        return torch.ops.lmlab.dequantize_sums(s, scale_x, scale_w.reshape(-1), bias, limbs)
+    if limbs == 1:
+        total = s.float()
+    else:
+        digits = s.double().reshape(limbs, -1, s.shape[1])
+        total = digits[0]
+        for d in digits[1:]:
+            total = total * 256.0 + d
+        total = total.float()
+    y = total * scale_x * scale_w.reshape(1, -1)
     return y if bias is None else y + bias
 
 
-def _dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, split: bool):
+def _dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, limbs: int):
     shape = x.shape
-    xq, sx = quantize_rows(x.reshape(-1, shape[-1]).float().contiguous(), split)
+    xq, sx = quantize_rows(x.reshape(-1, shape[-1]).float().contiguous(), limbs)
     s = torch._int_mm(xq, q.t())  # int8 x int8 -> int32 (oneDNN, VNNI): exact integer sums
-    y = dequantize_sums(s, sx, scale.float(), None if bias is None else bias.float(), split)
+    y = dequantize_sums(s, sx, scale.float(), None if bias is None else bias.float(), limbs)
     return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
@@ -161,17 +173,30 @@ def int8_dynamic_linear(
 ) -> torch.Tensor:
     """x @ dequantize_int8(q, scale).T + bias with x rounded per row to int8 (symmetric, max |x| -> 127)
     and an int8 x int8 -> int32 product: W8A8 dynamic. Per-channel scales (N, 1) only. Not exact."""
-    return _dynamic_linear(x, q, scale, bias, split=False)
+    return _dynamic_linear(x, q, scale, bias, limbs=1)
 
 
 def int16_dynamic_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """As int8_dynamic_linear with x rounded per row to 16-bit integers (max |x| -> 32639), multiplied
-    as two int8 halves in one int8 matmul of twice the rows: each activation within max |x| / 65278
-    of its value (int8: / 254), so the result is float32's to ~1e-5 of the row's largest product, at
-    twice int8's arithmetic (still half of float32's on VNNI). Per-channel scales (N, 1) only."""
-    return _dynamic_linear(x, q, scale, bias, split=True)
+    as two int8 limbs in one int8 matmul of twice the rows: each activation within max |x| / 65278 of
+    its value (int8: / 254), at twice int8's arithmetic (still half of float32's on VNNI). Per-channel
+    scales (N, 1) only."""
+    return _dynamic_linear(x, q, scale, bias, limbs=2)
+
+
+def int24_dynamic_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """As int16_dynamic_linear with three limbs (max |x| -> 8355711): each activation within
+    max |x| / 2^23 of its value, about float32's own rounding for a row's largest entries, at three
+    quarters of float32's arithmetic on VNNI. Per-channel scales (N, 1) only."""
+    return _dynamic_linear(x, q, scale, bias, limbs=3)
+
+
+DYNAMIC_LINEARS = {"int8": int8_dynamic_linear, "int16": int16_dynamic_linear, "int24": int24_dynamic_linear}
+"""The dynamically quantized linears by activation type (QuantConfig.activations)."""
 
 
 def int4_linear(

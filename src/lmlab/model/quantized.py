@@ -1,4 +1,4 @@
-"""Weight-only quantized linear layers, and swapping them into a model.
+"""Quantized linear layers (weights as int8/int4 codes), and swapping them into a model.
 
 A `QuantLinear` holds int8 or packed int4 codes with per-group float32 scales (and offsets for
 int4) as buffers, and multiplies float activations by them through kernels/quant.py: on a CPU the
@@ -26,7 +26,7 @@ from lmlab.kernels import quant
 from lmlab.model.config import ModelConfig
 from lmlab.utils.device import policy
 
-ACTIVATIONS = ("float32", "int8", "int16")
+ACTIVATIONS = ("float32", "int8", "int16", "int24")
 """QuantConfig.activations: how a quantized prefill treats its activations (see there)."""
 
 
@@ -41,21 +41,26 @@ class QuantConfig:
     desc_act: bool = False  # GPTQ's act-order
     modules_not_to_convert: list[str] = field(default_factory=list)
     # How a prefill's activations (inputs of more rows than the device policy's int8_prefill_rows,
-    # a batch's tokens together; a VNNI CPU only) meet the per-channel int8 codes. "float32":
-    # weight-only, exact (the dequantized model's result up to summation order). "int8": W8A8 dynamic,
-    # rounded per token to int8 and multiplied int8 x int8 (oneDNN's VNNI kernels), as llama.cpp's
-    # Q8_0 does: ~2.8x the exact 512-token prefill here, perplexity +3.5% (a few outlier channels set
-    # each token's scale). "int16": rounded per token to 16-bit integers, multiplied as two int8
-    # halves: ~2x the exact prefill; a 512-token prefill's logits move by ~1e-3 of the largest and
-    # perplexity equals float32's to four digits (docs/compress.md). Per-channel int8 only; decode
-    # steps and short prompts stay on the exact kernels.
-    activations: str = "float32"
+    # a batch's tokens together; a VNNI CPU only) meet the per-channel int8 codes: rounded per token
+    # to integers and multiplied int8 x int8 (oneDNN's VNNI kernels) in base-256 limbs, or not.
+    # "int24" (the default for per-channel int8): three limbs, each activation within max |x| / 2^23
+    # of its value, so a 512-token prefill's logits stay within ~5e-6 of the largest of float32's
+    # (float32's own distance from float64 there: 2e-6), at ~1.3-1.5x the float32 prefill.
+    # "float32": weight-only, the dequantized model's result up to summation order. "int16": two
+    # limbs, ~2x the float32 prefill, logits within ~1e-3, perplexity float32's to four digits.
+    # "int8": W8A8 dynamic, as llama.cpp's Q8_0: ~2.8x, perplexity +3.5% (a few outlier channels set
+    # each token's scale). docs/compress.md has the figures. Grouped weights (int4, GGUF blocks)
+    # take "float32" only (an integer matmul cannot apply a scale per 32 weights); decode steps and
+    # short prompts run on the exact kernels whatever this says.
+    activations: str | None = None  # None: "int24" for per-channel int8, otherwise "float32"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise LmlabError(f"bits must be 8 or 4, not {self.bits}", field="bits")
         if self.bits == 4 and self.group_size is None:
             raise LmlabError("int4 needs a group size (32, 64, 128, ...)", field="group_size")
+        if self.activations is None:
+            self.activations = "int24" if self.bits == 8 and self.group_size is None else "float32"
         if self.activations not in ACTIVATIONS:
             raise LmlabError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {self.activations!r}",
                              field="activations")  # fmt: skip
@@ -115,8 +120,7 @@ class QuantLinear(nn.Module):
         # measured); elsewhere the dequantized, exact path
         rows = policy(x.device).int8_prefill_rows if self.activations != "float32" else None
         if rows is not None and x.numel() > rows * self.in_features:
-            dynamic = quant.int8_dynamic_linear if self.activations == "int8" else quant.int16_dynamic_linear
-            return dynamic(x, self.qweight, self.scales, self.bias)
+            return quant.DYNAMIC_LINEARS[self.activations](x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return quant.int8_linear(x, self.qweight, self.scales, self.bias)
         return quant.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias)
