@@ -11,11 +11,11 @@ measured there.
 Speed (--speed): decode tokens/s at batch 1 and 8 (128 new tokens, greedy, EOS off), eager and
 compiled, counted after the first new token as llama.cpp's figure is ("with prompt": the compiled
 run's whole time, the chat prompt's forward included), and prefill of 512 and of 40 tokens, with the weight
-bytes each step streams and GB/s; llama.cpp
+bytes each step streams, GB/s and its share of the machine's read bandwidth (the bound); llama.cpp
 (node-llama-cpp, 2 threads) on the GGUF files where the test set-up installed it. Each llama.cpp
-run alternates with one of lmlab's compiled batch-1 runs and the median of --repeats is taken (a
-shared machine drifts by 30% within minutes, so sequential blocks would compare different
-machines).
+run alternates with one of lmlab's compiled batch-1 runs and one of its 512-token prefills, and the
+median of --repeats is taken (a shared machine drifts by 30% within minutes, so sequential blocks
+would compare different machines).
 
     .venv/bin/python benchmarks/quantize.py [--ppl [--mmlu 500]] [--speed] [--act-error] [--ppl-chars 60000] [--repeats 3]
 """
@@ -161,6 +161,13 @@ def llamacpp_speed(path: Path, prompt: list[int], long_prompt: list[int], n: int
     return (n - 1) / statistics.median(decode["decode_s"]), len(long_prompt) / statistics.median(prefill["prefill_s"])
 
 
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    """One forward over the prompt `ids` (the last position's logits only)."""
+    start = time.perf_counter()
+    model(ids, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
 def timed_decode(
     model, ids: torch.Tensor, mask: torch.Tensor, cfg: GenerationConfig, pad_id: int
 ) -> tuple[float, float]:
@@ -197,15 +204,21 @@ def speed(args: argparse.Namespace) -> None:
             for p in prompts]  # fmt: skip
     long_prompt = tok.encode(" ".join(load_texts("kjv", "test")[:200]))[:512]
     threads = torch.get_num_threads()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from generate import bandwidth_gbs  # benchmarks/generate.py: one full read of a large tensor
+
+    probe = torch.ones(1024 * 1024 * 1024 // 4)  # 1 GB: no cache holds it
     print(f"{threads} threads (llama.cpp too); {args.new_tokens} new tokens; median of {args.repeats}; "
-          "MB/step: weight bytes one decode step streams")  # fmt: skip
-    print(f"{'model':<20}{'MB/step':>8}{'batch':>6}{'eager':>8}{'compiled':>10}{'GB/s':>6}{'prefill 512':>12}"
+          "MB/step: weight bytes one decode step streams; bound: GB/s over the read bandwidth, sampled "
+          "before each row")  # fmt: skip
+    print(f"{'model':<20}{'MB/step':>8}{'batch':>6}{'eager':>8}{'compiled':>10}{'GB/s':>6}{'bound':>6}{'prefill 512':>12}"
           f"{'llama.cpp':>11}{'its prefill':>12}{'ours/llama.cpp':>16}{'with prompt':>13}{'prefill 40':>11}"
           f"{'prefill ours/llama.cpp':>24}")  # fmt: skip
     for name, (build, gguf) in rows.items():
         if args.only and name not in args.only:
             continue
         model = build()
+        read = bandwidth_gbs(probe)
         nbytes = quantized_bytes(model)
         tied = type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
         if not tied:
@@ -214,12 +227,9 @@ def speed(args: argparse.Namespace) -> None:
         with torch.inference_mode():
             pre = torch.tensor([long_prompt])
             model(pre[:, :64])
-            t = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                model(pre, logits_to_keep=1)
-                t.append(time.perf_counter() - start)
+            t = [prefill_seconds(model, pre) for _ in range(args.repeats)]
             prefill = pre.shape[1] / statistics.median(t)
+            beside = []  # lmlab's 512-token prefill right after each llama.cpp run
             t = []  # a chat-sized prompt: up to 64 rows the quantized matmuls stream the weights instead of BLAS
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -236,6 +246,7 @@ def speed(args: argparse.Namespace) -> None:
                     for _ in range(args.repeats):
                         if gguf and batch == 1 and compile_:  # side by side: a drifting machine hits both
                             refs.append(llamacpp_speed(gguf, chat[0], long_prompt, args.new_tokens, 3, threads))
+                            beside.append(prefill_seconds(model, pre))
                         after_first, total = timed_decode(model, ids, mask, cfg, tok.pad_token_id)
                         t.append(after_first)
                         whole.append(total)
@@ -245,12 +256,14 @@ def speed(args: argparse.Namespace) -> None:
                 ref = None
                 if refs and None not in refs:
                     ref = (statistics.median(r[0] for r in refs), statistics.median(r[1] for r in refs))
+                    prefill = pre.shape[1] / statistics.median(beside)  # the alongside runs' median
                 theirs = (
                     f"{ref[0]:>11.1f}{ref[1]:>12.0f}{res['compiled'] / ref[0]:>15.2f}x"
                     if ref and batch == 1
                     else " " * 39
                 )
                 print(f"{name:<20}{nbytes / 1e6:>8.0f}{batch:>6}{res['eager']:>8.1f}{res['compiled']:>10.1f}{gbs:>6.1f}"
+                      f"{gbs / read:>6.0%}"
                       f"{prefill:>12.0f}{theirs}{res['compiled whole']:>13.1f}{prefill_short:>11.0f}"
                       f"{f'{prefill / ref[1]:.2f}x' if ref and batch == 1 else '':>24}", flush=True)  # fmt: skip
         del model
