@@ -56,3 +56,24 @@ def test_qlora_trains_the_adapter_only(tmp_path):
         torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=1e-6)
     with pytest.raises(LmlabError, match="cannot be merged"):
         merge_and_unload(model)
+
+
+def test_qlora_on_int8_with_integer_prefill_activations_gets_the_float_gradient():
+    """An int8 per-channel base defaults to int24 activations for inputs of more than 64 rows (a VNNI
+    CPU's policy), and integer rounding has no gradient: where one is needed the layer takes the float
+    path, so the adapters' gradients equal those over a base with float32 activations (128 rows here)."""
+    grads = {}
+    for activations in ("int24", "float32"):
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(ModelConfig.from_preset("llama-tiny"), d_ff=192))
+        quantize_model(model, QuantConfig(bits=8, activations=activations))
+        apply_lora(model, LoraConfig(r=4, targets=["q", "k", "v", "o", "gate", "up", "down"]))
+        for m in model.modules():  # B = 0 would hide the base's backward path: give the adapters weight
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+        ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+        model.loss(ids, ids).backward()
+        grads[activations] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["int24"].keys() == grads["float32"].keys()
+    for name, g in grads["float32"].items():
+        torch.testing.assert_close(grads["int24"][name], g, rtol=1e-3, atol=1e-6, msg=name)

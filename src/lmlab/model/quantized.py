@@ -45,7 +45,7 @@ class QuantConfig:
     # to integers and multiplied int8 x int8 (oneDNN's VNNI kernels) in base-256 limbs, or not.
     # "int24" (the default for per-channel int8): three limbs, each activation within max |x| / 2^23
     # of its value, so a 512-token prefill's logits stay within ~5e-6 of the largest of float32's
-    # (float32's own distance from float64 there: 2e-6), at ~1.3-1.5x the float32 prefill.
+    # (float32's own distance from float64 there: 2e-6), at ~1.2-1.5x the float32 prefill.
     # "float32": weight-only, the dequantized model's result up to summation order. "int16": two
     # limbs, ~2x the float32 prefill, logits within ~1e-3, perplexity float32's to four digits.
     # "int8": W8A8 dynamic, as llama.cpp's Q8_0: ~2.8x, perplexity +3.5% (a few outlier channels set

@@ -57,7 +57,7 @@ class DevicePolicy:
     # a flag on the host, which on a GPU stalls the queued step (an MLM head drops them anyway: 85% saved)
     drop_ignored_rows: bool = True
     # integer activations (QuantConfig.activations "int24", the per-channel int8 default, "int16",
-    # "int8"): inputs of more rows than this go through oneDNN's int8 matmul (measured 1.2-1.3x,
+    # "int8"): inputs of more rows than this go through oneDNN's int8 matmul (measured 1.1-1.3x,
     # 1.6x and 2.4x llama.cpp Q8_0 on a VNNI CPU's 512-token prefill; below ~96 rows the float32
     # kernels are as fast); None: never (float32 activations)
     int8_prefill_rows: int | None = None
