@@ -277,12 +277,12 @@ def activation_error(args: argparse.Namespace) -> None:
     from lmlab.model.quantized import QuantLinear
 
     model, tok = load_pretrained(MODEL)
-    quantize_model(model, QuantConfig(bits=8))
+    quantize_model(model, QuantConfig(bits=8, activations="float32"))  # each scheme set below
     ids = torch.tensor([tok.encode(" ".join(load_texts("kjv", "test")[:400]))[: args.act_tokens]])
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     print(f"logits of a {ids.shape[1]}-token prefill against float32 activations (same int8 weights)")
     with torch.inference_mode():  # the scale of float32's own rounding: the same model in float64
-        reference = copy.deepcopy(model).double()(ids)[0]
+        reference = copy.deepcopy(model).double()(ids)[0]  # (float64 activations take no integer path)
     exact = None
     for activations in ("float32", "int24", "int16", "int8"):
         for m in layers:

@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(func=_convert)
 
-    qz = sub.add_parser("quantize", help="int8/int4 weight-only quantization (round-to-nearest or GPTQ)")
+    qz = sub.add_parser("quantize", help="int8/int4 weights (round-to-nearest or GPTQ)")
     qz.add_argument("model", help="a checkpoint directory, .gguf file or packaged name")
     qz.add_argument("out", help="the quantized checkpoint's directory (load_pretrained reads it)")
     qz.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
@@ -556,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--calib-len", type=int, default=512, help="GPTQ: tokens per calibration window")
     qz.add_argument("--activations", choices=("int24", "float32", "int16", "int8"), default=None,
                     help="a long prefill's activations, per-channel int8 on a VNNI CPU: int24 (the default) rounds them "
-                         "per token to 24-bit integers for int8 x int8 products (~1.2-1.5x faster prefill, logits as "
-                         "float32's to ~5e-6); float32 keeps them (weight-only); int16 (~2x, perplexity unchanged to 4 "
+                         "per token to 24-bit integers for int8 x int8 products (~1.2-1.5x faster prefill, a few times "
+                         "float32's rounding); float32 keeps them (weight-only); int16 (~2x, perplexity unchanged to 4 "
                          "digits); int8 (W8A8, ~2.8x, perplexity +3.5%%)")  # fmt: skip
     qz.set_defaults(func=_quantize)
 

@@ -194,7 +194,8 @@ def int24_dynamic_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """As int16_dynamic_linear with three limbs (max |x| -> 8355711): each activation within
-    max |x| / 2^23 of its value, about float32's own rounding for a row's largest entries, at three
+    max |x| / 2^23 of its value (float32's rounding for a row's largest entries, coarser for its small
+    ones: a layer's output a few times float32's rounding off, docs/compress.md), at three
     quarters of float32's arithmetic on VNNI. Per-channel scales (N, 1) only."""
     return _dynamic_linear(x, q, scale, bias, limbs=3)
 

@@ -44,8 +44,9 @@ class QuantConfig:
     # a batch's tokens together; a VNNI CPU only) meet the per-channel int8 codes: rounded per token
     # to integers and multiplied int8 x int8 (oneDNN's VNNI kernels) in base-256 limbs, or not.
     # "int24" (the default for per-channel int8): three limbs, each activation within max |x| / 2^23
-    # of its value, so a 512-token prefill's logits stay within ~5e-6 of the largest of float32's
-    # (float32's own distance from float64 there: 2e-6), at ~1.2-1.5x the float32 prefill.
+    # of its value: a few times float32's rounding (SmolLM2's 512-token prefill: logits 5.2e-6 of the
+    # largest from float64's, float32's 2.0e-6; more where weights ignore a row's huge entries), at
+    # ~1.2-1.5x the float32 prefill.
     # "float32": weight-only, the dequantized model's result up to summation order. "int16": two
     # limbs, ~2x the float32 prefill, logits within ~1e-3, perplexity float32's to four digits.
     # "int8": W8A8 dynamic, as llama.cpp's Q8_0: ~2.8x, perplexity +3.5% (a few outlier channels set
@@ -101,6 +102,10 @@ class QuantConfig:
         return cls(**keys)
 
 
+# activations the integer path may round (float64, say, asks for more precision than any of it keeps)
+_ROUNDABLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class QuantLinear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 or int4 codes and float32 scales (offsets for int4)."""
 
@@ -119,7 +124,7 @@ class QuantLinear(nn.Module):
         # the device policy says where integer activations run (a VNNI CPU's prefill, where they were
         # measured); elsewhere the dequantized, exact path
         rows = policy(x.device).int8_prefill_rows if self.activations != "float32" else None
-        if rows is not None and x.numel() > rows * self.in_features:
+        if rows is not None and x.numel() > rows * self.in_features and x.dtype in _ROUNDABLE:
             return quant.DYNAMIC_LINEARS[self.activations](x, self.qweight, self.scales, self.bias)
         if self.bits == 8:
             return quant.int8_linear(x, self.qweight, self.scales, self.bias)

@@ -71,8 +71,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t li
         const __mmask16 mask = lanes(k, K);
         __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, row + k), sv),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        // max |x| / scale may round one past the top (3 limbs: float's spacing there is 0.5)
-        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        // max |x| / scale may round one past the top (3 limbs: float's spacing there is 0.5). min/max
+        // return their second operand when one is NaN, so v goes second: a NaN stays NaN (code 0), as
+        // torch's clamp keeps it
+        v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
         // lowest digit first: l = v - 256 h, h = floor((v + 128) / 256); every step is exact in float
         // (|v| < 2^23, and a power of two divides)
         for (int64_t d = limbs - 1; d > 0; --d) {
