@@ -271,14 +271,14 @@ def speed(args: argparse.Namespace) -> None:
 
 def activation_error(args: argparse.Namespace) -> None:
     """How far integer activations move a prefill's logits: per-channel int8 SmolLM2 on --act-tokens
-    tokens of the KJV test split, each scheme against float32 activations (the exact path) on the same
+    tokens of --act-corpus's test split (KJV), each scheme against float32 activations (the exact path) on the same
     weights: the largest logit difference over the largest logit, and the share of positions whose
     greedy token is the same."""
     from lmlab.model.quantized import QuantLinear
 
     model, tok = load_pretrained(MODEL)
     quantize_model(model, QuantConfig(bits=8, activations="float32"))  # each scheme set below
-    ids = torch.tensor([tok.encode(" ".join(load_texts("kjv", "test")[:400]))[: args.act_tokens]])
+    ids = torch.tensor([tok.encode(" ".join(load_texts(args.act_corpus, "test")[:400]))[: args.act_tokens]])
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     print(f"logits of a {ids.shape[1]}-token prefill against float32 activations (same int8 weights)")
     with torch.inference_mode():  # the scale of float32's own rounding: the same model in float64
@@ -320,6 +320,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="only these rows (names as printed)")
     ap.add_argument("--act-error", action="store_true", help="how far int24/int16/int8 activations move the logits")
     ap.add_argument("--act-tokens", type=int, default=512, help="--act-error: prefill length")
+    ap.add_argument("--act-corpus", default="kjv", help="--act-error: the test split it reads (lmlab data fetch)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not (args.ppl or args.speed or args.act_error):
