@@ -302,6 +302,45 @@ def activation_error(args: argparse.Namespace) -> None:
         widest = f", exact top-2 gap there at most {float(gaps.max()):.3f}" if len(gaps) else ""
         print(f"  {activations:<6} max |diff| / max |logit| {err:.1e} (against float64 {err64:.1e})   greedy token the same at "
               f"{1 - float(differ.float().mean()):.2%} of positions{widest}")  # fmt: skip
+    layer_errors(model, layers, ids)
+
+
+def layer_errors(model, layers: list, ids: torch.Tensor) -> None:
+    """Each layer on its own real input: int24's distance from the float64 product over float32's
+    (relative Frobenius norms); then one synthetic layer whose input has an outlier column its weights
+    ignore, where int24's per-row grid costs the small entries their digits."""
+    from lmlab.kernels import quant
+
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, out: inputs.__setitem__(m, a[0].reshape(-1, a[0].shape[-1])))
+             for m in layers]  # fmt: skip
+    for m in layers:
+        m.activations = "float32"
+    with torch.inference_mode():
+        model(ids)
+    for h in hooks:
+        h.remove()
+
+    def ratio(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> float:
+        true = x.double() @ (q.double() * scale.double()).t()
+        f32 = quant.int8_linear(x, q, scale).double()
+        i24 = quant.int24_dynamic_linear(x, q, scale).double()
+        return float((i24 - true).norm() / (f32 - true).norm())
+
+    with torch.inference_mode():
+        r = torch.tensor([ratio(inputs[m], m.qweight, m.scales) for m in layers])
+    print(f"  per layer ({len(r)}): int24's error against float64 over float32's: median {float(r.median()):.1f}x, "
+          f"max {float(r.max()):.1f}x")  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 576, generator=g)
+    q = torch.randint(-127, 128, (576, 576), dtype=torch.int8, generator=g)
+    q[:, 0] = 0  # the outlier column's weights: nothing downstream reads it
+    scale = torch.rand(576, 1, generator=g) / 50
+    out = []
+    for big in (1e2, 1e3, 1e4):
+        x[:, 0] = big
+        out.append(f"{big:.0e}: {ratio(x, q, scale):,.0f}x")
+    print(f"  synthetic, an outlier column its weights ignore (outlier / typical entry): {', '.join(out)}")
 
 
 def main() -> None:
