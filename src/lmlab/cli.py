@@ -51,7 +51,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from lmlab.compress.quantize import quantize_checkpoint
+    from lmlab.compress.quantize import INT24_TOLERANCE, quantize_checkpoint
 
     summary = quantize_checkpoint(
         args.model,
@@ -70,6 +70,13 @@ def _quantize(args: argparse.Namespace) -> None:
     print(f"{before:,.1f} MB -> {after:,.1f} MB ({before / after:.1f}x smaller)")
     if "gptq_error_vs_rtn_median" in summary:
         print(f"GPTQ output error vs round-to-nearest, median over layers: {summary['gptq_error_vs_rtn_median']:.3f}")
+    if "int24_logit_error" in summary:
+        err = summary["int24_logit_error"]
+        if summary.get("activations_fallback"):
+            print(f"int24 prefill activations moved a probe's logits by {err:.1e} of the largest (over "
+                  f"{INT24_TOLERANCE:.0e}): this checkpoint keeps float32 activations (--activations int24 forces them)")  # fmt: skip
+        else:
+            print(f"int24 prefill activations: a probe's logits within {err:.1e} of the largest of float32's")
     print(f"wrote {args.out}")
 
 

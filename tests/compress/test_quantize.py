@@ -250,3 +250,35 @@ def test_integer_activations_run_only_a_prefill_and_survive_save_and_load(tmp_pa
     with forced_policy(cpu_policy(vnni=False)), torch.no_grad():
         assert _rel(model(long), twin(long)) < 1e-5
     assert policy("cpu") == cpu_policy(vnni=True)  # this machine (the skip above says so)
+
+
+def test_the_int24_default_checks_itself_and_gives_way_to_float32(tmp_path, capsys, monkeypatch):
+    """`lmlab quantize` measures how far int24 moves a probe's logits; past INT24_TOLERANCE a default
+    checkpoint keeps float32 activations (asked for by name, int24 stays), and says so in one line."""
+    import lmlab.compress.quantize as cq
+
+    model = _tiny("llama-tiny")
+    quantize_model(model, QuantConfig(bits=8))
+    err = cq.int24_error(model)
+    if cpu_has_vnni():
+        assert 1e-9 < err < 1e-5  # the integer path ran: near float32's, not equal
+    else:
+        assert err is None
+    assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"int24"}  # restored
+    from lmlab.utils.device import forced_policy, policy
+
+    with forced_policy(policy("cuda")):
+        assert cq.int24_error(model) is None  # the path would not run: nothing to measure
+    src = _saved_tiny(tmp_path)
+    for flags, measured, want in (
+        ([], 1e-6, "int24"),
+        ([], 1e-3, "float32"),
+        (["--activations", "int24"], 1e-3, "int24"),
+    ):
+        monkeypatch.setattr(cq, "int24_error", lambda model, e=measured: e)
+        out = tmp_path / f"{want}-{measured}-{len(flags)}"
+        assert main(["quantize", src, str(out), "--bits", "8", *flags]) == 0
+        printed = capsys.readouterr().out
+        assert load_pretrained(out)[0].quant_config.activations == want
+        assert ("keeps float32 activations" in printed) == (want == "float32")
+        assert f"{measured:.1e}" in printed

@@ -8,6 +8,7 @@ quantized copy, as llama.cpp does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -17,9 +18,22 @@ import torch.nn as nn
 from lmlab.compress.gptq import calibration_batches, gptq_quantize_model
 from lmlab.compress.rtn import quantize_rtn
 from lmlab.errors import LmlabError
-from lmlab.model.quantized import QuantConfig, attach_config, quantizable, quantized_bytes, replace_linear, untie_head
+from lmlab.model.quantized import (
+    QuantConfig,
+    QuantLinear,
+    attach_config,
+    quantizable,
+    quantized_bytes,
+    replace_linear,
+    untie_head,
+)
 
 METHODS = ("rtn", "gptq")
+
+# how far int24 activations may move a probe's logits (max |diff| / max |logit|) before the default
+# gives way to float32: SmolLM2 measures 4e-6 to 1.2e-5 on random tokens; a model whose weights ignore
+# its few huge activation dimensions would measure far more (docs/compress.md)
+INT24_TOLERANCE = 1e-4
 
 
 @torch.no_grad()
@@ -52,6 +66,32 @@ def quantize_model(
             raise LmlabError("GPTQ needs calibration text (--calib)", field="calib")
         return gptq_quantize_model(model, calibration, config)
     raise LmlabError(f"unknown method {config.method!r} (choose from {', '.join(METHODS)})", field="method")
+
+
+@torch.no_grad()
+def int24_error(model: nn.Module, tokens: int = 256, seed: int = 0) -> float | None:
+    """max |logit difference| / max |logit| between int24 and float32 activations over `tokens` random
+    token ids (a long prefill: the integer path's case); None where that path does not run here (no
+    VNNI, a GPU: the device policy). The layers' settings are left as they were."""
+    from lmlab.utils.device import policy
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.activations == "int24"]
+    device = next(model.parameters()).device
+    if not layers or policy(device).int8_prefill_rows is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=g).to(device)
+    logits = {}
+    try:
+        for activations in ("float32", "int24"):
+            for m in layers:
+                m.activations = activations
+            logits[activations] = model(ids)[0].float()
+    finally:
+        for m in layers:
+            m.activations = "int24"
+    exact = logits["float32"]
+    return float((logits["int24"] - exact).abs().max() / exact.abs().max())
 
 
 def calibration_texts(source: str, n_chars: int) -> list[str]:
@@ -113,8 +153,17 @@ def quantize_checkpoint(
         texts = calibration_texts(calib, calib_samples * calib_len * 8)
         calibration = calibration_batches(tokenizer, texts, calib_samples, calib_len)
     ratios = quantize_model(model, config, calibration)
-    save_pretrained(model, tokenizer, out)
     summary = {"size_mb_before": before / 1e6, "size_mb_after": quantized_bytes(model) / 1e6}
+    if config.activations == "int24":
+        # the default's safety net: a model whose prefill int24 moves too far keeps float32 activations
+        # (asked for by name, int24 stays, and the figure is reported)
+        err = int24_error(model)
+        if err is not None:
+            summary["int24_logit_error"] = err
+            if err > INT24_TOLERANCE and activations is None:
+                attach_config(model, dataclasses.replace(config, activations="float32"))
+                summary["activations_fallback"] = 1.0
+    save_pretrained(model, tokenizer, out)
     if ratios:
         summary["gptq_error_vs_rtn_median"] = float(torch.tensor(list(ratios.values())).median())
     return summary
