@@ -161,10 +161,11 @@ def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compil
 
 @pytest.mark.parametrize("eagle", [False, True])
 def test_a_kept_draft_state_serves_only_its_own_draft_and_conversation(eagle, monkeypatch):
-    """A kept draft state is refused by another draft object, by a conversation edited at the last
-    token it read (a plain answer in between keeps the target's cache on the edited one), and by a
-    prompt that ends where it does (nothing left to check against); refused, the rounds start over and
-    still give the target's greedy output."""
+    """A kept draft state is refused by another draft object, and cut back where the conversation
+    changed: edited at the last token it read (a plain answer in between keeps the target's cache on
+    the edited one), or a prompt that ends where it does (a regenerated answer: nothing of it left to
+    check against). Cut back, the draft reads only from the cut and proposes exactly what a fresh run
+    over the whole prompt proposes; every answer is the target's greedy one."""
     from lmlab.compress.eagle import eagle_draft
 
     target = tiny_llama(0)
@@ -177,10 +178,11 @@ def test_a_kept_draft_state_serves_only_its_own_draft_and_conversation(eagle, mo
     torch.manual_seed(5)
     prompt = torch.randint(0, 512, (9,)).tolist()
 
-    def turn(draft, prompt) -> list[int]:
-        seen["adopted"].clear()
-        out = [t for new in speculative_rounds(target, draft, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past)
-               for t in new]  # fmt: skip
+    def turn(draft, prompt, kept=True) -> list[int]:
+        for key in seen:
+            seen[key].clear()
+        out = [t for new in speculative_rounds(target, draft, None, prompt, cfg, 3, 0.0, SpeculativeStats(),
+                                               past if kept else None) for t in new]  # fmt: skip
         assert out == decode.generate(target, None, prompt, cfg)[0].token_ids
         return out
 
@@ -191,15 +193,32 @@ def test_a_kept_draft_state_serves_only_its_own_draft_and_conversation(eagle, mo
     assert seen["adopted"] == [True]  # its own
     kept = past.draft
     # after whole rounds the state read all but the newest token: change the last one it read
-    assert kept.reads(eagle) == kept.start == len(kept.ids) - 1
+    assert kept.start == len(kept.ids) - 1
     last = len(kept.ids) - 2
     edited = [*prompt[:last], (prompt[last] + 1) % 512, *prompt[last + 1 :]]
     answer = decode.generate(target, None, edited, cfg, past=past)[0].token_ids
     assert past.draft is kept and past.ids[last] == edited[last]
-    turn(other, edited + answer + [9])
-    assert seen["adopted"] == [False]  # an edited conversation
-    turn(other, past.draft.ids[: past.draft.start])
-    assert seen["adopted"] == [False]  # nothing past it to check: the target's cache cannot cover it
+    for case in ("edited", "regenerated", "edited at the last token its keys/values read"):
+        if case == "edited":
+            prompt, cut = edited + answer + [9], last
+        elif case == "regenerated":  # the answer just given again: the prompt ends where the state does
+            prompt = past.draft.ids[: past.draft.start]
+            cut = len(prompt) - 1  # the target's kept keys/values stop one short (its last token runs)
+        else:  # the token its last cache entry read (an EAGLE entry at p reads token p + 1): that entry goes
+            kept = past.draft
+            cut = kept.base + kept.length - (0 if eagle else 1)
+            edited = [*kept.ids[:cut], (kept.ids[cut] + 1) % 512, *kept.ids[cut + 1 :]]
+            answer = decode.generate(target, None, edited, cfg, past=past)[0].token_ids  # moves the target's cache
+            prompt = edited + answer + [11]
+        turn(other, prompt, kept=False)
+        fresh = list(seen["proposals"])  # the same prompt, nothing kept
+        turn(other, prompt)
+        assert seen["adopted"] == [True]  # cut back
+        assert seen["proposals"] == fresh
+        if eagle:  # the target reruns (for the draft's states) at most from the token before the cut
+            assert seen["target"][0] <= len(prompt) - cut, (cut, seen["target"])
+        else:  # the draft's kept keys/values end at the cut: it reads from there
+            assert seen["draft"][0] == len(prompt) - cut, (cut, seen["draft"])
 
 
 def test_generate_and_speculative_generate_take_a_prompt_cache():

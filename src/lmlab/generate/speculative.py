@@ -54,11 +54,6 @@ class KeptDraft:
         """The first sequence position whose target state it lacks."""
         return self.base + self.length + len(self.pending)
 
-    def reads(self, eagle: bool) -> int:
-        """How many leading tokens of `ids` it depends on (an EAGLE draft's position p reads token p + 1;
-        a target state at p, tokens up to p)."""
-        return max(self.base + self.length + (1 if eagle and self.length else 0), self.start)
-
 
 @dataclass
 class SpeculativeStats:
@@ -318,15 +313,26 @@ class Speculation:
         self.compiling = False
 
     def adopt(self, kept: KeptDraft | None, prompt: list[int], reused: int) -> bool:
-        """Start from `kept` (an earlier answer's state) where it is valid for `prompt`: the same
-        models, computed on a prefix of it, and covering no more than the `reused` tokens whose keys/
-        values the target's cache already holds. False (nothing changed) otherwise."""
+        """Start from `kept` (an earlier answer's state, the same two models'), cut back to what `prompt`
+        shares with the sequence it was computed on and to the `reused` tokens whose keys/values the
+        target's cache already holds (a regenerated answer, an edited turn). False (nothing changed)
+        where nothing of it is left."""
         if kept is None or kept.owner != self.owners:
             return False
-        if common_prefix(kept.ids, prompt) < kept.reads(self.eagle) or kept.start > reused:
+        shared, base = common_prefix(kept.ids, prompt), kept.base
+        # cache entry p read tokens base..p (an EAGLE draft's also p + 1); a pending state at q, tokens <= q;
+        # and neither may reach past the target's kept keys/values (a round reruns the target from there)
+        length = max(0, min(kept.length, shared - base - (1 if self.eagle else 0), reused - base))
+        whole = length == kept.length  # (else the states after the cut are lost with the cache entries)
+        pending = kept.pending[: max(0, min(shared, reused) - base - length) if whole else 0]
+        if self.eagle and not len(pending) and length and base + length == len(prompt) - 1:
+            # its first proposal needs the last entry's output, which was not kept: one entry fewer, and
+            # the round reruns the target on one token for that entry's state (else it could not draft)
+            length -= 1
+        if length + len(pending) == 0:
             return False
-        copy_prefix(kept.cache, self.d_cache, kept.length)
-        self.base, self.pending = kept.base, kept.pending
+        copy_prefix(kept.cache, self.d_cache, length)
+        self.base, self.pending = kept.base, pending
         return True
 
     def kept(self, seq: list[int]) -> KeptDraft:
