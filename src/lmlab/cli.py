@@ -72,11 +72,14 @@ def _quantize(args: argparse.Namespace) -> None:
         print(f"GPTQ output error vs round-to-nearest, median over layers: {summary['gptq_error_vs_rtn_median']:.3f}")
     if "int24_logit_error" in summary:
         err = summary["int24_logit_error"]
-        if summary.get("activations_fallback"):
+        if not summary["int24_checked"]:
+            print("int24 prefill activations: not checked (their integer path does not run on this machine)")
+        elif summary.get("activations_fallback"):
             print(f"int24 prefill activations moved a probe's logits by {err:.1e} of the largest (over "
                   f"{INT24_TOLERANCE:.0e}): this checkpoint keeps float32 activations (--activations int24 forces them)")  # fmt: skip
         else:
-            print(f"int24 prefill activations: a probe's logits within {err:.1e} of the largest of float32's")
+            over = f" (over {INT24_TOLERANCE:.0e}; kept as asked)" if not err <= INT24_TOLERANCE else ""
+            print(f"int24 prefill activations: a probe's logits within {err:.1e} of the largest of float32's{over}")
     print(f"wrote {args.out}")
 
 

@@ -71,27 +71,36 @@ def quantize_model(
 @torch.no_grad()
 def int24_error(model: nn.Module, tokens: int = 256, seed: int = 0) -> float | None:
     """max |logit difference| / max |logit| between int24 and float32 activations over `tokens` random
-    token ids (a long prefill: the integer path's case); None where that path does not run here (no
-    VNNI, a GPU: the device policy). The layers' settings are left as they were."""
+    token ids (a long prefill: the integer path's case; fewer where the model's context is shorter);
+    None where that path would not run here (no VNNI, a GPU: the device policy; a context too short
+    for a prefill over its row threshold). NaN where a logit is not finite in one path only. The
+    layers' settings and the model's train/eval mode are left as they were."""
     from lmlab.utils.device import policy
 
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.activations == "int24"]
     device = next(model.parameters()).device
-    if not layers or policy(device).int8_prefill_rows is None:
+    rows = policy(device).int8_prefill_rows
+    tokens = min(tokens, model.cfg.max_seq_len)
+    if not layers or rows is None or tokens <= rows:
         return None
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=g).to(device)
-    logits = {}
+    logits, training = {}, model.training
     try:
+        model.eval()
         for activations in ("float32", "int24"):
             for m in layers:
                 m.activations = activations
             logits[activations] = model(ids)[0].float()
     finally:
+        model.train(training)
         for m in layers:
             m.activations = "int24"
-    exact = logits["float32"]
-    return float((logits["int24"] - exact).abs().max() / exact.abs().max())
+    exact, got = logits["float32"], logits["int24"]
+    finite = exact.isfinite()  # (a reduced head's logits are -inf off its tokens, in both paths)
+    if not torch.equal(finite, got.isfinite()):
+        return float("nan")
+    return float((got[finite] - exact[finite]).abs().max() / exact[finite].abs().max())
 
 
 def calibration_texts(source: str, n_chars: int) -> list[str]:
@@ -158,11 +167,11 @@ def quantize_checkpoint(
         # the default's safety net: a model whose prefill int24 moves too far keeps float32 activations
         # (asked for by name, int24 stays, and the figure is reported)
         err = int24_error(model)
-        if err is not None:
-            summary["int24_logit_error"] = err
-            if err > INT24_TOLERANCE and activations is None:
-                attach_config(model, dataclasses.replace(config, activations="float32"))
-                summary["activations_fallback"] = 1.0
+        summary["int24_logit_error"] = float("nan") if err is None else err
+        summary["int24_checked"] = float(err is not None)
+        if err is not None and not err <= INT24_TOLERANCE and activations is None:  # (NaN: not within it)
+            attach_config(model, dataclasses.replace(config, activations="float32"))
+            summary["activations_fallback"] = 1.0
     save_pretrained(model, tokenizer, out)
     if ratios:
         summary["gptq_error_vs_rtn_median"] = float(torch.tensor(list(ratios.values())).median())
