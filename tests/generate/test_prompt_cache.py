@@ -217,8 +217,8 @@ def test_a_kept_draft_state_serves_only_its_own_draft_and_conversation(eagle, mo
         assert seen["proposals"] == fresh
         if eagle:  # the target reruns (for the draft's states) at most from the token before the cut
             assert seen["target"][0] <= len(prompt) - cut, (cut, seen["target"])
-        else:  # the draft's kept keys/values end at the cut: it reads from there
-            assert seen["draft"][0] == len(prompt) - cut, (cut, seen["draft"])
+        if not eagle or case.startswith("edited at"):  # the draft's kept keys/values end where its reads
+            assert seen["draft"][0] == len(prompt) - cut, (cut, seen["draft"])  # met the change: it reads on
 
 
 def test_generate_and_speculative_generate_take_a_prompt_cache():
