@@ -230,11 +230,8 @@ def speed(args: argparse.Namespace) -> None:
             t = [prefill_seconds(model, pre) for _ in range(args.repeats)]
             prefill = pre.shape[1] / statistics.median(t)
             beside = []  # lmlab's 512-token prefill right after each llama.cpp run
-            t = []  # a chat-sized prompt: up to 64 rows the quantized matmuls stream the weights instead of BLAS
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                model(pre[:, :40], logits_to_keep=1)
-                t.append(time.perf_counter() - start)
+            # a chat-sized prompt: up to 64 rows the quantized matmuls stream the weights instead of BLAS
+            t = [prefill_seconds(model, pre[:, :40]) for _ in range(args.repeats)]
             prefill_short = 40 / statistics.median(t)
             for batch in args.batches:
                 ids, mask = left_pad(chat[:batch], tok.pad_token_id)

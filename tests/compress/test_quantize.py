@@ -265,6 +265,20 @@ def test_the_int24_default_checks_itself_and_gives_way_to_float32(tmp_path, caps
     else:
         assert err is None
     assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"int24"}  # restored
+    if cpu_has_vnni():  # restored when the int24 pass fails midway too, and the train/eval mode with them
+        from lmlab.kernels import quant
+
+        def broken(*a):
+            raise RuntimeError("int24 pass")
+
+        monkeypatch.setitem(quant.DYNAMIC_LINEARS, "int24", broken)
+        model.train()
+        with pytest.raises(RuntimeError, match="int24 pass"):
+            cq.int24_error(model)
+        assert model.training
+        assert {m.activations for m in model.modules() if isinstance(m, QuantLinear)} == {"int24"}
+        monkeypatch.undo()
+        model.eval()
     from lmlab.utils.device import forced_policy, policy
 
     with forced_policy(policy("cuda")):

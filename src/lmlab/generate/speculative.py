@@ -44,10 +44,14 @@ class KeptDraft:
 
     ids: list[int]  # the sequence it was computed on
     cache: KVCache | StaticKVCache  # the draft's keys/values: sequence positions base .. base + length
-    length: int
     base: int
     pending: torch.Tensor  # an EAGLE draft's target states from position base + length on
     owner: tuple  # (target, draft) prompt_cache_owner: the model objects and their fingerprints
+
+    @property
+    def length(self) -> int:
+        """How many positions its keys/values hold (the cache is its own: nothing writes it after)."""
+        return self.cache.length
 
     @property
     def start(self) -> int:
@@ -339,7 +343,7 @@ class Speculation:
         """The draft's state after the rounds over `seq`, to keep. Its cache is held as it is: each
         Speculation makes its own (a decode step's static cache, shared between calls, is what
         PromptCache.keep copies)."""
-        return KeptDraft(list(seq), self.d_cache, self.d_cache.length, self.base, self.pending, self.owners)
+        return KeptDraft(list(seq), self.d_cache, self.base, self.pending, self.owners)
 
     @functools.cached_property
     def owners(self) -> tuple:

@@ -164,7 +164,7 @@ def _dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     if torch.is_grad_enabled() and x.requires_grad:
         # integer rounding has no gradient (the C++ ops have no autograd; backward would silently
         # drop x's): a gradient through the layer (LoRA on a quantized base) takes the float path
-        return F.linear(x, dequantize_int8(q, scale).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return int8_linear(x, q, scale, bias)
     shape = x.shape
     xq, sx = quantize_rows(x.reshape(-1, shape[-1]).float().contiguous(), limbs)
     s = torch._int_mm(xq, q.t())  # int8 x int8 -> int32 (oneDNN, VNNI): exact integer sums

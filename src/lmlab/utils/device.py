@@ -58,8 +58,8 @@ class DevicePolicy:
     drop_ignored_rows: bool = True
     # integer activations (QuantConfig.activations "int24", the per-channel int8 default, "int16",
     # "int8"): inputs of more rows than this go through oneDNN's int8 matmul (measured 1.1-1.3x,
-    # 1.6x and 2.4x llama.cpp Q8_0 on a VNNI CPU's 512-token prefill; below ~96 rows the float32
-    # kernels are as fast); None: never (float32 activations)
+    # 1.6x and 2.4x llama.cpp Q8_0 on a VNNI CPU's 512-token prefill; up to 64 rows the float32
+    # skinny kernels are about as fast); None: never (float32 activations)
     int8_prefill_rows: int | None = None
 
 
