@@ -10,6 +10,10 @@ figure beside `benchmarks/serve.py --draft` (the same draft in a server).
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --fp32-target
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --prompt-set tweets-en
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --tree "0 1 2 00 01 000"
+
+With --tree, each round checks that candidate tree (generate/draft_tree.py) instead of a chain; the
+chain's rounds run too, interleaved, and both are printed against plain greedy.
 
 With --compile both sides run compiled graphs (plain decode steps; the rounds' target check and
 draft steps), compiled before timing: the figure a chat or a server gets once its compiles are done.
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 from lmlab.generate import GenerationConfig, generate
+from lmlab.generate.draft_tree import DraftTree
 from lmlab.generate.speculative import DRAFT_CONFIDENCE, SpeculativeStats, load_draft, speculative_generate
 from lmlab.model.checkpoint import load_pretrained
 
@@ -45,7 +50,9 @@ def main() -> int:
     ap.add_argument("--confidence", type=float, default=DRAFT_CONFIDENCE, help="the draft's stopping threshold")
     ap.add_argument("--prompt-set", choices=["topics", "chatterbot", "tweets-en"], default="topics",
                     help="the serving benchmark's requests, or held-out chatterbot turns or tweets")  # fmt: skip
+    ap.add_argument("--tree", default=None, help='also rounds over this candidate tree, e.g. "0 1 2 00 01 000"')
     args = ap.parse_args()
+    tree = DraftTree.parse(args.tree) if args.tree else None
     target, tok = load_pretrained(args.model, dequantize=True if args.fp32_target else "auto")
     target.eval()
     draft = load_draft(args.draft, target)
@@ -57,41 +64,49 @@ def main() -> int:
     else:  # held-out user turns the drafts were not trained on (benchmarks/compress.py's draft stage)
         prompts = chat_prompts(tok, args.prompts, args.prompt_set)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=args.compile)
-    spec = {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence}
+    ways = {"draft": {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence}}
+    if tree is not None:
+        ways["tree"] = {**ways["draft"], "tree": tree}
     # kernels built, caches warm, and every graph the prompts' lengths need compiled before timing
     for p in prompts if args.compile else prompts[:1]:
         generate(target, tok, p, cfg)
-        speculative_generate(target, draft, tok, p, cfg, **spec)
-    times: dict[str, list[float]] = {"greedy": [], "draft": []}
-    stats, identical = SpeculativeStats(), True
+        for spec in ways.values():
+            speculative_generate(target, draft, tok, p, cfg, **spec)
+    times: dict[str, list[float]] = {"greedy": [], **{w: [] for w in ways}}
+    stats, identical = {w: SpeculativeStats() for w in ways}, True
     for rep in range(args.repeats):
-        # prompt by prompt, one way then the other: both see the machine in the same state (its speed
+        # prompt by prompt, one way then the other: all see the machine in the same state (its speed
         # drifts by 10-20% over tens of seconds here)
-        greedy = draft_s = 0.0
+        spent = dict.fromkeys(times, 0.0)
         for p in prompts:
             t = time.perf_counter()
             want = generate(target, tok, p, cfg)[0].token_ids
-            greedy += time.perf_counter() - t
-            t = time.perf_counter()
-            g, st = speculative_generate(target, draft, tok, p, cfg, **spec)
-            draft_s += time.perf_counter() - t
-            identical &= g.token_ids == want
-            if rep == 0:
-                stats.accepted, stats.proposed = stats.accepted + st.accepted, stats.proposed + st.proposed
-        times["greedy"].append(greedy)
-        times["draft"].append(draft_s)
+            spent["greedy"] += time.perf_counter() - t
+            for w, spec in ways.items():
+                t = time.perf_counter()
+                g, st = speculative_generate(target, draft, tok, p, cfg, **spec)
+                spent[w] += time.perf_counter() - t
+                identical &= g.token_ids == want
+                if rep == 0:
+                    for field in ("accepted", "proposed", "rounds", "generated"):
+                        setattr(stats[w], field, getattr(stats[w], field) + getattr(st, field))
+        for w, s in spent.items():
+            times[w].append(s)
     n = len(prompts) * args.new_tokens
-    g, d = statistics.median(times["greedy"]), statistics.median(times["draft"])
+    g = statistics.median(times["greedy"])
     weights = ("float32" if args.fp32_target else "GGUF blocks as stored") + (
         ", compiled" if args.compile else ", eager"
     )
-    print(f"{args.model} ({weights}), draft {args.draft} (k = {args.num_draft_tokens}, confidence "
-          f"{args.confidence}): {len(prompts)} {args.prompt_set} prompts x {args.new_tokens} tokens")  # fmt: skip
-    ratios = sorted(a / b for a, b in zip(times["greedy"], times["draft"]))
-    print(f"greedy {n / g:.1f} tok/s, with the draft {n / d:.1f} tok/s: {g / d:.2f}x; drafted tokens accepted "
-          f"{stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%}); outputs identical: {identical}")  # fmt: skip
-    print(f"speed-up per repeat: median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x "
-          f"({len(ratios)} repeats)")  # fmt: skip
+    print(f"{args.model} ({weights}), draft {args.draft}: {len(prompts)} {args.prompt_set} prompts x "
+          f"{args.new_tokens} tokens; greedy {n / g:.1f} tok/s; outputs identical: {identical}")  # fmt: skip
+    for w in ways:
+        d, st = statistics.median(times[w]), stats[w]
+        how = f"tree {tree} ({len(tree)} candidates)" if w == "tree" else (
+            f"chain (k = {args.num_draft_tokens}, confidence {args.confidence})")  # fmt: skip
+        ratios = sorted(a / b for a, b in zip(times["greedy"], times[w]))
+        print(f"  {how}: {n / d:.1f} tok/s, {g / d:.2f}x (per repeat: median {statistics.median(ratios):.2f}x, "
+              f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x, {len(ratios)} repeats); {st.tokens_per_round:.2f} tokens "
+              f"per round; drafted tokens accepted {st.accepted}/{st.proposed} ({st.acceptance_rate:.0%})")  # fmt: skip
     return 0
 
 

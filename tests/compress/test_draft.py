@@ -83,7 +83,7 @@ def test_a_reduced_head_draft_keeps_speculative_decoding_exact():
         assert got.token_ids == want
     assert stats.proposed > 0
     # with the full layers and the said tokens, the draft agrees with every greedy choice
-    _, stats = speculative_generate(target, reduce_head(copy.deepcopy(target), often), None, prompt, cfg, 3)
+    _, stats = speculative_generate(target, reduce_head(copy.deepcopy(target), often), None, prompt, cfg, 3, tree=None)
     assert stats.acceptance_rate == 1.0
     # sampling: the draft's distribution is zero off its head, and the output stays seeded-reproducible
     s = GenerationConfig(max_new_tokens=12, temperature=0.9, seed=1)

@@ -131,7 +131,7 @@ def test_eagle_speculative_decoding_is_the_targets_greedy_output_with_exact_draf
     prompt = torch.randint(0, 512, (prompt_len,)).tolist()
     gen = GenerationConfig(max_new_tokens=24)
     want = generate(target, None, prompt, gen)[0].token_ids
-    got, stats = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=k, confidence=0.0)
+    got, stats = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=k, confidence=0.0, tree=None)
     hook.remove()
     assert got.token_ids == want
     rounds, accepted, ref = _reference_rounds(target, draft, prompt, want, k)
@@ -154,7 +154,7 @@ def test_eagle_proposals_follow_the_targets_states_exactly():
     prompt = [5, 9, 200, 31, 7]
     gen = GenerationConfig(max_new_tokens=20)
     want = generate(target, None, prompt, gen)[0].token_ids
-    got, stats = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=3, confidence=0.0)
+    got, stats = speculative_generate(target, draft, None, prompt, gen, num_draft_tokens=3, confidence=0.0, tree=None)
     hook.remove()
     assert got.token_ids == want
     assert proposals == _reference_rounds(target, draft, prompt, want, 3)[2] and len(proposals) == stats.proposed
@@ -280,3 +280,51 @@ def test_bad_eagle_settings_are_named():
         with pytest.raises(LmlabError) as e:
             eagle_options({key: value}, "r.yaml")
         assert e.value.field == f"distill.student.{key}" and "r.yaml" in str(e.value)
+
+
+def test_eagle_tree_rounds_read_the_targets_states_exactly(monkeypatch):
+    """Tree rounds (generate/draft_tree.py) keep the target's states of the accepted candidates for the
+    draft: a random draft whose states dominate guesses at each round's root exactly what a
+    from-scratch read of the target's states of the whole sequence gives."""
+    from lmlab.generate.speculative import Speculation
+
+    torch.manual_seed(0)
+    target = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", n_layer=1, init_std=0.1, eos_token_id=None))
+    draft = _draft(target.eval(), ids=IDS)
+    with torch.no_grad():  # the target's layer over the token (it agrees often), and the states mixed in
+        draft.layers[0].load_state_dict(target.layers[0].state_dict())
+        draft.fc.bias.zero_()
+        draft.fc.weight[:, :64] *= 0.05
+        draft.fc.weight[:, 64:] = torch.eye(64)
+    rounds: list[tuple[list[int], list[int]]] = []  # (the sequence, the root's guesses) each round
+    real_round, real_guesses = Speculation._tree_round, Speculation._guesses
+
+    recomputed: list[int] = []  # tokens the target ran again for their states, each round
+
+    def tree_round(self, seq, *a, **k):
+        rounds.append((list(seq), []))
+        recomputed.append(self.recomputed)
+        return real_round(self, seq, *a, **k)
+
+    def guesses(self, h, z, n):
+        out = real_guesses(self, h, z, n)
+        if not rounds[-1][1]:
+            rounds[-1][1].extend(out)
+        return out
+
+    monkeypatch.setattr(Speculation, "_tree_round", tree_round)
+    monkeypatch.setattr(Speculation, "_guesses", guesses)
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 512, (3,)).tolist()
+    gen = GenerationConfig(max_new_tokens=24)
+    want = generate(target, None, prompt, gen)[0].token_ids
+    got, stats = speculative_generate(target, draft, None, prompt, gen, tree="0 1 2 00 01 000")
+    assert got.token_ids == want and len(rounds) == stats.rounds > 1 and stats.accepted > 0
+    assert recomputed[0] == len(prompt) - 1 and not any(recomputed[1:])  # the states come from the checks
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        for seq, root in rounds:
+            states = target.hidden_states(torch.tensor([seq]))
+            h = draft.hidden_states(torch.tensor([seq[1:]]), features=states[:, :-1])[:, -1]
+            ref = ids[draft.lm_head(h)[0].topk(len(root)).indices].tolist()
+            assert root == ref, len(seq)

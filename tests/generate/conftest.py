@@ -22,15 +22,16 @@ def tiny_llama(seed: int, **kw) -> lmlab.Transformer:
 @pytest.fixture
 def pending_warmups(monkeypatch) -> list:
     """`decode.warmup` as a compile that never finishes (so everything runs eagerly); the list it returns
-    gets (id(model), batch, capacity, width) for each graph asked for, in order."""
+    gets (id(model), batch, capacity, width) for each graph asked for, in order (a tree graph's with
+    "tree" after it)."""
 
     class Pending:
         ready, failed = threading.Event(), None
 
     asked: list = []
 
-    def warmup(model, batch, capacity, device, key=None, width=0):
-        asked.append((id(model), batch, capacity, width))
+    def warmup(model, batch, capacity, device, key=None, width=0, tree=False):
+        asked.append((id(model), batch, capacity, width, "tree") if tree else (id(model), batch, capacity, width))
         return Pending
 
     monkeypatch.setattr(decode, "warmup", warmup)

@@ -82,7 +82,7 @@ def test_failed_compile_stays_eager_with_a_warning(monkeypatch):
     model = _model()
     ids, mask = _prompts()
 
-    def broken(model, batch, capacity, key=None, width=0):
+    def broken(model, batch, capacity, key=None, width=0, tree=False):
         def fail(*a, **k):
             raise RuntimeError("no compiler here")
 

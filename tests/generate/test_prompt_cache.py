@@ -136,11 +136,11 @@ def test_speculative_rounds_reuse_the_targets_kept_keys_and_values(eagle, compil
         had = past.draft is not None
         restart = eagle and not had and kept > RECOMPUTE_WINDOW
         seen["proposals"].clear()
-        list(speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), None))
+        list(speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), None, None))
         fresh = list(seen["proposals"])  # the same prompt, nothing kept
         for key in seen:
             seen[key].clear()
-        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), past)
+        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, k, 0.0, SpeculativeStats(), past, None)
                for t in new]  # fmt: skip
         assert got == want, turn
         assert past.ids == prompt + got[:-1]

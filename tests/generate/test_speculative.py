@@ -35,7 +35,7 @@ def test_a_perfect_draft_is_always_accepted():
     target = tiny_llama(0)
     prompt = torch.randint(0, 512, (5,)).tolist()
     got, stats = speculative_generate(
-        target, target, None, prompt, GenerationConfig(max_new_tokens=16), 4, confidence=0
+        target, target, None, prompt, GenerationConfig(max_new_tokens=16), 4, confidence=0, tree=None
     )
     assert stats.acceptance_rate == 1.0
     # every round yields its 4 drafts plus 1 free token: 5 + 5 + 5 + (1 draft + 1 free, cut to 16)
@@ -108,7 +108,7 @@ def test_a_doubting_draft_proposes_fewer_tokens_and_the_output_stays():
     want = generate(target, None, prompt, cfg)[0].token_ids
     proposed = {}
     for c in (0.0, 0.05, 1.01):
-        got, st = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=4, confidence=c)
+        got, st = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=4, confidence=c, tree=None)
         assert got.token_ids == want
         proposed[c] = (st.proposed, st.rounds)
     # above 1 no guess is sure enough: one drafted token a round; 0 never stops early (4 a round)
@@ -136,7 +136,8 @@ def test_plain_greedy_takes_argmaxes_and_matches_the_general_rule(confidence):
     runs = {}
     for n in (0, 64):
         cfg = GenerationConfig(max_new_tokens=24, no_repeat_ngram_size=n)
-        got, st = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3, confidence=confidence)
+        got, st = speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3, confidence=confidence,
+                                       tree=None)  # fmt: skip
         assert got.token_ids == generate(target, None, prompt, cfg)[0].token_ids
         runs[n] = (got.token_ids, st.accepted, st.proposed, st.rounds)
     assert runs[0] == runs[64] and 0 < runs[0][1] < runs[0][2]  # some drafts accepted, some not

@@ -110,7 +110,7 @@ def _eager_graphs(monkeypatch) -> list[int]:
     widths of the rows graphs called (speculative rounds)."""
     widths: list[int] = []
 
-    def fake(model, batch, capacity, key=None, width=0):
+    def fake(model, batch, capacity, key=None, width=0, tree=False):
         def call(*a, **kw):
             if width:
                 widths.append(width)

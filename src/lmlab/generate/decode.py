@@ -116,11 +116,14 @@ def precompile(model: Transformer, prompt_len: int, config: GenerationConfig, ba
     return warmup(model, batch, capacity_for(prompt_len + config.max_new_tokens), device)
 
 
-def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = None, width: int = 0) -> Callable:
+def compiled(
+    model: Transformer, batch: int, capacity: int, key: tuple | None = None, width: int = 0, tree: bool = False
+) -> Callable:
     """`model`'s forward under torch.compile for decode steps of `batch` rows over a static cache
     of `capacity` columns; built on first use (one graph serves every step) and kept for reuse.
     With `width` > 0 instead: `width` tokens of one sequence at once, returning their final hidden
-    states and head logits (`_rows_forward`), the calls of speculative decoding's rounds.
+    states and head logits (`_rows_forward`), the calls of speculative decoding's rounds; with `tree`
+    too, the same called with `tree_mask` and `position_ids` (a round's candidate tree, draft_tree.py).
 
     Each (model, batch, capacity) gets a compiled function of its own, a copy of `_forward` with
     its own code object. torch.compile keeps at most 8 graphs per code object (dynamo's
@@ -139,7 +142,7 @@ def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = 
     decode kernels; on a GPU, the policy's mode ("reduce-overhead": the step replays as one CUDA
     graph, no per-kernel launch cost) and no CPU kernels.
     """
-    key = key or _key(model, batch, capacity, width)
+    key = key or _key(model, batch, capacity, width, tree)
     forward = _compiled.pop(key, None)
     if forward is None:
         device = next(model.parameters()).device
@@ -148,7 +151,7 @@ def compiled(model: Transformer, batch: int, capacity: int, key: tuple | None = 
             template = _rows_forward if p.cpu_kernels else _rows_forward_plain
         else:
             template = _forward if p.cpu_kernels else _forward_plain
-        name = f"_rows_{width}x{capacity}" if width else f"_forward_{batch}x{capacity}"
+        name = f"_{'tree' if tree else 'rows'}_{width}x{capacity}" if width else f"_forward_{batch}x{capacity}"
         code = template.__code__.replace(co_name=name)
         fn = types.FunctionType(code, template.__globals__, code.co_name)
         unguarded = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -199,8 +202,8 @@ def fingerprint(model: torch.nn.Module) -> int:
 _PLAIN = frozenset({bool, int, float, str, type(None)})
 
 
-def _key(model: Transformer, batch: int, capacity: int, width: int = 0) -> tuple[int, int, int, int, int]:
-    return (id(model), batch, capacity, fingerprint(model), width)
+def _key(model: Transformer, batch: int, capacity: int, width: int = 0, tree: bool = False) -> tuple:
+    return (id(model), batch, capacity, fingerprint(model), width, tree)
 
 
 def _forward(model: Transformer, *args, **kwargs) -> torch.Tensor:
@@ -259,16 +262,30 @@ class _Warmup:
     (by one call on a scratch cache of the same shapes), `failed` if building it raised."""
 
     def __init__(
-        self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device, width: int = 0
+        self,
+        forward: Callable,
+        model: Transformer,
+        batch: int,
+        capacity: int,
+        device: torch.device,
+        width: int = 0,
+        tree: bool = False,
     ) -> None:
         self.ready = threading.Event()
         self.failed: BaseException | None = None
         self.forward = forward  # the compiled function, once `ready` (not looked up again: it may have left the LRU)
-        args = (forward, model, batch, capacity, device, width)
+        args = (forward, model, batch, capacity, device, width, tree)
         threading.Thread(target=self._run, args=args, name="lmlab-compile", daemon=True).start()
 
     def _run(
-        self, forward: Callable, model: Transformer, batch: int, capacity: int, device: torch.device, width: int
+        self,
+        forward: Callable,
+        model: Transformer,
+        batch: int,
+        capacity: int,
+        device: torch.device,
+        width: int,
+        tree: bool,
     ) -> None:
         try:
             with torch.inference_mode():
@@ -277,7 +294,12 @@ class _Warmup:
                 mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
                 if width:  # the call speculative decoding makes (generate/speculative.py)
                     tokens = torch.zeros(1, width, dtype=torch.long, device=device)
-                    forward(tokens, attention_mask=mask, kv_cache=cache, **rows_features(model, width))
+                    if tree:
+                        see = torch.ones(1, 1, width, capacity, dtype=torch.bool, device=device)
+                        pos = torch.arange(width, device=device)[None]
+                        forward(tokens, tree_mask=see, position_ids=pos, kv_cache=cache, **rows_features(model, width))
+                    else:
+                        forward(tokens, attention_mask=mask, kv_cache=cache, **rows_features(model, width))
                 else:
                     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
                     forward(token, attention_mask=mask, kv_cache=cache, logits_to_keep=1)
@@ -300,16 +322,22 @@ def rows_features(model: Transformer, width: int, features: torch.Tensor | None 
 
 
 def warmup(
-    model: Transformer, batch: int, capacity: int, device: torch.device, key: tuple | None = None, width: int = 0
+    model: Transformer,
+    batch: int,
+    capacity: int,
+    device: torch.device,
+    key: tuple | None = None,
+    width: int = 0,
+    tree: bool = False,
 ) -> _Warmup:
     """The background compile of (model, batch, capacity)'s decode graph (or of its `width`-token rows
-    graph), started on first request."""
-    key = key or _key(model, batch, capacity, width)
+    graph, `tree`: called with a tree mask), started on first request."""
+    key = key or _key(model, batch, capacity, width, tree)
     with _warm_lock:
         w = _warming.get(key)
         if w is None or (w.ready.is_set() and key not in _compiled):
-            forward = compiled(model, batch, capacity, key, width)
-            w = _warming[key] = _Warmup(forward, model, batch, capacity, device, width)
+            forward = compiled(model, batch, capacity, key, width, tree)
+            w = _warming[key] = _Warmup(forward, model, batch, capacity, device, width, tree)
             while len(_warming) > _KEEP:
                 _warming.pop(next(iter(_warming)))
     return w

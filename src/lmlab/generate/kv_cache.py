@@ -50,6 +50,16 @@ class KVCache:
             self.length = end
         return self.k[layer, :, :h, :end], self.v[layer, :, :h, :end]
 
+    def move(self, src: list[int], dst: int) -> None:
+        """Copy the entries at columns `src` to columns dst, dst + 1, ... (a speculative round's
+        accepted candidates of a tree, next to each other after the sequence)."""
+        if src == list(range(dst, dst + len(src))):
+            return
+        s = torch.tensor(src, device=self.k.device)
+        d = torch.arange(dst, dst + len(src), device=self.k.device)
+        self.k.index_copy_(3, d, self.k.index_select(3, s))
+        self.v.index_copy_(3, d, self.v.index_select(3, s))
+
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search: each surviving beam takes its parent's past)."""
         self.k[:, :, :, : self.length] = self.k[:, index, :, : self.length]
@@ -110,6 +120,15 @@ class StaticKVCache:
             raise ValueError(f"KV cache is full: {self.length + n} tokens > max_len {self.max_len}")
         self.slots = torch.arange(self.length, self.length + n, device=self.slots.device)
         self.length += n
+
+    def move(self, src: list[int], dst: int) -> None:
+        """Copy the entries at columns `src` to columns dst, dst + 1, ... (as `KVCache.move`)."""
+        if src == list(range(dst, dst + len(src))):
+            return
+        s = torch.tensor(src, device=self.slots.device)
+        d = torch.arange(dst, dst + len(src), device=self.slots.device)
+        for t in self.k + self.v:
+            t.index_copy_(2, d, t.index_select(2, s))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's keys/values (B, H_kv, T, hd) at `slots`; return the whole buffers."""

@@ -21,9 +21,11 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
+from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, attention_rows
 from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache, common_prefix, copy_prefix
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
+from lmlab.model.quantized import QuantLinear
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.device import policy
@@ -138,6 +140,7 @@ def speculative_generate(
     num_draft_tokens: int = 4,
     confidence: float = DRAFT_CONFIDENCE,
     past: PromptCache | None = None,
+    tree: DraftTree | str | None = "auto",
 ) -> tuple[Generation, SpeculativeStats]:
     """Generate for one prompt with a draft model; returns the generation and acceptance statistics.
 
@@ -145,12 +148,15 @@ def speculative_generate(
     just proposed falls below `confidence` (transformers' assistant_confidence_threshold): a guess the
     draft itself doubts is likely rejected, and each drafted token costs a draft step and a row of the
     target's check. The output is the same for any setting; only the speed changes. `past`: the
-    target's keys/values kept by an earlier call (`speculative_rounds`)."""
+    target's keys/values kept by an earlier call (`speculative_rounds`). `tree` (greedy decoding
+    only): each round checks a tree of the draft's top guesses instead of a chain (draft_tree.py;
+    num_draft_tokens and confidence then apply to sampled decoding only); "auto" (`default_tree`):
+    where a check of its candidates costs about what a chain's does; None: always a chain."""
     config = config or GenerationConfig()
     stats = SpeculativeStats()
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
     generated = [t for new in speculative_rounds(target, draft, tokenizer, prompt_ids, config, num_draft_tokens,
-                                                 confidence, stats, past) for t in new]  # fmt: skip
+                                                 confidence, stats, past, tree) for t in new]  # fmt: skip
     eos = stop_token_ids(target, tokenizer, config)
     return _finish(tokenizer, generated, eos, len(prompt_ids), StopStrings(config.stop)), stats
 
@@ -165,16 +171,17 @@ def speculative_stream(
     confidence: float = DRAFT_CONFIDENCE,
     stats: SpeculativeStats | None = None,
     past: PromptCache | None = None,
+    tree: DraftTree | str | None = "auto",
 ) -> Iterator[str]:
     """`speculative_generate` as `decode.stream` shows text: pieces as each round's accepted tokens
     complete characters, stop strings never shown. `stats`, if given, fills in as rounds go; `past`
-    as in `decode.stream` (the target's keys/values)."""
+    as in `decode.stream` (the target's keys/values); `tree` as in `speculative_generate`."""
     config = config or GenerationConfig()
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise LmlabError("speculative decoding takes one sequence: num_beams and num_return_sequences must be 1")
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
     rounds = speculative_rounds(target, draft, tokenizer, prompt_ids, config, num_draft_tokens, confidence,
-                                stats if stats is not None else SpeculativeStats(), past)  # fmt: skip
+                                stats if stats is not None else SpeculativeStats(), past, tree)  # fmt: skip
     try:
         yield from text_pieces((t for new in rounds for t in new), tokenizer, stop_token_ids(target, tokenizer, config),
                                config.stop)  # fmt: skip
@@ -193,6 +200,7 @@ def speculative_rounds(
     confidence: float,
     stats: SpeculativeStats,
     past: PromptCache | None = None,
+    tree: DraftTree | str | None = "auto",
 ) -> Iterator[list[int]]:
     """The speculative loop: yields each round's new tokens (the accepted draft tokens and the target's
     own), up to an EOS (included) or max_new_tokens, and counts them into `stats`.
@@ -203,12 +211,14 @@ def speculative_rounds(
     it read. (Without one, e.g. after plain answers only, an EAGLE draft reads the target's states of
     the last RECOMPUTE_WINDOW kept tokens, run again.)"""
     device = next(target.parameters()).device
-    max_len = _max_len(len(prompt_ids), config, num_draft_tokens)
+    procs = build_processors(config, len(prompt_ids), config.sampling)
+    tree = _resolve_tree(tree, target, draft, not config.sampling and not procs)
+    max_len = _max_len(len(prompt_ids), config, max(num_draft_tokens, len(tree) if tree else 0))
     generator = None
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    spec = Speculation(target, draft, config, build_processors(config, len(prompt_ids), config.sampling), generator,
-                       stop_token_ids(target, tokenizer, config), max_len, num_draft_tokens, confidence, stats)  # fmt: skip
+    spec = Speculation(target, draft, config, procs, generator, stop_token_ids(target, tokenizer, config), max_len,
+                       num_draft_tokens, confidence, stats, tree=tree)  # fmt: skip
     t_cache = spec.target_cache(max_len)
     if past is not None:
         owner = spec.owners[0]
@@ -232,8 +242,42 @@ def speculative_rounds(
 
 
 def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -> int:
-    # the longest a sequence gets: a round may accept num_draft_tokens + 1 past max_new_tokens' last
+    # the most cache columns a sequence needs: a round's check writes num_draft_tokens + 1 (or a
+    # tree's candidates and the newest token) from the position before max_new_tokens' last
     return prompt_len + config.max_new_tokens + num_draft_tokens + 1
+
+
+def default_tree(target: Transformer) -> DraftTree | None:
+    """The candidate tree greedy rounds check by default: `DEFAULT_TREE` (6 candidates, 7 rows: one
+    pass of the CPU kernels, which take 8 rows at a time, costing about one step with float32 weights
+    on a CPU, where a chain's 5 rows cost the same), or None (a chain) where the target's weights stay
+    quantized blocks on a CPU: there each row of a check costs a fair part of a step (its float
+    arithmetic, not the weights' bytes, bounds it), and the chain's confidence cut keeps checks short."""
+    device = next(target.parameters()).device
+    if policy(device).cpu_kernels and any(isinstance(m, QuantLinear) for m in target.modules()):
+        return None
+    return DraftTree.parse(DEFAULT_TREE)
+
+
+def _resolve_tree(
+    tree: DraftTree | str | None, target: Transformer, draft: Transformer, plain: bool
+) -> DraftTree | None:
+    """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding only (sampling
+    would need a tree form of the acceptance rule) and models whose attention follows positions and a
+    mask alone: ALiBi's distances between cache slots, a sliding window (built from slots) and dynamic
+    NTK RoPE (its base follows a call's largest position) would not follow a tree."""
+    tree = default_tree(target) if tree == "auto" else DraftTree.parse(tree) if tree else None
+    for m in (target, draft):
+        dynamic = getattr(m.rope, "dynamic", False) if getattr(m, "rope", None) is not None else False
+        if m.cfg.pos == "alibi" or m.cfg.sliding_window is not None or dynamic:
+            return None
+    return tree if plain else None
+
+
+def _widths(num_draft_tokens: int, tree: DraftTree | None) -> tuple[int, int]:
+    # (the widest chain call: a chain's check, the draft's catch-up; the most columns a round writes)
+    width = max(num_draft_tokens, tree.depth if tree else 0) + 1
+    return width, max(width, len(tree) + 1 if tree else 0)
 
 
 def _capacity(max_len: int, width: int) -> int:
@@ -242,18 +286,29 @@ def _capacity(max_len: int, width: int) -> int:
 
 
 def precompile(
-    target: Transformer, draft: Transformer, prompt_len: int, config: GenerationConfig, num_draft_tokens: int
+    target: Transformer,
+    draft: Transformer,
+    prompt_len: int,
+    config: GenerationConfig,
+    num_draft_tokens: int,
+    tree: DraftTree | str | None = "auto",
 ) -> list[decode._Warmup]:
     """Start the background compiles of the graphs that compiled rounds over a `prompt_len`-token
     prompt run (the target's check, the draft's step and catch-up: `Speculation._run`, over
-    `target_cache`'s and the draft cache's width), as `decode.precompile` does for plain steps: a chat
-    compiles them while its user types. Only with compile "auto"."""
+    `target_cache`'s and the draft cache's width; a tree's check and the draft's calls per depth), as
+    `decode.precompile` does for plain steps: a chat compiles them while its user types. Only with
+    compile "auto"."""
     if config.compile != "auto":
         return []
-    width = num_draft_tokens + 1
-    capacity = _capacity(_max_len(prompt_len, config, num_draft_tokens), width)
+    plain = not config.sampling and not build_processors(config, prompt_len, config.sampling)
+    tree = _resolve_tree(tree, target, draft, plain)
+    width, span = _widths(num_draft_tokens, tree)
+    capacity = _capacity(_max_len(prompt_len, config, max(num_draft_tokens, len(tree) if tree else 0)), span)
+    graphs = [(target, width, False), (draft, 1, False), (draft, width, False)]
+    if tree is not None:
+        graphs += [(target, len(tree) + 1, True), *((draft, n, True) for n in sorted({len(x) for x in tree.levels}))]
     device = next(target.parameters()).device
-    return [decode.warmup(m, 1, capacity, device, width=w) for m, w in ((target, width), (draft, 1), (draft, width))]
+    return [decode.warmup(m, 1, capacity, device, width=w, tree=t) for m, w, t in graphs]
 
 
 class Speculation:
@@ -286,6 +341,7 @@ class Speculation:
         confidence: float = DRAFT_CONFIDENCE,
         stats: SpeculativeStats | None = None,
         compile: bool | str | None = None,
+        tree: DraftTree | str | None = None,
     ) -> None:
         check_draft(target, draft)
         self.target, self.draft, self.config, self.procs, self.generator = target, draft, config, procs, generator
@@ -294,11 +350,17 @@ class Speculation:
         self.device = next(target.parameters()).device
         self.eagle = draft.cfg.eagle  # a draft that reads the target's hidden states (compress/eagle.py)
         self.compile = config.compile if compile is None else compile
-        self.width = num_draft_tokens + 1  # the widest call a steady round makes: the target's check
+        # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
+        # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
+        self.plain = not config.sampling and not procs
+        self.tree = _resolve_tree(tree, target, draft, self.plain)  # a tree of candidates per round, or None
+        # the widest call a steady round makes: the target's check (a tree's: its own graph), the draft's
+        # catch-up on the last round's accepted tokens; and the most columns a round writes
+        self.width, span = _widths(num_draft_tokens, self.tree)
         self._warm: dict[tuple, decode._Warmup] = {}  # (draft?, width, capacity) -> its graph's compile
         self.replays = policy(self.device).decode_compile_mode == "reduce-overhead"
         if self.compile:
-            self.d_cache = self._static(draft, _capacity(max_len, self.width))
+            self.d_cache = self._static(draft, _capacity(max_len, span))
         else:
             self.d_cache = KVCache.for_model(draft, 1, max_len)
         self.base = 0  # the sequence position of the draft cache's first entry (> 0 once it started over)
@@ -307,9 +369,7 @@ class Speculation:
         # read; `round` computes any it lacks (the first round, or a server's batched steps in between)
         p = next(target.parameters())
         self.pending = torch.empty(0, target.cfg.d_model, device=self.device, dtype=p.dtype)
-        # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
-        # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
-        self.plain = not config.sampling and not procs
+        self.span = span
         # the last round's extra work before drafting (a caller's timing aid): tokens the draft read, and
         # tokens the target ran again for their states; and whether a call of it ran eagerly while its
         # graph compiles (its time is not what a round costs once they are built)
@@ -380,7 +440,7 @@ class Speculation:
         """A one-row cache for the target's keys/values of up to `max_len` tokens: static (room for a
         padded check past the end) where the rounds compile."""
         if self.compile:
-            return self._static(self.target, _capacity(max_len, self.width))
+            return self._static(self.target, _capacity(max_len, self.span))
         return KVCache.for_model(self.target, 1, max_len)
 
     def _static(self, model: Transformer, capacity: int) -> StaticKVCache:
@@ -420,14 +480,15 @@ class Speculation:
         with cpu_kernels.for_rows(T, self.device):
             return model.hidden_states(ids, attention_mask=mask, kv_cache=cache, features=features)[0], None
 
-    def _graph(self, model: Transformer, width: int, capacity: int):
-        """The compiled rows graph of `model` for `width` tokens over `capacity` columns, if ready."""
+    def _graph(self, model: Transformer, width: int, capacity: int, tree: bool = False):
+        """The compiled rows graph of `model` for `width` tokens over `capacity` columns (`tree`: the
+        one called with a tree mask), if ready."""
         if not self.compile:
             return None
-        slot = (model is self.draft, width, capacity)
+        slot = (model is self.draft, width, capacity, tree)
         warm = self._warm.get(slot)
         if warm is None:  # (looked up once per sequence: the key's fingerprint of the model takes ~2 ms)
-            warm = self._warm[slot] = decode.warmup(model, 1, capacity, self.device, width=width)
+            warm = self._warm[slot] = decode.warmup(model, 1, capacity, self.device, width=width, tree=tree)
             if self.compile != "auto":
                 warm.ready.wait()
         if not warm.ready.is_set():
@@ -459,6 +520,94 @@ class Speculation:
             self.stats.accepted += 1
         accepted.append(self._pick(self._dist(self._scores(t_logits[len(drafted)], seq + accepted))))  # one free
         return accepted
+
+    def _run_tree(
+        self, model: Transformer, cache, tokens: list[int], positions: list[int], prefix: int, region: torch.Tensor,
+        features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """`tokens` at `positions` fed after the cache's contents, seeing the cache's first `prefix`
+        columns and, of the columns from there to the last of theirs, those `region` (T, R) marks (a
+        candidate tree's mask): their final hidden states (T, d) and, from a compiled graph, head logits."""
+        T = len(tokens)
+        static = getattr(cache, "static", False)
+        graph = self._graph(model, T, cache.max_len, tree=True) if static else None
+        columns = cache.max_len if static else cache.length + T
+        mask = attention_rows(prefix, region, columns, T).to(self.device)
+        ids = torch.tensor([tokens], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        if static:
+            cache.advance(T)
+        if graph is not None:
+            h, z = graph(
+                ids, tree_mask=mask, position_ids=pos, kv_cache=cache, **decode.rows_features(model, T, features)
+            )
+            if self.replays:
+                h, z = h.clone(), z.clone()
+            return h[0], z[0]
+        with cpu_kernels.for_rows(T, self.device):
+            h = model.hidden_states(ids, position_ids=pos, tree_mask=mask, kv_cache=cache, features=features)
+        return h[0], None
+
+    def _guesses(self, h: torch.Tensor, z: torch.Tensor | None, n: int) -> list[int]:
+        """The draft's n likeliest next tokens, best first, after final state h (1, d)."""
+        z = self._head(self.draft, h, z, full=False)[0]
+        top = z.topk(n).indices.tolist()
+        head_ids = self.draft.cfg.head_tokens
+        return [head_ids[j] for j in top] if head_ids is not None else top
+
+    def _tree_round(self, seq: list[int], t_cache, budget: int, h: torch.Tensor, z, known: int) -> list[int]:
+        """`round` with a candidate tree (greedy): the draft's top guesses level by level (one draft
+        call per depth, over that depth's candidates that have children), one check of the newest token
+        and every candidate, the longest path the target agrees with (draft_tree.py)."""
+        tree, draft, stats, d_cache = self.tree, self.draft, self.stats, self.d_cache
+        paths, eagle = tree.paths, self.eagle
+        guesses = {-1: self._guesses(h, z, tree.wanted(-1))}
+        states = {-1: h}  # an expanded candidate's draft state (1, d): its children's EAGLE input
+        tokens: list[int | None] = [None] * len(paths)
+        for c in tree.children[-1]:
+            tokens[c] = guesses[-1][paths[c][-1]]
+        start = d_cache.length  # the tree's entries go after the draft's certain ones, and are dropped after
+        written: list[int] = []  # candidates with an entry in the draft's cache, in column order
+        for level in tree.levels:
+            region = torch.zeros(len(level), len(written) + len(level), dtype=torch.bool)
+            for j, i in enumerate(level):
+                region[j, [written.index(a) for a in tree.ancestors(i)[:-1]]] = True
+                region[j, len(written) + j] = True
+            feats = torch.cat([states[tree.parents[i]] for i in level])[None] if eagle else None
+            hs, zs = self._run_tree(draft, d_cache, [tokens[i] for i in level],
+                                    [start + len(paths[i]) - 1 for i in level], start, region, feats)  # fmt: skip
+            for j, i in enumerate(level):
+                states[i] = hs[j : j + 1]
+                guesses[i] = self._guesses(hs[j : j + 1], zs[j : j + 1] if zs is not None else None, tree.wanted(i))
+                for c in tree.children[i]:
+                    tokens[c] = guesses[i][paths[c][-1]]
+            written += level
+        # the target: the sequence's tokens it has not read (the newest, at least), then every candidate
+        t_start = t_cache.length
+        roots = seq[t_start:]
+        if len(roots) > 1:  # (a first round without an EAGLE draft: the prompt) read causally first
+            self._run(self.target, t_cache, roots[:-1])
+            t_start, roots = t_cache.length, roots[-1:]
+        newest = len(seq) - 1
+        positions = [newest] + [newest + len(p) for p in paths]
+        t_hidden, t_z = self._run_tree(self.target, t_cache, roots + tokens, positions, t_start, tree.check_rows(1))
+        best = self._head(self.target, t_hidden, t_z).argmax(-1).tolist()
+        path, accepted = tree.walk(1, best, tokens)
+        stats.rounds += 1
+        stats.proposed += len(paths)
+        stats.accepted += len(path)
+        stop_at = next((i + 1 for i, t in enumerate(accepted) if t in self.eos), None)
+        new = accepted[:stop_at][:budget]
+        stats.generated += len(new)
+        # the target keeps the newest token's and the accepted candidates' keys/values, moved up next to
+        # each other; the draft drops the tree's entries (its catch-up reads the accepted tokens)
+        kept = path[: len(new) - 1]
+        t_cache.move([newest + 1 + i for i in kept], newest + 1)
+        t_cache.length = newest + len(new)
+        d_cache.length = start
+        if eagle:  # the target's states from `known` on: the newest token's, then the accepted candidates'
+            self.pending = t_hidden[[0, *(1 + i for i in kept)]]
+        return new
 
     @torch.inference_mode()
     def round(self, seq: list[int], t_cache, budget: int) -> list[int]:
@@ -504,6 +653,8 @@ class Speculation:
             h, z = self._run(draft, d_cache, seq[done:])
         if k:
             h, z = h[-1:], (z[-1:] if z is not None else None)
+            if self.tree is not None:
+                return self._tree_round(seq, t_cache, budget, h, z, known)
         for i in range(k):
             if self.plain:
                 z = self._head(draft, h, z, full=False)[0].float()

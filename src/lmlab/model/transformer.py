@@ -142,6 +142,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         branch_ids: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, d_model).
 
@@ -165,7 +166,7 @@ class Transformer(nn.Module):
         if getattr(kv_cache, "static", False):
             # a static cache: keys span its whole buffer, this call's tokens sit at kv_cache.slots,
             # and the mask hides unwritten slots; nothing here depends on a changing Python number
-            if attention_mask is None:
+            if attention_mask is None and tree_mask is None:
                 raise ValueError("a static KV cache needs attention_mask over all of its max_len slots")
             S, q_idx = kv_cache.max_len, kv_cache.slots
         else:
@@ -173,6 +174,10 @@ class Transformer(nn.Module):
             if attention_mask is not None and bool(attention_mask.all()):
                 attention_mask = None  # no padding: lets SDPA use its causal fast path
         max_pos = None  # known without a device sync when positions are derived here
+        if tree_mask is not None:
+            if position_ids is None:
+                raise ValueError("a tree_mask needs position_ids (each candidate's depth in the sequence)")
+            max_pos = S - 1  # a bound: a candidate sits no later in the sequence than in the keys
         if position_ids is None:
             max_pos = S - 1
             if attention_mask is not None:
@@ -201,11 +206,13 @@ class Transformer(nn.Module):
 
         window_matters = cfg.sliding_window is not None and cfg.sliding_window < S
         plain = attention_mask is None and prefix_len is None and document_ids is None and branch_ids is None
-        plain = plain and not window_matters and cfg.pos != "alibi"
+        plain = plain and not window_matters and cfg.pos != "alibi" and tree_mask is None
         # SDPA's causal fast path needs no mask tensor; a single decode step with no padding sees every key
         is_causal = cfg.causal and plain and T == S and T > 1
         mask = None
-        if not is_causal and not (plain and T == 1):
+        if tree_mask is not None:
+            mask = tree_mask
+        elif not is_causal and not (plain and T == 1):
             mask = build_mask(cfg, T, S, attention_mask, prefix_len, device, document_ids, q_idx, branch_ids)
         if cfg.pos == "alibi":
             queries = torch.arange(S - T, S, device=device) if q_idx is None else q_idx

@@ -1,0 +1,168 @@
+"""A token tree for speculative decoding: several of the draft's guesses checked in one target forward.
+
+A chain drafts one token per position and loses the rest of the round at the first miss. Where the
+draft's best guess misses, its second or third often hits (on held-out chat prompts SmolLM2's EAGLE
+draft ranks the target's next token first about half the time and second or third another fifth), so
+a round can check a small tree of candidates (Medusa, Cai et al. 2024; EAGLE, Li et al. 2024):
+
+    paths (0,) (1,) (2,) (0, 0) (0, 1) (0, 0, 0)      the draft's best three first tokens; after the
+                                                      best, its best two; after those, its best one
+    ids   [newest token] a0 a1 a2 b00 b01 c000        one forward over the sequence's newest token
+                                                      and the 6 candidates
+
+Each candidate sees the cached sequence and its own ancestors only (`attention_rows`), at the position
+its depth gives it, so its logits are exactly what the target would compute had the sequence gone down
+that branch. Greedy verification (`walk`) follows the target's argmax from the root through the
+children that match it: the longest matching path is accepted, plus the target's own next token, so the
+output is the target's greedy output whatever the tree. On hardware where a check of 7 tokens costs
+about what one of 5 does (a GPU; float32 weights on a CPU), the extra candidates are nearly free.
+
+The shape is static (fixed per round, as Medusa's and EAGLE-1's trees), so compiled rounds keep one
+graph per call; the draft runs once per depth, over that depth's candidates that have children.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.errors import LmlabError
+
+DEFAULT_TREE = "0 1 2 00 01 000"
+"""Six candidates (seven rows in a check): the draft's top three first tokens, its top two after the
+best, and its best third token. On held-out chat prompts it gains about a fifth more tokens per round
+than a chain of four (benchmarks/speculative_generate.py --tree)."""
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A static candidate tree: each candidate as the ranks of its tokens among the draft's guesses,
+    from the root down: (0,) is the draft's best next token, (1,) its second, (0, 2) its third guess
+    after the best. Every candidate's parent path must be in the tree too."""
+
+    paths: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise LmlabError("a draft tree needs at least one candidate", field="tree")
+        seen = set()
+        for p in self.paths:
+            if not p or any(not isinstance(r, int) or r < 0 for r in p):
+                raise LmlabError(f"a tree candidate is a non-empty list of ranks >= 0, not {p!r}", field="tree")
+            if p in seen:
+                raise LmlabError(f"the tree lists candidate {_show(p)} twice", field="tree")
+            seen.add(p)
+        for p in self.paths:
+            if len(p) > 1 and p[:-1] not in seen:
+                raise LmlabError(f"tree candidate {_show(p)} has no parent {_show(p[:-1])} in the tree", field="tree")
+        # candidates in breadth-first order: a parent always comes before its children
+        object.__setattr__(self, "paths", tuple(sorted(self.paths, key=lambda p: (len(p), p))))
+
+    @classmethod
+    def parse(cls, spec: str | DraftTree) -> DraftTree:
+        """A tree from its text form: candidates separated by spaces, each its ranks as digits
+        ("0 1 2 00 01 000"), or by commas within a candidate where a rank has two digits ("0 10 0,12")."""
+        if isinstance(spec, DraftTree):
+            return spec
+        paths = []
+        for word in spec.split():
+            parts = word.split(",") if "," in word else list(word)
+            if not all(x.isdigit() for x in parts):
+                raise LmlabError(f"{word!r} in draft tree {spec!r}: want ranks as digits, e.g. 0 1 00 01",
+                                 field="tree")  # fmt: skip
+            paths.append(tuple(int(x) for x in parts))
+        return cls(tuple(paths))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __str__(self) -> str:
+        return " ".join(_show(p) for p in self.paths)
+
+    @functools.cached_property
+    def depth(self) -> int:
+        """The longest candidate path: the most draft tokens a round can accept."""
+        return max(map(len, self.paths))
+
+    @functools.cached_property
+    def parents(self) -> list[int]:
+        """Each candidate's parent's index in `paths` (-1: a child of the root, the newest token)."""
+        index = {p: i for i, p in enumerate(self.paths)}
+        return [index[p[:-1]] if len(p) > 1 else -1 for p in self.paths]
+
+    @functools.cached_property
+    def children(self) -> dict[int, list[int]]:
+        """Candidate index (-1: the root) -> its children's indices."""
+        out: dict[int, list[int]] = {}
+        for i, parent in enumerate(self.parents):
+            out.setdefault(parent, []).append(i)
+        return out
+
+    @functools.cached_property
+    def levels(self) -> list[list[int]]:
+        """Per depth after the first, the candidates one level up that have children: the rows of the
+        draft's call at that depth (the first depth's guesses come from the draft's catch-up)."""
+        return [[i for i, p in enumerate(self.paths) if len(p) == d and i in self.children]
+                for d in range(1, self.depth)]  # fmt: skip
+
+    def ancestors(self, i: int) -> list[int]:
+        """Candidate i's ancestors' indices, root side first, then i itself."""
+        out = []
+        while i >= 0:
+            out.append(i)
+            i = self.parents[i]
+        return out[::-1]
+
+    def tokens(self, guesses: dict[int, list[int]]) -> list[int]:
+        """Each candidate's token, given each expanded node's guesses best first (-1: the root's)."""
+        return [guesses[parent][p[-1]] for parent, p in zip(self.parents, self.paths)]
+
+    def wanted(self, node: int) -> int:
+        """How many guesses node `node` (-1: the root) needs: one more than its children's top rank."""
+        return 1 + max(self.paths[c][-1] for c in self.children[node])
+
+    def check_rows(self, roots: int) -> torch.Tensor:
+        """(roots + n, roots + n) bool: which of a check's tokens each sees, `roots` tokens of the
+        sequence (causal among themselves) followed by the n candidates (each seeing every root, its
+        ancestors and itself)."""
+        n = len(self.paths)
+        vis = torch.zeros(roots + n, roots + n, dtype=torch.bool)
+        vis[:roots, :roots] = torch.ones(roots, roots, dtype=torch.bool).tril()
+        vis[roots:, :roots] = True
+        for i in range(n):
+            vis[roots + i, [roots + a for a in self.ancestors(i)]] = True
+        return vis
+
+    def walk(self, roots: int, best: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
+        """Greedy verification: (accepted candidates' indices, new tokens). `best` is the target's
+        argmax at each check row (`roots` rows of the sequence, then one per candidate); the path goes
+        down while a child's token is the target's choice at its parent, and ends with the target's
+        own choice after the last accepted candidate."""
+        path: list[int] = []
+        node, row = -1, roots - 1
+        while True:
+            want = best[row]
+            child = next((c for c in self.children.get(node, ()) if tokens[c] == want), None)
+            if child is None:
+                return path, [tokens[c] for c in path] + [want]
+            path.append(child)
+            node, row = child, roots + child
+
+
+def _show(p: tuple[int, ...]) -> str:
+    return ",".join(map(str, p)) if any(r > 9 for r in p) else "".join(map(str, p))
+
+
+def attention_rows(prefix: int, region: torch.Tensor, columns: int, width: int) -> torch.Tensor:
+    """A (1, 1, width, columns) boolean tree mask: every query sees the `prefix` cached columns, then
+    `region` (T, R) says which of the next R columns each of the T queries sees; padding rows (up to
+    `width`) see all of those (no row sees nothing, which would give NaN), and no real row sees the
+    columns after the region (where padding writes)."""
+    T, R = region.shape
+    mask = torch.zeros(width, columns, dtype=torch.bool)
+    mask[:, :prefix] = True
+    mask[:T, prefix : prefix + R] = region
+    mask[T:, prefix : prefix + R] = True
+    return mask[None, None]

@@ -1,0 +1,169 @@
+"""Candidate trees for speculative decoding (generate/draft_tree.py): the tree's shape and walk, the
+target's tree-masked forward against plain forwards of each branch, and tree rounds against greedy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.compress.eagle import eagle_draft
+from lmlab.compress.quantize import QuantConfig, quantize_model
+from lmlab.errors import LmlabError
+from lmlab.generate import GenerationConfig, generate
+from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, attention_rows
+from lmlab.generate.kv_cache import KVCache, StaticKVCache
+from lmlab.generate.speculative import default_tree, speculative_generate, truncated_draft
+from lmlab.model.config import ModelConfig
+from lmlab.utils.device import forced_policy, policy
+from tests.generate.conftest import tiny_llama
+
+
+def test_a_tree_is_ordered_parent_first_and_says_what_each_node_needs():
+    tree = DraftTree.parse("00 1 0 000 01 2")
+    assert tree.paths == ((0,), (1,), (2,), (0, 0), (0, 1), (0, 0, 0)) and str(tree) == DEFAULT_TREE
+    assert tree.parents == [-1, -1, -1, 0, 0, 3] and tree.depth == 3 and len(tree) == 6
+    assert tree.levels == [[0], [3]]  # the draft's calls: (0,) at depth 2, (0, 0) at depth 3
+    assert tree.wanted(-1) == 3 and tree.wanted(0) == 2 and tree.wanted(3) == 1
+    assert tree.ancestors(5) == [0, 3, 5]
+    assert DraftTree.parse("0 0,12").paths == ((0,), (0, 12))
+    # the root's guesses, then (0,)'s and (0, 0)'s, give each candidate its token
+    tokens = tree.tokens({-1: [7, 8, 9], 0: [4, 5], 3: [6]})
+    assert tokens == [7, 8, 9, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [("", "at least one"), ("0 01x", "ranks as digits"), ("0 0", "twice"), ("0 11", "no parent 1")],
+)
+def test_a_bad_tree_says_which_candidate(spec, match):
+    with pytest.raises(LmlabError, match=match):
+        DraftTree.parse(spec)
+
+
+def test_the_walk_follows_the_targets_argmax_down_matching_children():
+    tree = DraftTree.parse(DEFAULT_TREE)
+    tokens = [7, 8, 9, 4, 5, 6]  # (0,) 7, (1,) 8, (2,) 9, (0,0) 4, (0,1) 5, (0,0,0) 6
+    # rows: the newest token, then one per candidate; the target picks 7, then 5 after it, then 3
+    best = [7, 5, 0, 0, 0, 3, 0]
+    assert tree.walk(1, best, tokens) == ([0, 4], [7, 5, 3])
+    assert tree.walk(1, [8, 0, 2, 0, 0, 0, 0], tokens) == ([1], [8, 2])  # (1,) has no children: then its row
+    assert tree.walk(1, [1] * 7, tokens) == ([], [1])  # no first guess matched
+    rows = tree.check_rows(1)
+    assert rows[1 + 5].nonzero().flatten().tolist() == [0, 1, 4, 6]  # (0,0,0): the root, (0,), (0,0), itself
+
+
+def test_attention_rows_hide_what_comes_after_the_region_and_pads_see_something():
+    m = attention_rows(3, torch.tensor([[True, False], [True, True]]), 8, 3)[0, 0]
+    assert m[:2].tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
+    assert m[2].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_tree_masked_forward_equals_each_branch_run_alone_and_moved_entries_decode_on(static):
+    """Every candidate's hidden state from one tree-masked call equals a causal forward of the sequence
+    followed by that candidate's path (1e-5); after moving a path's keys/values next to the sequence,
+    the next token's state equals a recompute."""
+    model = tiny_llama(0)
+    tree = DraftTree.parse("0 1 2 00 01 10 000")
+    seq = torch.randint(0, 512, (9,)).tolist()
+    tokens = torch.randint(0, 512, (len(tree),)).tolist()
+    make = StaticKVCache if static else KVCache
+    cache = make.for_model(model, 1, 64)
+    with torch.no_grad():
+        if static:
+            cache.advance(8)
+            model.hidden_states(torch.tensor([seq[:8]]), attention_mask=torch.ones(1, 64, dtype=torch.long),
+                                kv_cache=cache)  # fmt: skip
+            cols = 64
+        else:
+            model.hidden_states(torch.tensor([seq[:8]]), kv_cache=cache)
+            cols = 8 + 1 + len(tree)
+        mask = attention_rows(8, tree.check_rows(1), cols, 1 + len(tree))
+        pos = torch.tensor([[8] + [8 + len(p) for p in tree.paths]])
+        if static:
+            cache.advance(1 + len(tree))
+        h = model.hidden_states(torch.tensor([seq[8:] + tokens]), position_ids=pos, tree_mask=mask, kv_cache=cache)[0]
+        for i in range(len(tree)):
+            branch = seq + [tokens[a] for a in tree.ancestors(i)]
+            ref = model.hidden_states(torch.tensor([branch]))[0, -1]
+            torch.testing.assert_close(h[1 + i], ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(h[0], model.hidden_states(torch.tensor([seq]))[0, -1], rtol=0, atol=1e-5)
+        path = tree.ancestors(len(tree) - 1)  # (0, 0, 0): candidates 0, 3 and 6
+        cache.move([9 + i for i in path], 9)
+        cache.length = 9 + len(path)
+        nxt = 123
+        branch = seq + [tokens[a] for a in path] + [nxt]
+        if static:
+            cache.advance(1)
+            step = model.hidden_states(torch.tensor([[nxt]]), kv_cache=cache,
+                                       attention_mask=(torch.arange(64) < cache.length).long()[None])  # fmt: skip
+        else:
+            step = model.hidden_states(torch.tensor([[nxt]]), kv_cache=cache)
+        torch.testing.assert_close(step[0, -1], model.hidden_states(torch.tensor([branch]))[0, -1], rtol=0, atol=1e-5)
+
+
+def _drafts(target):
+    torch.manual_seed(3)
+    return {"eagle": eagle_draft(target).eval(), "layers": truncated_draft(target, 1), "self": target}
+
+
+@pytest.mark.parametrize("kind", ["eagle", "layers", "self"])
+@pytest.mark.parametrize("tree", [DEFAULT_TREE, "0 1 00 01 10 11 000 0000"])
+def test_tree_rounds_give_the_targets_greedy_tokens(kind, tree):
+    target = tiny_llama(0)
+    draft = _drafts(target)[kind]
+    for n, budget in ((1, 25), (7, 25), (5, 3)):  # a one-token prompt; a budget smaller than a round's gain
+        prompt = torch.randint(0, 512, (n,)).tolist()
+        cfg = GenerationConfig(max_new_tokens=budget)
+        want = generate(target, None, prompt, cfg)[0].token_ids
+        got, stats = speculative_generate(target, draft, None, prompt, cfg, tree=tree)
+        assert got.token_ids == want, (kind, n)
+        assert stats.generated == budget
+    if kind == "self":  # the target as its own draft: every round accepts a whole path of the deepest
+        assert stats.tokens_per_round == pytest.approx(budget / stats.rounds)
+        prompt = torch.randint(0, 512, (5,)).tolist()
+        _, stats = speculative_generate(target, draft, None, prompt, GenerationConfig(max_new_tokens=20), tree=tree)
+        depth = DraftTree.parse(tree).depth
+        assert stats.accepted == stats.generated - stats.rounds and stats.rounds == -(-20 // (depth + 1))
+
+
+def test_an_eos_inside_an_accepted_path_ends_the_answer():
+    target = tiny_llama(0)
+    prompt = torch.randint(0, 512, (5,)).tolist()
+    free = generate(target, None, prompt, GenerationConfig(max_new_tokens=20))[0].token_ids
+    eos = free[6]
+    cfg = GenerationConfig(max_new_tokens=20, stop_token_ids=[eos])
+    want = generate(target, None, prompt, cfg)[0].token_ids
+    got, _ = speculative_generate(target, target, None, prompt, cfg, tree=DEFAULT_TREE)
+    assert got.token_ids == want and len(want) < 20
+
+
+def test_sampled_decoding_keeps_the_chain():
+    """A tree has no acceptance rule for sampling here: sampled rounds are the chain's, token for token."""
+    target = tiny_llama(0)
+    draft = truncated_draft(target, 1)
+    prompt = torch.randint(0, 512, (5,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0.8, seed=3)
+    a, sa = speculative_generate(target, draft, None, prompt, cfg, tree=DEFAULT_TREE)
+    b, sb = speculative_generate(target, draft, None, prompt, cfg, tree=None)
+    assert a.token_ids == b.token_ids and (sa.rounds, sa.proposed) == (sb.rounds, sb.proposed)
+
+
+def test_the_default_tree_is_off_for_quantized_blocks_on_a_cpu_and_for_alibi():
+    target = tiny_llama(0)
+    assert default_tree(target) == DraftTree.parse(DEFAULT_TREE)
+    q = copy.deepcopy(target)
+    quantize_model(q, QuantConfig(bits=8))
+    assert default_tree(q) is None  # each row of a check costs a fair part of a step there
+    with forced_policy(policy("cuda")):  # a GPU streams the weights however many rows
+        assert default_tree(q) == DraftTree.parse(DEFAULT_TREE)
+    torch.manual_seed(0)
+    alibi = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", pos="alibi", eos_token_id=None)).eval()
+    prompt = torch.randint(0, 512, (5,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=10)
+    _, with_tree = speculative_generate(alibi, truncated_draft(alibi, 1), None, prompt, cfg, 3, 0.0, tree=DEFAULT_TREE)
+    _, chain = speculative_generate(alibi, truncated_draft(alibi, 1), None, prompt, cfg, 3, 0.0, tree=None)
+    assert (with_tree.rounds, with_tree.proposed) == (chain.rounds, chain.proposed)
