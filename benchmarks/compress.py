@@ -278,7 +278,9 @@ def stage_draft(args, results: dict) -> None:
                         want.append(ids)
                     identical &= ids == want[i]
                     continue
-                g, st = speculative_generate(target, run[0], tok, p, cfg, num_draft_tokens=run[1], confidence=run[2])
+                g, st = speculative_generate(
+                    target, run[0], tok, p, cfg, num_draft_tokens=run[1], confidence=run[2], tree=None
+                )  # (the chain: k and confidence are its settings)
                 identical &= g.token_ids == want[i]
                 if rep == 0:
                     for j, v in enumerate((st.accepted, st.proposed, st.rounds)):

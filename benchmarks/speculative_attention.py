@@ -54,7 +54,7 @@ def main() -> None:
         cpu_kernels.attention = torch_attention if "torch" in name else kernel
         try:
             return [speculative_generate(target, draft, tok, q, cfg, num_draft_tokens=args.k,
-                                         confidence=args.confidence)[0].token_ids for q in prompts]  # fmt: skip
+                                         confidence=args.confidence, tree=None)[0].token_ids for q in prompts]  # fmt: skip
         finally:
             cpu_kernels.attention = kernel
 

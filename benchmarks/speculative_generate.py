@@ -10,10 +10,11 @@ figure beside `benchmarks/serve.py --draft` (the same draft in a server).
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --fp32-target
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --prompt-set tweets-en
-    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --tree "0 1 2 00 01 000"
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --tree "0 1 00 01 000 0000"
 
-With --tree, each round checks that candidate tree (generate/draft_tree.py) instead of a chain; the
-chain's rounds run too, interleaved, and both are printed against plain greedy.
+Greedy rounds run two ways, interleaved with plain greedy: over a chain of up to --num-draft-tokens
+drafts (cut at --confidence), and over the candidate tree --tree (generate/draft_tree.py; by default
+the one greedy rounds check where weights are float: `speculative.default_tree`; "none" skips it).
 
 With --compile both sides run compiled graphs (plain decode steps; the rounds' target check and
 draft steps), compiled before timing: the figure a chat or a server gets once its compiles are done.
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 from lmlab.generate import GenerationConfig, generate
-from lmlab.generate.draft_tree import DraftTree
+from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree
 from lmlab.generate.speculative import DRAFT_CONFIDENCE, SpeculativeStats, load_draft, speculative_generate
 from lmlab.model.checkpoint import load_pretrained
 
@@ -50,9 +51,11 @@ def main() -> int:
     ap.add_argument("--confidence", type=float, default=DRAFT_CONFIDENCE, help="the draft's stopping threshold")
     ap.add_argument("--prompt-set", choices=["topics", "chatterbot", "tweets-en"], default="topics",
                     help="the serving benchmark's requests, or held-out chatterbot turns or tweets")  # fmt: skip
-    ap.add_argument("--tree", default=None, help='also rounds over this candidate tree, e.g. "0 1 2 00 01 000"')
+    ap.add_argument(
+        "--tree", default=DEFAULT_TREE, help='also rounds over this candidate tree ("none": the chain only)'
+    )
     args = ap.parse_args()
-    tree = DraftTree.parse(args.tree) if args.tree else None
+    tree = DraftTree.parse(args.tree) if args.tree != "none" else None
     target, tok = load_pretrained(args.model, dequantize=True if args.fp32_target else "auto")
     target.eval()
     draft = load_draft(args.draft, target)
@@ -64,7 +67,7 @@ def main() -> int:
     else:  # held-out user turns the drafts were not trained on (benchmarks/compress.py's draft stage)
         prompts = chat_prompts(tok, args.prompts, args.prompt_set)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=args.compile)
-    ways = {"draft": {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence}}
+    ways = {"draft": {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence, "tree": None}}
     if tree is not None:
         ways["tree"] = {**ways["draft"], "tree": tree}
     # kernels built, caches warm, and every graph the prompts' lengths need compiled before timing

@@ -152,14 +152,18 @@ def test_sampled_decoding_keeps_the_chain():
     assert a.token_ids == b.token_ids and (sa.rounds, sa.proposed) == (sb.rounds, sb.proposed)
 
 
-def test_the_default_tree_is_off_for_quantized_blocks_on_a_cpu_and_for_alibi():
+def test_the_default_tree_is_the_gpu_policys_and_off_for_alibi():
     target = tiny_llama(0)
-    assert default_tree(target) == DraftTree.parse(DEFAULT_TREE)
     q = copy.deepcopy(target)
     quantize_model(q, QuantConfig(bits=8))
-    assert default_tree(q) is None  # each row of a check costs a fair part of a step there
-    with forced_policy(policy("cuda")):  # a GPU streams the weights however many rows
-        assert default_tree(q) == DraftTree.parse(DEFAULT_TREE)
+    assert default_tree(target) is None and default_tree(q) is None  # a CPU: the chain
+    with forced_policy(policy("cuda")):  # a GPU streams the weights once however many rows
+        assert default_tree(target) == default_tree(q) == DraftTree.parse(DEFAULT_TREE)
+        prompt = torch.randint(0, 512, (5,)).tolist()
+        cfg = GenerationConfig(max_new_tokens=10)
+        _, by_default = speculative_generate(target, target, None, prompt, cfg)
+        _, tree = speculative_generate(target, target, None, prompt, cfg, tree=DEFAULT_TREE)
+        assert (by_default.rounds, by_default.proposed) == (tree.rounds, tree.proposed) and tree.proposed % 6 == 0
     torch.manual_seed(0)
     alibi = lmlab.Transformer(ModelConfig.from_preset("llama-tiny", pos="alibi", eos_token_id=None)).eval()
     prompt = torch.randint(0, 512, (5,)).tolist()

@@ -13,6 +13,7 @@ import torch
 
 from lmlab.compress.eagle import eagle_draft
 from lmlab.generate import GenerationConfig, decode, generate
+from lmlab.generate.draft_tree import DEFAULT_TREE
 from lmlab.generate.speculative import speculative_generate, truncated_draft
 from tests.generate.conftest import tiny_llama
 
@@ -150,12 +151,12 @@ def test_precompile_asks_for_the_graphs_an_answer_then_runs(pending_warmups):
         # (the draft's catch-up graph is asked for only after a round it guessed all of)
         assert (id(target), 1, max(e[2] for e in want), 4) in asked and set(asked) <= want, n
         widths |= {e[2] for e in want}
-        # the default candidate tree's graphs: its check of 7 rows, the draft's calls per depth
+        # the default candidate tree's graphs (a GPU's default): its check of 7 rows, the draft's calls per depth
         asked.clear()
-        speculative.precompile(target, draft, n, cfg, 3)
+        speculative.precompile(target, draft, n, cfg, 3, tree=DEFAULT_TREE)
         want = set(asked)
         asked.clear()
-        speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3)
+        speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3, tree=DEFAULT_TREE)
         assert (id(target), 1, max(e[2] for e in want), 7, "tree") in asked and set(asked) <= want, n
         tree_widths |= {e[2] for e in want}
     assert widths == tree_widths == {64, 128}

@@ -25,7 +25,6 @@ from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, attention_rows
 from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache, common_prefix, copy_prefix
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
-from lmlab.model.quantized import QuantLinear
 from lmlab.model.transformer import Transformer
 from lmlab.tokenizer.tokenizer import Tokenizer
 from lmlab.utils.device import policy
@@ -248,15 +247,12 @@ def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -
 
 
 def default_tree(target: Transformer) -> DraftTree | None:
-    """The candidate tree greedy rounds check by default: `DEFAULT_TREE` (6 candidates, 7 rows: one
-    pass of the CPU kernels, which take 8 rows at a time, costing about one step with float32 weights
-    on a CPU, where a chain's 5 rows cost the same), or None (a chain) where the target's weights stay
-    quantized blocks on a CPU: there each row of a check costs a fair part of a step (its float
-    arithmetic, not the weights' bytes, bounds it), and the chain's confidence cut keeps checks short."""
-    device = next(target.parameters()).device
-    if policy(device).cpu_kernels and any(isinstance(m, QuantLinear) for m in target.modules()):
-        return None
-    return DraftTree.parse(DEFAULT_TREE)
+    """The candidate tree greedy rounds check by default: `DEFAULT_TREE` where the device policy says
+    a check's extra rows cost next to nothing (a GPU), else None: a chain. (On a CPU a tree's 7-row
+    check costs about a chain's 5-row one with float32 weights, one pass of the kernels' 8 rows, but
+    its rounds measured no faster over all than the chain's, whose confidence cut drafts less; with
+    quantized blocks each row of a check costs a fair part of a step, and rounds lose either way.)"""
+    return DraftTree.parse(DEFAULT_TREE) if policy(next(target.parameters()).device).draft_tree else None
 
 
 def _resolve_tree(

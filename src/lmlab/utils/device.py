@@ -61,6 +61,11 @@ class DevicePolicy:
     # 1.6x and 2.4x llama.cpp Q8_0 on a VNNI CPU's 512-token prefill; up to 64 rows the float32
     # skinny kernels are about as fast); None: never (float32 activations)
     int8_prefill_rows: int | None = None
+    # greedy speculative rounds check a candidate tree by default (generate/draft_tree.py), not a chain:
+    # where a check's extra rows cost next to nothing (a GPU streams the weights once for all of them).
+    # On 2 CPU cores a tree's 7-row check costs about a chain's 5-row one, but its rounds measured from
+    # 0.95x to 1.08x the chain's (benchmarks/speculative_generate.py): off there.
+    draft_tree: bool = False
 
 
 def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -87,7 +92,9 @@ _POLICIES = {
     "cpu": cpu_policy(cpu_has_vnni()),
     # a GPU runs a 2.6k-row chunk of a 50k vocabulary (512 MB of fp32 logits) in one launch; few chunks mean few
     # launches, and the loss's Python loop no longer sets the step's pace
-    "cuda": DevicePolicy("cuda", 1 << 29, 1024, 1 << 16, 8192, False, True, "reduce-overhead", True, False, False),
+    "cuda": DevicePolicy(
+        "cuda", 1 << 29, 1024, 1 << 16, 8192, False, True, "reduce-overhead", True, False, False, draft_tree=True
+    ),
 }
 
 
@@ -115,7 +122,17 @@ def policy(device: str | torch.device | None) -> DevicePolicy:
         return _POLICIES[kind]
     gpu = _POLICIES["cuda"]
     return DevicePolicy(
-        kind, gpu.loss_logit_bytes, gpu.loss_min_rows, gpu.loss_max_rows, 4096, False, True, None, False, False
+        kind,
+        gpu.loss_logit_bytes,
+        gpu.loss_min_rows,
+        gpu.loss_max_rows,
+        4096,
+        False,
+        True,
+        None,
+        False,
+        False,
+        draft_tree=True,
     )
 
 
