@@ -276,6 +276,41 @@ def kept_turns(device: torch.device, compile_modes: list[bool]) -> None:
            + ("tokens equal plain greedy, draft state adopted" if ok else "tokens or kept state differ"))  # fmt: skip
 
 
+@check("candidate-tree rounds")
+def tree_rounds(device: torch.device, compile_modes: list[bool]) -> None:
+    """Greedy speculative rounds over the device policy's default candidate tree (a GPU's: generate/
+    draft_tree.py), compiled where the run compiles: an EAGLE draft's and the target as its own draft's
+    tokens equal plain greedy decoding's, every round checked 6 candidates, and the self-draft's rounds
+    accepted whole paths. Printed: a tree round's time over a chain round's (self-draft: 4 and 5 tokens)."""
+    from lmlab.compress.eagle import eagle_draft
+    from lmlab.generate import GenerationConfig, decode
+    from lmlab.generate.draft_tree import DEFAULT_TREE
+    from lmlab.generate.speculative import speculative_generate
+
+    target = ours_model(lmlab.ModelConfig.from_preset("llama-tiny"), device).eval()
+    torch.manual_seed(1)
+    draft = eagle_draft(target).to(device).eval()
+    prompt = torch.randint(3, 500, (9,), generator=torch.Generator().manual_seed(6)).tolist()
+    cfg = GenerationConfig(max_new_tokens=24, compile=True in compile_modes, stop_token_ids=[])
+    want = decode.generate(target, None, prompt, cfg.replace(compile=False))[0].token_ids
+    ok, seconds = True, {}
+    for name, d in (("eagle", draft), ("self", target)):
+        for tree in (DEFAULT_TREE, None):
+            speculative_generate(target, d, None, prompt, cfg, tree=tree)  # compiles
+            synchronize(device)
+            t = time.perf_counter()
+            got, st = speculative_generate(target, d, None, prompt, cfg, tree=tree)
+            synchronize(device)
+            seconds[name, tree] = (time.perf_counter() - t) / st.rounds
+            ok &= got.token_ids == want
+            if tree is not None:
+                ok &= st.proposed == 6 * st.rounds and (name != "self" or st.accepted == st.generated - st.rounds)
+    ratio = seconds["self", DEFAULT_TREE] / seconds["self", None]
+    record("candidate-tree rounds", ok, f"{'compiled' if cfg.compile else 'eager'}: "
+           + ("tokens equal plain greedy" if ok else "tokens or rounds differ")
+           + f"; a tree round takes {ratio:.2f}x a chain round (one-off)")  # fmt: skip
+
+
 # -- 4. the real commands --------------------------------------------------------------------------
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -415,6 +450,7 @@ def main() -> int:
     if "decoding" in only:
         decoding(shapes, device, compile_modes)
         kept_turns(device, compile_modes)
+        tree_rounds(device, compile_modes)
     if "commands" in only:
         with tempfile.TemporaryDirectory() as work:
             commands(device, Path(work))

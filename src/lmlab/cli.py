@@ -167,6 +167,20 @@ def _add_draft_flags(p: argparse.ArgumentParser) -> None:
                         "(0: always draft --num-draft-tokens; default: speculative_generate's)")  # fmt: skip
 
 
+def _add_tree_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-tree", default="auto",
+                   help='greedy rounds check this tree of the draft\'s guesses, as rank paths ("0 1 2 00 01 000": its top '
+                        'three first tokens, two after the best, one after that), "none" (a chain), or "auto" (the '
+                        "device's default: a tree on a GPU)")  # fmt: skip
+
+
+def _draft_tree(args: argparse.Namespace):
+    """--draft-tree as speculative_generate takes it (parsed now: a bad tree is one line before loading)."""
+    from lmlab.generate.draft_tree import DraftTree
+
+    return {"auto": "auto", "none": None}.get(args.draft_tree) or DraftTree.parse(args.draft_tree)
+
+
 def _add_speculate_flag(p: argparse.ArgumentParser, who: str) -> None:
     p.add_argument("--speculate", choices=["auto", "always"], default="auto",
                    help=f"with --draft: {who} while speculative rounds measure faster than plain decoding "
@@ -186,6 +200,7 @@ def _generate(args: argparse.Namespace) -> None:
     from lmlab.model.checkpoint import load_pretrained
 
     config = _generation_config(args)
+    tree = _draft_tree(args)
     # a GGUF file's quantized blocks stay quantized where lmlab's kernels run them: the fastest exact path
     model, tokenizer = load_pretrained(args.model, device=_device(args), dequantize="auto")
     if tokenizer is None:
@@ -213,7 +228,8 @@ def _generate(args: argparse.Namespace) -> None:
 
         draft = _load_draft(args, model)
         extra = {} if args.draft_confidence is None else {"confidence": args.draft_confidence}
-        result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens, **extra)
+        result, stats = speculative_generate(model, draft, tokenizer, prompt, config, args.num_draft_tokens,
+                                             tree=tree, **extra)  # fmt: skip
         print(result.text)
         print(
             f"[speculative: {stats.accepted}/{stats.proposed} drafted tokens accepted "
@@ -234,12 +250,13 @@ def _chat(args: argparse.Namespace) -> None:
     from lmlab.generate.chat import ChatSession, repl
     from lmlab.model.checkpoint import load_pretrained
 
+    tree = _draft_tree(args)
     model, tokenizer = load_pretrained(args.model, device=_device(args), dequantize="auto")
     if tokenizer is None:
         raise LmlabError("this checkpoint has no tokenizer", file=args.model)
     draft = _load_draft(args, model) if args.draft else None
     repl(ChatSession(model, tokenizer, _generation_config(args), args.system, draft, args.num_draft_tokens,
-                     args.draft_confidence, args.speculate))  # fmt: skip
+                     args.draft_confidence, args.speculate, draft_tree=tree))  # fmt: skip
 
 
 def _rag_index(args: argparse.Namespace) -> None:
@@ -635,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--explain-steps", type=int, default=3)
     gen.add_argument("--explain-out", default="explain.png", help="where --explain writes its plot")
     _add_draft_flags(gen)
+    _add_tree_flag(gen)
     gen.add_argument(
         "--check-consistency",
         type=int,
@@ -654,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_generation_flags(chat, temperature=0.7, compile_default="auto")
     _add_draft_flags(chat)
+    _add_tree_flag(chat)
     _add_speculate_flag(chat, "an answer is speculative")
     chat.set_defaults(func=_chat)
 

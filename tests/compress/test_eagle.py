@@ -282,7 +282,8 @@ def test_bad_eagle_settings_are_named():
         assert e.value.field == f"distill.student.{key}" and "r.yaml" in str(e.value)
 
 
-def test_eagle_tree_rounds_read_the_targets_states_exactly(monkeypatch):
+@pytest.mark.parametrize("swap", [False, True])
+def test_eagle_tree_rounds_read_the_targets_states_exactly(monkeypatch, swap):
     """Tree rounds (generate/draft_tree.py) keep the target's states of the accepted candidates for the
     draft: a random draft whose states dominate guesses at each round's root exactly what a
     from-scratch read of the target's states of the whole sequence gives."""
@@ -310,7 +311,9 @@ def test_eagle_tree_rounds_read_the_targets_states_exactly(monkeypatch):
         out = real_guesses(self, h, z, n)
         if not rounds[-1][1]:
             rounds[-1][1].extend(out)
-        return out
+        # swap: the draft's best guess becomes candidate (1,), so accepted paths leave the first
+        # candidates' rows (the states kept must be the path's, not the check's first rows)
+        return [out[1], out[0], *out[2:]] if swap and len(out) > 1 else out
 
     monkeypatch.setattr(Speculation, "_tree_round", tree_round)
     monkeypatch.setattr(Speculation, "_guesses", guesses)

@@ -269,6 +269,16 @@ def test_chat_command_with_a_draft_prints_what_it_prints_without(tmp_path):
     assert [line for line in shown if line not in stats] == plain.stdout.splitlines() and "Paris" in plain.stdout
     bad = chat("--draft", ":99")
     assert bad.returncode == 1 and "a draft of 99 layers" in bad.stderr and "Traceback" not in bad.stderr
+    # a candidate tree instead of the chain (a CPU's default): the same conversation, 3 candidates a round
+    tree = chat("--draft", ":6", "--draft-tree", "0 1 00", "--speculate", "always")
+    assert tree.returncode == 0, tree.stderr
+    shown = tree.stdout.splitlines()
+    stats = [line for line in shown if line.startswith("[speculative: ")]
+    assert [line for line in shown if line not in stats] == plain.stdout.splitlines()
+    rounds = [int(x.split("/")[1].split()[0]) for x in stats]  # drafted tokens proposed per answer
+    assert len(stats) == 2 and all(r % 3 == 0 for r in rounds)
+    bad = chat("--draft", ":6", "--draft-tree", "0 11")
+    assert bad.returncode == 1 and "tree candidate 11 has no parent 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_callable_package():

@@ -10,6 +10,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
+from lmlab.generate.draft_tree import DraftTree
 from lmlab.generate.kv_cache import PromptCache
 from lmlab.generate.speculation_policy import SpeculationPolicy
 from lmlab.generate.speculative import SpeculativeStats, check_draft, speculative_stream
@@ -33,6 +34,7 @@ class ChatSession:
         num_draft_tokens: int = 4,
         draft_confidence: float | None = None,
         speculate: str = "auto",
+        draft_tree: DraftTree | str | None = "auto",
     ) -> None:
         if tokenizer.chat_template is None:
             raise LmlabError("this checkpoint has no chat template", hint="use `lmlab generate` for plain text")
@@ -41,6 +43,7 @@ class ChatSession:
         if draft is not None:
             check_draft(model, draft)
         self.draft, self.num_draft_tokens, self.draft_confidence = draft, num_draft_tokens, draft_confidence
+        self.draft_tree = draft_tree  # greedy rounds' candidate tree ("auto": the device's default; None: a chain)
         self.stats = None  # the last answer's SpeculativeStats, when it was speculative
         # speculative answers only while they measure faster (seconds per character of answer) than plain
         # ones: those run as a compiled graph once its background compile is done, which eager rounds
@@ -96,7 +99,7 @@ class ChatSession:
             if self.policy is None or self.policy.mode != "always":
                 decode.precompile(self.model, length, self.config)
             if self.draft is not None:
-                precompile_rounds(self.model, self.draft, length, self.config, self.num_draft_tokens)
+                precompile_rounds(self.model, self.draft, length, self.config, self.num_draft_tokens, self.draft_tree)
 
     def fit(self) -> list[int]:
         """The next prompt's tokens, after dropping the oldest exchanges (a question and its answer) until
@@ -136,7 +139,8 @@ class ChatSession:
             extra = {} if self.draft_confidence is None else {"confidence": self.draft_confidence}
             self.stats = SpeculativeStats()
             answer = speculative_stream(self.model, self.draft, self.tokenizer, prompt, self.config,
-                                        self.num_draft_tokens, stats=self.stats, past=self.past, **extra)  # fmt: skip
+                                        self.num_draft_tokens, stats=self.stats, past=self.past, tree=self.draft_tree,
+                                        **extra)  # fmt: skip
         start = first = None
         # an answer decoded (partly) eagerly while its graphs compile is not timed: it is not what either
         # way costs once they are built
