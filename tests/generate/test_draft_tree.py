@@ -171,3 +171,26 @@ def test_the_default_tree_is_the_gpu_policys_and_off_for_alibi():
     _, with_tree = speculative_generate(alibi, truncated_draft(alibi, 1), None, prompt, cfg, 3, 0.0, tree=DEFAULT_TREE)
     _, chain = speculative_generate(alibi, truncated_draft(alibi, 1), None, prompt, cfg, 3, 0.0, tree=None)
     assert (with_tree.rounds, with_tree.proposed) == (chain.rounds, chain.proposed)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "layers"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_tree_rounds_over_a_kept_conversation_give_greedy_and_keep_the_draft_state(kind, compile, pending_warmups):
+    """Four turns of tree rounds over one PromptCache (a chat; compiled rounds run eagerly over the static
+    caches here, their compiles never finishing): every answer is the target's greedy one, the target's
+    kept keys/values are the conversation's, and turns after the first adopt the draft's state."""
+    from lmlab.generate.kv_cache import PromptCache
+    from lmlab.generate.speculative import SpeculativeStats, speculative_rounds
+
+    target = tiny_llama(0)
+    draft = _drafts(target)[kind]
+    past = PromptCache()
+    prompt = torch.randint(0, 512, (7,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=12, compile="auto" if compile else False)
+    for turn in range(4):
+        want = generate(target, None, prompt, cfg.replace(compile=False))[0].token_ids
+        had = past.draft is not None
+        got = [t for new in speculative_rounds(target, draft, None, prompt, cfg, 3, 0.0, SpeculativeStats(), past,
+                                               DEFAULT_TREE) for t in new]  # fmt: skip
+        assert got == want and had == (turn > 0) and past.ids == prompt + got[:-1], turn
+        prompt = prompt + got + torch.randint(0, 512, (4,)).tolist()
