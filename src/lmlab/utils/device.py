@@ -64,7 +64,7 @@ class DevicePolicy:
     # greedy speculative rounds check a candidate tree by default (generate/draft_tree.py), not a chain:
     # where a check's extra rows cost next to nothing (a GPU streams the weights once for all of them).
     # On 2 CPU cores a tree's 7-row check costs about a chain's 5-row one, but its rounds measured from
-    # 0.95x to 1.08x the chain's (benchmarks/speculative_generate.py): off there.
+    # 0.96x to 1.08x the chain's (benchmarks/speculative_generate.py): off there.
     draft_tree: bool = False
 
 
