@@ -296,10 +296,11 @@ def tree_rounds(device: torch.device, compile_modes: list[bool]) -> None:
     ok, seconds = True, {}
     for name, d in (("eagle", draft), ("self", target)):
         for tree in (DEFAULT_TREE, None):
-            speculative_generate(target, d, None, prompt, cfg, tree=tree)  # compiles
+            # confidence 0: the chain drafts all 4 tokens every round (a random model's guesses are unsure)
+            speculative_generate(target, d, None, prompt, cfg, 4, 0.0, tree=tree)  # compiles
             synchronize(device)
             t = time.perf_counter()
-            got, st = speculative_generate(target, d, None, prompt, cfg, tree=tree)
+            got, st = speculative_generate(target, d, None, prompt, cfg, 4, 0.0, tree=tree)
             synchronize(device)
             seconds[name, tree] = (time.perf_counter() - t) / st.rounds
             ok &= got.token_ids == want
