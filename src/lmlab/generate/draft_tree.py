@@ -14,8 +14,10 @@ Each candidate sees the cached sequence and its own ancestors only (`attention_r
 its depth gives it, so its logits are exactly what the target would compute had the sequence gone down
 that branch. Greedy verification (`walk`) follows the target's argmax from the root through the
 children that match it: the longest matching path is accepted, plus the target's own next token, so the
-output is the target's greedy output whatever the tree. On hardware where a check of 7 tokens costs
-about what one of 5 does (a GPU; float32 weights on a CPU), the extra candidates are nearly free.
+output is the target's greedy output whatever the tree. Where a check's extra rows cost next to
+nothing (a GPU) the extra candidates are nearly free; on 2 CPU cores a 7-row check costs about a
+5-row one with float32 weights, but the tree's rounds measured no faster than the chain's
+(docs/compress.md), so there the default stays the chain (`speculative.default_tree`).
 
 The shape is static (fixed per round, as Medusa's and EAGLE-1's trees), so compiled rounds keep one
 graph per call; the draft runs once per depth, over that depth's candidates that have children.
@@ -32,8 +34,8 @@ from lmlab.errors import LmlabError
 
 DEFAULT_TREE = "0 1 2 00 01 000"
 """Six candidates (seven rows in a check): the draft's top three first tokens, its top two after the
-best, and its best third token. On held-out chat prompts it gains about a fifth more tokens per round
-than a chain of four (benchmarks/speculative_generate.py --tree)."""
+best, and its best third token. On held-out chat prompts it gives about a fifth more tokens per round
+than a chain of four (benchmarks/draft_tree.py)."""
 
 
 @dataclass(frozen=True)
@@ -115,25 +117,34 @@ class DraftTree:
             i = self.parents[i]
         return out[::-1]
 
-    def tokens(self, guesses: dict[int, list[int]]) -> list[int]:
-        """Each candidate's token, given each expanded node's guesses best first (-1: the root's)."""
-        return [guesses[parent][p[-1]] for parent, p in zip(self.parents, self.paths)]
-
     def wanted(self, node: int) -> int:
         """How many guesses node `node` (-1: the root) needs: one more than its children's top rank."""
         return 1 + max(self.paths[c][-1] for c in self.children[node])
 
-    def check_rows(self, roots: int) -> torch.Tensor:
-        """(roots + n, roots + n) bool: which of a check's tokens each sees, `roots` tokens of the
-        sequence (causal among themselves) followed by the n candidates (each seeing every root, its
-        ancestors and itself)."""
+    @functools.cached_property
+    def check_rows(self) -> torch.Tensor:
+        """(1 + n, 1 + n) bool: which of a check's tokens each sees: the sequence's newest token, then
+        the n candidates, each seeing the newest token, its ancestors and itself (the same every round)."""
         n = len(self.paths)
-        vis = torch.zeros(roots + n, roots + n, dtype=torch.bool)
-        vis[:roots, :roots] = torch.ones(roots, roots, dtype=torch.bool).tril()
-        vis[roots:, :roots] = True
+        vis = torch.zeros(1 + n, 1 + n, dtype=torch.bool)
+        vis[:, 0] = True
         for i in range(n):
-            vis[roots + i, [roots + a for a in self.ancestors(i)]] = True
+            vis[1 + i, [1 + a for a in self.ancestors(i)]] = True
         return vis
+
+    @functools.cached_property
+    def level_rows(self) -> list[torch.Tensor]:
+        """Per draft call (`levels`), which of the tree's draft cache entries so far each of its rows
+        sees, (T, R): its expanded ancestors' entries, in the order the calls wrote them, and its own."""
+        out, written = [], []
+        for level in self.levels:
+            rows = torch.zeros(len(level), len(written) + len(level), dtype=torch.bool)
+            for j, i in enumerate(level):
+                rows[j, [written.index(a) for a in self.ancestors(i)[:-1]]] = True
+                rows[j, len(written) + j] = True
+            out.append(rows)
+            written += level
+        return out
 
     def walk(self, roots: int, best: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
         """Greedy verification: (accepted candidates' indices, new tokens). `best` is the target's

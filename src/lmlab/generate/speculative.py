@@ -352,11 +352,11 @@ class Speculation:
         self.tree = _resolve_tree(tree, target, draft, self.plain)  # a tree of candidates per round, or None
         # the widest call a steady round makes: the target's check (a tree's: its own graph), the draft's
         # catch-up on the last round's accepted tokens; and the most columns a round writes
-        self.width, span = _widths(num_draft_tokens, self.tree)
+        self.width, self.span = _widths(num_draft_tokens, self.tree)
         self._warm: dict[tuple, decode._Warmup] = {}  # (draft?, width, capacity) -> its graph's compile
         self.replays = policy(self.device).decode_compile_mode == "reduce-overhead"
         if self.compile:
-            self.d_cache = self._static(draft, _capacity(max_len, span))
+            self.d_cache = self._static(draft, _capacity(max_len, self.span))
         else:
             self.d_cache = KVCache.for_model(draft, 1, max_len)
         self.base = 0  # the sequence position of the draft cache's first entry (> 0 once it started over)
@@ -365,7 +365,6 @@ class Speculation:
         # read; `round` computes any it lacks (the first round, or a server's batched steps in between)
         p = next(target.parameters())
         self.pending = torch.empty(0, target.cfg.d_model, device=self.device, dtype=p.dtype)
-        self.span = span
         # the last round's extra work before drafting (a caller's timing aid): tokens the draft read, and
         # tokens the target ran again for their states; and whether a call of it ran eagerly while its
         # graph compiles (its time is not what a round costs once they are built)
@@ -551,7 +550,7 @@ class Speculation:
         head_ids = self.draft.cfg.head_tokens
         return [head_ids[j] for j in top] if head_ids is not None else top
 
-    def _tree_round(self, seq: list[int], t_cache, budget: int, h: torch.Tensor, z, known: int) -> list[int]:
+    def _tree_round(self, seq: list[int], t_cache, budget: int, h: torch.Tensor, z) -> list[int]:
         """`round` with a candidate tree (greedy): the draft's top guesses level by level (one draft
         call per depth, over that depth's candidates that have children), one check of the newest token
         and every candidate, the longest path the target agrees with (draft_tree.py)."""
@@ -563,12 +562,7 @@ class Speculation:
         for c in tree.children[-1]:
             tokens[c] = guesses[-1][paths[c][-1]]
         start = d_cache.length  # the tree's entries go after the draft's certain ones, and are dropped after
-        written: list[int] = []  # candidates with an entry in the draft's cache, in column order
-        for level in tree.levels:
-            region = torch.zeros(len(level), len(written) + len(level), dtype=torch.bool)
-            for j, i in enumerate(level):
-                region[j, [written.index(a) for a in tree.ancestors(i)[:-1]]] = True
-                region[j, len(written) + j] = True
+        for level, region in zip(tree.levels, tree.level_rows):
             feats = torch.cat([states[tree.parents[i]] for i in level])[None] if eagle else None
             hs, zs = self._run_tree(draft, d_cache, [tokens[i] for i in level],
                                     [start + len(paths[i]) - 1 for i in level], start, region, feats)  # fmt: skip
@@ -577,7 +571,6 @@ class Speculation:
                 guesses[i] = self._guesses(hs[j : j + 1], zs[j : j + 1] if zs is not None else None, tree.wanted(i))
                 for c in tree.children[i]:
                     tokens[c] = guesses[i][paths[c][-1]]
-            written += level
         # the target: the sequence's tokens it has not read (the newest, at least), then every candidate
         t_start = t_cache.length
         roots = seq[t_start:]
@@ -586,7 +579,7 @@ class Speculation:
             t_start, roots = t_cache.length, roots[-1:]
         newest = len(seq) - 1
         positions = [newest] + [newest + len(p) for p in paths]
-        t_hidden, t_z = self._run_tree(self.target, t_cache, roots + tokens, positions, t_start, tree.check_rows(1))
+        t_hidden, t_z = self._run_tree(self.target, t_cache, roots + tokens, positions, t_start, tree.check_rows)
         best = self._head(self.target, t_hidden, t_z).argmax(-1).tolist()
         path, accepted = tree.walk(1, best, tokens)
         stats.rounds += 1
@@ -601,7 +594,7 @@ class Speculation:
         t_cache.move([newest + 1 + i for i in kept], newest + 1)
         t_cache.length = newest + len(new)
         d_cache.length = start
-        if eagle:  # the target's states from `known` on: the newest token's, then the accepted candidates'
+        if eagle:  # the target's states the draft reads next: the newest token's, then the accepted candidates'
             self.pending = t_hidden[[0, *(1 + i for i in kept)]]
         return new
 
@@ -650,7 +643,7 @@ class Speculation:
         if k:
             h, z = h[-1:], (z[-1:] if z is not None else None)
             if self.tree is not None:
-                return self._tree_round(seq, t_cache, budget, h, z, known)
+                return self._tree_round(seq, t_cache, budget, h, z)
         for i in range(k):
             if self.plain:
                 z = self._head(draft, h, z, full=False)[0].float()
