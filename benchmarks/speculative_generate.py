@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from lmlab.generate import GenerationConfig, generate
-from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree
+from lmlab.generate.draft_tree import DEFAULT_TREE, parse_tree
 from lmlab.generate.speculative import DRAFT_CONFIDENCE, SpeculativeStats, load_draft, speculative_generate
 from lmlab.model.checkpoint import load_pretrained
 
@@ -55,7 +55,7 @@ def main() -> int:
         "--tree", default=DEFAULT_TREE, help='also rounds over this candidate tree ("none": the chain only)'
     )
     args = ap.parse_args()
-    tree = DraftTree.parse(args.tree) if args.tree != "none" else None
+    tree = parse_tree(args.tree) if args.tree != "none" else None
     target, tok = load_pretrained(args.model, dequantize=True if args.fp32_target else "auto")
     target.eval()
     draft = load_draft(args.draft, target)

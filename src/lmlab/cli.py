@@ -170,15 +170,16 @@ def _add_draft_flags(p: argparse.ArgumentParser) -> None:
 def _add_tree_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tree", default="auto",
                    help='greedy rounds check this tree of the draft\'s guesses, as rank paths ("0 1 2 00 01 000": its top '
-                        'three first tokens, two after the best, one after that), "none" (a chain), or "auto" (the '
+                        'three first tokens, two after the best, one after that), "dynamic[:TOPK,DEPTH,SIZE]" (chosen '
+                        'each round by the draft\'s confidence, EAGLE-2), "none" (a chain), or "auto" (the '
                         "device's default: a tree on a GPU)")  # fmt: skip
 
 
 def _draft_tree(args: argparse.Namespace):
     """--draft-tree as speculative_generate takes it (parsed now: a bad tree is one line before loading)."""
-    from lmlab.generate.draft_tree import DraftTree
+    from lmlab.generate.draft_tree import parse_tree
 
-    return {"auto": "auto", "none": None}.get(args.draft_tree) or DraftTree.parse(args.draft_tree)
+    return {"auto": "auto", "none": None}.get(args.draft_tree) or parse_tree(args.draft_tree)
 
 
 def _add_speculate_flag(p: argparse.ArgumentParser, who: str) -> None:

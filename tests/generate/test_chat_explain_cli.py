@@ -279,6 +279,15 @@ def test_chat_command_with_a_draft_prints_what_it_prints_without(tmp_path):
     assert len(stats) == 2 and all(r % 3 == 0 for r in rounds)
     bad = chat("--draft", ":6", "--draft-tree", "0 11")
     assert bad.returncode == 1 and "tree candidate 11 has no parent 1" in bad.stderr and "Traceback" not in bad.stderr
+    # a dynamic tree (EAGLE-2): the same conversation again, 4 candidates a round
+    dynamic = chat("--draft", ":6", "--draft-tree", "dynamic:2,3,4", "--speculate", "always")
+    assert dynamic.returncode == 0, dynamic.stderr
+    shown = dynamic.stdout.splitlines()
+    stats = [line for line in shown if line.startswith("[speculative: ")]
+    assert [line for line in shown if line not in stats] == plain.stdout.splitlines()
+    assert len(stats) == 2 and all(int(x.split("/")[1].split()[0]) % 4 == 0 for x in stats)
+    bad = chat("--draft", ":6", "--draft-tree", "dynamic:2,2,9")
+    assert bad.returncode == 1 and "cannot check 9" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_callable_package():

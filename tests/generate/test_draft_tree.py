@@ -13,7 +13,7 @@ from lmlab.compress.eagle import eagle_draft
 from lmlab.compress.quantize import QuantConfig, quantize_model
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate
-from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, attention_rows
+from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, DynamicTree, attention_rows, parse_tree
 from lmlab.generate.kv_cache import KVCache, StaticKVCache
 from lmlab.generate.speculative import default_tree, speculative_generate, truncated_draft
 from lmlab.model.config import ModelConfig
@@ -42,6 +42,88 @@ def test_a_tree_is_ordered_parent_first_and_says_what_each_node_needs():
 def test_a_bad_tree_says_which_candidate(spec, match):
     with pytest.raises(LmlabError, match=match):
         DraftTree.parse(spec)
+
+
+def test_a_dynamic_tree_keeps_the_likeliest_candidates_with_their_ancestors():
+    plan = DynamicTree(topk=2, depth=3, size=4)
+    assert (plan.drafted, len(plan), plan.entries, plan.draft_widths) == (10, 4, 5, [2])
+    assert DynamicTree(4, 3, 5).entries == 8  # the draft's two calls of 4 rows write more than the check
+    scores = {(0,): -0.1, (1,): -2.0, (0, 0): -0.3, (0, 1): -2.5, (1, 0): -2.1, (1, 1): -4.0,
+              (0, 0, 0): -0.4, (0, 0, 1): -3.0, (1, 0, 0): -2.2, (1, 0, 1): -5.0}  # fmt: skip
+    tree = plan.select(scores)
+    assert tree.paths == ((0,), (1,), (0, 0), (0, 0, 0))
+    assert plan.select(dict(scores)) is tree  # one tree per shape: its masks are built once
+    # a child as likely as its parent (its probability rounds to 1) comes after it; ties go shallow first
+    tied = {(0,): -1.0, (1,): -1.0, (0, 0): -1.0, (1, 0): -3.0, (0, 0, 0): -1.0}
+    assert DynamicTree(2, 3, 3).select(tied).paths == ((0,), (1,), (0, 0))
+    # a draft's NaN logits (every score NaN: any order) still give a tree, never a child without its parent
+    nan = float("nan")
+    assert len(DynamicTree(2, 2, 2).select({(0, 0): nan, (1, 1): nan, (0,): nan, (1,): nan})) == 2
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [("dynamic:3,3", "dynamic:TOPK,DEPTH,SIZE"), ("dynamic:0,3,3", "topk is an integer >= 1"),
+     ("dynamic:2,2,7", "drafts 6 candidates: it cannot check 7"), ("dynamicx", "dynamic:TOPK,DEPTH,SIZE")],
+)  # fmt: skip
+def test_a_bad_dynamic_tree_says_what_is_wrong(spec, match):
+    with pytest.raises(LmlabError, match=match):
+        parse_tree(spec)
+
+
+def test_parse_tree_reads_static_and_dynamic_trees():
+    assert parse_tree("dynamic") == DynamicTree() and str(DynamicTree()) == "dynamic:3,3,6"
+    assert parse_tree("dynamic:2,4,7") == DynamicTree(2, 4, 7) == parse_tree(str(DynamicTree(2, 4, 7)))
+    assert parse_tree(DEFAULT_TREE) == DraftTree.parse(DEFAULT_TREE)
+
+
+def _dynamic_scores(draft, seq: list[int], plan: DynamicTree) -> dict[tuple[int, ...], float]:
+    """EAGLE-2's expansion computed the slow way: each candidate's log-probability from a plain forward
+    of the draft over the sequence and the candidate's path."""
+    tokens: dict[tuple[int, ...], int] = {}
+    scores: dict[tuple[int, ...], float] = {}
+
+    def branch(parent):
+        ids = seq + [tokens[parent[:i]] for i in range(1, len(parent) + 1)]
+        logp = draft(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
+        top = logp.topk(plan.topk)
+        for r, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            tokens[(*parent, r)], scores[(*parent, r)] = token, scores.get(parent, 0.0) + value
+
+    branch(())
+    level = list(scores)
+    for _ in range(plan.depth - 1):
+        expand = sorted(level, key=lambda p: (-scores[p], p))[: plan.topk]
+        for p in expand:
+            branch(p)
+        level = [(*p, r) for p in expand for r in range(plan.topk)]
+    return scores
+
+
+@pytest.mark.parametrize("kind", ["layers", "self"])
+def test_dynamic_rounds_score_each_candidate_as_a_plain_forward_of_its_path(kind, monkeypatch):
+    """Every round's candidates and their scores (the draft's tree-masked calls over its cache) equal a
+    plain forward of the draft over the sequence and each candidate's path."""
+    from lmlab.generate.speculative import SpeculativeStats, speculative_rounds
+
+    seen = []
+    select = DynamicTree.select
+    monkeypatch.setattr(
+        DynamicTree, "select", lambda self, scores: (seen.append(dict(scores)), select(self, scores))[1]
+    )
+    target = tiny_llama(0)
+    draft = _drafts(target)[kind]
+    plan = DynamicTree(topk=3, depth=3, size=6)
+    seq = torch.randint(0, 512, (6,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=24)
+    for new in speculative_rounds(target, draft, None, seq, cfg, 4, 0.0, SpeculativeStats(), tree=plan):
+        want = _dynamic_scores(draft, seq, plan)
+        got = seen.pop(0)
+        assert got.keys() == want.keys()
+        torch.testing.assert_close(torch.tensor([got[p] for p in want]), torch.tensor(list(want.values())),
+                                   rtol=0, atol=1e-4)  # fmt: skip
+        seq = seq + new  # (not +=: the prompt list is the loop's own)
+    assert not seen and len(seq) == 6 + 24
 
 
 def test_the_walk_follows_the_targets_argmax_down_matching_children():
@@ -112,7 +194,9 @@ def _drafts(target):
 
 
 @pytest.mark.parametrize("kind", ["eagle", "layers", "self"])
-@pytest.mark.parametrize("tree", [DEFAULT_TREE, "0 1 00 01 10 11 000 0000"])
+@pytest.mark.parametrize(
+    "tree", [DEFAULT_TREE, "0 1 00 01 10 11 000 0000", "dynamic", "dynamic:2,4,7", "dynamic:4,3,5"]
+)
 def test_tree_rounds_give_the_targets_greedy_tokens(kind, tree):
     target = tiny_llama(0)
     draft = _drafts(target)[kind]
@@ -123,7 +207,7 @@ def test_tree_rounds_give_the_targets_greedy_tokens(kind, tree):
         got, stats = speculative_generate(target, draft, None, prompt, cfg, tree=tree)
         assert got.token_ids == want, (kind, n)
         assert stats.generated == budget
-    if kind == "self":  # the target as its own draft: every round accepts a whole path of the deepest
+    if kind == "self" and not tree.startswith("dynamic"):  # the target as its own draft: a whole path of the deepest
         prompt = torch.randint(0, 512, (5,)).tolist()
         _, stats = speculative_generate(target, draft, None, prompt, GenerationConfig(max_new_tokens=20), tree=tree)
         depth = DraftTree.parse(tree).depth

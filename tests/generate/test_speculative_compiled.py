@@ -134,7 +134,7 @@ def test_precompile_asks_for_the_graphs_an_answer_then_runs(pending_warmups):
     target = tiny_llama(0)
     draft = truncated_draft(target, 1)
     cfg = GenerationConfig(max_new_tokens=8, compile="auto")
-    widths, tree_widths = set(), set()
+    widths, tree_widths, dynamic_widths = set(), set(), set()
     for n in range(40, 60):
         prompt = torch.randint(0, 512, (n,)).tolist()
         asked.clear()
@@ -159,14 +159,31 @@ def test_precompile_asks_for_the_graphs_an_answer_then_runs(pending_warmups):
         speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3, tree=DEFAULT_TREE)
         assert (id(target), 1, max(e[2] for e in want), 7, "tree") in asked and set(asked) <= want, n
         tree_widths |= {e[2] for e in want}
-    assert widths == tree_widths == {64, 128}
+        # a dynamic tree's: its check of 6 rows, the draft's calls of 4 (8 entries a round: more room)
+        asked.clear()
+        speculative.precompile(target, draft, n, cfg, 3, tree="dynamic:4,3,5")
+        want = set(asked)
+        asked.clear()
+        speculative_generate(target, draft, None, prompt, cfg, num_draft_tokens=3, tree="dynamic:4,3,5")
+        assert (
+            {(id(target), 1, max(e[2] for e in want), 6, "tree"), (id(draft), 1, max(e[2] for e in want), 4, "tree")}
+            <= set(asked)
+            <= want
+        ), n
+        dynamic_widths |= {e[2] for e in want}
+    assert widths == tree_widths == dynamic_widths == {64, 128}
     asked.clear()
     assert decode.precompile(target, 50, cfg.replace(compile=True)) is None
     assert speculative.precompile(target, draft, 50, cfg.replace(compile=True), 3) == [] and not asked
 
 
 @pytest.mark.parametrize("kind", ["eagle", "layers", "self"])
-def test_compiled_tree_rounds_agree_with_eager_ones_round_for_round(eager_graphs, kind):
+@pytest.mark.parametrize(
+    "tree, graphs",
+    [("0 1 2 00 01 10 000", {("target", 8), ("draft", 2), ("draft", 1)}),  # draft calls at depths 2 and 3
+     ("dynamic:4,3,5", {("target", 6), ("draft", 4)})],  # the draft's 2 calls of 4 rows write 8 entries: room
+)  # fmt: skip
+def test_compiled_tree_rounds_agree_with_eager_ones_round_for_round(eager_graphs, kind, tree, graphs):
     """Candidate-tree rounds eager over dynamic caches and through static calls (the tree's own graphs:
     the check of the newest token and every candidate, the draft's call per depth): the target's
     greedy tokens, the same rounds and accepted candidates both ways."""
@@ -174,7 +191,6 @@ def test_compiled_tree_rounds_agree_with_eager_ones_round_for_round(eager_graphs
     draft = _drafts(target)[kind]
     prompt = torch.randint(0, 512, (6,)).tolist()
     want = generate(target, None, prompt, GenerationConfig(max_new_tokens=40))[0].token_ids
-    tree = "0 1 2 00 01 10 000"
     runs = []
     for compile in (False, True):
         cfg = GenerationConfig(max_new_tokens=40, compile=compile)
@@ -182,6 +198,5 @@ def test_compiled_tree_rounds_agree_with_eager_ones_round_for_round(eager_graphs
         runs.append((g.token_ids, st.rounds, st.accepted, st.proposed))
     assert runs[0] == runs[1] and runs[0][0] == want
     assert runs[0][2] > 0 or kind == "eagle"
-    # the check (8 rows) and the draft's calls at depths 2 and 3 (2 and 1 candidates with children)
-    assert {c for c in eager_graphs if len(c) == 3} == {(id(target), 8, "tree"), (id(draft), 2, "tree"),
-                                                         (id(draft), 1, "tree")}  # fmt: skip
+    ids = {"target": id(target), "draft": id(draft)}
+    assert {c[:2] for c in eager_graphs if len(c) == 3} == {(ids[who], rows) for who, rows in graphs}

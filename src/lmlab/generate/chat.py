@@ -10,7 +10,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import stream
-from lmlab.generate.draft_tree import DraftTree
+from lmlab.generate.draft_tree import DraftTree, DynamicTree
 from lmlab.generate.kv_cache import PromptCache
 from lmlab.generate.speculation_policy import SpeculationPolicy
 from lmlab.generate.speculative import SpeculativeStats, check_draft, speculative_stream
@@ -34,7 +34,7 @@ class ChatSession:
         num_draft_tokens: int = 4,
         draft_confidence: float | None = None,
         speculate: str = "auto",
-        draft_tree: DraftTree | str | None = "auto",
+        draft_tree: DraftTree | DynamicTree | str | None = "auto",
     ) -> None:
         if tokenizer.chat_template is None:
             raise LmlabError("this checkpoint has no chat template", hint="use `lmlab generate` for plain text")

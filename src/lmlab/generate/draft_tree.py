@@ -117,6 +117,17 @@ class DraftTree:
             i = self.parents[i]
         return out[::-1]
 
+    @functools.cached_property
+    def draft_widths(self) -> list[int]:
+        """The widths of the draft's calls a round makes over the tree (one per level)."""
+        return sorted({len(level) for level in self.levels})
+
+    @functools.cached_property
+    def entries(self) -> int:
+        """The most cache entries a round writes past the sequence: its check's (the newest token and
+        every candidate) or the draft's calls' (never more)."""
+        return len(self.paths) + 1
+
     def wanted(self, node: int) -> int:
         """How many guesses node `node` (-1: the root) needs: one more than its children's top rank."""
         return 1 + max(self.paths[c][-1] for c in self.children[node])
@@ -160,6 +171,86 @@ class DraftTree:
                 return path, [tokens[c] for c in path] + [want]
             path.append(child)
             node, row = child, roots + child
+
+
+@functools.lru_cache(maxsize=256)
+def _tree_of(paths: tuple[tuple[int, ...], ...]) -> DraftTree:
+    # a dynamic tree's rounds pick from a few shapes over and over: each builds its masks once
+    return DraftTree(paths)
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """A candidate tree chosen every round by the draft's confidence (EAGLE-2, Li et al. 2024): from
+    the root, `depth` - 1 times, the `topk` likeliest candidates of the newest level (by the product of
+    the draft's probabilities along their paths) are run through the draft and each gets its `topk`
+    best next tokens; of everything drafted, the `size` likeliest candidates are checked. A path's
+    probability is never above its parent's, so the chosen ones always include their ancestors.
+
+    Where the draft is sure it drafts deep, where it is torn it drafts wide, with the same check
+    width and draft calls every round (so compiled rounds keep their graphs: the draft's calls are
+    `topk` rows each, the check `size` + 1)."""
+
+    topk: int = 3
+    depth: int = 3
+    size: int = 6
+
+    def __post_init__(self) -> None:
+        for name in ("topk", "depth", "size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LmlabError(f"a dynamic tree's {name} is an integer >= 1, not {value!r}", field="tree")
+        if self.size > self.drafted:
+            raise LmlabError(f"a dynamic tree of top {self.topk} over depth {self.depth} drafts {self.drafted} "
+                             f"candidates: it cannot check {self.size}", field="tree")  # fmt: skip
+
+    @property
+    def drafted(self) -> int:
+        """How many candidates a round drafts: topk at the first level, topk * topk at each after."""
+        return self.topk + (self.depth - 1) * self.topk * self.topk
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __str__(self) -> str:
+        return f"dynamic:{self.topk},{self.depth},{self.size}"
+
+    @property
+    def draft_widths(self) -> list[int]:
+        return [self.topk] if self.depth > 1 else []
+
+    @property
+    def entries(self) -> int:
+        """The most cache entries a round writes past the sequence: the check's, or the draft's."""
+        return max(self.size + 1, (self.depth - 1) * self.topk)
+
+    def select(self, scores: dict[tuple[int, ...], float]) -> DraftTree:
+        """The `size` candidates with the highest scores (log-probabilities of their paths; ties: the
+        shallower first, so a parent precedes its children), as a tree."""
+        chosen: set[tuple[int, ...]] = set()
+        for p in sorted(scores, key=lambda p: (-scores[p], len(p), p)):
+            if len(p) == 1 or p[:-1] in chosen:  # (a NaN score could order a child first: it waits)
+                chosen.add(p)
+                if len(chosen) == self.size:
+                    break
+        return _tree_of(tuple(sorted(chosen, key=lambda p: (len(p), p))))
+
+
+def parse_tree(spec: str | DraftTree | DynamicTree) -> DraftTree | DynamicTree:
+    """A candidate tree from its text form: a static tree's rank paths ("0 1 2 00 01 000",
+    `DraftTree.parse`), or "dynamic" (`DynamicTree`'s defaults) or "dynamic:TOPK,DEPTH,SIZE"."""
+    if isinstance(spec, (DraftTree, DynamicTree)):
+        return spec
+    if not spec.startswith("dynamic"):
+        return DraftTree.parse(spec)
+    rest = spec[len("dynamic") :]
+    if not rest:
+        return DynamicTree()
+    parts = rest[1:].split(",") if rest.startswith(":") else []
+    if len(parts) != 3 or not all(x.strip().isdigit() for x in parts):
+        raise LmlabError(f"draft tree {spec!r}: want dynamic or dynamic:TOPK,DEPTH,SIZE, e.g. dynamic:3,3,6",
+                         field="tree")  # fmt: skip
+    return DynamicTree(*(int(x) for x in parts))
 
 
 def _show(p: tuple[int, ...]) -> str:

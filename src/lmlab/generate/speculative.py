@@ -21,7 +21,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
-from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, attention_rows
+from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, DynamicTree, attention_rows, parse_tree
 from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache, common_prefix, copy_prefix
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
@@ -139,7 +139,7 @@ def speculative_generate(
     num_draft_tokens: int = 4,
     confidence: float = DRAFT_CONFIDENCE,
     past: PromptCache | None = None,
-    tree: DraftTree | str | None = "auto",
+    tree: DraftTree | DynamicTree | str | None = "auto",
 ) -> tuple[Generation, SpeculativeStats]:
     """Generate for one prompt with a draft model; returns the generation and acceptance statistics.
 
@@ -170,7 +170,7 @@ def speculative_stream(
     confidence: float = DRAFT_CONFIDENCE,
     stats: SpeculativeStats | None = None,
     past: PromptCache | None = None,
-    tree: DraftTree | str | None = "auto",
+    tree: DraftTree | DynamicTree | str | None = "auto",
 ) -> Iterator[str]:
     """`speculative_generate` as `decode.stream` shows text: pieces as each round's accepted tokens
     complete characters, stop strings never shown. `stats`, if given, fills in as rounds go; `past`
@@ -199,7 +199,7 @@ def speculative_rounds(
     confidence: float,
     stats: SpeculativeStats,
     past: PromptCache | None = None,
-    tree: DraftTree | str | None = "auto",
+    tree: DraftTree | DynamicTree | str | None = "auto",
 ) -> Iterator[list[int]]:
     """The speculative loop: yields each round's new tokens (the accepted draft tokens and the target's
     own), up to an EOS (included) or max_new_tokens, and counts them into `stats`.
@@ -212,7 +212,7 @@ def speculative_rounds(
     device = next(target.parameters()).device
     procs = build_processors(config, len(prompt_ids), config.sampling)
     tree = _resolve_tree(tree, target, draft, not config.sampling and not procs)
-    max_len = _max_len(len(prompt_ids), config, max(num_draft_tokens, len(tree) if tree else 0))
+    max_len = _max_len(len(prompt_ids), config, _room(num_draft_tokens, tree))
     generator = None
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -246,6 +246,11 @@ def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -
     return prompt_len + config.max_new_tokens + num_draft_tokens + 1
 
 
+def _room(num_draft_tokens: int, tree: DraftTree | DynamicTree | None) -> int:
+    # the num_draft_tokens of _max_len: a chain's, or one less than a tree's most entries a round writes
+    return max(num_draft_tokens, tree.entries - 1 if tree else 0)
+
+
 def default_tree(target: Transformer) -> DraftTree | None:
     """The candidate tree greedy rounds check by default: `DEFAULT_TREE` where the device policy says
     a check's extra rows cost next to nothing (a GPU), else None: a chain. (On a CPU a tree's 7-row
@@ -256,13 +261,13 @@ def default_tree(target: Transformer) -> DraftTree | None:
 
 
 def _resolve_tree(
-    tree: DraftTree | str | None, target: Transformer, draft: Transformer, plain: bool
-) -> DraftTree | None:
+    tree: DraftTree | DynamicTree | str | None, target: Transformer, draft: Transformer, plain: bool
+) -> DraftTree | DynamicTree | None:
     """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding only (sampling
     would need a tree form of the acceptance rule) and models whose attention follows positions and a
     mask alone: ALiBi's distances between cache slots, a sliding window (built from slots) and dynamic
     NTK RoPE (its base follows a call's largest position) would not follow a tree."""
-    tree = default_tree(target) if tree == "auto" else DraftTree.parse(tree) if tree else None
+    tree = default_tree(target) if tree == "auto" else parse_tree(tree) if tree else None
     for m in (target, draft):
         dynamic = getattr(m.rope, "dynamic", False) if getattr(m, "rope", None) is not None else False
         if m.cfg.pos == "alibi" or m.cfg.sliding_window is not None or dynamic:
@@ -270,10 +275,10 @@ def _resolve_tree(
     return tree if plain else None
 
 
-def _widths(num_draft_tokens: int, tree: DraftTree | None) -> tuple[int, int]:
+def _widths(num_draft_tokens: int, tree: DraftTree | DynamicTree | None) -> tuple[int, int]:
     # (the widest chain call: a chain's check, the draft's catch-up; the most columns a round writes)
     width = max(num_draft_tokens, tree.depth if tree else 0) + 1
-    return width, max(width, len(tree) + 1 if tree else 0)
+    return width, max(width, tree.entries if tree else 0)
 
 
 def _capacity(max_len: int, width: int) -> int:
@@ -287,7 +292,7 @@ def precompile(
     prompt_len: int,
     config: GenerationConfig,
     num_draft_tokens: int,
-    tree: DraftTree | str | None = "auto",
+    tree: DraftTree | DynamicTree | str | None = "auto",
 ) -> list[decode._Warmup]:
     """Start the background compiles of the graphs that compiled rounds over a `prompt_len`-token
     prompt run (the target's check, the draft's step and catch-up: `Speculation._run`, over
@@ -299,10 +304,10 @@ def precompile(
     plain = not config.sampling and not build_processors(config, prompt_len, config.sampling)
     tree = _resolve_tree(tree, target, draft, plain)
     width, span = _widths(num_draft_tokens, tree)
-    capacity = _capacity(_max_len(prompt_len, config, max(num_draft_tokens, len(tree) if tree else 0)), span)
+    capacity = _capacity(_max_len(prompt_len, config, _room(num_draft_tokens, tree)), span)
     graphs = [(target, width, False), (draft, 1, False), (draft, width, False)]
     if tree is not None:
-        graphs += [(target, len(tree) + 1, True), *((draft, n, True) for n in sorted({len(x) for x in tree.levels}))]
+        graphs += [(target, len(tree) + 1, True), *((draft, n, True) for n in tree.draft_widths)]
     device = next(target.parameters()).device
     return [decode.warmup(m, 1, capacity, device, width=w, tree=t) for m, w, t in graphs]
 
@@ -337,7 +342,7 @@ class Speculation:
         confidence: float = DRAFT_CONFIDENCE,
         stats: SpeculativeStats | None = None,
         compile: bool | str | None = None,
-        tree: DraftTree | str | None = None,
+        tree: DraftTree | DynamicTree | str | None = None,
     ) -> None:
         check_draft(target, draft)
         self.target, self.draft, self.config, self.procs, self.generator = target, draft, config, procs, generator
@@ -550,18 +555,15 @@ class Speculation:
         head_ids = self.draft.cfg.head_tokens
         return [head_ids[j] for j in top] if head_ids is not None else top
 
-    def _tree_round(self, seq: list[int], t_cache, budget: int, h: torch.Tensor, z) -> list[int]:
-        """`round` with a candidate tree (greedy): the draft's top guesses level by level (one draft
-        call per depth, over that depth's candidates that have children), one check of the newest token
-        and every candidate, the longest path the target agrees with (draft_tree.py)."""
-        tree, draft, stats, d_cache = self.tree, self.draft, self.stats, self.d_cache
-        paths, eagle = tree.paths, self.eagle
+    def _draft_static(self, tree: DraftTree, h: torch.Tensor, z, start: int) -> list[int]:
+        """A static tree's candidate tokens: the draft's top guesses level by level, one draft call per
+        depth over that depth's candidates that have children, written from draft cache entry `start`."""
+        draft, d_cache, eagle, paths = self.draft, self.d_cache, self.eagle, tree.paths
         guesses = {-1: self._guesses(h, z, tree.wanted(-1))}
         states = {-1: h}  # an expanded candidate's draft state (1, d): its children's EAGLE input
-        tokens: list[int | None] = [None] * len(paths)
+        tokens: list[int] = [0] * len(paths)
         for c in tree.children[-1]:
             tokens[c] = guesses[-1][paths[c][-1]]
-        start = d_cache.length  # the tree's entries go after the draft's certain ones, and are dropped after
         for level, region in zip(tree.levels, tree.level_rows):
             feats = torch.cat([states[tree.parents[i]] for i in level])[None] if eagle else None
             hs, zs = self._run_tree(draft, d_cache, [tokens[i] for i in level],
@@ -571,6 +573,58 @@ class Speculation:
                 guesses[i] = self._guesses(hs[j : j + 1], zs[j : j + 1] if zs is not None else None, tree.wanted(i))
                 for c in tree.children[i]:
                     tokens[c] = guesses[i][paths[c][-1]]
+        return tokens
+
+    def _draft_dynamic(self, plan: DynamicTree, h: torch.Tensor, z, start: int) -> tuple[DraftTree, list[int]]:
+        """A dynamic tree (EAGLE-2): the draft expands the `topk` likeliest candidates of each new level
+        (one call of `topk` rows per depth); the `size` likeliest of all it drafted are the tree."""
+        draft, d_cache, eagle, k = self.draft, self.d_cache, self.eagle, plan.topk
+        tokens: dict[tuple[int, ...], int] = {}
+        scores: dict[tuple[int, ...], float] = {}  # a candidate's log-probability under the draft
+
+        def branch(parents: list[tuple[int, ...]], hs: torch.Tensor, zs) -> None:
+            logp = self._head(draft, hs, zs, full=False).float().log_softmax(-1)  # (rows, V)
+            top = logp.topk(k)
+            ids = top.indices.tolist()
+            if draft.cfg.head_tokens is not None:
+                ids = [[draft.cfg.head_tokens[j] for j in row] for row in ids]
+            for parent, row, values in zip(parents, ids, top.values.tolist()):
+                for r, (token, value) in enumerate(zip(row, values)):
+                    tokens[(*parent, r)] = token
+                    scores[(*parent, r)] = scores.get(parent, 0.0) + value
+
+        branch([()], h, z)
+        states = {(): h}  # an expanded candidate's draft state (1, d): its children's EAGLE input
+        level = [p for p in tokens]
+        written: list[tuple[int, ...]] = []  # the candidates the draft ran, in the order of its entries
+        for _ in range(plan.depth - 1):
+            expand = sorted(level, key=lambda p: (-scores[p], p))[:k]
+            region = torch.zeros(k, len(written) + k, dtype=torch.bool)  # each sees its ancestors and itself
+            for j, p in enumerate(expand):
+                region[j, [i for i, q in enumerate(written) if p[: len(q)] == q]] = True
+                region[j, len(written) + j] = True
+            feats = torch.cat([states[p[:-1]] for p in expand])[None] if eagle else None
+            hs, zs = self._run_tree(draft, d_cache, [tokens[p] for p in expand], [start + len(expand[0]) - 1] * k,
+                                    start, region, feats)  # fmt: skip
+            written += expand
+            for j, p in enumerate(expand):
+                states[p] = hs[j : j + 1]
+            branch(expand, hs, zs)
+            level = [(*p, r) for p in expand for r in range(k)]
+        tree = plan.select(scores)
+        return tree, [tokens[p] for p in tree.paths]
+
+    def _tree_round(self, seq: list[int], t_cache, budget: int, h: torch.Tensor, z) -> list[int]:
+        """`round` with a candidate tree (greedy): the draft's guesses (`_draft_static`,
+        `_draft_dynamic`), one check of the newest token and every candidate, the longest path the
+        target agrees with (draft_tree.py)."""
+        stats, d_cache = self.stats, self.d_cache
+        start = d_cache.length  # the tree's entries go after the draft's certain ones, and are dropped after
+        if isinstance(self.tree, DynamicTree):
+            tree, tokens = self._draft_dynamic(self.tree, h, z, start)
+        else:
+            tree, tokens = self.tree, self._draft_static(self.tree, h, z, start)
+        paths, eagle = tree.paths, self.eagle
         # the target: the sequence's tokens it has not read (the newest, at least), then every candidate
         t_start = t_cache.length
         roots = seq[t_start:]
