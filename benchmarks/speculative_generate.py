@@ -1,4 +1,4 @@
-"""speculative_generate against generate, greedy, on benchmarks/serve.py's chat prompts, in one process.
+"""speculative_generate against generate (greedy, or sampled with --temperature) on chat prompts, in one process.
 
 The same prompts the serving benchmark's clients send ("Write a short paragraph about ..."), answered
 to exactly --new-tokens tokens (EOS ignored) by the target alone and with the draft, --repeats times,
@@ -11,6 +11,11 @@ figure beside `benchmarks/serve.py --draft` (the same draft in a server).
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --prompt-set tweets-en
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --tree "0 1 00 01 000 0000"
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --tree dynamic:3,4,7
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --temperature 0.7
+
+With --temperature the answers are sampled (seed 0 per answer: the plain and speculative answers differ,
+each distributed as the target's sampling); a dynamic tree then falls back to the chain.
 
 Greedy rounds run two ways, interleaved with plain greedy: over a chain of up to --num-draft-tokens
 drafts (cut at --confidence), and over the candidate tree --tree (generate/draft_tree.py; by default
@@ -48,6 +53,7 @@ def main() -> int:
     ap.add_argument("--fp32-target", action="store_true", help="float32 weights (default: GGUF blocks kept)")
     ap.add_argument("--compile", action="store_true", help="compiled steps and rounds on both sides")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs checked identical)")
     ap.add_argument("--confidence", type=float, default=DRAFT_CONFIDENCE, help="the draft's stopping threshold")
     ap.add_argument("--prompt-set", choices=["topics", "chatterbot", "tweets-en"], default="topics",
                     help="the serving benchmark's requests, or held-out chatterbot turns or tweets")  # fmt: skip
@@ -66,7 +72,8 @@ def main() -> int:
         prompts = [tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True) for a in asks]
     else:  # held-out user turns the drafts were not trained on (benchmarks/compress.py's draft stage)
         prompts = chat_prompts(tok, args.prompts, args.prompt_set)
-    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=args.compile)
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=args.compile,
+                           temperature=args.temperature, seed=0 if args.temperature else None)  # fmt: skip
     ways = {"draft": {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence, "tree": None}}
     if tree is not None:
         ways["tree"] = {**ways["draft"], "tree": tree}
@@ -96,12 +103,14 @@ def main() -> int:
         for w, s in spent.items():
             times[w].append(s)
     n = len(prompts) * args.new_tokens
+    how_plain = f"sampled at temperature {args.temperature}" if args.temperature else "greedy"
+    same = "n/a (sampled)" if args.temperature else identical
     g = statistics.median(times["greedy"])
     weights = ("float32" if args.fp32_target else "GGUF blocks as stored") + (
         ", compiled" if args.compile else ", eager"
     )
     print(f"{args.model} ({weights}), draft {args.draft}: {len(prompts)} {args.prompt_set} prompts x "
-          f"{args.new_tokens} tokens; greedy {n / g:.1f} tok/s; outputs identical: {identical}")  # fmt: skip
+          f"{args.new_tokens} tokens; {how_plain} {n / g:.1f} tok/s; outputs identical: {same}")  # fmt: skip
     for w in ways:
         d, st = statistics.median(times[w]), stats[w]
         how = f"tree {tree} ({len(tree)} candidates)" if w == "tree" else (

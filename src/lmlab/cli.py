@@ -169,9 +169,9 @@ def _add_draft_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_tree_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tree", default="auto",
-                   help='greedy rounds check this tree of the draft\'s guesses, as rank paths ("0 1 2 00 01 000": its top '
-                        'three first tokens, two after the best, one after that), "dynamic[:TOPK,DEPTH,SIZE]" (chosen '
-                        'each round by the draft\'s confidence, EAGLE-2), "none" (a chain), or "auto" (the '
+                   help='rounds check this tree of the draft\'s guesses, as rank paths ("0 1 2 00 01 000": its top '
+                        'three first tokens, two after the best, one after that), "dynamic[:TOPK,DEPTH,SIZE]" (greedy '
+                        'only: chosen each round by the draft\'s confidence, EAGLE-2), "none" (a chain), or "auto" (the '
                         "device's default: a tree on a GPU)")  # fmt: skip
 
 

@@ -15,7 +15,13 @@ from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate
 from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, DynamicTree, attention_rows, parse_tree
 from lmlab.generate.kv_cache import KVCache, StaticKVCache
-from lmlab.generate.speculative import default_tree, speculative_generate, truncated_draft
+from lmlab.generate.speculative import (
+    acceptance_probability,
+    default_tree,
+    residual,
+    speculative_generate,
+    truncated_draft,
+)
 from lmlab.model.config import ModelConfig
 from lmlab.utils.device import forced_policy, policy
 from tests.generate.conftest import tiny_llama
@@ -225,15 +231,101 @@ def test_an_eos_inside_an_accepted_path_ends_the_answer():
     assert got.token_ids == want and len(want) < 20
 
 
-def test_sampled_decoding_keeps_the_chain():
-    """A tree has no acceptance rule for sampling here: sampled rounds are the chain's, token for token."""
+def test_recursive_rejection_without_replacement_preserves_the_target_distribution_exactly():
+    """The rule sampled tree rounds apply at each node (`Speculation._accept_tree`): children drawn from q
+    without replacement, each kept with probability min(1, p(x) / q(x)), p -> max(0, p - q) and q
+    losing x after a rejection, and a sample of what p became if none is kept. Its output, summed over
+    every ordered draw of up to 3 children, is p (also when q puts no mass on some tokens, or fewer
+    than 3 tokens, as top-k leaves it)."""
+
+    def output(p: torch.Tensor, q: torch.Tensor, children: int) -> torch.Tensor:
+        if children == 0 or q.sum() == 0:
+            return p
+        out = torch.zeros_like(p)
+        for x in range(len(q)):
+            if q[x] == 0:
+                continue
+            a = acceptance_probability(p, q, x)
+            rest = q.clone()
+            rest[x] = 0
+            rest = rest / rest.sum() if rest.sum() > 0 else rest
+            out[x] += q[x] * a
+            out += q[x] * (1 - a) * output(residual(p, q), rest, children - 1)
+        return out
+
+    torch.manual_seed(0)
+    for i in range(12):
+        p = torch.rand(6, dtype=torch.float64).pow(3).softmax(-1) if i % 2 else torch.rand(6, dtype=torch.float64)
+        p = p / p.sum()
+        q = torch.rand(6, dtype=torch.float64) ** 4
+        q[torch.randperm(6)[: i % 5]] = 0  # a reduced head or top-k: no mass off some tokens
+        q = q / q.sum()
+        for children in (1, 2, 3):
+            torch.testing.assert_close(output(p, q, children), p, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_sampled_tree_rounds_draw_from_the_targets_distribution(top_k):
+    """Sampled rounds over the default tree, with a draft that often disagrees (another random model) on
+    a 6-token vocabulary: the first two tokens of 1,200 answers against the target's exact joint
+    distribution (Pearson's chi-squared test; the seeds are fixed, so the test is deterministic). With
+    top-k 2 the root's third child is never drawn (dead) and rounds still give the target's tokens."""
+    from scipy.stats import chi2
+
+    from lmlab.generate.sampling import build_processors
+    from lmlab.generate.speculative import Speculation
+
+    target, draft = tiny_llama(0, vocab_size=6), tiny_llama(1, n_layer=1, vocab_size=6)
+    prompt = [1, 2, 3, 4]
+
+    def dist(ids: list[int]) -> torch.Tensor:
+        z = target(torch.tensor([ids]))[0, -1].double()
+        if top_k:
+            z = z.masked_fill(z < z.topk(top_k).values[-1], float("-inf"))
+        return z.softmax(-1)
+
+    with torch.inference_mode():
+        first = dist(prompt)
+        want = torch.stack([first[a] * dist([*prompt, a]) for a in range(6)])  # P(t1 = a, t2 = b)
+        cfg = GenerationConfig(max_new_tokens=2, temperature=1.0, top_k=top_k, compile=False)
+        spec = Speculation(target, draft, cfg, build_processors(cfg, len(prompt), True),
+                           torch.Generator().manual_seed(0), set(), 16, 4, 0.0, tree=DEFAULT_TREE)  # fmt: skip
+        assert spec.tree == DraftTree.parse(DEFAULT_TREE)
+        cache, n = spec.target_cache(16), 1200
+        counts = torch.zeros(6, 6, dtype=torch.float64)
+        for _ in range(n):
+            cache.length = spec.d_cache.length = 0
+            seq = list(prompt)
+            while len(seq) < len(prompt) + 2:
+                seq += spec.round(seq, cache, len(prompt) + 2 - len(seq))
+            counts[seq[-2], seq[-1]] += 1
+    assert spec.stats.accepted > 0 and spec.stats.accepted < spec.stats.proposed  # both sides of the rule ran
+    possible = want > 0
+    assert counts[~possible].sum() == 0  # never a token the target's top-k excludes
+    stat = float(((counts - n * want)[possible] ** 2 / (n * want)[possible]).sum())
+    assert chi2.sf(stat, int(possible.sum()) - 1) > 1e-3, stat
+
+
+def test_seeded_sampled_tree_rounds_are_reproducible():
+    target, draft = tiny_llama(0), tiny_llama(1, n_layer=1)
+    prompt = torch.randint(0, 512, (5,)).tolist()
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    (a, sa), (b, _) = (speculative_generate(target, draft, None, prompt, cfg, tree=DEFAULT_TREE) for _ in range(2))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12 and sa.proposed == 6 * sa.rounds
+
+
+def test_dynamic_trees_and_greedy_with_processors_keep_the_chain():
+    """Sampling with a dynamic tree (it keeps a drawn candidate for its probability, which would bias
+    the draws) and greedy decoding with a logits processor keep the chain, token for token."""
     target = tiny_llama(0)
     draft = truncated_draft(target, 1)
     prompt = torch.randint(0, 512, (5,)).tolist()
-    cfg = GenerationConfig(max_new_tokens=16, temperature=0.8, seed=3)
-    a, sa = speculative_generate(target, draft, None, prompt, cfg, tree=DEFAULT_TREE)
-    b, sb = speculative_generate(target, draft, None, prompt, cfg, tree=None)
-    assert a.token_ids == b.token_ids and (sa.rounds, sa.proposed) == (sb.rounds, sb.proposed)
+    for cfg in (GenerationConfig(max_new_tokens=16, temperature=0.8, seed=3),
+                GenerationConfig(max_new_tokens=16, repetition_penalty=1.3)):  # fmt: skip
+        tree = "dynamic" if cfg.sampling else DEFAULT_TREE
+        a, sa = speculative_generate(target, draft, None, prompt, cfg, tree=tree)
+        b, sb = speculative_generate(target, draft, None, prompt, cfg, tree=None)
+        assert a.token_ids == b.token_ids and (sa.rounds, sa.proposed) == (sb.rounds, sb.proposed)
 
 
 def test_the_default_tree_is_the_gpu_policys_and_off_for_alibi():

@@ -21,6 +21,10 @@ nothing (a GPU) the extra candidates are nearly free; on 2 CPU cores a 7-row che
 
 The shape is static (fixed per round, as Medusa's and EAGLE-1's trees), so compiled rounds keep one
 graph per call; the draft runs once per depth, over that depth's candidates that have children.
+Sampled rounds use the same shapes with ranks read as draw order: a node's children are drawn from the
+draft without replacement, and verified by recursive rejection sampling (speculative.py).
+`DynamicTree` instead picks each round's candidates by the draft's path probabilities (EAGLE-2), for
+greedy rounds, with the same widths every round.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ than a chain of four (benchmarks/draft_tree.py)."""
 class DraftTree:
     """A static candidate tree: each candidate as the ranks of its tokens among the draft's guesses,
     from the root down: (0,) is the draft's best next token, (1,) its second, (0, 2) its third guess
-    after the best. Every candidate's parent path must be in the tree too."""
+    after the best (sampling: the first, second, ... token drawn at that node). Every candidate's
+    parent path must be in the tree too."""
 
     paths: tuple[tuple[int, ...], ...]
 

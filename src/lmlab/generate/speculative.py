@@ -5,6 +5,11 @@ at the first rejection a token is drawn from the residual max(0, p - q), renorma
 pass, one more comes free from p. The output follows the target's distribution exactly
 (Leviathan et al. 2023; Chen et al. 2023), and with greedy decoding it is the target's greedy
 output token for token; only the speed depends on how often the draft agrees.
+
+A round can also check a tree of the draft's guesses (draft_tree.py): greedy rounds walk down the
+children that match the target's argmax; sampled rounds draw each node's children from the draft
+without replacement and try them in turn, each rejection turning p into the residual and taking the
+rejected token out of q (recursive rejection sampling), which again leaves the target's distribution.
 """
 
 from __future__ import annotations
@@ -147,10 +152,11 @@ def speculative_generate(
     just proposed falls below `confidence` (transformers' assistant_confidence_threshold): a guess the
     draft itself doubts is likely rejected, and each drafted token costs a draft step and a row of the
     target's check. The output is the same for any setting; only the speed changes. `past`: the
-    target's keys/values kept by an earlier call (`speculative_rounds`). `tree` (greedy decoding
-    only): each round checks a tree of the draft's top guesses instead of a chain (draft_tree.py;
-    num_draft_tokens and confidence then apply to sampled decoding only); "auto" (`default_tree`):
-    where a check of its candidates costs about what a chain's does; None: always a chain."""
+    target's keys/values kept by an earlier call (`speculative_rounds`). `tree`: each round checks
+    a tree of the draft's guesses instead of a chain (draft_tree.py; greedy decoding: a static or a
+    dynamic tree, sampling: a static one; num_draft_tokens and confidence then do not apply); "auto"
+    (`default_tree`): where a check of its candidates costs about what a chain's does; None: always a
+    chain."""
     config = config or GenerationConfig()
     stats = SpeculativeStats()
     prompt_ids = _as_token_rows(tokenizer, prompt)[0]
@@ -211,7 +217,7 @@ def speculative_rounds(
     the last RECOMPUTE_WINDOW kept tokens, run again.)"""
     device = next(target.parameters()).device
     procs = build_processors(config, len(prompt_ids), config.sampling)
-    tree = _resolve_tree(tree, target, draft, not config.sampling and not procs)
+    tree = _resolve_tree(tree, target, draft, not config.sampling and not procs, config.sampling)
     max_len = _max_len(len(prompt_ids), config, _room(num_draft_tokens, tree))
     generator = None
     if config.sampling and config.seed is not None:
@@ -252,7 +258,7 @@ def _room(num_draft_tokens: int, tree: DraftTree | DynamicTree | None) -> int:
 
 
 def default_tree(target: Transformer) -> DraftTree | None:
-    """The candidate tree greedy rounds check by default: `DEFAULT_TREE` where the device policy says
+    """The candidate tree rounds check by default: `DEFAULT_TREE` where the device policy says
     a check's extra rows cost next to nothing (a GPU), else None: a chain. (On a CPU a tree's 7-row
     check costs about a chain's 5-row one with float32 weights, one pass of the kernels' 8 rows, but
     its rounds measured no faster over all than the chain's, whose confidence cut drafts less; with
@@ -261,18 +267,20 @@ def default_tree(target: Transformer) -> DraftTree | None:
 
 
 def _resolve_tree(
-    tree: DraftTree | DynamicTree | str | None, target: Transformer, draft: Transformer, plain: bool
+    tree: DraftTree | DynamicTree | str | None, target: Transformer, draft: Transformer, plain: bool, sampling: bool
 ) -> DraftTree | DynamicTree | None:
-    """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding only (sampling
-    would need a tree form of the acceptance rule) and models whose attention follows positions and a
-    mask alone: ALiBi's distances between cache slots, a sliding window (built from slots) and dynamic
-    NTK RoPE (its base follows a call's largest position) would not follow a tree."""
+    """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding, or sampling
+    with a static tree (a dynamic tree keeps a sampled candidate for its probability, which would bias
+    the draws the acceptance rule assumes; greedy decoding with logits processors keeps the chain), and
+    models whose attention follows positions and a mask alone: ALiBi's distances between cache slots, a
+    sliding window (built from slots) and dynamic NTK RoPE (its base follows a call's largest position)
+    would not follow a tree."""
     tree = default_tree(target) if tree == "auto" else parse_tree(tree) if tree else None
     for m in (target, draft):
         dynamic = getattr(m.rope, "dynamic", False) if getattr(m, "rope", None) is not None else False
         if m.cfg.pos == "alibi" or m.cfg.sliding_window is not None or dynamic:
             return None
-    return tree if plain else None
+    return tree if plain or (sampling and isinstance(tree, DraftTree)) else None
 
 
 def _widths(num_draft_tokens: int, tree: DraftTree | DynamicTree | None) -> tuple[int, int]:
@@ -302,7 +310,7 @@ def precompile(
     if config.compile != "auto":
         return []
     plain = not config.sampling and not build_processors(config, prompt_len, config.sampling)
-    tree = _resolve_tree(tree, target, draft, plain)
+    tree = _resolve_tree(tree, target, draft, plain, config.sampling)
     width, span = _widths(num_draft_tokens, tree)
     capacity = _capacity(_max_len(prompt_len, config, _room(num_draft_tokens, tree)), span)
     graphs = [(target, width, False), (draft, 1, False), (draft, width, False)]
@@ -354,7 +362,7 @@ class Speculation:
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
         # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
         self.plain = not config.sampling and not procs
-        self.tree = _resolve_tree(tree, target, draft, self.plain)  # a tree of candidates per round, or None
+        self.tree = _resolve_tree(tree, target, draft, self.plain, config.sampling)  # candidates per round, or None
         # the widest call a steady round makes: the target's check (a tree's: its own graph), the draft's
         # catch-up on the last round's accepted tokens; and the most columns a round writes
         self.width, self.span = _widths(num_draft_tokens, self.tree)
@@ -555,25 +563,87 @@ class Speculation:
         head_ids = self.draft.cfg.head_tokens
         return [head_ids[j] for j in top] if head_ids is not None else top
 
-    def _draft_static(self, tree: DraftTree, h: torch.Tensor, z, start: int) -> list[int]:
-        """A static tree's candidate tokens: the draft's top guesses level by level, one draft call per
-        depth over that depth's candidates that have children, written from draft cache entry `start`."""
+    def _draft_static(
+        self, tree: DraftTree, h: torch.Tensor, z, start: int, seq: list[int]
+    ) -> tuple[list[int], dict[int, torch.Tensor], set[int]]:
+        """A static tree's candidate tokens: the draft's guesses level by level, one draft call per depth
+        over that depth's candidates that have children, written from draft cache entry `start`.
+        Greedy: a node's children are its top guesses. Sampling: they are drawn from the draft's
+        distribution at the node without replacement (one after another, each from what the earlier
+        ones left), and the node's distribution is kept for the acceptance rule (node -> q; -1: the
+        root); a child the distribution has no tokens left for (top-k, top-p) is dead, and so are its
+        children: they fill their rows and are never accepted."""
         draft, d_cache, eagle, paths = self.draft, self.d_cache, self.eagle, tree.paths
-        guesses = {-1: self._guesses(h, z, tree.wanted(-1))}
-        states = {-1: h}  # an expanded candidate's draft state (1, d): its children's EAGLE input
         tokens: list[int] = [0] * len(paths)
-        for c in tree.children[-1]:
-            tokens[c] = guesses[-1][paths[c][-1]]
+        dists: dict[int, torch.Tensor] = {}
+        dead: set[int] = set()
+
+        def branch(node: int, h: torch.Tensor, z) -> None:
+            want = tree.wanted(node)
+            if self.plain:
+                drawn = self._guesses(h, z, want)
+            else:
+                prefix = seq + [tokens[a] for a in tree.ancestors(node)] if node >= 0 else seq
+                dists[node] = self._dist(self._scores(self._head(draft, h, z)[0], prefix))
+                drawn = self._draw(dists[node], want) if node not in dead else []
+            for c in tree.children[node]:
+                rank = paths[c][-1]
+                tokens[c] = drawn[rank] if rank < len(drawn) else tokens[c - 1] if c else 0
+                if rank >= len(drawn):
+                    dead.add(c)
+
+        branch(-1, h, z)
+        states = {-1: h}  # an expanded candidate's draft state (1, d): its children's EAGLE input
         for level, region in zip(tree.levels, tree.level_rows):
             feats = torch.cat([states[tree.parents[i]] for i in level])[None] if eagle else None
             hs, zs = self._run_tree(draft, d_cache, [tokens[i] for i in level],
                                     [start + len(paths[i]) - 1 for i in level], start, region, feats)  # fmt: skip
             for j, i in enumerate(level):
                 states[i] = hs[j : j + 1]
-                guesses[i] = self._guesses(hs[j : j + 1], zs[j : j + 1] if zs is not None else None, tree.wanted(i))
-                for c in tree.children[i]:
-                    tokens[c] = guesses[i][paths[c][-1]]
-        return tokens
+                branch(i, hs[j : j + 1], zs[j : j + 1] if zs is not None else None)
+        return tokens, dists, dead
+
+    def _draw(self, q: torch.Tensor, n: int) -> list[int]:
+        """Up to n tokens drawn from q without replacement, in the order drawn (fewer where q gives fewer
+        tokens any mass). One call, not n: the exponential race (Gumbel top-k) ranks tokens by q / E with
+        E ~ Exp(1), and its order has the law of drawing one token after another, each from what the
+        earlier draws left, renormalized."""
+        g = self.generator
+        race = torch.empty(q.shape, device=g.device if g is not None else q.device).exponential_(generator=g)
+        top = (q / race.to(q.device)).topk(min(n, q.shape[-1]))
+        return [t for t, key in zip(top.indices.tolist(), top.values.tolist()) if key > 0]
+
+    def _accept_tree(
+        self, tree: DraftTree, tokens: list[int], dists: dict[int, torch.Tensor], dead: set[int],
+        t_logits: torch.Tensor, seq: list[int],
+    ) -> tuple[list[int], list[int]]:  # fmt: skip
+        """Sampled verification of a tree (recursive rejection sampling without replacement: SpecInfer,
+        Miao et al. 2024; Jeon et al. 2024): at each node its children are tried in the order they were
+        drawn, each kept with probability min(1, p(x) / q(x)); after a rejection p becomes
+        max(0, p - q) renormalized and q loses x (the distribution the next child was drawn from). The
+        first kept child is the next node; if none is, a token sampled from what p has become ends the
+        round (at a leaf: from p itself). Each token is then distributed as the target's own sampling
+        would give it. Returns (accepted candidates' indices, new tokens)."""
+        path: list[int] = []
+        accepted: list[int] = []
+        node, row = -1, 0
+        while True:
+            p = self._dist(self._scores(t_logits[row], seq + accepted))
+            q = dists.get(node)
+            for c in tree.children.get(node, ()):
+                if c in dead:
+                    continue
+                if self._uniform() < acceptance_probability(p, q, tokens[c]):
+                    break
+                p = residual(p, q)
+                q = q.clone()
+                q[tokens[c]] = 0
+                q = q / q.sum() if float(q.sum()) > 0 else q
+            else:
+                return path, [*accepted, self._pick(p)]
+            path.append(c)
+            accepted.append(tokens[c])
+            node, row = c, 1 + c
 
     def _draft_dynamic(self, plan: DynamicTree, h: torch.Tensor, z, start: int) -> tuple[DraftTree, list[int]]:
         """A dynamic tree (EAGLE-2): the draft expands the `topk` likeliest candidates of each new level
@@ -615,15 +685,17 @@ class Speculation:
         return tree, [tokens[p] for p in tree.paths]
 
     def _tree_round(self, seq: list[int], t_cache, budget: int, h: torch.Tensor, z) -> list[int]:
-        """`round` with a candidate tree (greedy): the draft's guesses (`_draft_static`,
+        """`round` with a candidate tree: the draft's guesses (`_draft_static`,
         `_draft_dynamic`), one check of the newest token and every candidate, the longest path the
-        target agrees with (draft_tree.py)."""
+        target agrees with (greedy: `DraftTree.walk`; sampled: `_accept_tree`)."""
         stats, d_cache = self.stats, self.d_cache
         start = d_cache.length  # the tree's entries go after the draft's certain ones, and are dropped after
+        dists, dead = {}, set()
         if isinstance(self.tree, DynamicTree):
             tree, tokens = self._draft_dynamic(self.tree, h, z, start)
         else:
-            tree, tokens = self.tree, self._draft_static(self.tree, h, z, start)
+            tree = self.tree
+            tokens, dists, dead = self._draft_static(tree, h, z, start, seq)
         paths, eagle = tree.paths, self.eagle
         # the target: the sequence's tokens it has not read (the newest, at least), then every candidate
         t_start = t_cache.length
@@ -634,8 +706,11 @@ class Speculation:
         newest = len(seq) - 1
         positions = [newest] + [newest + len(p) for p in paths]
         t_hidden, t_z = self._run_tree(self.target, t_cache, roots + tokens, positions, t_start, tree.check_rows)
-        best = self._head(self.target, t_hidden, t_z).argmax(-1).tolist()
-        path, accepted = tree.walk(1, best, tokens)
+        t_logits = self._head(self.target, t_hidden, t_z)
+        if self.plain:
+            path, accepted = tree.walk(1, t_logits.argmax(-1).tolist(), tokens)
+        else:
+            path, accepted = self._accept_tree(tree, tokens, dists, dead, t_logits, seq)
         stats.rounds += 1
         stats.proposed += len(paths)
         stats.accepted += len(path)
