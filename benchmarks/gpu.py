@@ -281,7 +281,8 @@ def tree_rounds(device: torch.device, compile_modes: list[bool]) -> None:
     """Greedy speculative rounds over the device policy's default candidate tree (a GPU's: generate/
     draft_tree.py), compiled where the run compiles: an EAGLE draft's and the target as its own draft's
     tokens equal plain greedy decoding's, every round checked 6 candidates, and the self-draft's rounds
-    accepted whole paths. Printed: a tree round's time over a chain round's (self-draft: 4 and 5 tokens)."""
+    accepted whole paths; a dynamic tree's tokens too; sampled tree rounds repeat with their seed. Printed:
+    a tree round's time over a chain round's (self-draft: 4 and 5 tokens)."""
     from lmlab.compress.eagle import eagle_draft
     from lmlab.generate import GenerationConfig, decode
     from lmlab.generate.draft_tree import DEFAULT_TREE
@@ -306,9 +307,16 @@ def tree_rounds(device: torch.device, compile_modes: list[bool]) -> None:
             ok &= got.token_ids == want
             if tree is not None:
                 ok &= st.proposed == 6 * st.rounds and (name != "self" or st.accepted == st.generated - st.rounds)
+    # a dynamic tree (EAGLE-2: greedy), and sampled rounds over the default tree (reproducible by seed)
+    got, st = speculative_generate(target, draft, None, prompt, cfg, tree="dynamic")
+    ok &= got.token_ids == want and st.proposed == 6 * st.rounds
+    sampled = cfg.replace(temperature=0.8, top_p=0.95, seed=3)
+    runs = [speculative_generate(target, draft, None, prompt, sampled, tree=DEFAULT_TREE) for _ in range(2)]
+    ok &= runs[0][0].token_ids == runs[1][0].token_ids and runs[0][1].proposed == 6 * runs[0][1].rounds
     ratio = seconds["self", DEFAULT_TREE] / seconds["self", None]
     record("candidate-tree rounds", ok, f"{'compiled' if cfg.compile else 'eager'}: "
-           + ("tokens equal plain greedy" if ok else "tokens or rounds differ")
+           + ("tokens equal plain greedy (static and dynamic trees), sampled rounds reproducible" if ok
+              else "tokens or rounds differ")
            + f"; a tree round takes {ratio:.2f}x a chain round (one-off)")  # fmt: skip
 
 

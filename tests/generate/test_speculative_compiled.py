@@ -179,24 +179,25 @@ def test_precompile_asks_for_the_graphs_an_answer_then_runs(pending_warmups):
 
 @pytest.mark.parametrize("kind", ["eagle", "layers", "self"])
 @pytest.mark.parametrize(
-    "tree, graphs",
-    [("0 1 2 00 01 10 000", {("target", 8), ("draft", 2), ("draft", 1)}),  # draft calls at depths 2 and 3
-     ("dynamic:4,3,5", {("target", 6), ("draft", 4)})],  # the draft's 2 calls of 4 rows write 8 entries: room
+    "tree, temperature, graphs",
+    [("0 1 2 00 01 10 000", 0.0, {("target", 8), ("draft", 2), ("draft", 1)}),  # draft calls at depths 2, 3
+     ("0 1 2 00 01 10 000", 0.8, {("target", 8), ("draft", 2), ("draft", 1)}),  # sampled: the same graphs
+     ("dynamic:4,3,5", 0.0, {("target", 6), ("draft", 4)})],  # the draft's 2 calls of 4 rows write 8 entries
 )  # fmt: skip
-def test_compiled_tree_rounds_agree_with_eager_ones_round_for_round(eager_graphs, kind, tree, graphs):
+def test_compiled_tree_rounds_agree_with_eager_ones_round_for_round(eager_graphs, kind, tree, temperature, graphs):
     """Candidate-tree rounds eager over dynamic caches and through static calls (the tree's own graphs:
-    the check of the newest token and every candidate, the draft's call per depth): the target's
-    greedy tokens, the same rounds and accepted candidates both ways."""
+    the check of the newest token and every candidate, the draft's call per depth): the same tokens
+    (greedy: the target's greedy ones; sampled: the same seed's), rounds and accepted candidates both ways."""
     target = tiny_llama(0)
     draft = _drafts(target)[kind]
     prompt = torch.randint(0, 512, (6,)).tolist()
     want = generate(target, None, prompt, GenerationConfig(max_new_tokens=40))[0].token_ids
     runs = []
     for compile in (False, True):
-        cfg = GenerationConfig(max_new_tokens=40, compile=compile)
+        cfg = GenerationConfig(max_new_tokens=40, compile=compile, temperature=temperature, seed=5)
         g, st = speculative_generate(target, draft, None, prompt, cfg, tree=tree)
         runs.append((g.token_ids, st.rounds, st.accepted, st.proposed))
-    assert runs[0] == runs[1] and runs[0][0] == want
+    assert runs[0] == runs[1] and (runs[0][0] == want) == (temperature == 0)
     assert runs[0][2] > 0 or kind == "eagle"
     ids = {"target": id(target), "draft": id(draft)}
     assert {c[:2] for c in eager_graphs if len(c) == 3} == {(ids[who], rows) for who, rows in graphs}
