@@ -327,6 +327,7 @@ def _serve(args: argparse.Namespace) -> None:
         num_draft_tokens=args.num_draft_tokens,
         draft_confidence=args.draft_confidence,
         speculate=args.speculate,
+        draft_tree=_draft_tree(args),
     )
 
 
@@ -794,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: float32 weights, faster for many)")  # fmt: skip
     _add_draft_flags(srv)  # speculative rounds while a request decodes alone
     _add_speculate_flag(srv, "a lone request speculates")
+    _add_tree_flag(srv)
     srv.set_defaults(func=_serve)
     rag = sub.add_parser("rag", help="retrieval-grounded answers with citations: index, ask, eval").add_subparsers(
         dest="rag_command", required=True

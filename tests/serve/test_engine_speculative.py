@@ -14,6 +14,7 @@ import torch
 import lmlab
 from lmlab.compress.eagle import eagle_draft
 from lmlab.generate import GenerationConfig, decode, speculative
+from lmlab.generate.draft_tree import DEFAULT_TREE
 from lmlab.generate.speculative import truncated_draft
 from lmlab.serve.engine import Engine, Request
 from tests.serve.conftest import running_server
@@ -57,6 +58,28 @@ def test_lone_requests_decode_speculatively_and_answer_as_generate(tiny, kind):
         assert engine.m_prefix_tokens.value() > 0  # the third prompt's system part came from the prefix cache
         if kind == "self":  # 22 tokens after the prefill's first: 5 a round (4 accepted, 1 free), 2 in the last
             assert s.acceptance_rate == 1.0 and s.rounds == 3 * 5 and s.generated == 3 * 22
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("tree", [DEFAULT_TREE, "dynamic"])
+def test_lone_requests_over_a_candidate_tree_answer_as_generate(tiny, tree):
+    """`draft_tree`: a lone greedy request's rounds check a tree of 6 candidates (static or dynamic) and
+    answer as generate; an unseeded sampled request speculates over a static tree (a dynamic one's
+    sampled rounds are the chain's)."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2, draft=_draft(model, "layers"), speculate="always", draft_tree=tree)
+    engine.start()
+    try:
+        for p in (tok.encode("the"), tok.encode("Name a color.")):
+            col = _run(engine, p, GenerationConfig(max_new_tokens=23), ignore_eos=True)
+            assert col.texts[0] == _greedy(model, tok, p, 23)
+        s = engine.spec_stats
+        assert s.rounds > 0 and s.proposed == 6 * s.rounds and engine.m_drafted.value() == s.proposed
+        before = (s.rounds, s.proposed)
+        col = _run(engine, p, GenerationConfig(max_new_tokens=15, temperature=0.9), ignore_eos=True)
+        assert col.usage.completion_tokens == 15 and s.rounds > before[0]
+        assert ((s.proposed - before[1]) == 6 * (s.rounds - before[0])) == (tree == DEFAULT_TREE)
     finally:
         engine.close()
 
@@ -107,13 +130,13 @@ def test_an_eagle_drafts_states_are_the_same_from_prefill_prefix_cache_or_recomp
 def _eager_graphs(monkeypatch) -> list[int]:
     """Compiled graphs stood in for by their uncompiled templates (a compile of each would take minutes in
     all): what compiled serving adds, static views and padded rounds, checked in seconds. Returns the
-    widths of the rows graphs called (speculative rounds)."""
+    widths of the rows graphs called (speculative rounds; a tree's as (width, "tree"))."""
     widths: list[int] = []
 
     def fake(model, batch, capacity, key=None, width=0, tree=False):
         def call(*a, **kw):
             if width:
-                widths.append(width)
+                widths.append((width, "tree") if tree else width)
                 return decode._rows_forward_plain(model, *a, **kw)
             return decode._forward_plain(model, *a, **kw)
 
@@ -199,17 +222,20 @@ def test_lone_plain_steps_hand_their_states_to_the_eagle_draft(tiny, monkeypatch
 
 @pytest.mark.parametrize("kind", ["eagle", "self"])
 @pytest.mark.parametrize("compile", [False, True])
-def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, compile, monkeypatch):
+@pytest.mark.parametrize("tree", [None, DEFAULT_TREE])
+def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, compile, tree, monkeypatch):
     """Request 0 speculates alone, runs in the batch while 1 and 2 do (plain steps; its draft falls
     behind), then speculates alone again, its draft catching up on the batch's tokens: every greedy
     answer is still generate's, and every target state an EAGLE draft read is the target's own state at
     that position, computed from scratch. With `compile`, the rounds' calls go through (stand-in) graphs of
-    fixed width over a static view of the slot cache, and plain steps through the decode graphs."""
+    fixed width over a static view of the slot cache, and plain steps through the decode graphs. Over a
+    candidate tree too: its check and key/value moves over the slot cache (or its static view)."""
     model, tok = tiny
     widths = _eager_graphs(monkeypatch) if compile else []
     draft = _draft(model, kind)
     reads, _ = _record_reads(monkeypatch, draft)
-    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft, speculate="always", compile=compile)
+    engine = Engine(model, tok, max_batch=4, cache_columns=32, draft=draft, speculate="always", compile=compile,
+                    draft_tree=tree)  # fmt: skip
     if compile and not engine.compile:
         pytest.skip("compiled serving needs lmlab's CPU kernels (AVX-512)")
     engine.start()
@@ -219,15 +245,17 @@ def test_a_sequence_goes_from_speculating_to_the_batch_and_back(tiny, kind, comp
         for p, m, c in zip(prompts, max_new, cols):
             assert c.failed is None and c.texts[0] == _greedy(model, tok, p, m)
         assert engine.m_spec_rounds.value() > 0 and engine.m_steps.value() > 0
-        if compile:  # the check (4 drafted + 1) ran through its graph; plain steps through theirs
-            assert 5 in widths and engine.m_compiled.value() > 0
+        if compile:  # the check (4 drafted + 1, or a tree's 6 + 1) ran through its graph; plain steps through theirs
+            assert (5 if tree is None else (7, "tree")) in widths and engine.m_compiled.value() > 0
+        if tree is not None:
+            assert engine.spec_stats.proposed == 6 * engine.spec_stats.rounds
         assert engine.running_requests == 0 and engine.cache.rows == 0
     finally:
         engine.close()
     if kind == "eagle":
         ids = lmlab.generate(model, tok, prompts[0], GenerationConfig(max_new_tokens=60, stop_token_ids=[]))[0]
         assert reads[0][0] == 0 and len(reads[0][1]) == len(prompts[0])  # the prompt's, from its prefill
-        # back from the batch: a catch-up over more tokens than one round gives (4 drafted + 1), recomputed
+        # back from the batch: a catch-up over more tokens than one round gives (at most 5), recomputed
         assert any(len(f) > 5 for _, f in reads[1:])
         _assert_target_states(model, prompts[0], ids.token_ids, reads)
 
@@ -354,3 +382,6 @@ def test_serve_with_a_draft_over_http_and_a_bad_draft_is_one_line(tiny, tiny_dir
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "want a checkpoint or :N" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run([*cmd[:-1], ":1", "--draft-tree", "0 11"], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "tree candidate 11 has no parent 1" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -217,8 +217,8 @@ def speculative_rounds(
     the last RECOMPUTE_WINDOW kept tokens, run again.)"""
     device = next(target.parameters()).device
     procs = build_processors(config, len(prompt_ids), config.sampling)
-    tree = _resolve_tree(tree, target, draft, not config.sampling and not procs, config.sampling)
-    max_len = _max_len(len(prompt_ids), config, _room(num_draft_tokens, tree))
+    tree = resolve_tree(tree, target, draft, not config.sampling and not procs, config.sampling)
+    max_len = _max_len(len(prompt_ids), config, round_room(num_draft_tokens, tree))
     generator = None
     if config.sampling and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -252,8 +252,9 @@ def _max_len(prompt_len: int, config: GenerationConfig, num_draft_tokens: int) -
     return prompt_len + config.max_new_tokens + num_draft_tokens + 1
 
 
-def _room(num_draft_tokens: int, tree: DraftTree | DynamicTree | None) -> int:
-    # the num_draft_tokens of _max_len: a chain's, or one less than a tree's most entries a round writes
+def round_room(num_draft_tokens: int, tree: DraftTree | DynamicTree | None) -> int:
+    """How many columns past the newest token a round may write to a cache (the num_draft_tokens of a
+    sequence's most columns): a chain's drafts, or one less than a tree's most entries a round writes."""
     return max(num_draft_tokens, tree.entries - 1 if tree else 0)
 
 
@@ -266,7 +267,7 @@ def default_tree(target: Transformer) -> DraftTree | None:
     return DraftTree.parse(DEFAULT_TREE) if policy(next(target.parameters()).device).draft_tree else None
 
 
-def _resolve_tree(
+def resolve_tree(
     tree: DraftTree | DynamicTree | str | None, target: Transformer, draft: Transformer, plain: bool, sampling: bool
 ) -> DraftTree | DynamicTree | None:
     """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding, or sampling
@@ -310,9 +311,9 @@ def precompile(
     if config.compile != "auto":
         return []
     plain = not config.sampling and not build_processors(config, prompt_len, config.sampling)
-    tree = _resolve_tree(tree, target, draft, plain, config.sampling)
+    tree = resolve_tree(tree, target, draft, plain, config.sampling)
     width, span = _widths(num_draft_tokens, tree)
-    capacity = _capacity(_max_len(prompt_len, config, _room(num_draft_tokens, tree)), span)
+    capacity = _capacity(_max_len(prompt_len, config, round_room(num_draft_tokens, tree)), span)
     graphs = [(target, width, False), (draft, 1, False), (draft, width, False)]
     if tree is not None:
         graphs += [(target, len(tree) + 1, True), *((draft, n, True) for n in tree.draft_widths)]
@@ -362,7 +363,7 @@ class Speculation:
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
         # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
         self.plain = not config.sampling and not procs
-        self.tree = _resolve_tree(tree, target, draft, self.plain, config.sampling)  # candidates per round, or None
+        self.tree = resolve_tree(tree, target, draft, self.plain, config.sampling)  # candidates per round, or None
         # the widest call a steady round makes: the target's check (a tree's: its own graph), the draft's
         # catch-up on the last round's accepted tokens; and the most columns a round writes
         self.width, self.span = _widths(num_draft_tokens, self.tree)

@@ -86,6 +86,16 @@ class SlotKVCache:
             self.length = end
         return self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
 
+    def move(self, src: list[int], dst: int) -> None:
+        """Copy the entries at columns `src` to columns dst, dst + 1, ... in every row (a lone row's
+        speculative round over a candidate tree: its accepted candidates, as `KVCache.move`)."""
+        if src == list(range(dst, dst + len(src))):
+            return
+        s = torch.tensor(src, device=self.mask.device)
+        d = torch.arange(dst, dst + len(src), device=self.mask.device)
+        for t in self.k + self.v:
+            t.index_copy_(2, d, t.index_select(2, s))
+
     # --- slots ---------------------------------------------------------------------------------------
 
     def step_mask(self) -> torch.Tensor:

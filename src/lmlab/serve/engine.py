@@ -49,10 +49,18 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import left_pad, pad_token_id, stop_token_ids
+from lmlab.generate.draft_tree import DraftTree, DynamicTree, parse_tree
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.speculation_policy import SpeculationPolicy
-from lmlab.generate.speculative import DRAFT_CONFIDENCE, Speculation, SpeculativeStats, check_draft
+from lmlab.generate.speculative import (
+    DRAFT_CONFIDENCE,
+    Speculation,
+    SpeculativeStats,
+    check_draft,
+    resolve_tree,
+    round_room,
+)
 from lmlab.generate.stream import IncrementalDecoder, StopStrings
 from lmlab.model.transformer import Transformer
 from lmlab.serve.batch_cache import SlotKVCache
@@ -196,6 +204,7 @@ class Engine:
         num_draft_tokens: int = 4,
         draft_confidence: float = DRAFT_CONFIDENCE,
         speculate: str = "auto",
+        draft_tree: DraftTree | DynamicTree | str | None = "auto",
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise LmlabError("max_batch must be >= 1 and max_queue >= 0", field="max_batch")
@@ -209,6 +218,8 @@ class Engine:
         self.draft = draft.eval() if draft is not None else None
         self.eagle = draft is not None and draft.cfg.eagle  # the draft reads the target's hidden states
         self.num_draft_tokens, self.draft_confidence = num_draft_tokens, draft_confidence
+        # a lone row's rounds check this candidate tree ("auto": the device's default; None: a chain)
+        self.draft_tree = draft_tree if draft_tree in ("auto", None) else parse_tree(draft_tree)
         self.spec_stats = SpeculativeStats()  # all sequences' rounds together
         self.policy = SpeculationPolicy(speculate)  # rounds or plain steps for a lone row: the faster, measured
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -658,18 +669,22 @@ class Engine:
         req = seq.req
         budget = req.config.max_new_tokens - seq.generated
         cache = self.cache.solo()
-        # (compiled rounds check num_draft_tokens + 1 columns however many were drafted: room for all)
-        cache.ensure_room((self.num_draft_tokens if self.compile else min(self.num_draft_tokens, budget)) + 1)
         if seq.spec is None:
             eos = frozenset() if req.ignore_eos else self.eos
-            max_len = len(req.prompt_ids) + req.config.max_new_tokens + self.num_draft_tokens + 1
+            plain = not req.config.sampling and not seq.procs
+            tree = resolve_tree(self.draft_tree, self.model, self.draft, plain, req.config.sampling)
+            max_len = len(req.prompt_ids) + req.config.max_new_tokens + round_room(self.num_draft_tokens, tree) + 1
             # compiled rounds where plain steps compile: against those, eager rounds lose (docs/serve.md)
             seq.spec = Speculation(self.model, self.draft, req.config, seq.procs, seq.generator, eos, max_len,
                                    self.num_draft_tokens, self.draft_confidence, self.spec_stats,
-                                   compile="auto" if self.compile else False)  # fmt: skip
+                                   compile="auto" if self.compile else False, tree=tree)  # fmt: skip
             if seq.states is not None:  # the prompt's states from its prefill: the first round needs not rerun it
                 seq.spec.add_states(seq.states)
                 seq.states = None
+        # (compiled rounds check num_draft_tokens + 1 columns however many were drafted: room for all; a tree's
+        # check, its candidates and the newest token)
+        room = (self.num_draft_tokens if self.compile else min(self.num_draft_tokens, budget)) + 1
+        cache.ensure_room(max(room, len(seq.spec.tree) + 1 if seq.spec.tree is not None else 0))
         before = (self.spec_stats.proposed, self.spec_stats.accepted)
         # compiled: the row as a one-row static cache over the slot cache's own buffers (the mask column
         # static_view opens is put right by settle())
@@ -689,7 +704,7 @@ class Engine:
         seq.synced = True  # the round's checked states are pending, up to the newest token
         self._free_finished()
         spec = seq.spec
-        return spec.recomputed == 0 and spec.caught_up <= self.num_draft_tokens + 1 and not spec.compiling
+        return spec.recomputed == 0 and spec.caught_up <= spec.width and not spec.compiling
 
     def _decode_step(self) -> bool:
         """One forward for every live row, then each row's next token. False when the forward ran eagerly

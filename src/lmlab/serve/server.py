@@ -43,6 +43,7 @@ def serve(
     num_draft_tokens: int = 4,
     draft_confidence: float | None = None,
     speculate: str = "auto",
+    draft_tree: str | None = "auto",
 ) -> None:
     """Serve `model` with OpenAI's API until interrupted; `api_key` falls back to $LMLAB_API_KEY.
     With `compile` (the default), decode steps run as compiled graphs once they are built: each batch
@@ -53,7 +54,8 @@ def serve(
     reading weights (benchmarks/serve.py [--keep-quantized], docs/compress.md). `draft` (a checkpoint,
     or ":N" for the model's first N layers) decodes a request that runs alone by speculative rounds
     (serve/engine.py) while those measure faster than plain steps (`speculate` "auto"; "always": every
-    lone step); with others running, the batch decodes as usual."""
+    lone step), over a candidate tree of the draft's guesses where `draft_tree` says (as `lmlab
+    generate --draft-tree`); with others running, the batch decodes as usual."""
     import uvicorn
 
     from lmlab.model.checkpoint import load_pretrained
@@ -80,7 +82,7 @@ def serve(
         from lmlab.generate.speculative import load_draft
 
         speculative = {"draft": load_draft(draft, loaded, device), "num_draft_tokens": num_draft_tokens,
-                       "speculate": speculate}  # fmt: skip
+                       "speculate": speculate, "draft_tree": draft_tree}  # fmt: skip
         if draft_confidence is not None:
             speculative["draft_confidence"] = draft_confidence
     engine = Engine(
