@@ -666,7 +666,7 @@ class Speculation:
 
         branch([()], h, z)
         states = {(): h}  # an expanded candidate's draft state (1, d): its children's EAGLE input
-        level = [p for p in tokens]
+        level = list(tokens)
         written: list[tuple[int, ...]] = []  # the candidates the draft ran, in the order of its entries
         for _ in range(plan.depth - 1):
             expand = sorted(level, key=lambda p: (-scores[p], p))[:k]
