@@ -123,12 +123,7 @@ class StaticKVCache:
 
     def move(self, src: list[int], dst: int) -> None:
         """Copy the entries at columns `src` to columns dst, dst + 1, ... (as `KVCache.move`)."""
-        if src == list(range(dst, dst + len(src))):
-            return
-        s = torch.tensor(src, device=self.slots.device)
-        d = torch.arange(dst, dst + len(src), device=self.slots.device)
-        for t in self.k + self.v:
-            t.index_copy_(2, d, t.index_select(2, s))
+        move_columns(self.k + self.v, src, dst)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's keys/values (B, H_kv, T, hd) at `slots`; return the whole buffers."""
@@ -139,6 +134,17 @@ class StaticKVCache:
     def nbytes(self) -> int:
         """Memory held by the buffers."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def move_columns(buffers: list[torch.Tensor], src: list[int], dst: int) -> None:
+    """In each per-layer buffer (rows, H_kv, columns, hd), copy columns `src` to dst, dst + 1, ... (a
+    tree round's accepted candidates, next to the sequence)."""
+    if src == list(range(dst, dst + len(src))):
+        return
+    s = torch.tensor(src, device=buffers[0].device)
+    d = torch.arange(dst, dst + len(src), device=buffers[0].device)
+    for t in buffers:
+        t.index_copy_(2, d, t.index_select(2, s))
 
 
 class PromptCache:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.generate.kv_cache import StaticKVCache
+from lmlab.generate.kv_cache import StaticKVCache, move_columns
 from lmlab.model.transformer import Transformer
 
 
@@ -89,12 +89,7 @@ class SlotKVCache:
     def move(self, src: list[int], dst: int) -> None:
         """Copy the entries at columns `src` to columns dst, dst + 1, ... in every row (a lone row's
         speculative round over a candidate tree: its accepted candidates, as `KVCache.move`)."""
-        if src == list(range(dst, dst + len(src))):
-            return
-        s = torch.tensor(src, device=self.mask.device)
-        d = torch.arange(dst, dst + len(src), device=self.mask.device)
-        for t in self.k + self.v:
-            t.index_copy_(2, d, t.index_select(2, s))
+        move_columns(self.k + self.v, src, dst)
 
     # --- slots ---------------------------------------------------------------------------------------
 
