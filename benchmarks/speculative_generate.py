@@ -11,15 +11,15 @@ figure beside `benchmarks/serve.py --draft` (the same draft in a server).
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --prompt-set tweets-en
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --compile --tree "0 1 00 01 000 0000"
-    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --tree dynamic:3,4,7
+    PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --tree "0 1 2 00 01 000" dynamic
     PYTHONPATH=src .venv/bin/python benchmarks/speculative_generate.py --draft PATH --temperature 0.7
 
 With --temperature the answers are sampled (seed 0 per answer: the plain and speculative answers differ,
 each distributed as the target's sampling); a dynamic tree then falls back to the chain.
 
 Greedy rounds run two ways, interleaved with plain greedy: over a chain of up to --num-draft-tokens
-drafts (cut at --confidence), and over the candidate tree --tree (generate/draft_tree.py; by default
-the one greedy rounds check where weights are float: `speculative.default_tree`; "none" skips it).
+drafts (cut at --confidence), and over each candidate tree of --tree (generate/draft_tree.py; by
+default the one rounds check on a GPU, `speculative.default_tree`; "none" skips them), all interleaved.
 
 With --compile both sides run compiled graphs (plain decode steps; the rounds' target check and
 draft steps), compiled before timing: the figure a chat or a server gets once its compiles are done.
@@ -58,10 +58,13 @@ def main() -> int:
     ap.add_argument("--prompt-set", choices=["topics", "chatterbot", "tweets-en"], default="topics",
                     help="the serving benchmark's requests, or held-out chatterbot turns or tweets")  # fmt: skip
     ap.add_argument(
-        "--tree", default=DEFAULT_TREE, help='also rounds over this candidate tree ("none": the chain only)'
+        "--tree",
+        nargs="+",
+        default=[DEFAULT_TREE],
+        help='also rounds over each of these candidate trees ("none": the chain only)',
     )
     args = ap.parse_args()
-    tree = parse_tree(args.tree) if args.tree != "none" else None
+    trees = [parse_tree(t) for t in args.tree if t != "none"]
     target, tok = load_pretrained(args.model, dequantize=True if args.fp32_target else "auto")
     target.eval()
     draft = load_draft(args.draft, target)
@@ -75,8 +78,8 @@ def main() -> int:
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=[], compile=args.compile,
                            temperature=args.temperature, seed=0 if args.temperature else None)  # fmt: skip
     ways = {"draft": {"num_draft_tokens": args.num_draft_tokens, "confidence": args.confidence, "tree": None}}
-    if tree is not None:
-        ways["tree"] = {**ways["draft"], "tree": tree}
+    for tree in trees:
+        ways[str(tree)] = {**ways["draft"], "tree": tree}
     # kernels built, caches warm, and every graph the prompts' lengths need compiled before timing
     for p in prompts if args.compile else prompts[:1]:
         generate(target, tok, p, cfg)
@@ -113,7 +116,7 @@ def main() -> int:
           f"{args.new_tokens} tokens; {how_plain} {n / g:.1f} tok/s; outputs identical: {same}")  # fmt: skip
     for w in ways:
         d, st = statistics.median(times[w]), stats[w]
-        how = f"tree {tree} ({len(tree)} candidates)" if w == "tree" else (
+        how = f"tree {w} ({len(ways[w]['tree'])} candidates)" if w != "draft" else (
             f"chain (k = {args.num_draft_tokens}, confidence {args.confidence})")  # fmt: skip
         ratios = sorted(a / b for a, b in zip(times["greedy"], times[w]))
         print(f"  {how}: {n / d:.1f} tok/s, {g / d:.2f}x (per repeat: median {statistics.median(ratios):.2f}x, "
