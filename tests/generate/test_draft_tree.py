@@ -314,16 +314,34 @@ def test_seeded_sampled_tree_rounds_are_reproducible():
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12 and sa.proposed == 6 * sa.rounds
 
 
-def test_dynamic_trees_and_greedy_with_processors_keep_the_chain():
-    """Sampling with a dynamic tree (it keeps a drawn candidate for its probability, which would bias
-    the draws) and greedy decoding with a logits processor keep the chain, token for token."""
+@pytest.mark.parametrize("kind", ["eagle", "layers", "self"])
+def test_greedy_tree_rounds_after_logits_processors_give_the_targets_tokens(kind):
+    """Greedy decoding with a repetition penalty and a no-repeat-ngram rule over a static tree: each
+    node's children are the draft's best processed scores, each check row's argmax is taken after the
+    processors over that row's own prefix, and the answer is `generate`'s. The target as its own draft
+    accepts whole paths."""
+    target = tiny_llama(0)
+    draft = _drafts(target)[kind]
+    cfg = GenerationConfig(max_new_tokens=20, repetition_penalty=1.5, no_repeat_ngram_size=2)
+    for seed in range(4):  # (a deep row's penalty over its own path shows up in some answers, not all)
+        prompt = torch.randint(0, 512, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+        want = generate(target, None, prompt, cfg)[0].token_ids
+        assert want != generate(target, None, prompt, GenerationConfig(max_new_tokens=20))[0].token_ids
+        got, stats = speculative_generate(target, draft, None, prompt, cfg, tree=DEFAULT_TREE)
+        assert got.token_ids == want and stats.proposed == 6 * stats.rounds, seed
+        if kind == "self":
+            assert stats.accepted == stats.generated - stats.rounds and stats.rounds == -(-20 // 4)
+
+
+def test_dynamic_trees_keep_the_chain_with_sampling_or_processors():
+    """A dynamic tree ranks candidates by the draft's raw probabilities: under sampling (it would bias
+    the draws) and after logits processors, rounds are the chain's, token for token."""
     target = tiny_llama(0)
     draft = truncated_draft(target, 1)
     prompt = torch.randint(0, 512, (5,)).tolist()
     for cfg in (GenerationConfig(max_new_tokens=16, temperature=0.8, seed=3),
                 GenerationConfig(max_new_tokens=16, repetition_penalty=1.3)):  # fmt: skip
-        tree = "dynamic" if cfg.sampling else DEFAULT_TREE
-        a, sa = speculative_generate(target, draft, None, prompt, cfg, tree=tree)
+        a, sa = speculative_generate(target, draft, None, prompt, cfg, tree="dynamic")
         b, sb = speculative_generate(target, draft, None, prompt, cfg, tree=None)
         assert a.token_ids == b.token_ids and (sa.rounds, sa.proposed) == (sb.rounds, sb.proposed)
 

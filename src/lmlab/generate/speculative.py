@@ -153,8 +153,8 @@ def speculative_generate(
     draft itself doubts is likely rejected, and each drafted token costs a draft step and a row of the
     target's check. The output is the same for any setting; only the speed changes. `past`: the
     target's keys/values kept by an earlier call (`speculative_rounds`). `tree`: each round checks
-    a tree of the draft's guesses instead of a chain (draft_tree.py; greedy decoding: a static or a
-    dynamic tree, sampling: a static one; num_draft_tokens and confidence then do not apply); "auto"
+    a tree of the draft's guesses instead of a chain (draft_tree.py; a static tree, or for greedy
+    decoding without logits processors a dynamic one; num_draft_tokens and confidence then do not apply); "auto"
     (`default_tree`): where a check of its candidates costs about what a chain's does; None: always a
     chain."""
     config = config or GenerationConfig()
@@ -270,9 +270,9 @@ def default_tree(target: Transformer) -> DraftTree | None:
 def resolve_tree(
     tree: DraftTree | DynamicTree | str | None, target: Transformer, draft: Transformer, plain: bool, sampling: bool
 ) -> DraftTree | DynamicTree | None:
-    """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding, or sampling
-    with a static tree (a dynamic tree keeps a sampled candidate for its probability, which would bias
-    the draws the acceptance rule assumes; greedy decoding with logits processors keeps the chain), and
+    """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding, or a static
+    tree for sampling and for greedy decoding after logits processors (a dynamic tree picks candidates
+    by the draft's raw probabilities: sampled, that would bias the draws the acceptance rule assumes), and
     models whose attention follows positions and a mask alone: ALiBi's distances between cache slots, a
     sliding window (built from slots) and dynamic NTK RoPE (its base follows a call's largest position)
     would not follow a tree."""
@@ -281,7 +281,7 @@ def resolve_tree(
         dynamic = getattr(m.rope, "dynamic", False) if getattr(m, "rope", None) is not None else False
         if m.cfg.pos == "alibi" or m.cfg.sliding_window is not None or dynamic:
             return None
-    return tree if plain or (sampling and isinstance(tree, DraftTree)) else None
+    return tree if plain or isinstance(tree, DraftTree) else None
 
 
 def _widths(num_draft_tokens: int, tree: DraftTree | DynamicTree | None) -> tuple[int, int]:
@@ -569,7 +569,7 @@ class Speculation:
     ) -> tuple[list[int], dict[int, torch.Tensor], set[int]]:
         """A static tree's candidate tokens: the draft's guesses level by level, one draft call per depth
         over that depth's candidates that have children, written from draft cache entry `start`.
-        Greedy: a node's children are its top guesses. Sampling: they are drawn from the draft's
+        Greedy: a node's children are its top guesses (after the logits processors, if any). Sampling: they are drawn from the draft's
         distribution at the node without replacement (one after another, each from what the earlier
         ones left), and the node's distribution is kept for the acceptance rule (node -> q; -1: the
         root); a child the distribution has no tokens left for (top-k, top-p) is dead, and so are its
@@ -581,10 +581,12 @@ class Speculation:
 
         def branch(node: int, h: torch.Tensor, z) -> None:
             want = tree.wanted(node)
+            prefix = seq + [tokens[a] for a in tree.ancestors(node)] if node >= 0 else seq
             if self.plain:
                 drawn = self._guesses(h, z, want)
+            elif not self.config.sampling:  # greedy after logits processors: the best processed scores
+                drawn = self._scores(self._head(draft, h, z)[0], prefix).topk(want).indices.tolist()
             else:
-                prefix = seq + [tokens[a] for a in tree.ancestors(node)] if node >= 0 else seq
                 dists[node] = self._dist(self._scores(self._head(draft, h, z)[0], prefix))
                 drawn = self._draw(dists[node], want) if node not in dead else []
             for c in tree.children[node]:
@@ -710,6 +712,10 @@ class Speculation:
         t_logits = self._head(self.target, t_hidden, t_z)
         if self.plain:
             path, accepted = tree.walk(1, t_logits.argmax(-1).tolist(), tokens)
+        elif not self.config.sampling:  # each row's argmax after the processors, over its own prefix
+            prefixes = [seq] + [seq + [tokens[a] for a in tree.ancestors(i)] for i in range(len(paths))]
+            best = [int(self._scores(row, prefix).argmax()) for row, prefix in zip(t_logits, prefixes)]
+            path, accepted = tree.walk(1, best, tokens)
         else:
             path, accepted = self._accept_tree(tree, tokens, dists, dead, t_logits, seq)
         stats.rounds += 1
