@@ -269,25 +269,19 @@ def test_chat_command_with_a_draft_prints_what_it_prints_without(tmp_path):
     assert [line for line in shown if line not in stats] == plain.stdout.splitlines() and "Paris" in plain.stdout
     bad = chat("--draft", ":99")
     assert bad.returncode == 1 and "a draft of 99 layers" in bad.stderr and "Traceback" not in bad.stderr
-    # a candidate tree instead of the chain (a CPU's default): the same conversation, 3 candidates a round
-    tree = chat("--draft", ":6", "--draft-tree", "0 1 00", "--speculate", "always")
-    assert tree.returncode == 0, tree.stderr
-    shown = tree.stdout.splitlines()
-    stats = [line for line in shown if line.startswith("[speculative: ")]
-    assert [line for line in shown if line not in stats] == plain.stdout.splitlines()
-    rounds = [int(x.split("/")[1].split()[0]) for x in stats]  # drafted tokens proposed per answer
-    assert len(stats) == 2 and all(r % 3 == 0 for r in rounds)
-    bad = chat("--draft", ":6", "--draft-tree", "0 11")
-    assert bad.returncode == 1 and "tree candidate 11 has no parent 1" in bad.stderr and "Traceback" not in bad.stderr
-    # a dynamic tree (EAGLE-2): the same conversation again, 4 candidates a round
-    dynamic = chat("--draft", ":6", "--draft-tree", "dynamic:2,3,4", "--speculate", "always")
-    assert dynamic.returncode == 0, dynamic.stderr
-    shown = dynamic.stdout.splitlines()
-    stats = [line for line in shown if line.startswith("[speculative: ")]
-    assert [line for line in shown if line not in stats] == plain.stdout.splitlines()
-    assert len(stats) == 2 and all(int(x.split("/")[1].split()[0]) % 4 == 0 for x in stats)
-    bad = chat("--draft", ":6", "--draft-tree", "dynamic:2,2,9")
-    assert bad.returncode == 1 and "cannot check 9" in bad.stderr and "Traceback" not in bad.stderr
+    # a candidate tree instead of the chain (a CPU's default), static or dynamic (EAGLE-2): the same
+    # conversation, its candidates every round; a bad tree is one line
+    for spec, candidates, wrong, says in (("0 1 00", 3, "0 11", "tree candidate 11 has no parent 1"),
+                                          ("dynamic:2,3,4", 4, "dynamic:2,2,9", "cannot check 9")):  # fmt: skip
+        tree = chat("--draft", ":6", "--draft-tree", spec, "--speculate", "always")
+        assert tree.returncode == 0, tree.stderr
+        shown = tree.stdout.splitlines()
+        stats = [line for line in shown if line.startswith("[speculative: ")]
+        assert [line for line in shown if line not in stats] == plain.stdout.splitlines()
+        rounds = [int(x.split("/")[1].split()[0]) for x in stats]  # drafted tokens proposed per answer
+        assert len(stats) == 2 and all(r % candidates == 0 for r in rounds), spec
+        bad = chat("--draft", ":6", "--draft-tree", wrong)
+        assert bad.returncode == 1 and says in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_callable_package():

@@ -43,7 +43,7 @@ class ChatSession:
         if draft is not None:
             check_draft(model, draft)
         self.draft, self.num_draft_tokens, self.draft_confidence = draft, num_draft_tokens, draft_confidence
-        self.draft_tree = draft_tree  # greedy rounds' candidate tree ("auto": the device's default; None: a chain)
+        self.draft_tree = draft_tree  # rounds' candidate tree ("auto": the device's default; None: a chain)
         self.stats = None  # the last answer's SpeculativeStats, when it was speculative
         # speculative answers only while they measure faster (seconds per character of answer) than plain
         # ones: those run as a compiled graph once its background compile is done, which eager rounds

@@ -154,12 +154,9 @@ class DraftTree:
         sees, (T, R): its expanded ancestors' entries, in the order the calls wrote them, and its own."""
         out, written = [], []
         for level in self.levels:
-            rows = torch.zeros(len(level), len(written) + len(level), dtype=torch.bool)
-            for j, i in enumerate(level):
-                rows[j, [written.index(a) for a in self.ancestors(i)[:-1]]] = True
-                rows[j, len(written) + j] = True
-            out.append(rows)
-            written += level
+            paths = [self.paths[i] for i in level]
+            out.append(ancestor_rows(written, paths))
+            written += paths
         return out
 
     def walk(self, roots: int, best: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
@@ -256,6 +253,17 @@ def parse_tree(spec: str | DraftTree | DynamicTree) -> DraftTree | DynamicTree:
         raise LmlabError(f"draft tree {spec!r}: want dynamic or dynamic:TOPK,DEPTH,SIZE, e.g. dynamic:3,3,6",
                          field="tree")  # fmt: skip
     return DynamicTree(*(int(x) for x in parts))
+
+
+def ancestor_rows(written: list[tuple[int, ...]], level: list[tuple[int, ...]]) -> torch.Tensor:
+    """(T, R) bool for a draft call over the candidates `level` (T paths) after the tree's draft cache
+    entries `written` (in the order the earlier calls wrote them): each row sees its ancestors among
+    those and its own entry, R = len(written) + T."""
+    rows = torch.zeros(len(level), len(written) + len(level), dtype=torch.bool)
+    for j, p in enumerate(level):
+        rows[j, [i for i, q in enumerate(written) if p[: len(q)] == q]] = True
+        rows[j, len(written) + j] = True
+    return rows
 
 
 def _show(p: tuple[int, ...]) -> str:

@@ -53,12 +53,7 @@ class KVCache:
     def move(self, src: list[int], dst: int) -> None:
         """Copy the entries at columns `src` to columns dst, dst + 1, ... (a speculative round's
         accepted candidates of a tree, next to each other after the sequence)."""
-        if src == list(range(dst, dst + len(src))):
-            return
-        s = torch.tensor(src, device=self.k.device)
-        d = torch.arange(dst, dst + len(src), device=self.k.device)
-        self.k.index_copy_(3, d, self.k.index_select(3, s))
-        self.v.index_copy_(3, d, self.v.index_select(3, s))
+        move_columns([self.k, self.v], src, dst, dim=3)  # (n_layer, B, H_kv, max_len, hd)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search: each surviving beam takes its parent's past)."""
@@ -136,15 +131,15 @@ class StaticKVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def move_columns(buffers: list[torch.Tensor], src: list[int], dst: int) -> None:
-    """In each per-layer buffer (rows, H_kv, columns, hd), copy columns `src` to dst, dst + 1, ... (a
-    tree round's accepted candidates, next to the sequence)."""
+def move_columns(buffers: list[torch.Tensor], src: list[int], dst: int, dim: int = 2) -> None:
+    """In each buffer (per layer: rows, H_kv, columns, hd; columns at `dim`), copy columns `src` to dst,
+    dst + 1, ... (a tree round's accepted candidates, next to the sequence)."""
     if src == list(range(dst, dst + len(src))):
         return
     s = torch.tensor(src, device=buffers[0].device)
     d = torch.arange(dst, dst + len(src), device=buffers[0].device)
     for t in buffers:
-        t.index_copy_(2, d, t.index_select(2, s))
+        t.index_copy_(dim, d, t.index_select(dim, s))
 
 
 class PromptCache:

@@ -26,7 +26,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import cpu_kernels, decode
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.decode import Generation, _as_token_rows, _finish, stop_token_ids
-from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, DynamicTree, attention_rows, parse_tree
+from lmlab.generate.draft_tree import DEFAULT_TREE, DraftTree, DynamicTree, ancestor_rows, attention_rows, parse_tree
 from lmlab.generate.kv_cache import KVCache, PromptCache, StaticKVCache, common_prefix, copy_prefix
 from lmlab.generate.sampling import apply_processors, build_processors
 from lmlab.generate.stream import StopStrings, text_pieces
@@ -217,7 +217,7 @@ def speculative_rounds(
     the last RECOMPUTE_WINDOW kept tokens, run again.)"""
     device = next(target.parameters()).device
     procs = build_processors(config, len(prompt_ids), config.sampling)
-    tree = resolve_tree(tree, target, draft, not config.sampling and not procs, config.sampling)
+    tree = resolve_tree(tree, target, draft, not config.sampling and not procs)
     max_len = _max_len(len(prompt_ids), config, round_room(num_draft_tokens, tree))
     generator = None
     if config.sampling and config.seed is not None:
@@ -268,7 +268,7 @@ def default_tree(target: Transformer) -> DraftTree | None:
 
 
 def resolve_tree(
-    tree: DraftTree | DynamicTree | str | None, target: Transformer, draft: Transformer, plain: bool, sampling: bool
+    tree: DraftTree | DynamicTree | str | None, target: Transformer, draft: Transformer, plain: bool
 ) -> DraftTree | DynamicTree | None:
     """The tree rounds check: `tree` ("auto": `default_tree`), for plain greedy decoding, or a static
     tree for sampling and for greedy decoding after logits processors (a dynamic tree picks candidates
@@ -311,7 +311,7 @@ def precompile(
     if config.compile != "auto":
         return []
     plain = not config.sampling and not build_processors(config, prompt_len, config.sampling)
-    tree = resolve_tree(tree, target, draft, plain, config.sampling)
+    tree = resolve_tree(tree, target, draft, plain)
     width, span = _widths(num_draft_tokens, tree)
     capacity = _capacity(_max_len(prompt_len, config, round_room(num_draft_tokens, tree)), span)
     graphs = [(target, width, False), (draft, 1, False), (draft, width, False)]
@@ -363,7 +363,7 @@ class Speculation:
         # plain greedy (no sampling, no processors): tokens are argmaxes, so no distributions are built
         # over the whole vocabulary; the same tokens as the general rule with one-hot distributions
         self.plain = not config.sampling and not procs
-        self.tree = resolve_tree(tree, target, draft, self.plain, config.sampling)  # candidates per round, or None
+        self.tree = resolve_tree(tree, target, draft, self.plain)  # candidates per round, or None
         # the widest call a steady round makes: the target's check (a tree's: its own graph), the draft's
         # catch-up on the last round's accepted tokens; and the most columns a round writes
         self.width, self.span = _widths(num_draft_tokens, self.tree)
@@ -581,14 +581,16 @@ class Speculation:
 
         def branch(node: int, h: torch.Tensor, z) -> None:
             want = tree.wanted(node)
-            prefix = seq + [tokens[a] for a in tree.ancestors(node)] if node >= 0 else seq
             if self.plain:
                 drawn = self._guesses(h, z, want)
-            elif not self.config.sampling:  # greedy after logits processors: the best processed scores
-                drawn = self._scores(self._head(draft, h, z)[0], prefix).topk(want).indices.tolist()
-            else:
-                dists[node] = self._dist(self._scores(self._head(draft, h, z)[0], prefix))
-                drawn = self._draw(dists[node], want) if node not in dead else []
+            else:  # the processors read the node's own prefix: the sequence, then its path
+                prefix = seq + [tokens[a] for a in tree.ancestors(node)] if node >= 0 else seq
+                scores = self._scores(self._head(draft, h, z)[0], prefix)
+                if not self.config.sampling:  # greedy after logits processors: the best processed scores
+                    drawn = scores.topk(want).indices.tolist()
+                else:
+                    dists[node] = self._dist(scores)
+                    drawn = self._draw(dists[node], want) if node not in dead else []
             for c in tree.children[node]:
                 rank = paths[c][-1]
                 tokens[c] = drawn[rank] if rank < len(drawn) else tokens[c - 1] if c else 0
@@ -672,10 +674,7 @@ class Speculation:
         written: list[tuple[int, ...]] = []  # the candidates the draft ran, in the order of its entries
         for _ in range(plan.depth - 1):
             expand = sorted(level, key=lambda p: (-scores[p], p))[:k]
-            region = torch.zeros(k, len(written) + k, dtype=torch.bool)  # each sees its ancestors and itself
-            for j, p in enumerate(expand):
-                region[j, [i for i, q in enumerate(written) if p[: len(q)] == q]] = True
-                region[j, len(written) + j] = True
+            region = ancestor_rows(written, expand)
             feats = torch.cat([states[p[:-1]] for p in expand])[None] if eagle else None
             hs, zs = self._run_tree(draft, d_cache, [tokens[p] for p in expand], [start + len(expand[0]) - 1] * k,
                                     start, region, feats)  # fmt: skip

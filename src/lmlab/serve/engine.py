@@ -672,7 +672,7 @@ class Engine:
         if seq.spec is None:
             eos = frozenset() if req.ignore_eos else self.eos
             plain = not req.config.sampling and not seq.procs
-            tree = resolve_tree(self.draft_tree, self.model, self.draft, plain, req.config.sampling)
+            tree = resolve_tree(self.draft_tree, self.model, self.draft, plain)
             max_len = len(req.prompt_ids) + req.config.max_new_tokens + round_room(self.num_draft_tokens, tree) + 1
             # compiled rounds where plain steps compile: against those, eager rounds lose (docs/serve.md)
             seq.spec = Speculation(self.model, self.draft, req.config, seq.procs, seq.generator, eos, max_len,

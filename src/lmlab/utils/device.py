@@ -61,7 +61,7 @@ class DevicePolicy:
     # 1.6x and 2.4x llama.cpp Q8_0 on a VNNI CPU's 512-token prefill; up to 64 rows the float32
     # skinny kernels are about as fast); None: never (float32 activations)
     int8_prefill_rows: int | None = None
-    # greedy speculative rounds check a candidate tree by default (generate/draft_tree.py), not a chain:
+    # speculative rounds check a candidate tree by default (generate/draft_tree.py), not a chain:
     # where a check's extra rows cost next to nothing (a GPU streams the weights once for all of them).
     # On 2 CPU cores a tree's 7-row check costs about a chain's 5-row one, but its rounds measured from
     # 0.96x to 1.08x the chain's (benchmarks/speculative_generate.py): off there.
